@@ -1,0 +1,20 @@
+//! kvcache-core: the deterministic heart of kvcache.
+//!
+//! Everything here is pure logic with no sockets, files or clocks, so it is unit-testable and
+//! fuzzable on its own (the shape of `quinn-proto`):
+//! - [`key`]: 128-bit block keys and the token-prefix chain that derives them;
+//! - [`namespace`]: what makes KV bytes differ (model, dtype, layout, TP rank, LoRA, salt);
+//! - [`ring`]: the consistent-hash ring with virtual nodes that places keys on nodes;
+//! - [`wire`]: control messages (prost) and the binary frame header;
+//! - [`size`]: human byte sizes (`512MiB`) for configuration.
+
+pub mod key;
+pub mod namespace;
+pub mod ring;
+pub mod size;
+pub mod wire;
+
+pub use key::{BlockKey, KEY_SCHEME_VERSION, chain_keys};
+pub use namespace::{Namespace, NamespaceId, TpPlacement};
+pub use ring::HashRing;
+pub use size::ByteSize;

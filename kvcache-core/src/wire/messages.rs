@@ -1,0 +1,170 @@
+//! Control messages. Keys travel as one `bytes` field of concatenated 16-byte keys (no per-key
+//! allocation); payloads never appear here, they follow the control message raw.
+
+use thiserror::Error;
+
+use crate::key::BlockKey;
+
+/// `Ping` request: no fields.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PingRequest {}
+
+/// `Ping` reply: who answers and what it accepts.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PingReply {
+    #[prost(string, tag = "1")]
+    pub server_version: String,
+    #[prost(uint32, tag = "2")]
+    pub protocol_version: u32,
+    #[prost(uint32, tag = "3")]
+    pub max_payload: u32,
+    #[prost(uint32, tag = "4")]
+    pub max_control: u32,
+}
+
+/// `Put` request: `keys[i]` has `lens[i]` bytes; the payload is the blocks back to back.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PutRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub keys: Vec<u8>,
+    #[prost(uint32, repeated, tag = "2")]
+    pub lens: Vec<u32>,
+}
+
+/// Outcome of one block of a put.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum PutStatus {
+    /// Committed and visible.
+    Stored = 0,
+    /// The key already existed; blocks are immutable, so this is a successful no-op.
+    AlreadyPresent = 1,
+    /// Larger than the whole pool could ever hold.
+    TooLarge = 2,
+    /// No space even after evicting everything evictable (the rest is leased).
+    PoolFull = 3,
+    /// Zero-length blocks are not stored.
+    Empty = 4,
+}
+
+/// `Put` reply: one status per key, in request order.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PutReply {
+    #[prost(enumeration = "PutStatus", repeated, tag = "1")]
+    pub statuses: Vec<i32>,
+}
+
+/// `Get` request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GetRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub keys: Vec<u8>,
+}
+
+/// `Get` reply: `lens[i]` bytes for key i in the payload, 0 for a miss (blocks are never empty).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GetReply {
+    #[prost(uint32, repeated, tag = "1")]
+    pub lens: Vec<u32>,
+}
+
+/// `Exists` request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExistsRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub keys: Vec<u8>,
+}
+
+/// `Exists` reply: one flag per key.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExistsReply {
+    #[prost(bool, repeated, tag = "1")]
+    pub present: Vec<bool>,
+}
+
+/// `PrefixMatch` request: a key chain, first block first.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PrefixMatchRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub keys: Vec<u8>,
+}
+
+/// `PrefixMatch` reply: the number of leading keys present.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PrefixMatchReply {
+    #[prost(uint32, tag = "1")]
+    pub matched: u32,
+}
+
+/// Why a whole request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ErrorCode {
+    Unknown = 0,
+    /// The control message or payload did not make sense (bad keys, lengths that disagree).
+    Malformed = 1,
+    /// The request exceeds a limit (frame size, batch size).
+    TooLarge = 2,
+    /// The server failed internally.
+    Internal = 3,
+    /// The server is shutting down; retry elsewhere.
+    ShuttingDown = 4,
+}
+
+/// Error reply for a request that failed as a whole.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ErrorReply {
+    #[prost(enumeration = "ErrorCode", tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+/// A key list that is not a whole number of 16-byte keys.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("key list of {0} bytes is not a multiple of 16")]
+pub struct BadKeyList(pub usize);
+
+/// Concatenates keys in their canonical form.
+pub fn encode_keys(keys: &[BlockKey]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(keys.len() * BlockKey::LEN);
+    for k in keys {
+        out.extend_from_slice(&k.to_bytes());
+    }
+    out
+}
+
+/// Splits a concatenated key list.
+pub fn decode_keys(bytes: &[u8]) -> Result<Vec<BlockKey>, BadKeyList> {
+    if bytes.len() % BlockKey::LEN != 0 {
+        return Err(BadKeyList(bytes.len()));
+    }
+    Ok(bytes
+        .chunks_exact(BlockKey::LEN)
+        .map(|c| BlockKey::from_slice(c).expect("chunk is 16 bytes"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn keys_round_trip_and_reject_ragged_lists() {
+        let keys = vec![BlockKey(1), BlockKey(u128::MAX), BlockKey(42 << 64)];
+        assert_eq!(decode_keys(&encode_keys(&keys)), Ok(keys));
+        assert_eq!(decode_keys(&[0; 17]), Err(BadKeyList(17)));
+        assert_eq!(decode_keys(&[]), Ok(vec![]));
+    }
+
+    #[test]
+    fn garbage_control_bytes_fail_to_decode_without_panicking() {
+        let garbage = [0xffu8, 0xff, 0xff, 0xff, 0x0f, 0x12];
+        assert!(PutRequest::decode(&garbage[..]).is_err());
+        // Unknown enum values survive decoding as raw integers and are handled by the caller.
+        let reply = PutReply { statuses: vec![99] };
+        let back = PutReply::decode(reply.encode_to_vec().as_slice()).unwrap();
+        assert!(PutStatus::try_from(back.statuses[0]).is_err());
+    }
+}
