@@ -1,0 +1,9 @@
+//! kvcache-server: the cache node.
+//!
+//! - [`store`]: the memory pool, index, eviction and leases (transport-independent);
+//! - [`service`]: the TCP data plane speaking the kvcache frame protocol;
+//! - [`metrics`] and [`http`]: Prometheus text and health on a separate listener;
+//! - [`config`]: command line, environment and TOML configuration;
+//! - [`server`]: wires it together, runs until shutdown.
+
+pub mod store;

@@ -1,0 +1,411 @@
+//! The block store: a memory pool carved into pages, a sharded index of committed blocks, and
+//! eviction. It implements the data plane's three steps independently of any transport:
+//!
+//! - put: [`Store::allocate`] -> write the bytes into [`Allocation::bytes_mut`] -> [`Allocation::commit`];
+//! - get: [`Store::lease`] -> read [`Lease::bytes`] -> drop the lease (release).
+//!
+//! An allocation is invisible until committed and is freed if dropped uncommitted (a client
+//! that dies mid-put leaves nothing behind). A leased block is never evicted or reused. Every
+//! block's xxh3-64 checksum is taken at commit and verified by every lease before a byte leaves.
+//!
+//! Files: `allocator.rs` (pages), `index.rs` (a shard of the key index), `eviction/` (policies).
+
+pub mod allocator;
+pub mod eviction;
+pub mod index;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use kvcache_core::BlockKey;
+use kvcache_transport::{HostRegion, LockMode, MemoryRegion, RegionError};
+use parking_lot::Mutex;
+use xxhash_rust::xxh3::xxh3_64;
+
+use allocator::{PageAllocator, PageRun};
+use eviction::PolicyKind;
+use index::{LeaseOutcome, Location, Shard};
+
+/// How to build a store.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Pool size in bytes.
+    pub capacity: u64,
+    /// Allocation granularity in bytes (a power of two).
+    pub page_size: u64,
+    /// Index shards (rounded up to a power of two).
+    pub shards: usize,
+    pub policy: PolicyKind,
+    /// Above this fraction of the pool in use, eviction runs after a commit...
+    pub high_watermark: f64,
+    /// ...until usage is back under this fraction.
+    pub low_watermark: f64,
+    pub lock: LockMode,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 1 << 30,
+            page_size: 4096,
+            shards: 16,
+            policy: PolicyKind::Lru,
+            high_watermark: 0.95,
+            low_watermark: 0.90,
+            lock: LockMode::BestEffort,
+        }
+    }
+}
+
+/// Why a store could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Region(#[from] RegionError),
+}
+
+/// Why a block could not be allocated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AllocError {
+    #[error("the key is already stored")]
+    AlreadyPresent,
+    #[error("block of {len} bytes is larger than the whole pool ({capacity} bytes)")]
+    TooLarge { len: usize, capacity: u64 },
+    #[error("pool full: every remaining block is leased")]
+    PoolFull,
+    #[error("empty blocks are not stored")]
+    Empty,
+}
+
+/// What a commit did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Stored,
+    /// Another writer committed the same key first; blocks are immutable so this is a no-op.
+    AlreadyPresent,
+}
+
+/// A point-in-time view of the store, for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub blocks: u64,
+    pub active_leases: u64,
+    pub evictions: u64,
+    pub evicted_bytes: u64,
+    pub checksum_failures: u64,
+    pub index_heap_bytes: u64,
+    pub locked: bool,
+}
+
+/// The block store. Shared as `Arc<Store>`; every method is safe to call concurrently.
+pub struct Store {
+    region: Box<dyn MemoryRegion>,
+    page_size: u64,
+    allocator: Mutex<PageAllocator>,
+    shards: Box<[Mutex<Shard>]>,
+    evict_cursor: AtomicUsize,
+    high_pages: u32,
+    low_pages: u32,
+    watermark_running: AtomicBool,
+    evictions: AtomicU64,
+    evicted_bytes: AtomicU64,
+    checksum_failures: AtomicU64,
+}
+
+impl Store {
+    /// Maps the pool and builds an empty index.
+    pub fn new(cfg: &StoreConfig) -> Result<Arc<Self>, StoreError> {
+        if !cfg.page_size.is_power_of_two() || cfg.page_size < 64 {
+            return Err(StoreError::Config(format!(
+                "page size {} must be a power of two ≥ 64",
+                cfg.page_size
+            )));
+        }
+        let pages = cfg.capacity / cfg.page_size;
+        if pages == 0 {
+            return Err(StoreError::Config(format!(
+                "pool of {} bytes is smaller than one page ({} bytes)",
+                cfg.capacity, cfg.page_size
+            )));
+        }
+        let pages = u32::try_from(pages).map_err(|_| {
+            StoreError::Config("pool too large for the page size: raise --page-size".into())
+        })?;
+        if !(0.0 < cfg.low_watermark
+            && cfg.low_watermark <= cfg.high_watermark
+            && cfg.high_watermark <= 1.0)
+        {
+            return Err(StoreError::Config(format!(
+                "watermarks must satisfy 0 < low ({}) ≤ high ({}) ≤ 1",
+                cfg.low_watermark, cfg.high_watermark
+            )));
+        }
+        let region = HostRegion::new(pages as usize * cfg.page_size as usize, cfg.lock)?;
+        let shards = cfg.shards.max(1).next_power_of_two();
+        Ok(Arc::new(Self {
+            region: Box::new(region),
+            page_size: cfg.page_size,
+            allocator: Mutex::new(PageAllocator::new(pages)),
+            shards: (0..shards)
+                .map(|_| Mutex::new(Shard::new(cfg.policy.build())))
+                .collect(),
+            evict_cursor: AtomicUsize::new(0),
+            high_pages: (pages as f64 * cfg.high_watermark) as u32,
+            low_pages: (pages as f64 * cfg.low_watermark) as u32,
+            watermark_running: AtomicBool::new(false),
+            evictions: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
+            checksum_failures: AtomicU64::new(0),
+        }))
+    }
+
+    /// Pool size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.region.len() as u64
+    }
+
+    fn shard_of(&self, key: BlockKey) -> usize {
+        // High bits pick the shard; the shard's table hashes the low bits.
+        ((key.0 >> 64) as usize) & (self.shards.len() - 1)
+    }
+
+    fn pages_for(&self, len: usize) -> u32 {
+        (len as u64).div_ceil(self.page_size) as u32
+    }
+
+    /// Pointer to the first byte of a run.
+    fn run_ptr(&self, run: PageRun) -> *mut u8 {
+        let off = run.start as usize * self.page_size as usize;
+        debug_assert!(off + run.len as usize * self.page_size as usize <= self.region.len());
+        // SAFETY: runs come from the allocator, which only hands out pages inside the region.
+        unsafe { self.region.base().add(off) }
+    }
+
+    /// Whether `key` is committed.
+    pub fn contains(&self, key: BlockKey) -> bool {
+        self.shards[self.shard_of(key)].lock().contains(key)
+    }
+
+    /// The number of leading keys of `keys` that are committed.
+    pub fn prefix_match(&self, keys: &[BlockKey]) -> usize {
+        keys.iter().take_while(|k| self.contains(**k)).count()
+    }
+
+    /// Step 1 of a put: reserves room for `len` bytes under `key`, evicting by policy if needed.
+    pub fn allocate(self: &Arc<Self>, key: BlockKey, len: usize) -> Result<Allocation, AllocError> {
+        if len == 0 {
+            return Err(AllocError::Empty);
+        }
+        if len as u64 > self.capacity() {
+            return Err(AllocError::TooLarge {
+                len,
+                capacity: self.capacity(),
+            });
+        }
+        if self.contains(key) {
+            return Err(AllocError::AlreadyPresent);
+        }
+        let pages = self.pages_for(len);
+        loop {
+            if let Some(run) = self.allocator.lock().alloc(pages) {
+                return Ok(Allocation {
+                    store: Arc::clone(self),
+                    key,
+                    run,
+                    len,
+                    committed: false,
+                });
+            }
+            if !self.evict_one() {
+                return Err(AllocError::PoolFull);
+            }
+        }
+    }
+
+    /// Evicts one unleased block from some shard (round robin); false if none could be evicted.
+    fn evict_one(&self) -> bool {
+        let n = self.shards.len();
+        let start = self.evict_cursor.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            let victim = self.shards[(start + i) % n].lock().evict_one();
+            if let Some((key, loc)) = victim {
+                self.allocator.lock().free(loc.run);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+                self.evicted_bytes
+                    .fetch_add(loc.len as u64, Ordering::Relaxed);
+                tracing::trace!(%key, bytes = loc.len, "evicted");
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Brings usage under the low watermark once it passes the high one. One thread at a time.
+    fn enforce_watermarks(&self) {
+        if self.allocator.lock().used() <= self.high_pages
+            || self.watermark_running.swap(true, Ordering::Acquire)
+        {
+            return;
+        }
+        while self.allocator.lock().used() > self.low_pages && self.evict_one() {}
+        self.watermark_running.store(false, Ordering::Release);
+    }
+
+    /// Step 1 of a get: leases `key`'s block after verifying its checksum. A block that fails
+    /// verification is dropped from the index and reported as a miss: never returned.
+    pub fn lease(self: &Arc<Self>, key: BlockKey) -> Option<Lease> {
+        let shard = self.shard_of(key);
+        let (slot, location) = match self.shards[shard].lock().lease(key) {
+            LeaseOutcome::Leased { slot, location } => (slot, location),
+            LeaseOutcome::Missing | LeaseOutcome::Busy => return None,
+        };
+        let lease = Lease {
+            store: Arc::clone(self),
+            shard,
+            slot,
+            location,
+        };
+        if xxh3_64(lease.bytes()) != location.checksum {
+            self.checksum_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%key, bytes = location.len, "stored block failed its checksum; dropped and reported as a miss");
+            self.shards[shard].lock().doom(slot);
+            return None;
+        }
+        Some(lease)
+    }
+
+    /// Test hook: flips one byte of a committed, unleased block, as memory corruption would.
+    /// Returns false if the block is absent or leased.
+    #[doc(hidden)]
+    pub fn corrupt_block_for_test(&self, key: BlockKey) -> bool {
+        let shard = self.shards[self.shard_of(key)].lock();
+        let Some(loc) = shard.unleased_location(key) else {
+            return false;
+        };
+        // SAFETY: the block is committed (nobody writes it) and unleased; holding the shard lock
+        // keeps any reader from leasing it while we write, so no reference to it exists.
+        unsafe {
+            let p = self.run_ptr(loc.run).add(loc.len as usize / 2);
+            p.write_volatile(p.read_volatile() ^ 0x5a);
+        }
+        true
+    }
+
+    /// Current usage and counters.
+    pub fn stats(&self) -> StoreStats {
+        let (mut blocks, mut leases, mut heap) = (0u64, 0u64, 0u64);
+        for shard in self.shards.iter() {
+            let s = shard.lock();
+            blocks += s.len() as u64;
+            leases += s.active_leases() as u64;
+            heap += s.heap_bytes() as u64;
+        }
+        StoreStats {
+            capacity_bytes: self.capacity(),
+            used_bytes: self.allocator.lock().used() as u64 * self.page_size,
+            blocks,
+            active_leases: leases,
+            evictions: self.evictions.load(Ordering::Relaxed),
+            evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
+            checksum_failures: self.checksum_failures.load(Ordering::Relaxed),
+            index_heap_bytes: heap,
+            locked: self.region.is_locked(),
+        }
+    }
+}
+
+/// Room for one block being written. Invisible to readers until [`commit`](Self::commit);
+/// dropping it uncommitted returns its pages.
+pub struct Allocation {
+    store: Arc<Store>,
+    key: BlockKey,
+    run: PageRun,
+    len: usize,
+    committed: bool,
+}
+
+impl Allocation {
+    /// The block's bytes, to be filled by the transfer step.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the allocator gave this run to this allocation alone and nobody can lease it
+        // before commit, so this is the only reference to these bytes; `&mut self` keeps it unique.
+        unsafe { std::slice::from_raw_parts_mut(self.store.run_ptr(self.run), self.len) }
+    }
+
+    /// Step 3 of a put: checksums the bytes and makes the block visible atomically.
+    pub fn commit(mut self) -> CommitOutcome {
+        let checksum = xxh3_64(self.bytes_mut());
+        let location = Location {
+            run: self.run,
+            len: self.len as u32,
+            checksum,
+        };
+        let store = Arc::clone(&self.store);
+        let stored = store.shards[store.shard_of(self.key)]
+            .lock()
+            .insert(self.key, location);
+        if !stored {
+            return CommitOutcome::AlreadyPresent; // Drop frees the pages.
+        }
+        self.committed = true;
+        drop(self);
+        store.enforce_watermarks();
+        CommitOutcome::Stored
+    }
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.store.allocator.lock().free(self.run);
+        }
+    }
+}
+
+/// A read lease on a committed block: its bytes stay put until the lease is dropped (release).
+pub struct Lease {
+    store: Arc<Store>,
+    shard: usize,
+    slot: u32,
+    location: Location,
+}
+
+impl Lease {
+    /// The block's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: committed blocks are immutable, and the lease keeps the pages from being
+        // evicted, freed or reused until it is dropped, which outlives this borrow.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.store.run_ptr(self.location.run),
+                self.location.len as usize,
+            )
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.location.len as usize
+    }
+
+    /// Never true: empty blocks are not stored.
+    pub fn is_empty(&self) -> bool {
+        self.location.len == 0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let freed = self.store.shards[self.shard].lock().release(self.slot);
+        if let Some(run) = freed {
+            self.store.allocator.lock().free(run);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

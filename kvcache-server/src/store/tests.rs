@@ -1,0 +1,240 @@
+use std::sync::Arc;
+
+use kvcache_core::BlockKey;
+use kvcache_transport::LockMode;
+
+use super::eviction::PolicyKind;
+use super::*;
+
+fn store(pages: u64, policy: PolicyKind) -> Arc<Store> {
+    Store::new(&StoreConfig {
+        capacity: pages * 4096,
+        page_size: 4096,
+        shards: 4,
+        policy,
+        high_watermark: 1.0,
+        low_watermark: 1.0,
+        lock: LockMode::Off,
+    })
+    .unwrap()
+}
+
+/// Deterministic content for a key, so any reader can verify any block.
+fn content(key: BlockKey, len: usize) -> Vec<u8> {
+    let mut x = key.low64() | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn put(s: &Arc<Store>, key: BlockKey, len: usize) -> Result<CommitOutcome, AllocError> {
+    let mut a = s.allocate(key, len)?;
+    a.bytes_mut().copy_from_slice(&content(key, len));
+    Ok(a.commit())
+}
+
+#[test]
+fn put_then_get_returns_the_same_bytes() {
+    let s = store(16, PolicyKind::Lru);
+    assert_eq!(put(&s, BlockKey(1), 10_000), Ok(CommitOutcome::Stored));
+    let lease = s.lease(BlockKey(1)).unwrap();
+    assert_eq!(lease.bytes(), content(BlockKey(1), 10_000));
+    assert!(s.lease(BlockKey(2)).is_none());
+    assert_eq!(s.stats().blocks, 1);
+    assert_eq!(s.stats().used_bytes, 3 * 4096);
+}
+
+#[test]
+fn put_of_existing_key_is_a_no_op() {
+    let s = store(16, PolicyKind::Lru);
+    put(&s, BlockKey(1), 100).unwrap();
+    assert_eq!(
+        s.allocate(BlockKey(1), 100).err(),
+        Some(AllocError::AlreadyPresent)
+    );
+    // A racing writer that allocated before the first commit is turned into a no-op too.
+    let mut late = s.allocate(BlockKey(2), 100).unwrap();
+    put(&s, BlockKey(2), 100).unwrap();
+    late.bytes_mut().fill(0xee);
+    assert_eq!(late.commit(), CommitOutcome::AlreadyPresent);
+    assert_eq!(
+        s.lease(BlockKey(2)).unwrap().bytes(),
+        content(BlockKey(2), 100)
+    );
+    assert_eq!(
+        s.stats().used_bytes,
+        2 * 4096,
+        "the loser's pages were returned"
+    );
+}
+
+#[test]
+fn uncommitted_allocation_is_invisible_and_freed_on_drop() {
+    let s = store(4, PolicyKind::Lru);
+    let mut a = s.allocate(BlockKey(5), 4096 * 4).unwrap();
+    a.bytes_mut()[0] = 1;
+    assert!(!s.contains(BlockKey(5)));
+    assert!(s.lease(BlockKey(5)).is_none());
+    assert_eq!(s.allocate(BlockKey(6), 1).err(), Some(AllocError::PoolFull));
+    drop(a);
+    assert_eq!(s.stats().used_bytes, 0);
+    assert!(put(&s, BlockKey(6), 4096 * 4).is_ok());
+}
+
+#[test]
+fn block_larger_than_pool_is_rejected_clearly() {
+    let s = store(4, PolicyKind::Lru);
+    let err = s.allocate(BlockKey(1), 4 * 4096 + 1).err().unwrap();
+    assert!(matches!(err, AllocError::TooLarge { .. }));
+    assert!(
+        err.to_string().contains("larger than the whole pool"),
+        "{err}"
+    );
+    assert_eq!(s.allocate(BlockKey(1), 0).err(), Some(AllocError::Empty));
+}
+
+#[test]
+fn full_pool_evicts_least_recently_used() {
+    let s = store(4, PolicyKind::Lru);
+    for k in 0..4 {
+        put(&s, BlockKey(k), 4096).unwrap();
+    }
+    drop(s.lease(BlockKey(0))); // read 0: now 1 is the least recently used
+    put(&s, BlockKey(10), 4096).unwrap();
+    assert!(s.contains(BlockKey(0)));
+    assert!(!s.contains(BlockKey(1)));
+    assert_eq!(s.stats().evictions, 1);
+}
+
+#[test]
+fn full_pool_never_evicts_a_leased_block() {
+    for policy in [PolicyKind::Lru, PolicyKind::S3fifo] {
+        let s = store(4, policy);
+        for k in 0..4 {
+            put(&s, BlockKey(k), 4096).unwrap();
+        }
+        let leases: Vec<Lease> = (0..3).map(|k| s.lease(BlockKey(k)).unwrap()).collect();
+        put(&s, BlockKey(10), 4096).unwrap();
+        assert!(
+            !s.contains(BlockKey(3)),
+            "{policy:?}: the only unleased block goes"
+        );
+        assert_eq!(
+            s.allocate(BlockKey(11), 8192).err(),
+            Some(AllocError::PoolFull),
+            "{policy:?}"
+        );
+        for (k, l) in leases.iter().enumerate() {
+            assert_eq!(
+                l.bytes(),
+                content(BlockKey(k as u128), 4096),
+                "{policy:?}: leased bytes intact"
+            );
+        }
+        drop(leases);
+        assert!(
+            put(&s, BlockKey(11), 8192).is_ok(),
+            "{policy:?}: released blocks are evictable"
+        );
+    }
+}
+
+#[test]
+fn corrupted_block_is_a_miss_never_returned() {
+    let s = store(8, PolicyKind::Lru);
+    put(&s, BlockKey(3), 5000).unwrap();
+    assert!(s.corrupt_block_for_test(BlockKey(3)));
+    assert!(s.lease(BlockKey(3)).is_none());
+    assert!(!s.contains(BlockKey(3)), "a corrupt block is dropped");
+    let st = s.stats();
+    assert_eq!(
+        (st.checksum_failures, st.used_bytes, st.active_leases),
+        (1, 0, 0)
+    );
+    assert!(
+        put(&s, BlockKey(3), 5000).is_ok(),
+        "and can be stored again"
+    );
+    assert_eq!(
+        s.lease(BlockKey(3)).unwrap().bytes(),
+        content(BlockKey(3), 5000)
+    );
+}
+
+#[test]
+fn watermarks_evict_down_to_the_low_mark() {
+    let s = Store::new(&StoreConfig {
+        capacity: 100 * 4096,
+        page_size: 4096,
+        shards: 2,
+        policy: PolicyKind::Lru,
+        high_watermark: 0.9,
+        low_watermark: 0.5,
+        lock: LockMode::Off,
+    })
+    .unwrap();
+    for k in 0..91 {
+        put(&s, BlockKey(k), 4096).unwrap();
+    }
+    let st = s.stats();
+    assert!(
+        st.used_bytes <= 50 * 4096,
+        "used {} pages",
+        st.used_bytes / 4096
+    );
+    assert!(s.contains(BlockKey(90)), "the newest block stays");
+}
+
+#[test]
+fn prefix_match_counts_leading_present_keys() {
+    let s = store(8, PolicyKind::Lru);
+    for k in [1, 2, 4] {
+        put(&s, BlockKey(k), 10).unwrap();
+    }
+    let chain: Vec<BlockKey> = (1..=5).map(BlockKey).collect();
+    assert_eq!(s.prefix_match(&chain), 2);
+    assert_eq!(s.prefix_match(&[]), 0);
+}
+
+#[test]
+fn concurrent_puts_gets_and_evictions_never_return_wrong_bytes() {
+    for policy in [PolicyKind::Lru, PolicyKind::S3fifo] {
+        let s = store(64, policy);
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                let s = Arc::clone(&s);
+                scope.spawn(move || {
+                    let mut x = t * 7919 + 1;
+                    for _ in 0..3000 {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let key = BlockKey((x >> 40) as u128 % 200);
+                        let len = 1 + (key.0 as usize * 977) % 9000;
+                        if x % 2 == 0 {
+                            match put(&s, key, len) {
+                                Ok(_) | Err(AllocError::AlreadyPresent | AllocError::PoolFull) => {}
+                                Err(e) => panic!("{e}"),
+                            }
+                        } else if let Some(lease) = s.lease(key) {
+                            assert_eq!(lease.bytes(), content(key, len), "wrong bytes for {key}");
+                        }
+                    }
+                });
+            }
+        });
+        let st = s.stats();
+        assert_eq!(st.active_leases, 0);
+        assert_eq!(st.checksum_failures, 0);
+        assert!(
+            st.evictions > 0,
+            "{policy:?}: the test must exercise eviction"
+        );
+        assert!(st.used_bytes <= st.capacity_bytes);
+    }
+}
