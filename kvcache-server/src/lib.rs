@@ -6,4 +6,9 @@
 //! - [`config`]: command line, environment and TOML configuration;
 //! - [`server`]: wires it together, runs until shutdown.
 
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod service;
 pub mod store;

@@ -1,0 +1,259 @@
+//! Configuration: built-in defaults, then a TOML file, then environment variables, then flags
+//! (each later source wins). Every setting has a flag, an environment variable and a file key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use kvcache_core::ByteSize;
+use kvcache_core::wire::FrameLimits;
+use kvcache_transport::LockMode;
+use serde::Deserialize;
+
+use crate::store::StoreConfig;
+use crate::store::eviction::PolicyKind;
+
+/// Whether to lock the pool in RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MlockArg {
+    Off,
+    BestEffort,
+    Required,
+}
+
+impl From<MlockArg> for LockMode {
+    fn from(m: MlockArg) -> Self {
+        match m {
+            MlockArg::Off => LockMode::Off,
+            MlockArg::BestEffort => LockMode::BestEffort,
+            MlockArg::Required => LockMode::Required,
+        }
+    }
+}
+
+/// kvcache-server: a node of the kvcache distributed KV-cache for LLM inference.
+///
+/// Stores attention KV blocks in a memory pool and serves them to vLLM instances over TCP.
+/// Settings come from, in increasing precedence: defaults, the --config TOML file (keys are the
+/// flag names with underscores, e.g. `metrics_listen = "0.0.0.0:7401"`), KVCACHE_* environment
+/// variables, and flags.
+#[derive(Parser, Debug, Default, Deserialize)]
+#[command(
+    name = "kvcache-server",
+    version,
+    about,
+    long_about,
+    max_term_width = 100
+)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// TOML file with settings (flags and environment override it).
+    #[arg(long, env = "KVCACHE_CONFIG", value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Data-plane address to listen on [default: 127.0.0.1:7400].
+    #[arg(long, env = "KVCACHE_LISTEN", value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+
+    /// Address for /metrics (Prometheus) and /health [default: 127.0.0.1:7401]; `off` disables.
+    #[arg(long, env = "KVCACHE_METRICS_LISTEN", value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
+
+    /// Memory pool size, e.g. 512MiB, 4GiB [default: 1GiB].
+    #[arg(long, env = "KVCACHE_MEMORY", value_name = "SIZE")]
+    pub memory: Option<ByteSize>,
+
+    /// Eviction policy [default: lru].
+    #[arg(long, env = "KVCACHE_EVICTION", value_enum)]
+    pub eviction: Option<PolicyKind>,
+
+    /// Start evicting when this fraction of the pool is used [default: 0.95].
+    #[arg(long, env = "KVCACHE_HIGH_WATERMARK", value_name = "FRACTION")]
+    pub high_watermark: Option<f64>,
+
+    /// Evict down to this fraction of the pool [default: 0.90].
+    #[arg(long, env = "KVCACHE_LOW_WATERMARK", value_name = "FRACTION")]
+    pub low_watermark: Option<f64>,
+
+    /// Pool allocation granularity [default: 4KiB].
+    #[arg(long, env = "KVCACHE_PAGE_SIZE", value_name = "SIZE")]
+    pub page_size: Option<ByteSize>,
+
+    /// Index shards (more shards, less lock contention) [default: 64].
+    #[arg(long, env = "KVCACHE_SHARDS")]
+    pub shards: Option<usize>,
+
+    /// Lock the pool in RAM: off, best-effort (warn if not permitted), required [default: best-effort].
+    #[arg(long, env = "KVCACHE_MLOCK", value_enum)]
+    pub mlock: Option<MlockArg>,
+
+    /// Largest payload accepted in one frame [default: 1GiB].
+    #[arg(long, env = "KVCACHE_MAX_FRAME", value_name = "SIZE")]
+    pub max_frame: Option<ByteSize>,
+
+    /// Seconds to let in-flight requests finish on SIGTERM/SIGINT [default: 10].
+    #[arg(long, env = "KVCACHE_SHUTDOWN_GRACE", value_name = "SECONDS")]
+    pub shutdown_grace: Option<f64>,
+
+    /// Log filter, as RUST_LOG (e.g. `info`, `kvcache_server=debug`) [default: info].
+    #[arg(long, env = "KVCACHE_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+
+    /// Worker threads [default: one per core].
+    #[arg(long, env = "KVCACHE_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Enables fault-injection endpoints (POST /debug/corrupt/KEY). Never in production.
+    #[arg(long, hide = true)]
+    #[serde(default)]
+    pub enable_test_hooks: bool,
+}
+
+/// Fully resolved server configuration.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub metrics_listen: Option<String>,
+    pub store: StoreConfig,
+    pub limits: FrameLimits,
+    pub shutdown_grace: Duration,
+    pub test_hooks: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Settings::default().resolve().expect("defaults are valid")
+    }
+}
+
+impl Settings {
+    /// Fills settings not given on the command line or environment from the config file.
+    pub fn merge_file(mut self) -> anyhow::Result<Self> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let file = load_file(&path)?;
+        macro_rules! fill {
+            ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* };
+        }
+        fill!(
+            listen,
+            metrics_listen,
+            memory,
+            eviction,
+            high_watermark,
+            low_watermark,
+            page_size,
+            shards,
+            mlock,
+            max_frame,
+            shutdown_grace,
+            log,
+            threads
+        );
+        self.enable_test_hooks |= file.enable_test_hooks;
+        Ok(self)
+    }
+
+    /// Applies defaults and checks the values.
+    pub fn resolve(&self) -> anyhow::Result<ServerConfig> {
+        let d = StoreConfig::default();
+        let max_frame = self.max_frame.unwrap_or(ByteSize(1 << 30)).0;
+        if max_frame == 0 || max_frame > u32::MAX as u64 {
+            bail!("--max-frame must be between 1 byte and 4GiB, got {max_frame}");
+        }
+        let grace = self.shutdown_grace.unwrap_or(10.0);
+        if !(0.0..=3600.0).contains(&grace) {
+            bail!("--shutdown-grace must be between 0 and 3600 seconds");
+        }
+        let metrics_listen = match self.metrics_listen.as_deref() {
+            Some("off") => None,
+            Some(a) => Some(a.to_string()),
+            None => Some("127.0.0.1:7401".to_string()),
+        };
+        Ok(ServerConfig {
+            listen: self
+                .listen
+                .clone()
+                .unwrap_or_else(|| "127.0.0.1:7400".into()),
+            metrics_listen,
+            store: StoreConfig {
+                capacity: self.memory.map_or(d.capacity, |m| m.0),
+                page_size: self.page_size.map_or(d.page_size, |p| p.0),
+                shards: self.shards.unwrap_or(64),
+                policy: self.eviction.unwrap_or_default(),
+                high_watermark: self.high_watermark.unwrap_or(d.high_watermark),
+                low_watermark: self.low_watermark.unwrap_or(d.low_watermark),
+                lock: self.mlock.map_or(d.lock, LockMode::from),
+            },
+            limits: FrameLimits {
+                max_payload: max_frame as u32,
+                ..FrameLimits::default()
+            },
+            shutdown_grace: Duration::from_secs_f64(grace),
+            test_hooks: self.enable_test_hooks,
+        })
+    }
+}
+
+fn load_file(path: &Path) -> anyhow::Result<Settings> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("kvcache-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("server.toml");
+        std::fs::write(
+            &path,
+            "memory = \"64MiB\"\nlisten = \"127.0.0.1:9000\"\neviction = \"s3fifo\"\n",
+        )
+        .unwrap();
+        let s = Settings::parse_from([
+            "kvcache-server",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:9100",
+        ]);
+        let cfg = s.merge_file().unwrap().resolve().unwrap();
+        assert_eq!(cfg.listen, "127.0.0.1:9100", "flag wins over file");
+        assert_eq!(cfg.store.capacity, 64 << 20, "file wins over default");
+        assert_eq!(cfg.store.policy, PolicyKind::S3fifo);
+        assert_eq!(
+            cfg.metrics_listen.as_deref(),
+            Some("127.0.0.1:7401"),
+            "default"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_file_keys_and_bad_sizes_are_clear_errors() {
+        let dir = std::env::temp_dir().join(format!("kvcache-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "memroy = \"1GiB\"\n").unwrap();
+        let err = load_file(&path).unwrap_err();
+        assert!(format!("{err:#}").contains("memroy"), "{err:#}");
+        let e = Settings::try_parse_from(["kvcache-server", "--memory", "lots"]).unwrap_err();
+        assert!(e.to_string().contains("invalid size"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn metrics_listener_can_be_turned_off() {
+        let s = Settings::parse_from(["kvcache-server", "--metrics-listen", "off"]);
+        assert_eq!(s.resolve().unwrap().metrics_listen, None);
+    }
+}

@@ -1,0 +1,415 @@
+//! Server metrics, rendered in the Prometheus text format. Counters are plain atomics indexed by
+//! fixed label sets, so recording costs a few relaxed adds on the hot path.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use kvcache_core::wire::Op;
+
+use crate::store::StoreStats;
+
+/// Latency bucket upper bounds, in seconds.
+const BUCKETS: [f64; 18] = [
+    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3,
+    250e-3, 500e-3, 1.0, 2.5, 10.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+}
+
+/// Why a connection's input was rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtocolError {
+    BadMagic,
+    BadVersion,
+    UnknownOp,
+    ControlTooLarge,
+    PayloadTooLarge,
+    Truncated,
+    Malformed,
+    UnexpectedReply,
+}
+
+impl ProtocolError {
+    const ALL: [ProtocolError; 8] = [
+        Self::BadMagic,
+        Self::BadVersion,
+        Self::UnknownOp,
+        Self::ControlTooLarge,
+        Self::PayloadTooLarge,
+        Self::Truncated,
+        Self::Malformed,
+        Self::UnexpectedReply,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::BadMagic => "bad_magic",
+            Self::BadVersion => "bad_version",
+            Self::UnknownOp => "unknown_op",
+            Self::ControlTooLarge => "control_too_large",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::Truncated => "truncated",
+            Self::Malformed => "malformed",
+            Self::UnexpectedReply => "unexpected_reply",
+        }
+    }
+}
+
+const OPS: usize = Op::REQUESTS.len();
+
+fn op_index(op: Op) -> usize {
+    Op::REQUESTS.iter().position(|&o| o == op).unwrap_or(0)
+}
+
+/// All server metrics.
+#[derive(Default)]
+pub struct Metrics {
+    ops_ok: [AtomicU64; OPS],
+    ops_err: [AtomicU64; OPS],
+    requested_blocks: [AtomicU64; OPS],
+    hit_blocks: [AtomicU64; OPS],
+    latency: [Histogram; OPS],
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    put_rejected: [AtomicU64; 3],
+    protocol_errors: [AtomicU64; ProtocolError::ALL.len()],
+    connections_active: AtomicI64,
+    connections_total: AtomicU64,
+}
+
+/// Why a put of one block was refused, for `kvcache_put_rejected_blocks_total`.
+#[derive(Clone, Copy, Debug)]
+pub enum PutRejection {
+    TooLarge = 0,
+    PoolFull = 1,
+    Empty = 2,
+}
+
+impl Metrics {
+    /// Records a finished request.
+    pub fn op(&self, op: Op, ok: bool, took: Duration) {
+        let i = op_index(op);
+        if ok {
+            &self.ops_ok[i]
+        } else {
+            &self.ops_err[i]
+        }
+        .fetch_add(1, Relaxed);
+        self.latency[i].observe(took);
+    }
+
+    /// Records how many blocks a lookup asked for and how many it found.
+    pub fn blocks(&self, op: Op, requested: usize, hit: usize) {
+        let i = op_index(op);
+        self.requested_blocks[i].fetch_add(requested as u64, Relaxed);
+        self.hit_blocks[i].fetch_add(hit as u64, Relaxed);
+    }
+
+    pub fn bytes_in(&self, n: u64) {
+        self.bytes_in.fetch_add(n, Relaxed);
+    }
+
+    pub fn bytes_out(&self, n: u64) {
+        self.bytes_out.fetch_add(n, Relaxed);
+    }
+
+    pub fn put_rejected(&self, why: PutRejection) {
+        self.put_rejected[why as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn protocol_error(&self, e: ProtocolError) {
+        let i = ProtocolError::ALL
+            .iter()
+            .position(|&x| x == e)
+            .expect("listed");
+        self.protocol_errors[i].fetch_add(1, Relaxed);
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections_active.fetch_add(1, Relaxed);
+        self.connections_total.fetch_add(1, Relaxed);
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections_active.fetch_sub(1, Relaxed);
+    }
+
+    /// Protocol errors counted so far, all kinds together (for tests and logs).
+    pub fn protocol_errors_total(&self) -> u64 {
+        self.protocol_errors.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// Renders every metric, with the store's gauges, in the Prometheus text format.
+    pub fn render(&self, store: &StoreStats) -> String {
+        let mut out = String::with_capacity(8192);
+        header(
+            &mut out,
+            "kvcache_ops_total",
+            "counter",
+            "Requests served, by op and result.",
+        );
+        for (i, op) in Op::REQUESTS.iter().enumerate() {
+            for (result, c) in [("ok", &self.ops_ok[i]), ("error", &self.ops_err[i])] {
+                let _ = writeln!(
+                    out,
+                    "kvcache_ops_total{{op=\"{}\",result=\"{result}\"}} {}",
+                    op.name(),
+                    c.load(Relaxed)
+                );
+            }
+        }
+        let lookups = [Op::Get, Op::Exists, Op::PrefixMatch];
+        header(
+            &mut out,
+            "kvcache_requested_blocks_total",
+            "counter",
+            "Blocks asked for by lookups (hit-rate denominator).",
+        );
+        for op in lookups {
+            let v = self.requested_blocks[op_index(op)].load(Relaxed);
+            let _ = writeln!(
+                out,
+                "kvcache_requested_blocks_total{{op=\"{}\"}} {v}",
+                op.name()
+            );
+        }
+        header(
+            &mut out,
+            "kvcache_hit_blocks_total",
+            "counter",
+            "Blocks found by lookups.",
+        );
+        for op in lookups {
+            let v = self.hit_blocks[op_index(op)].load(Relaxed);
+            let _ = writeln!(out, "kvcache_hit_blocks_total{{op=\"{}\"}} {v}", op.name());
+        }
+        header(
+            &mut out,
+            "kvcache_put_blocks_total",
+            "counter",
+            "Blocks offered by puts.",
+        );
+        let _ = writeln!(
+            out,
+            "kvcache_put_blocks_total {}",
+            self.requested_blocks[op_index(Op::Put)].load(Relaxed)
+        );
+        header(
+            &mut out,
+            "kvcache_put_rejected_blocks_total",
+            "counter",
+            "Blocks a put could not store, by reason.",
+        );
+        for (reason, c) in ["too_large", "pool_full", "empty"]
+            .iter()
+            .zip(&self.put_rejected)
+        {
+            let _ = writeln!(
+                out,
+                "kvcache_put_rejected_blocks_total{{reason=\"{reason}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
+        header(
+            &mut out,
+            "kvcache_bytes_received_total",
+            "counter",
+            "Payload bytes received.",
+        );
+        let _ = writeln!(
+            out,
+            "kvcache_bytes_received_total{{transport=\"tcp\"}} {}",
+            self.bytes_in.load(Relaxed)
+        );
+        header(
+            &mut out,
+            "kvcache_bytes_sent_total",
+            "counter",
+            "Payload bytes sent.",
+        );
+        let _ = writeln!(
+            out,
+            "kvcache_bytes_sent_total{{transport=\"tcp\"}} {}",
+            self.bytes_out.load(Relaxed)
+        );
+        header(
+            &mut out,
+            "kvcache_op_duration_seconds",
+            "histogram",
+            "Server-side request latency, by op.",
+        );
+        for (i, op) in Op::REQUESTS.iter().enumerate() {
+            let h = &self.latency[i];
+            let mut cumulative = 0;
+            for (b, bound) in BUCKETS.iter().enumerate() {
+                cumulative += h.buckets[b].load(Relaxed);
+                let _ = writeln!(
+                    out,
+                    "kvcache_op_duration_seconds_bucket{{op=\"{}\",le=\"{bound}\"}} {cumulative}",
+                    op.name()
+                );
+            }
+            let count = h.count.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "kvcache_op_duration_seconds_bucket{{op=\"{}\",le=\"+Inf\"}} {count}",
+                op.name()
+            );
+            let sum = h.sum_ns.load(Relaxed) as f64 / 1e9;
+            let _ = writeln!(
+                out,
+                "kvcache_op_duration_seconds_sum{{op=\"{}\"}} {sum}",
+                op.name()
+            );
+            let _ = writeln!(
+                out,
+                "kvcache_op_duration_seconds_count{{op=\"{}\"}} {count}",
+                op.name()
+            );
+        }
+        header(
+            &mut out,
+            "kvcache_protocol_errors_total",
+            "counter",
+            "Rejected input, by kind.",
+        );
+        for (e, c) in ProtocolError::ALL.iter().zip(&self.protocol_errors) {
+            let _ = writeln!(
+                out,
+                "kvcache_protocol_errors_total{{kind=\"{}\"}} {}",
+                e.label(),
+                c.load(Relaxed)
+            );
+        }
+        let gauges: [(&str, &str, &str, u64); 9] = [
+            (
+                "kvcache_pool_capacity_bytes",
+                "gauge",
+                "Size of the memory pool.",
+                store.capacity_bytes,
+            ),
+            (
+                "kvcache_pool_used_bytes",
+                "gauge",
+                "Pool bytes allocated to blocks (committed or being written).",
+                store.used_bytes,
+            ),
+            (
+                "kvcache_blocks_stored",
+                "gauge",
+                "Committed blocks in the index.",
+                store.blocks,
+            ),
+            (
+                "kvcache_active_leases",
+                "gauge",
+                "Leases held by readers right now.",
+                store.active_leases,
+            ),
+            (
+                "kvcache_evictions_total",
+                "counter",
+                "Blocks evicted to make room.",
+                store.evictions,
+            ),
+            (
+                "kvcache_evicted_bytes_total",
+                "counter",
+                "Bytes evicted to make room.",
+                store.evicted_bytes,
+            ),
+            (
+                "kvcache_checksum_failures_total",
+                "counter",
+                "Stored blocks that failed verification (reported as misses).",
+                store.checksum_failures,
+            ),
+            (
+                "kvcache_index_heap_bytes",
+                "gauge",
+                "Heap memory used by the block index.",
+                store.index_heap_bytes,
+            ),
+            (
+                "kvcache_pool_locked",
+                "gauge",
+                "1 if the pool is locked in RAM.",
+                store.locked as u64,
+            ),
+        ];
+        for (name, kind, help, v) in gauges {
+            header(&mut out, name, kind, help);
+            let _ = writeln!(out, "{name} {v}");
+        }
+        header(
+            &mut out,
+            "kvcache_connections_active",
+            "gauge",
+            "Open data connections.",
+        );
+        let _ = writeln!(
+            out,
+            "kvcache_connections_active {}",
+            self.connections_active.load(Relaxed)
+        );
+        header(
+            &mut out,
+            "kvcache_connections_total",
+            "counter",
+            "Data connections accepted.",
+        );
+        let _ = writeln!(
+            out,
+            "kvcache_connections_total {}",
+            self.connections_total.load(Relaxed)
+        );
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_gauges() {
+        let m = Metrics::default();
+        m.op(Op::Get, true, Duration::from_micros(30));
+        m.op(Op::Get, false, Duration::from_millis(3));
+        m.blocks(Op::Get, 10, 7);
+        m.protocol_error(ProtocolError::BadMagic);
+        let text = m.render(&StoreStats {
+            capacity_bytes: 1024,
+            ..Default::default()
+        });
+        assert!(text.contains("kvcache_ops_total{op=\"get\",result=\"ok\"} 1"));
+        assert!(text.contains("kvcache_ops_total{op=\"get\",result=\"error\"} 1"));
+        assert!(text.contains("kvcache_requested_blocks_total{op=\"get\"} 10"));
+        assert!(text.contains("kvcache_hit_blocks_total{op=\"get\"} 7"));
+        assert!(text.contains("kvcache_op_duration_seconds_bucket{op=\"get\",le=\"0.00005\"} 1"));
+        assert!(text.contains("kvcache_op_duration_seconds_bucket{op=\"get\",le=\"+Inf\"} 2"));
+        assert!(text.contains("kvcache_protocol_errors_total{kind=\"bad_magic\"} 1"));
+        assert!(text.contains("kvcache_pool_capacity_bytes 1024"));
+    }
+}

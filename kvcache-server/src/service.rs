@@ -1,0 +1,401 @@
+//! The TCP data plane: one task per connection, one request at a time per connection.
+//!
+//! Bad input never costs other clients anything and never loses stored data: a request whose
+//! control message makes no sense gets an `ErrorReply` and the connection goes on (the frame
+//! header still says where the next frame starts); a header that cannot be trusted (bad magic,
+//! version, op, or a size over the limits) gets an `ErrorReply` and the connection is closed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvcache_core::BlockKey;
+use kvcache_core::wire::{
+    self, ErrorCode, ErrorReply, ExistsReply, ExistsRequest, FrameError, FrameHeader, FrameLimits,
+    GetReply, GetRequest, Op, PROTOCOL_VERSION, PingReply, PrefixMatchReply, PrefixMatchRequest,
+    PutReply, PutRequest, PutStatus,
+};
+use kvcache_transport::tcp::{self, FrameReadError};
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::metrics::{Metrics, ProtocolError, PutRejection};
+use crate::store::{AllocError, CommitOutcome, Store};
+
+/// What every connection needs.
+pub struct ServiceContext {
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub limits: FrameLimits,
+}
+
+/// Whether the connection goes on after a request.
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// A failure that ends the connection (the peer went away or the stream is unusable).
+type ConnResult<T> = Result<T, FrameReadError>;
+
+fn io_err(e: std::io::Error) -> FrameReadError {
+    FrameReadError::Io(e)
+}
+
+/// Serves one data connection until the peer closes it, it misbehaves, or shutdown begins.
+pub async fn serve_connection(
+    ctx: Arc<ServiceContext>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if let Err(e) = tcp::tune(&stream) {
+        tracing::debug!(%peer, error = %e, "could not tune socket");
+    }
+    ctx.metrics.connection_opened();
+    let (mut rd, mut wr) = stream.split();
+    loop {
+        let header = tokio::select! {
+            h = tcp::read_header(&mut rd, &ctx.limits) => h,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let flow = match header {
+            Ok(h) => match handle_request(&ctx, h, &mut rd, &mut wr).await {
+                Ok(flow) => flow,
+                Err(e) => {
+                    if matches!(e, FrameReadError::Truncated) {
+                        ctx.metrics.protocol_error(ProtocolError::Truncated);
+                    }
+                    tracing::debug!(%peer, error = %e, "connection ended mid-request");
+                    Flow::Close
+                }
+            },
+            Err(FrameReadError::Closed) => Flow::Close,
+            Err(FrameReadError::Truncated) => {
+                ctx.metrics.protocol_error(ProtocolError::Truncated);
+                tracing::debug!(%peer, "connection closed mid-header");
+                Flow::Close
+            }
+            Err(FrameReadError::Io(e)) => {
+                tracing::debug!(%peer, error = %e, "read failed");
+                Flow::Close
+            }
+            Err(FrameReadError::Frame(e)) => {
+                ctx.metrics.protocol_error(match e {
+                    FrameError::BadMagic(_) => ProtocolError::BadMagic,
+                    FrameError::UnsupportedVersion { .. } => ProtocolError::BadVersion,
+                    FrameError::UnknownOp(_) => ProtocolError::UnknownOp,
+                    FrameError::ControlTooLarge { .. } => ProtocolError::ControlTooLarge,
+                    FrameError::PayloadTooLarge { .. } => ProtocolError::PayloadTooLarge,
+                });
+                tracing::warn!(%peer, error = %e, "rejected frame; closing connection");
+                let code = match e {
+                    FrameError::ControlTooLarge { .. } | FrameError::PayloadTooLarge { .. } => {
+                        ErrorCode::TooLarge
+                    }
+                    _ => ErrorCode::Malformed,
+                };
+                let _ = send_error(&mut wr, 0, code, &e.to_string()).await;
+                Flow::Close
+            }
+        };
+        if let Flow::Close = flow {
+            break;
+        }
+    }
+    ctx.metrics.connection_closed();
+}
+
+async fn send_error<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    request_id: u32,
+    code: ErrorCode,
+    message: &str,
+) -> std::io::Result<()> {
+    let control = ErrorReply {
+        code: code as i32,
+        message: message.to_string(),
+    }
+    .encode_to_vec();
+    tcp::write_frame(
+        w,
+        &FrameHeader::reply(Op::Error, request_id, control.len(), 0),
+        &control,
+        &[],
+    )
+    .await
+}
+
+async fn send_reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    op: Op,
+    request_id: u32,
+    msg: &impl Message,
+) -> ConnResult<()> {
+    let control = msg.encode_to_vec();
+    tcp::write_frame(
+        w,
+        &FrameHeader::reply(op, request_id, control.len(), 0),
+        &control,
+        &[],
+    )
+    .await
+    .map_err(io_err)
+}
+
+/// A request the server refuses as a whole: reply with an error, skip its payload, go on.
+async fn refuse<R, W>(
+    ctx: &ServiceContext,
+    h: &FrameHeader,
+    rd: &mut R,
+    wr: &mut W,
+    message: String,
+) -> ConnResult<Flow>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    ctx.metrics.protocol_error(ProtocolError::Malformed);
+    tracing::debug!(op = h.op.name(), %message, "refused request");
+    tcp::skip_payload(rd, h.payload_len as u64).await?;
+    send_error(wr, h.request_id, ErrorCode::Malformed, &message)
+        .await
+        .map_err(io_err)?;
+    Ok(Flow::Continue)
+}
+
+async fn handle_request<R, W>(
+    ctx: &ServiceContext,
+    h: FrameHeader,
+    rd: &mut R,
+    wr: &mut W,
+) -> ConnResult<Flow>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if h.reply || h.op == Op::Error {
+        ctx.metrics.protocol_error(ProtocolError::UnexpectedReply);
+        let _ = send_error(
+            wr,
+            h.request_id,
+            ErrorCode::Malformed,
+            "clients send requests, not replies",
+        )
+        .await;
+        return Ok(Flow::Close);
+    }
+    let control = tcp::read_control(rd, h.control_len).await?;
+    let started = Instant::now();
+    let result = match h.op {
+        Op::Put => handle_put(ctx, &h, &control, rd, wr).await,
+        Op::Get => handle_get(ctx, &h, &control, rd, wr).await,
+        Op::Exists | Op::PrefixMatch | Op::Ping => handle_lookup(ctx, &h, &control, rd, wr).await,
+        Op::Error => unreachable!("rejected above"),
+    };
+    let ok = matches!(result, Ok(Outcome::Done));
+    ctx.metrics.op(h.op, ok, started.elapsed());
+    match result {
+        Ok(Outcome::Done) => Ok(Flow::Continue),
+        Ok(Outcome::Refused(message)) => refuse(ctx, &h, rd, wr, message).await,
+        Err(e) => Err(e),
+    }
+}
+
+/// How a request ended, short of losing the connection.
+enum Outcome {
+    Done,
+    /// Refused before its payload was read; the message says why.
+    Refused(String),
+}
+
+fn decode<M: Message + Default>(h: &FrameHeader, control: &[u8]) -> Result<M, Outcome> {
+    M::decode(control)
+        .map_err(|e| Outcome::Refused(format!("undecodable {} request: {e}", h.op.name())))
+}
+
+fn keys_of(bytes: &[u8]) -> Result<Vec<BlockKey>, Outcome> {
+    wire::decode_keys(bytes).map_err(|e| Outcome::Refused(e.to_string()))
+}
+
+macro_rules! try_outcome {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(outcome) => return Ok(outcome),
+        }
+    };
+}
+
+async fn handle_put<R, W>(
+    ctx: &ServiceContext,
+    h: &FrameHeader,
+    control: &[u8],
+    rd: &mut R,
+    wr: &mut W,
+) -> ConnResult<Outcome>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let req: PutRequest = try_outcome!(decode(h, control));
+    let keys = try_outcome!(keys_of(&req.keys));
+    if keys.len() != req.lens.len() {
+        return Ok(Outcome::Refused(format!(
+            "put names {} keys but {} lengths",
+            keys.len(),
+            req.lens.len()
+        )));
+    }
+    let total: u64 = req.lens.iter().map(|&l| l as u64).sum();
+    if total != h.payload_len as u64 {
+        return Ok(Outcome::Refused(format!(
+            "put lengths add up to {total} bytes but the frame carries {} payload bytes",
+            h.payload_len
+        )));
+    }
+    ctx.metrics.blocks(Op::Put, keys.len(), 0);
+    let mut statuses = Vec::with_capacity(keys.len());
+    for (&key, &len) in keys.iter().zip(&req.lens) {
+        let status = match ctx.store.allocate(key, len as usize) {
+            Ok(mut alloc) => {
+                // Step 2: the payload lands directly in the pool. If the peer dies here, the
+                // allocation is dropped uncommitted and its pages return to the pool.
+                tcp::read_payload(rd, alloc.bytes_mut()).await?;
+                match alloc.commit() {
+                    CommitOutcome::Stored => PutStatus::Stored,
+                    CommitOutcome::AlreadyPresent => PutStatus::AlreadyPresent,
+                }
+            }
+            Err(e) => {
+                tcp::skip_payload(rd, len as u64).await?;
+                match e {
+                    AllocError::AlreadyPresent => PutStatus::AlreadyPresent,
+                    AllocError::TooLarge { .. } => {
+                        ctx.metrics.put_rejected(PutRejection::TooLarge);
+                        PutStatus::TooLarge
+                    }
+                    AllocError::PoolFull => {
+                        ctx.metrics.put_rejected(PutRejection::PoolFull);
+                        PutStatus::PoolFull
+                    }
+                    AllocError::Empty => {
+                        ctx.metrics.put_rejected(PutRejection::Empty);
+                        PutStatus::Empty
+                    }
+                }
+            }
+        };
+        statuses.push(status as i32);
+    }
+    ctx.metrics.bytes_in(total);
+    send_reply(wr, Op::Put, h.request_id, &PutReply { statuses }).await?;
+    Ok(Outcome::Done)
+}
+
+async fn handle_get<R, W>(
+    ctx: &ServiceContext,
+    h: &FrameHeader,
+    control: &[u8],
+    _rd: &mut R,
+    wr: &mut W,
+) -> ConnResult<Outcome>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if h.payload_len != 0 {
+        return Ok(Outcome::Refused("get requests carry no payload".into()));
+    }
+    let req: GetRequest = try_outcome!(decode(h, control));
+    let keys = try_outcome!(keys_of(&req.keys));
+    // Step 1: lease (and verify) every block; leases are released when this function returns,
+    // including when the peer disconnects while the payload is being written.
+    let leases: Vec<_> = keys.iter().map(|&k| ctx.store.lease(k)).collect();
+    let lens: Vec<u32> = leases
+        .iter()
+        .map(|l| l.as_ref().map_or(0, |l| l.len() as u32))
+        .collect();
+    let total: u64 = lens.iter().map(|&l| l as u64).sum();
+    if total > ctx.limits.max_payload as u64 {
+        return Ok(Outcome::Refused(format!(
+            "the blocks asked for total {total} bytes, over the frame limit of {}: ask for fewer per request",
+            ctx.limits.max_payload
+        )));
+    }
+    let hits = leases.iter().filter(|l| l.is_some()).count();
+    ctx.metrics.blocks(Op::Get, keys.len(), hits);
+    let control = GetReply { lens }.encode_to_vec();
+    let payload: Vec<&[u8]> = leases.iter().flatten().map(|l| l.bytes()).collect();
+    // Step 2: the payload goes from the pool straight to the socket.
+    tcp::write_frame(
+        wr,
+        &FrameHeader::reply(Op::Get, h.request_id, control.len(), total as usize),
+        &control,
+        &payload,
+    )
+    .await
+    .map_err(io_err)?;
+    ctx.metrics.bytes_out(total);
+    Ok(Outcome::Done)
+}
+
+async fn handle_lookup<R, W>(
+    ctx: &ServiceContext,
+    h: &FrameHeader,
+    control: &[u8],
+    _rd: &mut R,
+    wr: &mut W,
+) -> ConnResult<Outcome>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if h.payload_len != 0 {
+        return Ok(Outcome::Refused(format!(
+            "{} requests carry no payload",
+            h.op.name()
+        )));
+    }
+    match h.op {
+        Op::Ping => {
+            let reply = PingReply {
+                server_version: env!("CARGO_PKG_VERSION").to_string(),
+                protocol_version: PROTOCOL_VERSION as u32,
+                max_payload: ctx.limits.max_payload,
+                max_control: ctx.limits.max_control,
+            };
+            send_reply(wr, Op::Ping, h.request_id, &reply).await?;
+        }
+        Op::Exists => {
+            let req: ExistsRequest = try_outcome!(decode(h, control));
+            let keys = try_outcome!(keys_of(&req.keys));
+            let present: Vec<bool> = keys.iter().map(|&k| ctx.store.contains(k)).collect();
+            ctx.metrics.blocks(
+                Op::Exists,
+                keys.len(),
+                present.iter().filter(|p| **p).count(),
+            );
+            send_reply(wr, Op::Exists, h.request_id, &ExistsReply { present }).await?;
+        }
+        Op::PrefixMatch => {
+            let req: PrefixMatchRequest = try_outcome!(decode(h, control));
+            let keys = try_outcome!(keys_of(&req.keys));
+            let matched = ctx.store.prefix_match(&keys);
+            ctx.metrics.blocks(Op::PrefixMatch, keys.len(), matched);
+            send_reply(
+                wr,
+                Op::PrefixMatch,
+                h.request_id,
+                &PrefixMatchReply {
+                    matched: matched as u32,
+                },
+            )
+            .await?;
+        }
+        _ => unreachable!("dispatched by op"),
+    }
+    Ok(Outcome::Done)
+}
