@@ -28,6 +28,14 @@ fn main() -> anyhow::Result<()> {
     }
     rt.build()?.block_on(async {
         let server = RunningServer::start(&cfg).await?;
+        // One line on stdout when ready, for scripts and tests that start us on port 0.
+        let metrics = server
+            .metrics_addr()
+            .map_or("off".to_string(), |a| a.to_string());
+        println!(
+            "kvcache-server ready data={} metrics={metrics}",
+            server.data_addr()
+        );
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let which = tokio::select! {

@@ -1,0 +1,146 @@
+//! One data connection: send a request frame, read the reply header and control message, then
+//! let the caller read the payload straight into its own memory.
+
+use kvcache_core::wire::{
+    ErrorCode, ErrorReply, FrameHeader, FrameLimits, GetReply, GetRequest, Op,
+};
+use kvcache_transport::tcp::{self, FrameReadError};
+use prost::Message;
+use tokio::net::TcpStream;
+
+use crate::ClientError;
+
+/// Replies may carry up to 4 GiB of payload; the node enforces the real limit on requests.
+const REPLY_LIMITS: FrameLimits = FrameLimits {
+    max_control: 64 << 20,
+    max_payload: u32::MAX,
+};
+
+pub(crate) struct Connection {
+    stream: TcpStream,
+    next_id: u32,
+}
+
+fn read_err(e: FrameReadError) -> ClientError {
+    match e {
+        FrameReadError::Io(e) => ClientError::Io(e),
+        FrameReadError::Closed | FrameReadError::Truncated => ClientError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "kvcache node closed the connection",
+        )),
+        FrameReadError::Frame(e) => ClientError::Protocol(e.to_string()),
+    }
+}
+
+pub(crate) fn decode_reply<M: Message + Default>(control: &[u8]) -> Result<M, ClientError> {
+    M::decode(control).map_err(|e| ClientError::Protocol(format!("undecodable reply: {e}")))
+}
+
+impl Connection {
+    pub(crate) async fn open(addr: &str) -> Result<Self, ClientError> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        tcp::tune(&stream)?;
+        Ok(Self { stream, next_id: 0 })
+    }
+
+    /// Sends a request and reads the reply's header and control message. A node's error reply
+    /// becomes `ClientError::Server`.
+    pub(crate) async fn call(
+        &mut self,
+        op: Op,
+        req: &impl Message,
+        payload: &[&[u8]],
+    ) -> Result<(FrameHeader, Vec<u8>), ClientError> {
+        self.next_id = self.next_id.wrapping_add(1);
+        let control = req.encode_to_vec();
+        let total: usize = payload.iter().map(|p| p.len()).sum();
+        let header = FrameHeader::request(op, self.next_id, control.len(), total);
+        tcp::write_frame(&mut self.stream, &header, &control, payload).await?;
+        let reply = tcp::read_header(&mut self.stream, &REPLY_LIMITS)
+            .await
+            .map_err(read_err)?;
+        let control = tcp::read_control(&mut self.stream, reply.control_len)
+            .await
+            .map_err(read_err)?;
+        if reply.op == Op::Error {
+            let err: ErrorReply = decode_reply(&control)?;
+            return Err(ClientError::Server {
+                code: ErrorCode::try_from(err.code).unwrap_or(ErrorCode::Unknown),
+                message: err.message,
+            });
+        }
+        if !reply.reply || reply.op != op || reply.request_id != self.next_id {
+            return Err(ClientError::Protocol(format!(
+                "expected reply to {} #{}, got {:?} #{}",
+                op.name(),
+                self.next_id,
+                reply.op,
+                reply.request_id
+            )));
+        }
+        Ok((reply, control))
+    }
+
+    pub(crate) fn expect_no_payload(&self, h: &FrameHeader) -> Result<(), ClientError> {
+        if h.payload_len != 0 {
+            return Err(ClientError::Protocol(format!(
+                "unexpected {}-byte payload",
+                h.payload_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// A request without payload whose reply has none either.
+    pub(crate) async fn call_simple<M: Message + Default>(
+        &mut self,
+        op: Op,
+        req: &impl Message,
+    ) -> Result<M, ClientError> {
+        let (h, control) = self.call(op, req, &[]).await?;
+        self.expect_no_payload(&h)?;
+        decode_reply(&control)
+    }
+
+    /// Sends a get and returns each key's stored length (0 for a miss); the payload follows.
+    pub(crate) async fn call_get(
+        &mut self,
+        req: &GetRequest,
+        keys: usize,
+    ) -> Result<Vec<u32>, ClientError> {
+        let (h, control) = self.call(Op::Get, req, &[]).await?;
+        let reply: GetReply = decode_reply(&control)?;
+        let total: u64 = reply.lens.iter().map(|&l| l as u64).sum();
+        if reply.lens.len() != keys || total != h.payload_len as u64 {
+            return Err(ClientError::Protocol(format!(
+                "get reply lists {} lengths ({total} bytes) for {keys} keys and a {}-byte payload",
+                reply.lens.len(),
+                h.payload_len
+            )));
+        }
+        Ok(reply.lens)
+    }
+
+    pub(crate) async fn read_payload_into(&mut self, dst: &mut [u8]) -> Result<(), ClientError> {
+        tcp::read_payload(&mut self.stream, dst)
+            .await
+            .map_err(read_err)
+    }
+
+    pub(crate) async fn read_payload_vec(&mut self, len: usize) -> Result<Vec<u8>, ClientError> {
+        let mut v = vec![0u8; len];
+        self.read_payload_into(&mut v).await?;
+        Ok(v)
+    }
+
+    pub(crate) async fn skip_payload(&mut self, len: usize) -> Result<(), ClientError> {
+        tcp::skip_payload(&mut self.stream, len as u64)
+            .await
+            .map_err(read_err)
+    }
+}

@@ -1,0 +1,36 @@
+//! Client errors. A miss is not an error: lookups return `None`/`Miss`/`false` for absent keys.
+
+use std::time::Duration;
+
+use kvcache_core::wire::ErrorCode;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to kvcache node {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{op} timed out after {after:?}")]
+    Timeout { op: &'static str, after: Duration },
+    #[error("connection to kvcache node failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("kvcache node sent an invalid reply: {0}")]
+    Protocol(String),
+    #[error("kvcache node refused the request ({code:?}): {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl ClientError {
+    /// True when the node could not be reached or stopped answering: the caller may treat the
+    /// data as missing and retry elsewhere. False for errors in the request itself.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect { .. } | Self::Timeout { .. } | Self::Io(_)
+        )
+    }
+}

@@ -1,0 +1,380 @@
+//! kvcache-client: the async Rust client of a kvcache node.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kvcache_client::ClientError> {
+//! use kvcache_client::{Client, ClientConfig};
+//! use kvcache_core::BlockKey;
+//! let client = Client::connect(ClientConfig::new("127.0.0.1:7400")).await?;
+//! client.put(BlockKey(1), b"kv bytes").await?;
+//! assert_eq!(client.get(BlockKey(1)).await?.as_deref(), Some(&b"kv bytes"[..]));
+//! # Ok(()) }
+//! ```
+//!
+//! Every call takes a pooled connection, runs one request under the configured timeout, and
+//! returns the connection to the pool only if the exchange completed cleanly; a connection
+//! that timed out or saw an error is dropped, never reused in an unknown state.
+
+mod connection;
+mod error;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvcache_core::BlockKey;
+use kvcache_core::wire::{
+    ExistsReply, ExistsRequest, GetRequest, Op, PingReply, PingRequest, PrefixMatchReply,
+    PrefixMatchRequest, PutReply, PutRequest, PutStatus, encode_keys,
+};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+
+use connection::Connection;
+pub use error::ClientError;
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `host:port` of the node's data plane.
+    pub addr: String,
+    /// Most connections open at once (and so requests in flight).
+    pub max_connections: usize,
+    /// Limit for one request (one batch chunk), connect included.
+    pub timeout: Duration,
+    /// Most keys per get request; larger batches are split.
+    pub max_get_keys: usize,
+}
+
+impl ClientConfig {
+    /// Defaults for `addr`: 16 connections, 5 s timeout, 64 keys per get.
+    pub fn new(addr: impl Into<String>) -> Self {
+        Self {
+            addr: addr.into(),
+            max_connections: 16,
+            timeout: Duration::from_secs(5),
+            max_get_keys: 64,
+        }
+    }
+}
+
+/// Result of a scatter get for one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GetOutcome {
+    /// The block's bytes are in the destination segments.
+    Hit,
+    /// Not stored (or failed verification on the server).
+    Miss,
+    /// Stored with a different length than the destination; the destination is untouched.
+    WrongSize { stored: usize, expected: usize },
+}
+
+/// A pooled, cloneable client of one kvcache node.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: ClientConfig,
+    idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+    max_payload: u32,
+}
+
+/// A connection checked out of the pool, holding its slot.
+struct Checkout {
+    conn: Connection,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Client {
+    /// Connects and checks that the node speaks our protocol.
+    pub async fn connect(cfg: ClientConfig) -> Result<Self, ClientError> {
+        if cfg.max_connections == 0 || cfg.max_get_keys == 0 {
+            return Err(ClientError::InvalidArgument(
+                "max_connections and max_get_keys must be positive".into(),
+            ));
+        }
+        let mut conn = tokio::time::timeout(cfg.timeout, Connection::open(&cfg.addr))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                op: "connect",
+                after: cfg.timeout,
+            })??;
+        let ping: PingReply =
+            tokio::time::timeout(cfg.timeout, conn.call_simple(Op::Ping, &PingRequest {}))
+                .await
+                .map_err(|_| ClientError::Timeout {
+                    op: "ping",
+                    after: cfg.timeout,
+                })??;
+        let inner = Inner {
+            permits: Arc::new(Semaphore::new(cfg.max_connections)),
+            idle: Mutex::new(vec![conn]),
+            max_payload: ping.max_payload,
+            cfg,
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The node address.
+    pub fn addr(&self) -> &str {
+        &self.inner.cfg.addr
+    }
+
+    async fn checkout(&self) -> Result<Checkout, ClientError> {
+        let permit = Arc::clone(&self.inner.permits)
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        if let Some(conn) = self.inner.idle.lock().await.pop() {
+            return Ok(Checkout {
+                conn,
+                _permit: permit,
+            });
+        }
+        Ok(Checkout {
+            conn: Connection::open(&self.inner.cfg.addr).await?,
+            _permit: permit,
+        })
+    }
+
+    fn checkin(&self, c: Checkout) {
+        if let Ok(mut idle) = self.inner.idle.try_lock() {
+            idle.push(c.conn);
+        }
+    }
+
+    /// Runs `f` on a pooled connection under the timeout; keeps the connection only on success.
+    async fn with_conn<T, F>(&self, op: &'static str, f: F) -> Result<T, ClientError>
+    where
+        F: AsyncFnOnce(&mut Connection) -> Result<T, ClientError>,
+    {
+        let timeout = self.inner.cfg.timeout;
+        let run = async {
+            let mut c = self.checkout().await?;
+            let v = f(&mut c.conn).await?;
+            Ok::<_, ClientError>((v, c))
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(Ok((v, c))) => {
+                self.checkin(c);
+                Ok(v)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ClientError::Timeout { op, after: timeout }),
+        }
+    }
+
+    /// Checks the node is alive; returns what it reports about itself.
+    pub async fn ping(&self) -> Result<PingReply, ClientError> {
+        self.with_conn("ping", async |c| {
+            c.call_simple(Op::Ping, &PingRequest {}).await
+        })
+        .await
+    }
+
+    /// Stores one block.
+    pub async fn put(&self, key: BlockKey, value: &[u8]) -> Result<PutStatus, ClientError> {
+        Ok(self.put_many(&[(key, value)]).await?[0])
+    }
+
+    /// Stores blocks; one status per block, in order.
+    pub async fn put_many(
+        &self,
+        blocks: &[(BlockKey, &[u8])],
+    ) -> Result<Vec<PutStatus>, ClientError> {
+        let keys: Vec<BlockKey> = blocks.iter().map(|b| b.0).collect();
+        let values: Vec<[&[u8]; 1]> = blocks.iter().map(|b| [b.1]).collect();
+        let segments: Vec<&[&[u8]]> = values.iter().map(|v| &v[..]).collect();
+        self.put_many_segments(&keys, &segments).await
+    }
+
+    /// Stores blocks whose bytes are gathered from several segments each (e.g. one block's
+    /// slices in many per-layer KV tensors). `values[i]` is key i's list of segments.
+    pub async fn put_many_segments(
+        &self,
+        keys: &[BlockKey],
+        values: &[&[&[u8]]],
+    ) -> Result<Vec<PutStatus>, ClientError> {
+        if keys.len() != values.len() {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} keys but {} values",
+                keys.len(),
+                values.len()
+            )));
+        }
+        let lens: Vec<u64> = values
+            .iter()
+            .map(|segs| segs.iter().map(|s| s.len() as u64).sum())
+            .collect();
+        if let Some(i) = lens
+            .iter()
+            .position(|&l| l == 0 || l > self.inner.max_payload as u64)
+        {
+            return Err(ClientError::InvalidArgument(format!(
+                "block {i} has {} bytes; blocks must be 1 byte to {} bytes",
+                lens[i], self.inner.max_payload
+            )));
+        }
+        let mut statuses = Vec::with_capacity(keys.len());
+        let mut start = 0;
+        while start < keys.len() {
+            // Greedy chunks that fit the node's frame limit.
+            let (mut end, mut bytes) = (start, 0u64);
+            while end < keys.len() && bytes + lens[end] <= self.inner.max_payload as u64 {
+                bytes += lens[end];
+                end += 1;
+            }
+            let req = PutRequest {
+                keys: encode_keys(&keys[start..end]),
+                lens: lens[start..end].iter().map(|&l| l as u32).collect(),
+            };
+            let payload: Vec<&[u8]> = values[start..end]
+                .iter()
+                .flat_map(|segs| segs.iter().copied())
+                .collect();
+            let reply: PutReply = self
+                .with_conn("put", async |c| {
+                    let (h, control) = c.call(Op::Put, &req, &payload).await?;
+                    c.expect_no_payload(&h)?;
+                    connection::decode_reply(&control)
+                })
+                .await?;
+            if reply.statuses.len() != end - start {
+                return Err(ClientError::Protocol(format!(
+                    "{} statuses for {} blocks",
+                    reply.statuses.len(),
+                    end - start
+                )));
+            }
+            for s in reply.statuses {
+                statuses.push(
+                    PutStatus::try_from(s)
+                        .map_err(|_| ClientError::Protocol(format!("unknown put status {s}")))?,
+                );
+            }
+            start = end;
+        }
+        Ok(statuses)
+    }
+
+    /// Fetches one block.
+    pub async fn get(&self, key: BlockKey) -> Result<Option<Vec<u8>>, ClientError> {
+        Ok(self.get_many(&[key]).await?.pop().flatten())
+    }
+
+    /// Fetches blocks into fresh buffers; `None` for a miss.
+    pub async fn get_many(&self, keys: &[BlockKey]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(self.inner.cfg.max_get_keys) {
+            let req = GetRequest {
+                keys: encode_keys(chunk),
+            };
+            let got = self
+                .with_conn("get", async |c| {
+                    let lens = c.call_get(&req, chunk.len()).await?;
+                    let mut values = Vec::with_capacity(lens.len());
+                    for len in lens {
+                        values.push(match len {
+                            0 => None,
+                            n => Some(c.read_payload_vec(n as usize).await?),
+                        });
+                    }
+                    Ok(values)
+                })
+                .await?;
+            out.extend(got);
+        }
+        Ok(out)
+    }
+
+    /// Fetches blocks straight into caller memory: `dst[i]` lists key i's destination segments,
+    /// filled in order. A block lands only if its stored length equals the segments' total.
+    pub async fn get_many_into(
+        &self,
+        keys: &[BlockKey],
+        dst: &mut [Vec<&mut [u8]>],
+    ) -> Result<Vec<GetOutcome>, ClientError> {
+        if keys.len() != dst.len() {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} keys but {} destinations",
+                keys.len(),
+                dst.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        let max_keys = self.inner.cfg.max_get_keys;
+        for (chunk, dst) in keys.chunks(max_keys).zip(dst.chunks_mut(max_keys)) {
+            let req = GetRequest {
+                keys: encode_keys(chunk),
+            };
+            let got = self
+                .with_conn("get", async |c| {
+                    let lens = c.call_get(&req, chunk.len()).await?;
+                    let mut outcomes = Vec::with_capacity(lens.len());
+                    for (len, segs) in lens.into_iter().zip(dst.iter_mut()) {
+                        let expected: usize = segs.iter().map(|s| s.len()).sum();
+                        outcomes.push(match len as usize {
+                            0 => GetOutcome::Miss,
+                            n if n == expected => {
+                                for s in segs.iter_mut() {
+                                    c.read_payload_into(s).await?;
+                                }
+                                GetOutcome::Hit
+                            }
+                            n => {
+                                c.skip_payload(n).await?;
+                                GetOutcome::WrongSize {
+                                    stored: n,
+                                    expected,
+                                }
+                            }
+                        });
+                    }
+                    Ok(outcomes)
+                })
+                .await?;
+            out.extend(got);
+        }
+        Ok(out)
+    }
+
+    /// Which keys are stored.
+    pub async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>, ClientError> {
+        let req = ExistsRequest {
+            keys: encode_keys(keys),
+        };
+        let reply: ExistsReply = self
+            .with_conn("exists", async |c| c.call_simple(Op::Exists, &req).await)
+            .await?;
+        if reply.present.len() != keys.len() {
+            return Err(ClientError::Protocol(format!(
+                "{} flags for {} keys",
+                reply.present.len(),
+                keys.len()
+            )));
+        }
+        Ok(reply.present)
+    }
+
+    /// How many leading keys of a chain are stored: the cached prefix length in blocks.
+    pub async fn prefix_match(&self, keys: &[BlockKey]) -> Result<usize, ClientError> {
+        let req = PrefixMatchRequest {
+            keys: encode_keys(keys),
+        };
+        let reply: PrefixMatchReply = self
+            .with_conn("prefix_match", async |c| {
+                c.call_simple(Op::PrefixMatch, &req).await
+            })
+            .await?;
+        if reply.matched as usize > keys.len() {
+            return Err(ClientError::Protocol(format!(
+                "matched {} of {} keys",
+                reply.matched,
+                keys.len()
+            )));
+        }
+        Ok(reply.matched as usize)
+    }
+}

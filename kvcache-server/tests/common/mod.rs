@@ -1,0 +1,149 @@
+//! Test harness: the real `kvcache-server` binary on ephemeral loopback ports.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvcache_core::BlockKey;
+
+/// A running server process, killed on drop.
+pub struct ServerProcess {
+    pub child: Child,
+    pub data: String,
+    pub metrics: String,
+}
+
+impl ServerProcess {
+    /// Starts the binary with `args` (plus ephemeral ports) and waits for its ready line.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvcache-server"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--mlock",
+                "off",
+            ])
+            .args(args)
+            .env("KVCACHE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn kvcache-server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read ready line");
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in ready line {line:?}"))
+                .to_string()
+        };
+        let (data, metrics) = (field("data="), field("metrics="));
+        Self {
+            child,
+            data,
+            metrics,
+        }
+    }
+
+    /// The body of an HTTP request to the metrics listener.
+    pub fn http(&self, method: &str, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(&self.metrics).unwrap();
+        write!(s, "{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (
+            status,
+            resp.split_once("\r\n\r\n")
+                .map(|x| x.1.to_string())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// The value of one sample line of /metrics (`name{labels}` exactly as rendered).
+    pub fn metric(&self, sample: &str) -> f64 {
+        let (_, body) = self.http("GET", "/metrics");
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .unwrap_or_else(|| panic!("metric {sample} not found"))
+            .parse()
+            .unwrap()
+    }
+
+    /// Polls a metric until `pred` holds or 10 s pass.
+    pub fn wait_metric(&self, sample: &str, pred: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.metric(sample);
+            if pred(v) || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits for exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Deterministic bytes for a key, so any reader can verify any block.
+pub fn content(key: BlockKey, len: usize) -> Vec<u8> {
+    let mut x = key.low64() | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A small deterministic generator for test inputs.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let x = self.0;
+        (x ^ (x >> 33)).wrapping_mul(0xff51afd7ed558ccd)
+    }
+
+    pub fn key(&mut self) -> BlockKey {
+        BlockKey(((self.next() as u128) << 64) | self.next() as u128)
+    }
+}

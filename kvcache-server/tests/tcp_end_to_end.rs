@@ -1,0 +1,456 @@
+//! The real server binary over real loopback sockets: round trips under concurrency, every
+//! kind of bad input, faults mid-request, eviction under leases, corruption, shutdown.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{Rng, ServerProcess, content};
+use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome};
+use kvcache_core::BlockKey;
+use kvcache_core::wire::{self, ErrorCode, FrameHeader, GetRequest, Op, PutRequest, PutStatus};
+use prost::Message;
+
+async fn client(server: &ServerProcess) -> Client {
+    Client::connect(ClientConfig::new(server.data.clone()))
+        .await
+        .expect("connect")
+}
+
+/// Reads one reply frame from a raw socket: (header, control) or None if the server closed it.
+fn read_reply(s: &mut TcpStream) -> Option<(FrameHeader, Vec<u8>)> {
+    let mut head = [0u8; wire::HEADER_LEN];
+    s.read_exact(&mut head).ok()?;
+    let h = FrameHeader::decode(
+        &head,
+        &wire::FrameLimits {
+            max_control: 1 << 20,
+            max_payload: u32::MAX,
+        },
+    )
+    .unwrap();
+    let mut control = vec![0u8; h.control_len as usize];
+    s.read_exact(&mut control).ok()?;
+    Some((h, control))
+}
+
+fn error_code(control: &[u8]) -> ErrorCode {
+    ErrorCode::try_from(wire::ErrorReply::decode(control).unwrap().code).unwrap()
+}
+
+fn assert_closed(s: &mut TcpStream) {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the server to close the connection, got {other:?}"),
+    }
+}
+
+fn raw_put_frame(keys: &[BlockKey], lens: &[u32], payload_len: usize) -> Vec<u8> {
+    let control = PutRequest {
+        keys: wire::encode_keys(keys),
+        lens: lens.to_vec(),
+    }
+    .encode_to_vec();
+    let mut out = FrameHeader::request(Op::Put, 1, control.len(), payload_len)
+        .encode()
+        .to_vec();
+    out.extend_from_slice(&control);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_write_and_read_thousands_of_random_blocks_verifying_every_byte() {
+    let server = ServerProcess::start(&["--memory", "512MiB"]);
+    const CLIENTS: u64 = 8;
+    const PER_CLIENT: usize = 400;
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS {
+        let cl = client(&server).await;
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(c + 1);
+            let blocks: Vec<(BlockKey, usize)> = (0..PER_CLIENT)
+                .map(|_| (rng.key(), 1 + (rng.next() % (128 * 1024)) as usize))
+                .collect();
+            for chunk in blocks.chunks(16) {
+                let values: Vec<Vec<u8>> = chunk.iter().map(|&(k, l)| content(k, l)).collect();
+                let batch: Vec<(BlockKey, &[u8])> = chunk
+                    .iter()
+                    .zip(&values)
+                    .map(|(b, v)| (b.0, &v[..]))
+                    .collect();
+                let st = cl.put_many(&batch).await.unwrap();
+                assert!(st.iter().all(|s| *s == PutStatus::Stored), "{st:?}");
+            }
+            blocks
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    assert_eq!(all.len(), CLIENTS as usize * PER_CLIENT);
+    // Every client reads every other client's blocks, half through the scatter path.
+    let mut readers = Vec::new();
+    for r in 0..4usize {
+        let cl = client(&server).await;
+        let all = all.clone();
+        readers.push(tokio::spawn(async move {
+            for (i, chunk) in all.chunks(32).enumerate() {
+                let keys: Vec<BlockKey> = chunk.iter().map(|b| b.0).collect();
+                if (i + r) % 2 == 0 {
+                    let got = cl.get_many(&keys).await.unwrap();
+                    for ((k, l), v) in chunk.iter().zip(got) {
+                        assert_eq!(v.as_deref(), Some(&content(*k, *l)[..]), "block {k}");
+                    }
+                } else {
+                    // Scatter each block over three segments, as KV lands in several tensors.
+                    let mut bufs: Vec<Vec<u8>> = chunk.iter().map(|b| vec![0u8; b.1]).collect();
+                    let mut dst: Vec<Vec<&mut [u8]>> = bufs
+                        .iter_mut()
+                        .map(|b| {
+                            let third = b.len() / 3;
+                            let (a, rest) = b.split_at_mut(third);
+                            let (m, z) = rest.split_at_mut(rest.len() / 2);
+                            vec![a, m, z]
+                        })
+                        .collect();
+                    let out = cl.get_many_into(&keys, &mut dst).await.unwrap();
+                    assert!(out.iter().all(|o| *o == GetOutcome::Hit), "{out:?}");
+                    for ((k, l), b) in chunk.iter().zip(&bufs) {
+                        assert_eq!(b, &content(*k, *l), "block {k}");
+                    }
+                }
+            }
+        }));
+    }
+    for r in readers {
+        r.await.unwrap();
+    }
+    let cl = client(&server).await;
+    let keys: Vec<BlockKey> = all.iter().map(|b| b.0).collect();
+    assert!(cl.exists(&keys).await.unwrap().iter().all(|p| *p));
+    let mut rng = Rng(999);
+    let mut chain = keys[..10].to_vec();
+    chain.push(rng.key());
+    chain.extend_from_slice(&keys[10..20]);
+    assert_eq!(cl.prefix_match(&chain).await.unwrap(), 10);
+    assert_eq!(cl.get(rng.key()).await.unwrap(), None);
+    assert_eq!(server.metric("kvcache_blocks_stored"), all.len() as f64);
+    assert_eq!(server.metric("kvcache_checksum_failures_total"), 0.0);
+    assert_eq!(server.metric("kvcache_active_leases"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_closes_or_refuses_only_the_offender_and_loses_nothing() {
+    let server = ServerProcess::start(&["--memory", "64MiB", "--max-frame", "8MiB"]);
+    let good = client(&server).await;
+    let keys: Vec<BlockKey> = (0..20).map(|i| BlockKey(1000 + i)).collect();
+    for &k in &keys {
+        good.put(k, &content(k, 70_000)).await.unwrap();
+    }
+    let addr = server.data.clone();
+    let check_intact = async |what: &str| {
+        let got = good
+            .get_many(&keys)
+            .await
+            .unwrap_or_else(|e| panic!("after {what}: {e}"));
+        for (k, v) in keys.iter().zip(got) {
+            assert_eq!(
+                v.as_deref(),
+                Some(&content(*k, 70_000)[..]),
+                "after {what}: block {k}"
+            );
+        }
+    };
+
+    // Garbage bytes: error reply, connection closed.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (h, control) = read_reply(&mut s).expect("an error reply before closing");
+    assert_eq!(
+        (h.op, error_code(&control)),
+        (Op::Error, ErrorCode::Malformed)
+    );
+    assert_closed(&mut s);
+    check_intact("garbage").await;
+
+    // A frame over the maximum: refused before its body is read.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(&raw_put_frame(&[BlockKey(1)], &[9 << 20], 9 << 20))
+        .unwrap();
+    let (_, control) = read_reply(&mut s).unwrap();
+    assert_eq!(error_code(&control), ErrorCode::TooLarge);
+    let msg = wire::ErrorReply::decode(&control[..]).unwrap().message;
+    assert!(msg.contains("exceeds the frame limit"), "{msg}");
+    assert_closed(&mut s);
+    check_intact("oversized frame").await;
+
+    // An unknown op.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    let mut frame = FrameHeader::request(Op::Ping, 1, 0, 0).encode();
+    frame[3] = 0x42;
+    s.write_all(&frame).unwrap();
+    let (_, control) = read_reply(&mut s).unwrap();
+    assert!(
+        wire::ErrorReply::decode(&control[..])
+            .unwrap()
+            .message
+            .contains("unknown op")
+    );
+    assert_closed(&mut s);
+
+    // A length that disagrees with the payload: refused, but the framing is intact so the
+    // connection goes on and its next request is served.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    let mut frame = raw_put_frame(&[BlockKey(7), BlockKey(8)], &[100, 100], 150);
+    frame.extend_from_slice(&[0xab; 150]);
+    s.write_all(&frame).unwrap();
+    let (h, control) = read_reply(&mut s).unwrap();
+    assert_eq!(
+        (h.op, error_code(&control)),
+        (Op::Error, ErrorCode::Malformed)
+    );
+    s.write_all(&FrameHeader::request(Op::Ping, 2, 0, 0).encode())
+        .unwrap();
+    let (h, _) = read_reply(&mut s).unwrap();
+    assert_eq!((h.op, h.reply, h.request_id), (Op::Ping, true, 2));
+    assert!(
+        !good
+            .exists(&[BlockKey(7), BlockKey(8)])
+            .await
+            .unwrap()
+            .contains(&true)
+    );
+
+    // An undecodable control message, and a ragged key list: refused, connection goes on.
+    let mut bad = FrameHeader::request(Op::Get, 3, 3, 0).encode().to_vec();
+    bad.extend_from_slice(&[0xff, 0xff, 0xff]);
+    s.write_all(&bad).unwrap();
+    assert_eq!(read_reply(&mut s).unwrap().0.op, Op::Error);
+    let ragged = GetRequest { keys: vec![1; 17] }.encode_to_vec();
+    let mut bad = FrameHeader::request(Op::Get, 4, ragged.len(), 0)
+        .encode()
+        .to_vec();
+    bad.extend_from_slice(&ragged);
+    s.write_all(&bad).unwrap();
+    let (_, control) = read_reply(&mut s).unwrap();
+    assert!(
+        wire::ErrorReply::decode(&control[..])
+            .unwrap()
+            .message
+            .contains("multiple of 16")
+    );
+
+    // A truncated frame: half a header, then the client goes away.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(&FrameHeader::request(Op::Ping, 1, 0, 0).encode()[..7])
+        .unwrap();
+    drop(s);
+    server.wait_metric("kvcache_protocol_errors_total{kind=\"truncated\"}", |v| {
+        v >= 1.0
+    });
+
+    check_intact("all bad input").await;
+    assert!(server.metric("kvcache_protocol_errors_total{kind=\"bad_magic\"}") >= 1.0);
+    assert!(server.metric("kvcache_protocol_errors_total{kind=\"payload_too_large\"}") >= 1.0);
+    assert!(server.metric("kvcache_protocol_errors_total{kind=\"unknown_op\"}") >= 1.0);
+    assert!(server.metric("kvcache_protocol_errors_total{kind=\"malformed\"}") >= 3.0);
+    assert_eq!(server.metric("kvcache_blocks_stored"), 20.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_larger_than_the_pool_gets_a_clear_status_and_client_side_limits_are_checked() {
+    let server = ServerProcess::start(&["--memory", "4MiB"]);
+    let cl = client(&server).await;
+    let big = vec![1u8; 5 << 20];
+    assert_eq!(
+        cl.put(BlockKey(1), &big).await.unwrap(),
+        PutStatus::TooLarge
+    );
+    assert_eq!(
+        cl.put(BlockKey(2), b"small").await.unwrap(),
+        PutStatus::Stored
+    );
+    assert_eq!(
+        cl.put(BlockKey(2), b"small").await.unwrap(),
+        PutStatus::AlreadyPresent
+    );
+    let err = cl.put(BlockKey(3), b"").await.unwrap_err();
+    assert!(matches!(err, ClientError::InvalidArgument(_)), "{err}");
+    assert_eq!(
+        server.metric("kvcache_put_rejected_blocks_total{reason=\"too_large\"}"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_dying_mid_put_leaves_no_partial_block_and_no_used_memory() {
+    let server = ServerProcess::start(&["--memory", "16MiB"]);
+    let mut s = TcpStream::connect(&server.data).unwrap();
+    let key = BlockKey(77);
+    s.write_all(&raw_put_frame(&[key], &[1 << 20], 1 << 20))
+        .unwrap();
+    s.write_all(&vec![0x11; 300_000]).unwrap();
+    server.wait_metric("kvcache_pool_used_bytes", |v| v > 0.0);
+    drop(s);
+    assert_eq!(
+        server.wait_metric("kvcache_pool_used_bytes", |v| v == 0.0),
+        0.0,
+        "allocation reclaimed"
+    );
+    let cl = client(&server).await;
+    assert_eq!(cl.get(key).await.unwrap(), None);
+    assert_eq!(
+        cl.put(key, &content(key, 1 << 20)).await.unwrap(),
+        PutStatus::Stored
+    );
+    assert_eq!(cl.get(key).await.unwrap().unwrap(), content(key, 1 << 20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_pool_evicts_but_never_a_leased_block_and_a_dead_reader_frees_its_leases() {
+    let server = ServerProcess::start(&[
+        "--memory",
+        "64MiB",
+        "--high-watermark",
+        "1",
+        "--low-watermark",
+        "1",
+    ]);
+    let cl = client(&server).await;
+    let block = 1 << 20;
+    let pinned: Vec<BlockKey> = (0..32).map(|i| BlockKey(5000 + i)).collect();
+    for &k in &pinned {
+        cl.put(k, &content(k, block)).await.unwrap();
+    }
+    // A reader asks for 32 MiB and never reads: the server blocks mid-reply, holding leases.
+    let mut stalled = TcpStream::connect(&server.data).unwrap();
+    let req = GetRequest {
+        keys: wire::encode_keys(&pinned),
+    }
+    .encode_to_vec();
+    stalled
+        .write_all(&FrameHeader::request(Op::Get, 1, req.len(), 0).encode())
+        .unwrap();
+    stalled.write_all(&req).unwrap();
+    assert_eq!(
+        server.wait_metric("kvcache_active_leases", |v| v == 32.0),
+        32.0
+    );
+
+    // Fill the pool twice over: everything unleased may go, the leased blocks must stay.
+    for i in 0..128u128 {
+        let k = BlockKey(90_000 + i);
+        let st = cl.put(k, &content(k, block)).await.unwrap();
+        assert!(
+            matches!(st, PutStatus::Stored | PutStatus::PoolFull),
+            "{st:?}"
+        );
+    }
+    assert!(server.metric("kvcache_evictions_total") > 0.0);
+    assert!(
+        cl.exists(&pinned).await.unwrap().iter().all(|p| *p),
+        "a leased block was evicted"
+    );
+    for (k, v) in pinned.iter().zip(cl.get_many(&pinned).await.unwrap()) {
+        assert_eq!(v.unwrap(), content(*k, block));
+    }
+
+    // The reader dies without reading: its leases are released and the blocks become evictable.
+    drop(stalled);
+    assert_eq!(
+        server.wait_metric("kvcache_active_leases", |v| v == 0.0),
+        0.0
+    );
+    for i in 0..64u128 {
+        let k = BlockKey(200_000 + i);
+        assert_eq!(
+            cl.put(k, &content(k, block)).await.unwrap(),
+            PutStatus::Stored
+        );
+    }
+    assert!(
+        !cl.exists(&pinned).await.unwrap().iter().all(|p| *p),
+        "released blocks are evictable again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_block_is_reported_as_a_miss_never_returned() {
+    let server = ServerProcess::start(&["--memory", "16MiB", "--enable-test-hooks"]);
+    let cl = client(&server).await;
+    let (k, other) = (BlockKey(0xdead), BlockKey(0xbeef));
+    cl.put(k, &content(k, 100_000)).await.unwrap();
+    cl.put(other, &content(other, 100_000)).await.unwrap();
+    assert_eq!(
+        server
+            .http("POST", &format!("/debug/corrupt/{}", k.to_hex()))
+            .0,
+        200
+    );
+    let got = cl.get_many(&[k, other]).await.unwrap();
+    assert_eq!(got[0], None, "corrupt bytes must never be returned");
+    assert_eq!(got[1].as_deref(), Some(&content(other, 100_000)[..]));
+    let mut buf = vec![0u8; 100_000];
+    let out = cl
+        .get_many_into(&[k], &mut [vec![&mut buf[..]]])
+        .await
+        .unwrap();
+    assert_eq!(out, [GetOutcome::Miss]);
+    assert_eq!(server.metric("kvcache_checksum_failures_total"), 1.0);
+    // Without the flag the hook does not exist.
+    let plain = ServerProcess::start(&["--memory", "4MiB"]);
+    assert_eq!(
+        plain
+            .http("POST", &format!("/debug/corrupt/{}", k.to_hex()))
+            .0,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scatter_get_into_wrong_size_destination_is_reported_and_leaves_it_untouched() {
+    let server = ServerProcess::start(&["--memory", "16MiB"]);
+    let cl = client(&server).await;
+    cl.put(BlockKey(1), &[7u8; 1000]).await.unwrap();
+    let mut small = vec![0u8; 999];
+    let out = cl
+        .get_many_into(&[BlockKey(1)], &mut [vec![&mut small[..]]])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        [GetOutcome::WrongSize {
+            stored: 1000,
+            expected: 999
+        }]
+    );
+    assert!(small.iter().all(|b| *b == 0));
+    // The connection is still in a clean state afterwards.
+    assert_eq!(cl.get(BlockKey(1)).await.unwrap().unwrap(), vec![7u8; 1000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_is_a_typed_connect_error_and_sigterm_exits_cleanly() {
+    let mut server = ServerProcess::start(&["--memory", "4MiB"]);
+    let addr = server.data.clone();
+    let cl = client(&server).await;
+    assert_eq!(server.http("GET", "/health").0, 200);
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    let err = Client::connect(ClientConfig::new(addr))
+        .await
+        .err()
+        .expect("server is gone");
+    assert!(
+        matches!(err, ClientError::Connect { .. }) && err.is_unavailable(),
+        "{err}"
+    );
+    let err = cl.get(BlockKey(1)).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+}
