@@ -4,8 +4,10 @@
 //! - [`service`]: the TCP data plane speaking the kvcache frame protocol;
 //! - [`metrics`] and [`http`]: Prometheus text and health on a separate listener;
 //! - [`config`]: command line, environment and TOML configuration;
-//! - [`server`]: wires it together, runs until shutdown.
+//! - [`server`]: wires it together, runs until shutdown;
+//! - [`cli`]: the `kvcache-server` command itself.
 
+pub mod cli;
 pub mod config;
 pub mod http;
 pub mod metrics;

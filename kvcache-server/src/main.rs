@@ -1,52 +1,6 @@
-use std::io::IsTerminal;
-
-use anyhow::Context;
 use clap::Parser;
 use kvcache_server::config::Settings;
-use kvcache_server::server::RunningServer;
-use tokio::signal::unix::{SignalKind, signal};
 
 fn main() -> anyhow::Result<()> {
-    let settings = Settings::parse().merge_file()?;
-    let filter = settings
-        .log
-        .clone()
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter).context("invalid --log filter")?,
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    let cfg = settings.resolve()?;
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all();
-    if let Some(n) = settings.threads {
-        rt.worker_threads(n.max(1));
-    }
-    rt.build()?.block_on(async {
-        let server = RunningServer::start(&cfg).await?;
-        // One line on stdout when ready, for scripts and tests that start us on port 0.
-        let metrics = server
-            .metrics_addr()
-            .map_or("off".to_string(), |a| a.to_string());
-        println!(
-            "kvcache-server ready data={} metrics={metrics}",
-            server.data_addr()
-        );
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!(
-            signal = which,
-            "shutting down: no new connections, finishing in-flight requests"
-        );
-        server.shutdown().await;
-        Ok(())
-    })
+    kvcache_server::cli::run(Settings::parse())
 }

@@ -1,0 +1,239 @@
+//! `kvcache-bench compare`: put and get throughput and latency of every system, for every value
+//! size and concurrency, in one run on one machine, so the ratios are meaningful.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kvcache_core::ByteSize;
+use serde::Serialize;
+
+use crate::systems::{self, Conn, Managed, check_stamp, stamp};
+
+/// A system `compare` can measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SystemKind {
+    #[value(name = "kvcache-tcp")]
+    KvcacheTcp,
+    #[value(name = "redis")]
+    Redis,
+    #[value(name = "tcp-ceiling")]
+    TcpCeiling,
+}
+
+impl SystemKind {
+    fn name(self) -> &'static str {
+        match self {
+            SystemKind::KvcacheTcp => "kvcache-tcp",
+            SystemKind::Redis => "redis",
+            SystemKind::TcpCeiling => "tcp-ceiling",
+        }
+    }
+}
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub systems: Vec<SystemKind>,
+    pub sizes: Vec<ByteSize>,
+    pub concurrency: Vec<usize>,
+    /// `put`, `get` or both.
+    pub ops: Vec<String>,
+    pub seconds: f64,
+    /// Memory budget for each store (our pool, Redis' maxmemory).
+    pub memory: ByteSize,
+}
+
+/// One measured row, in the JSON schema of `--json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub system: &'static str,
+    pub op: &'static str,
+    pub value_bytes: u64,
+    pub concurrency: usize,
+    pub ops_per_s: f64,
+    pub gb_per_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// Operations per task and phase, whatever the clock says: every load loop is bounded.
+const MAX_OPS_PER_TASK: u64 = 2_000_000;
+
+/// Runs the whole plan; systems are started and stopped one after another.
+pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let keys = Arc::new(AtomicU64::new(1));
+    for &system in &plan.systems {
+        let (_proc, addr): (Managed, String) = match system {
+            SystemKind::KvcacheTcp => systems::kvcache::start(&plan.memory.to_string())?,
+            SystemKind::Redis => systems::redis::start(plan.memory.0)?,
+            SystemKind::TcpCeiling => systems::ceiling::start()?,
+        };
+        for &size in &plan.sizes {
+            for &conc in &plan.concurrency {
+                for op in ["put", "get"]
+                    .into_iter()
+                    .filter(|op| plan.ops.iter().any(|o| o == op))
+                {
+                    let row = measure(system, &addr, op, size.0 as usize, conc, plan, &keys)
+                        .await
+                        .with_context(|| format!("{} {op} {size} x{conc}", system.name()))?;
+                    eprintln!("{}", format_row(&row));
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
+
+async fn connect(system: SystemKind, addr: &str) -> anyhow::Result<Conn> {
+    Ok(match system {
+        SystemKind::KvcacheTcp => Conn::Kvcache(systems::kvcache::KvConn::connect(addr).await?),
+        SystemKind::Redis => Conn::Redis(systems::redis::RedisConn::connect(addr).await?),
+        SystemKind::TcpCeiling => {
+            Conn::Ceiling(systems::ceiling::CeilingConn::connect(addr).await?)
+        }
+    })
+}
+
+async fn measure(
+    system: SystemKind,
+    addr: &str,
+    op: &'static str,
+    size: usize,
+    conc: usize,
+    plan: &Plan,
+    keys: &Arc<AtomicU64>,
+) -> anyhow::Result<Row> {
+    // Gets read a working set written beforehand that fits comfortably in the memory budget.
+    let mut setup = connect(system, addr).await?;
+    setup.reset().await?;
+    let working_set: Vec<u64> = if op == "get" {
+        let n = ((plan.memory.0 as usize / 4) / size).clamp(conc, 256);
+        let first = keys.fetch_add(n as u64, Ordering::Relaxed);
+        let c = &mut setup;
+        let mut v = vec![0u8; size];
+        for k in first..first + n as u64 {
+            stamp(&mut v, k);
+            c.put(k, &v).await?;
+        }
+        (first..first + n as u64).collect()
+    } else {
+        Vec::new()
+    };
+    let working_set = Arc::new(working_set);
+    let warmup = Duration::from_secs_f64((plan.seconds / 4.0).min(0.5));
+    let measure_for = Duration::from_secs_f64(plan.seconds);
+    let mut tasks = Vec::new();
+    for t in 0..conc {
+        let mut conn = connect(system, addr).await?;
+        let keys = Arc::clone(keys);
+        let ws = Arc::clone(&working_set);
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; size];
+            let mut lat_ns: Vec<u64> = Vec::with_capacity(1 << 16);
+            let begin = Instant::now();
+            let (warm_end, end) = (begin + warmup, begin + warmup + measure_for);
+            let mut measured_start = None;
+            for i in 0..MAX_OPS_PER_TASK {
+                let now = Instant::now();
+                if now >= end {
+                    break;
+                }
+                if now >= warm_end && measured_start.is_none() {
+                    measured_start = Some(now);
+                }
+                let t0 = Instant::now();
+                if op == "put" {
+                    let k = keys.fetch_add(1, Ordering::Relaxed);
+                    stamp(&mut buf, k);
+                    conn.put(k, &buf).await?;
+                } else {
+                    let k = ws[(t + i as usize * conc) % ws.len()];
+                    conn.get(k, &mut buf).await?;
+                    if system != SystemKind::TcpCeiling {
+                        check_stamp(&buf, k)?;
+                    }
+                }
+                if measured_start.is_some() {
+                    lat_ns.push(t0.elapsed().as_nanos() as u64);
+                }
+            }
+            let span = measured_start.map_or(Duration::ZERO, |s| s.elapsed());
+            Ok::<_, anyhow::Error>((lat_ns, span))
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut span = Duration::ZERO;
+    for t in tasks {
+        let (l, s) = t.await??;
+        lat.extend(l);
+        span = span.max(s);
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+    };
+    let ops_per_s = lat.len() as f64 / span.as_secs_f64().max(1e-9);
+    Ok(Row {
+        system: system.name(),
+        op,
+        value_bytes: size as u64,
+        concurrency: conc,
+        ops_per_s,
+        gb_per_s: ops_per_s * size as f64 / 1e9,
+        p50_us: pct(0.50).unwrap_or(0) as f64 / 1e3,
+        p99_us: pct(0.99).unwrap_or(0) as f64 / 1e3,
+    })
+}
+
+fn format_row(r: &Row) -> String {
+    format!(
+        "{:<12} {:<4} {:>8} x{:<3} {:>10.0} ops/s {:>7.2} GB/s  p50 {:>9.1} us  p99 {:>9.1} us",
+        r.system,
+        r.op,
+        ByteSize(r.value_bytes).to_string(),
+        r.concurrency,
+        r.ops_per_s,
+        r.gb_per_s,
+        r.p50_us,
+        r.p99_us
+    )
+}
+
+/// The table and, for our server, its ratios to Redis and to the TCP ceiling.
+pub fn report(rows: &[Row]) -> String {
+    let mut out = String::new();
+    out.push_str("system       op       size conc       ops/s    GB/s        p50            p99\n");
+    for r in rows {
+        out.push_str(&format_row(r));
+        out.push('\n');
+    }
+    out.push_str("\nkvcache-tcp ratios (throughput):\n");
+    for r in rows.iter().filter(|r| r.system == "kvcache-tcp") {
+        let peer = |name: &str| {
+            rows.iter()
+                .find(|p| {
+                    p.system == name
+                        && p.op == r.op
+                        && p.value_bytes == r.value_bytes
+                        && p.concurrency == r.concurrency
+                })
+                .map(|p| format!("{:.2}x", r.ops_per_s / p.ops_per_s))
+                .unwrap_or_else(|| "-".into())
+        };
+        out.push_str(&format!(
+            "  {:<4} {:>8} x{:<3} vs redis {:>7}   vs tcp-ceiling {:>7}\n",
+            r.op,
+            ByteSize(r.value_bytes).to_string(),
+            r.concurrency,
+            peer("redis"),
+            peer("tcp-ceiling")
+        ));
+    }
+    out
+}

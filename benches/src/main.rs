@@ -1,0 +1,153 @@
+//! kvcache-bench: benchmarks that compare kvcache with its ceilings and peers in one run.
+
+mod compare;
+mod index_memory;
+mod systems;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kvcache_core::ByteSize;
+use kvcache_server::store::eviction::PolicyKind;
+
+#[global_allocator]
+static ALLOC: index_memory::Counting = index_memory::Counting;
+
+/// Benchmarks for kvcache. Every system compared is started and stopped by the benchmark itself.
+#[derive(Parser)]
+#[command(name = "kvcache-bench", version, about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Put/get throughput and latency of kvcache over TCP, Redis and a raw TCP ceiling.
+    Compare {
+        /// Measured seconds per row (after a short warm-up).
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Value sizes.
+        #[arg(long, value_delimiter = ',', default_value = "256KiB,1MiB,4MiB")]
+        sizes: Vec<ByteSize>,
+        /// Concurrent clients (one connection each).
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        concurrency: Vec<usize>,
+        /// Operations to measure.
+        #[arg(long, value_delimiter = ',', default_value = "put,get", value_parser = ["put", "get"])]
+        ops: Vec<String>,
+        /// Systems to measure.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "kvcache-tcp,redis,tcp-ceiling"
+        )]
+        systems: Vec<compare::SystemKind>,
+        /// Memory budget of each store (kvcache pool, Redis maxmemory).
+        #[arg(long, default_value = "2GiB")]
+        memory: ByteSize,
+        /// Also write the results as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+    /// Heap bytes per indexed block in the server's index.
+    IndexMemory {
+        /// Blocks to index.
+        #[arg(long, default_value_t = 1_000_000)]
+        blocks: usize,
+        /// Index shards (as the server's --shards).
+        #[arg(long, default_value_t = 64)]
+        shards: usize,
+    },
+    /// Runs a kvcache server (used by `compare`; takes kvcache-server's flags).
+    #[command(hide = true)]
+    ServeKvcache(kvcache_server::config::Settings),
+    /// Runs the raw TCP ceiling server (used by `compare`).
+    #[command(hide = true)]
+    ServeCeiling {
+        #[arg(long)]
+        listen: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Compare {
+            seconds,
+            sizes,
+            concurrency,
+            ops,
+            systems,
+            memory,
+            json,
+        } => {
+            anyhow::ensure!(
+                seconds > 0.0 && seconds <= 600.0,
+                "--seconds must be in (0, 600]"
+            );
+            anyhow::ensure!(
+                concurrency.iter().all(|&c| (1..=64).contains(&c)),
+                "--concurrency must be 1..=64"
+            );
+            anyhow::ensure!(
+                sizes.iter().all(|s| s.0 >= 16 && s.0 <= 64 << 20),
+                "--sizes must be 16B..=64MiB"
+            );
+            let plan = compare::Plan {
+                systems,
+                sizes,
+                concurrency,
+                ops,
+                seconds,
+                memory,
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let rows = rt.block_on(compare::run(&plan))?;
+            println!("{}", compare::report(&rows));
+            if let Some(path) = json {
+                let command: Vec<String> = std::env::args().collect();
+                let doc = serde_json::json!({
+                    "command": command.join(" "),
+                    "machine": machine(),
+                    "results": rows,
+                });
+                std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n")
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Cmd::IndexMemory { blocks, shards } => {
+            anyhow::ensure!(
+                blocks > 0 && shards > 0,
+                "--blocks and --shards must be positive"
+            );
+            for policy in [PolicyKind::Lru, PolicyKind::S3fifo] {
+                let (measured, reported) = index_memory::measure(blocks, shards, policy);
+                println!(
+                    "index memory, {blocks} blocks, {shards} shards, {policy:?}: {measured:.1} bytes/block \
+                     (allocator-measured), {reported:.1} bytes/block (index's own accounting)"
+                );
+            }
+            Ok(())
+        }
+        Cmd::ServeKvcache(settings) => kvcache_server::cli::run(settings),
+        Cmd::ServeCeiling { listen } => systems::ceiling::serve(&listen),
+    }
+}
+
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("model name"))
+            .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    });
+    serde_json::json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu": cpu,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string()),
+    })
+}

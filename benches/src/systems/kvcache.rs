@@ -1,0 +1,66 @@
+//! Our server over TCP, driven through `kvcache-client`'s zero-copy get path.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+use kvcache_client::{Client, ClientConfig, GetOutcome};
+use kvcache_core::BlockKey;
+use kvcache_core::wire::PutStatus;
+
+use super::{Managed, free_port, wait_listening};
+
+/// Starts `kvcache-server` as a child process of this binary (`kvcache-bench serve-kvcache`).
+pub fn start(memory: &str) -> anyhow::Result<(Managed, String)> {
+    let addr = format!("127.0.0.1:{}", free_port()?);
+    let exe = std::env::current_exe()?;
+    let child = Command::new(exe)
+        .args([
+            "serve-kvcache",
+            "--listen",
+            &addr,
+            "--metrics-listen",
+            "off",
+            "--memory",
+            memory,
+        ])
+        .env("KVCACHE_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot start kvcache-server")?;
+    let mut m = Managed(child);
+    wait_listening(&addr, &mut m.0)?;
+    Ok((m, addr))
+}
+
+/// One client (with a single pooled connection) per benchmark task.
+pub struct KvConn {
+    client: Client,
+}
+
+impl KvConn {
+    pub async fn connect(addr: &str) -> anyhow::Result<Self> {
+        let mut cfg = ClientConfig::new(addr);
+        cfg.max_connections = 1;
+        Ok(Self {
+            client: Client::connect(cfg).await?,
+        })
+    }
+
+    pub async fn put(&mut self, key: u64, value: &[u8]) -> anyhow::Result<()> {
+        match self.client.put(BlockKey(key as u128), value).await? {
+            PutStatus::Stored | PutStatus::AlreadyPresent => Ok(()),
+            other => bail!("put refused: {other:?}"),
+        }
+    }
+
+    pub async fn get(&mut self, key: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+        let out = self
+            .client
+            .get_many_into(&[BlockKey(key as u128)], &mut [vec![buf]])
+            .await?;
+        match out[0] {
+            GetOutcome::Hit => Ok(()),
+            other => bail!("get of key {key}: {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The systems `compare` measures, each behind the same two calls. Every system runs in its own
+//! process, started and stopped by the benchmark: our server (`kvcache-tcp`), Redis (`redis`),
+//! and a raw TCP echo of the same bytes (`tcp-ceiling`).
+
+pub mod ceiling;
+pub mod kvcache;
+pub mod redis;
+
+use std::net::TcpListener;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// One client connection to a system under test.
+pub enum Conn {
+    Kvcache(kvcache::KvConn),
+    Redis(redis::RedisConn),
+    Ceiling(ceiling::CeilingConn),
+}
+
+impl Conn {
+    /// Stores `value` under `key`.
+    pub async fn put(&mut self, key: u64, value: &[u8]) -> anyhow::Result<()> {
+        match self {
+            Conn::Kvcache(c) => c.put(key, value).await,
+            Conn::Redis(c) => c.set(key, value).await,
+            Conn::Ceiling(c) => c.put(key, value).await,
+        }
+    }
+
+    /// Drops stored data where the system allows it (Redis), so rows start from the same state.
+    pub async fn reset(&mut self) -> anyhow::Result<()> {
+        match self {
+            Conn::Redis(c) => c.flush_all().await,
+            Conn::Kvcache(_) | Conn::Ceiling(_) => Ok(()),
+        }
+    }
+
+    /// Reads `key`'s value into `buf` (which has the value's exact length).
+    pub async fn get(&mut self, key: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+        match self {
+            Conn::Kvcache(c) => c.get(key, buf).await,
+            Conn::Redis(c) => c.get(key, buf).await,
+            Conn::Ceiling(c) => c.get(key, buf).await,
+        }
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Managed(pub Child);
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free loopback port (bound and released; the child binds it right after).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_listening(addr: &str, child: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            bail!("process exited with {status} before listening on {addr}");
+        }
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(anyhow::anyhow!("nothing listening on {addr} after 20 s"))
+        .context("system under test did not start")
+}
+
+/// Writes the key into the first and last 8 bytes of a value, so a reader can check it got
+/// the right block without a full comparison on the hot path.
+pub fn stamp(value: &mut [u8], key: u64) {
+    let n = value.len();
+    value[..8].copy_from_slice(&key.to_le_bytes());
+    value[n - 8..].copy_from_slice(&key.to_le_bytes());
+}
+
+/// Checks a value read back carries `key`'s stamp.
+pub fn check_stamp(value: &[u8], key: u64) -> anyhow::Result<()> {
+    let n = value.len();
+    if value[..8] != key.to_le_bytes() || value[n - 8..] != key.to_le_bytes() {
+        bail!("wrong bytes returned for key {key}");
+    }
+    Ok(())
+}
