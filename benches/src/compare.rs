@@ -40,7 +40,9 @@ pub struct Plan {
     pub concurrency: Vec<usize>,
     /// `put`, `get` or both.
     pub ops: Vec<String>,
+    /// Measured seconds per row and system, split into `rounds` interleaved slices.
     pub seconds: f64,
+    pub rounds: usize,
     /// Memory budget for each store (our pool, Redis' maxmemory).
     pub memory: ByteSize,
 }
@@ -58,28 +60,73 @@ pub struct Row {
     pub p99_us: f64,
 }
 
-/// Operations per task and phase, whatever the clock says: every load loop is bounded.
+/// Operations per task and slice, whatever the clock says: every load loop is bounded.
 const MAX_OPS_PER_TASK: u64 = 2_000_000;
 
-/// Runs the whole plan; systems are started and stopped one after another.
+/// Measurements of one system for one row, summed over its slices.
+#[derive(Default)]
+struct Tally {
+    lat_ns: Vec<u64>,
+    span: Duration,
+}
+
+/// Runs the whole plan.
+///
+/// Every system is started first and runs for the whole benchmark. Each row (op, size,
+/// concurrency) is measured in `rounds` short slices per system, interleaved (kvcache, redis,
+/// ceiling, kvcache, ...), so a machine that speeds up or slows down during the run moves every
+/// system alike and the ratios stay meaningful.
 pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
-    let mut rows = Vec::new();
-    let keys = Arc::new(AtomicU64::new(1));
+    let mut running: Vec<(SystemKind, Managed, String)> = Vec::new();
     for &system in &plan.systems {
-        let (_proc, addr): (Managed, String) = match system {
+        let (proc_, addr) = match system {
             SystemKind::KvcacheTcp => systems::kvcache::start(&plan.memory.to_string())?,
             SystemKind::Redis => systems::redis::start(plan.memory.0)?,
             SystemKind::TcpCeiling => systems::ceiling::start()?,
         };
-        for &size in &plan.sizes {
-            for &conc in &plan.concurrency {
-                for op in ["put", "get"]
-                    .into_iter()
-                    .filter(|op| plan.ops.iter().any(|o| o == op))
-                {
-                    let row = measure(system, &addr, op, size.0 as usize, conc, plan, &keys)
+        running.push((system, proc_, addr));
+    }
+    let keys = Arc::new(AtomicU64::new(1));
+    let slice = Duration::from_secs_f64(plan.seconds / plan.rounds as f64);
+    let mut rows = Vec::new();
+    for &size in &plan.sizes {
+        let size_b = size.0 as usize;
+        for &conc in &plan.concurrency {
+            for op in ["put", "get"]
+                .into_iter()
+                .filter(|op| plan.ops.iter().any(|o| o == op))
+            {
+                let mut working_sets = Vec::new();
+                for (system, _, addr) in &running {
+                    let ws = prepare(*system, addr, op, size_b, conc, plan, &keys)
+                        .await
+                        .with_context(|| format!("{} {op} {size} x{conc}: setup", system.name()))?;
+                    working_sets.push(Arc::new(ws));
+                }
+                let mut tallies: Vec<Tally> = running.iter().map(|_| Tally::default()).collect();
+                for round in 0..plan.rounds {
+                    for i in 0..running.len() {
+                        // Rotate who goes first so no system always follows the same one.
+                        let j = (i + round) % running.len();
+                        let (system, _, addr) = &running[j];
+                        let (lat, span) = measure_slice(
+                            *system,
+                            addr,
+                            op,
+                            size_b,
+                            conc,
+                            slice,
+                            &working_sets[j],
+                            &keys,
+                        )
                         .await
                         .with_context(|| format!("{} {op} {size} x{conc}", system.name()))?;
+                        tallies[j].lat_ns.extend(lat);
+                        tallies[j].span += span;
+                    }
+                }
+                for ((system, _, _), tally) in running.iter().zip(tallies) {
+                    let row = summarize(system.name(), op, size_b, conc, tally);
                     eprintln!("{}", format_row(&row));
                     rows.push(row);
                 }
@@ -99,44 +146,57 @@ async fn connect(system: SystemKind, addr: &str) -> anyhow::Result<Conn> {
     })
 }
 
-async fn measure(
+/// Resets the system and, for gets, writes the working set the row will read: as many
+/// distinct values as fit in a quarter of the memory budget (at least one per client, at most
+/// 256), so reads come from DRAM, not from a CPU cache.
+async fn prepare(
+    system: SystemKind,
+    addr: &str,
+    op: &str,
+    size: usize,
+    conc: usize,
+    plan: &Plan,
+    keys: &AtomicU64,
+) -> anyhow::Result<Vec<u64>> {
+    let mut c = connect(system, addr).await?;
+    c.reset().await?;
+    if op != "get" {
+        return Ok(Vec::new());
+    }
+    let n = ((plan.memory.0 as usize / 4) / size).clamp(conc, 256);
+    let first = keys.fetch_add(n as u64, Ordering::Relaxed);
+    let mut v = vec![0u8; size];
+    for k in first..first + n as u64 {
+        stamp(&mut v, k);
+        c.put(k, &v).await?;
+    }
+    Ok((first..first + n as u64).collect())
+}
+
+/// One slice: `conc` clients, each on its own connection, run `op` back to back for `slice`
+/// after a short warm-up. Returns every latency and the measured span.
+#[allow(clippy::too_many_arguments)]
+async fn measure_slice(
     system: SystemKind,
     addr: &str,
     op: &'static str,
     size: usize,
     conc: usize,
-    plan: &Plan,
+    slice: Duration,
+    working_set: &Arc<Vec<u64>>,
     keys: &Arc<AtomicU64>,
-) -> anyhow::Result<Row> {
-    // Gets read a working set written beforehand that fits comfortably in the memory budget.
-    let mut setup = connect(system, addr).await?;
-    setup.reset().await?;
-    let working_set: Vec<u64> = if op == "get" {
-        let n = ((plan.memory.0 as usize / 4) / size).clamp(conc, 256);
-        let first = keys.fetch_add(n as u64, Ordering::Relaxed);
-        let c = &mut setup;
-        let mut v = vec![0u8; size];
-        for k in first..first + n as u64 {
-            stamp(&mut v, k);
-            c.put(k, &v).await?;
-        }
-        (first..first + n as u64).collect()
-    } else {
-        Vec::new()
-    };
-    let working_set = Arc::new(working_set);
-    let warmup = Duration::from_secs_f64((plan.seconds / 4.0).min(0.5));
-    let measure_for = Duration::from_secs_f64(plan.seconds);
+) -> anyhow::Result<(Vec<u64>, Duration)> {
+    let warmup = (slice / 4).min(Duration::from_millis(100));
     let mut tasks = Vec::new();
     for t in 0..conc {
         let mut conn = connect(system, addr).await?;
         let keys = Arc::clone(keys);
-        let ws = Arc::clone(&working_set);
+        let ws = Arc::clone(working_set);
         tasks.push(tokio::spawn(async move {
             let mut buf = vec![0u8; size];
-            let mut lat_ns: Vec<u64> = Vec::with_capacity(1 << 16);
+            let mut lat_ns: Vec<u64> = Vec::with_capacity(1 << 14);
             let begin = Instant::now();
-            let (warm_end, end) = (begin + warmup, begin + warmup + measure_for);
+            let (warm_end, end) = (begin + warmup, begin + warmup + slice);
             let mut measured_start = None;
             for i in 0..MAX_OPS_PER_TASK {
                 let now = Instant::now();
@@ -173,14 +233,25 @@ async fn measure(
         lat.extend(l);
         span = span.max(s);
     }
-    lat.sort_unstable();
+    Ok((lat, span))
+}
+
+fn summarize(
+    system: &'static str,
+    op: &'static str,
+    size: usize,
+    conc: usize,
+    mut t: Tally,
+) -> Row {
+    t.lat_ns.sort_unstable();
+    let lat = &t.lat_ns;
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
             .copied()
     };
-    let ops_per_s = lat.len() as f64 / span.as_secs_f64().max(1e-9);
-    Ok(Row {
-        system: system.name(),
+    let ops_per_s = lat.len() as f64 / t.span.as_secs_f64().max(1e-9);
+    Row {
+        system,
         op,
         value_bytes: size as u64,
         concurrency: conc,
@@ -188,7 +259,7 @@ async fn measure(
         gb_per_s: ops_per_s * size as f64 / 1e9,
         p50_us: pct(0.50).unwrap_or(0) as f64 / 1e3,
         p99_us: pct(0.99).unwrap_or(0) as f64 / 1e3,
-    })
+    }
 }
 
 fn format_row(r: &Row) -> String {

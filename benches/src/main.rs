@@ -26,9 +26,12 @@ struct Cli {
 enum Cmd {
     /// Put/get throughput and latency of kvcache over TCP, Redis and a raw TCP ceiling.
     Compare {
-        /// Measured seconds per row (after a short warm-up).
+        /// Measured seconds per row and system (plus a short warm-up per slice).
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
+        /// Interleaved slices each row's seconds are split into, alternating between systems.
+        #[arg(long, default_value_t = 4)]
+        rounds: usize,
         /// Value sizes.
         #[arg(long, value_delimiter = ',', default_value = "256KiB,1MiB,4MiB")]
         sizes: Vec<ByteSize>,
@@ -77,6 +80,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Compare {
             seconds,
+            rounds,
             sizes,
             concurrency,
             ops,
@@ -102,6 +106,7 @@ fn main() -> anyhow::Result<()> {
                 concurrency,
                 ops,
                 seconds,
+                rounds,
                 memory,
             };
             let rt = tokio::runtime::Runtime::new()?;

@@ -30,6 +30,53 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use connection::Connection;
 pub use error::ClientError;
 
+/// Runs `$body` with `$c` bound to a pooled connection, under the client's timeout; keeps the
+/// connection only on success.
+///
+/// If the connection fails (reset, closed mid-reply), the idle pool is emptied, since its
+/// connections likely share the fate, and the body runs again on a fresh connection within
+/// the same timeout, up to `$attempts` times in all. Every operation is idempotent (blocks are
+/// immutable). The node closes a reply it cannot finish truthfully (a block that fails
+/// verification mid-stream) after dropping that block, so each such retry makes progress and
+/// a get of n keys needs at most n + 1 attempts to turn every corrupt block into a clean miss. (A macro rather than an async closure so the
+/// body's borrows and `Send`-ness are inferred as if written inline.)
+macro_rules! with_conn {
+    ($client:expr, $op:expr, |$c:ident| $body:expr) => {
+        with_conn!($client, $op, 2, |$c| $body)
+    };
+    ($client:expr, $op:expr, $attempts:expr, |$c:ident| $body:expr) => {{
+        let client: &Client = $client;
+        let timeout = client.inner.cfg.timeout;
+        let run = async {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let mut checkout = client.checkout().await?;
+                let result: Result<_, ClientError> = {
+                    let $c = &mut checkout.conn;
+                    async { $body }.await
+                };
+                match result {
+                    Ok(v) => return Ok((v, checkout)),
+                    Err(ClientError::Io(e)) if attempt < $attempts => {
+                        tracing::debug!(op = $op, attempt, error = %e, "connection failed; retrying on a fresh one");
+                        client.inner.idle.lock().await.clear();
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(Ok((v, checkout))) => {
+                client.checkin(checkout);
+                Ok(v)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ClientError::Timeout { op: $op, after: timeout }),
+        }
+    }};
+}
+
 /// Client settings.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -145,33 +192,11 @@ impl Client {
         }
     }
 
-    /// Runs `f` on a pooled connection under the timeout; keeps the connection only on success.
-    async fn with_conn<T, F>(&self, op: &'static str, f: F) -> Result<T, ClientError>
-    where
-        F: AsyncFnOnce(&mut Connection) -> Result<T, ClientError>,
-    {
-        let timeout = self.inner.cfg.timeout;
-        let run = async {
-            let mut c = self.checkout().await?;
-            let v = f(&mut c.conn).await?;
-            Ok::<_, ClientError>((v, c))
-        };
-        match tokio::time::timeout(timeout, run).await {
-            Ok(Ok((v, c))) => {
-                self.checkin(c);
-                Ok(v)
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ClientError::Timeout { op, after: timeout }),
-        }
-    }
-
     /// Checks the node is alive; returns what it reports about itself.
     pub async fn ping(&self) -> Result<PingReply, ClientError> {
-        self.with_conn("ping", async |c| {
+        with_conn!(self, "ping", |c| {
             c.call_simple(Op::Ping, &PingRequest {}).await
         })
-        .await
     }
 
     /// Stores one block.
@@ -234,13 +259,11 @@ impl Client {
                 .iter()
                 .flat_map(|segs| segs.iter().copied())
                 .collect();
-            let reply: PutReply = self
-                .with_conn("put", async |c| {
-                    let (h, control) = c.call(Op::Put, &req, &payload).await?;
-                    c.expect_no_payload(&h)?;
-                    connection::decode_reply(&control)
-                })
-                .await?;
+            let reply: PutReply = with_conn!(self, "put", |c| {
+                let (h, control) = c.call(Op::Put, &req, &payload).await?;
+                c.expect_no_payload(&h)?;
+                connection::decode_reply(&control)
+            })?;
             if reply.statuses.len() != end - start {
                 return Err(ClientError::Protocol(format!(
                     "{} statuses for {} blocks",
@@ -271,19 +294,17 @@ impl Client {
             let req = GetRequest {
                 keys: encode_keys(chunk),
             };
-            let got = self
-                .with_conn("get", async |c| {
-                    let lens = c.call_get(&req, chunk.len()).await?;
-                    let mut values = Vec::with_capacity(lens.len());
-                    for len in lens {
-                        values.push(match len {
-                            0 => None,
-                            n => Some(c.read_payload_vec(n as usize).await?),
-                        });
-                    }
-                    Ok(values)
-                })
-                .await?;
+            let got = with_conn!(self, "get", chunk.len() + 1, |c| {
+                let lens = c.call_get(&req, chunk.len()).await?;
+                let mut values = Vec::with_capacity(lens.len());
+                for len in lens {
+                    values.push(match len {
+                        0 => None,
+                        n => Some(c.read_payload_vec(n as usize).await?),
+                    });
+                }
+                Ok(values)
+            })?;
             out.extend(got);
         }
         Ok(out)
@@ -309,32 +330,30 @@ impl Client {
             let req = GetRequest {
                 keys: encode_keys(chunk),
             };
-            let got = self
-                .with_conn("get", async |c| {
-                    let lens = c.call_get(&req, chunk.len()).await?;
-                    let mut outcomes = Vec::with_capacity(lens.len());
-                    for (len, segs) in lens.into_iter().zip(dst.iter_mut()) {
-                        let expected: usize = segs.iter().map(|s| s.len()).sum();
-                        outcomes.push(match len as usize {
-                            0 => GetOutcome::Miss,
-                            n if n == expected => {
-                                for s in segs.iter_mut() {
-                                    c.read_payload_into(s).await?;
-                                }
-                                GetOutcome::Hit
+            let got = with_conn!(self, "get", chunk.len() + 1, |c| {
+                let lens = c.call_get(&req, chunk.len()).await?;
+                let mut outcomes = Vec::with_capacity(lens.len());
+                for (len, segs) in lens.into_iter().zip(dst.iter_mut()) {
+                    let expected: usize = segs.iter().map(|s| s.len()).sum();
+                    outcomes.push(match len as usize {
+                        0 => GetOutcome::Miss,
+                        n if n == expected => {
+                            for s in segs.iter_mut() {
+                                c.read_payload_into(s).await?;
                             }
-                            n => {
-                                c.skip_payload(n).await?;
-                                GetOutcome::WrongSize {
-                                    stored: n,
-                                    expected,
-                                }
+                            GetOutcome::Hit
+                        }
+                        n => {
+                            c.skip_payload(n).await?;
+                            GetOutcome::WrongSize {
+                                stored: n,
+                                expected,
                             }
-                        });
-                    }
-                    Ok(outcomes)
-                })
-                .await?;
+                        }
+                    });
+                }
+                Ok(outcomes)
+            })?;
             out.extend(got);
         }
         Ok(out)
@@ -345,9 +364,8 @@ impl Client {
         let req = ExistsRequest {
             keys: encode_keys(keys),
         };
-        let reply: ExistsReply = self
-            .with_conn("exists", async |c| c.call_simple(Op::Exists, &req).await)
-            .await?;
+        let reply: ExistsReply =
+            with_conn!(self, "exists", |c| c.call_simple(Op::Exists, &req).await)?;
         if reply.present.len() != keys.len() {
             return Err(ClientError::Protocol(format!(
                 "{} flags for {} keys",
@@ -363,11 +381,9 @@ impl Client {
         let req = PrefixMatchRequest {
             keys: encode_keys(keys),
         };
-        let reply: PrefixMatchReply = self
-            .with_conn("prefix_match", async |c| {
-                c.call_simple(Op::PrefixMatch, &req).await
-            })
-            .await?;
+        let reply: PrefixMatchReply = with_conn!(self, "prefix_match", |c| {
+            c.call_simple(Op::PrefixMatch, &req).await
+        })?;
         if reply.matched as usize > keys.len() {
             return Err(ClientError::Protocol(format!(
                 "matched {} of {} keys",

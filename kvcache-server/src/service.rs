@@ -22,7 +22,12 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::metrics::{Metrics, ProtocolError, PutRejection};
-use crate::store::{AllocError, CommitOutcome, Store};
+use crate::store::{AllocError, CommitOutcome, Store, checksum};
+
+/// Verified get payload gathered per vectored write: small enough to be copied from L2 after
+/// verification, large enough to amortise the syscall. Measured against 128 KiB and whole-reply
+/// writes (benches/results/README.md); 512 KiB was best by a few percent.
+const FLUSH_BYTES: usize = 4 * checksum::CHUNK;
 
 /// What every connection needs.
 pub struct ServiceContext {
@@ -261,9 +266,13 @@ where
     for (&key, &len) in keys.iter().zip(&req.lens) {
         let status = match ctx.store.allocate(key, len as usize) {
             Ok(mut alloc) => {
-                // Step 2: the payload lands directly in the pool. If the peer dies here, the
-                // allocation is dropped uncommitted and its pages return to the pool.
-                tcp::read_payload(rd, alloc.bytes_mut()).await?;
+                // Step 2: the payload lands directly in the pool, checksummed chunk by chunk
+                // while in cache. If the peer dies here, the allocation is dropped uncommitted
+                // and its pages return to the pool.
+                for i in 0..alloc.chunk_count() {
+                    tcp::read_payload(rd, alloc.chunk_mut(i)).await?;
+                    alloc.seal_chunk(i);
+                }
                 match alloc.commit() {
                     CommitOutcome::Stored => PutStatus::Stored,
                     CommitOutcome::AlreadyPresent => PutStatus::AlreadyPresent,
@@ -328,16 +337,32 @@ where
     let hits = leases.iter().filter(|l| l.is_some()).count();
     ctx.metrics.blocks(Op::Get, keys.len(), hits);
     let control = GetReply { lens }.encode_to_vec();
-    let payload: Vec<&[u8]> = leases.iter().flatten().map(|l| l.bytes()).collect();
-    // Step 2: the payload goes from the pool straight to the socket.
-    tcp::write_frame(
-        wr,
-        &FrameHeader::reply(Op::Get, h.request_id, control.len(), total as usize),
-        &control,
-        &payload,
-    )
-    .await
-    .map_err(io_err)?;
+    let head = FrameHeader::reply(Op::Get, h.request_id, control.len(), total as usize).encode();
+    // Step 2: the payload goes from the pool straight to the socket, each chunk verified just
+    // before it is queued (so it is copied from cache; see store/checksum.rs). Verified chunks
+    // are gathered into one vectored write per FLUSH_BYTES.
+    let mut batch: Vec<&[u8]> = vec![&head, &control];
+    let mut batched = 0usize;
+    for lease in leases.iter().flatten() {
+        for i in 0..lease.chunk_count() {
+            let Ok(chunk) = lease.verified_chunk(i) else {
+                // The reply promised this block's bytes and none may be corrupt: end the
+                // connection. The block is gone from the index, so a retry sees a miss.
+                return Err(io_err(std::io::Error::other(
+                    "stored block failed verification mid-reply",
+                )));
+            };
+            batch.push(chunk);
+            batched += chunk.len();
+            if batched >= FLUSH_BYTES || batch.len() >= 64 {
+                tcp::write_all_vectored(wr, &batch).await.map_err(io_err)?;
+                batch.clear();
+                batched = 0;
+            }
+        }
+    }
+    tcp::write_all_vectored(wr, &batch).await.map_err(io_err)?;
+    tokio::io::AsyncWriteExt::flush(wr).await.map_err(io_err)?;
     ctx.metrics.bytes_out(total);
     Ok(Outcome::Done)
 }

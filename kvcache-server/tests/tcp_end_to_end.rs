@@ -382,32 +382,45 @@ async fn full_pool_evicts_but_never_a_leased_block_and_a_dead_reader_frees_its_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_block_is_reported_as_a_miss_never_returned() {
-    let server = ServerProcess::start(&["--memory", "16MiB", "--enable-test-hooks"]);
+    let server = ServerProcess::start(&["--memory", "64MiB", "--enable-test-hooks"]);
     let cl = client(&server).await;
-    let (k, other) = (BlockKey(0xdead), BlockKey(0xbeef));
-    cl.put(k, &content(k, 100_000)).await.unwrap();
+    let (small, big, other) = (BlockKey(0xdead), BlockKey(0xd00d), BlockKey(0xbeef));
+    cl.put(small, &content(small, 100_000)).await.unwrap();
+    cl.put(big, &content(big, 4 << 20)).await.unwrap();
     cl.put(other, &content(other, 100_000)).await.unwrap();
-    assert_eq!(
-        server
-            .http("POST", &format!("/debug/corrupt/{}", k.to_hex()))
-            .0,
-        200
-    );
-    let got = cl.get_many(&[k, other]).await.unwrap();
-    assert_eq!(got[0], None, "corrupt bytes must never be returned");
-    assert_eq!(got[1].as_deref(), Some(&content(other, 100_000)[..]));
+    for k in [small, big] {
+        assert_eq!(
+            server
+                .http("POST", &format!("/debug/corrupt/{}", k.to_hex()))
+                .0,
+            200
+        );
+    }
+    // The big block is damaged in its middle chunk, after the reply has started: the node
+    // never sends the bad chunk, drops the block, and the client's retry reports a miss.
+    let got = cl.get_many(&[other, big, small]).await.unwrap();
+    assert_eq!(got[0].as_deref(), Some(&content(other, 100_000)[..]));
+    assert_eq!(got[1], None, "corrupt bytes must never be returned");
+    assert_eq!(got[2], None, "corrupt bytes must never be returned");
     let mut buf = vec![0u8; 100_000];
     let out = cl
-        .get_many_into(&[k], &mut [vec![&mut buf[..]]])
+        .get_many_into(&[small], &mut [vec![&mut buf[..]]])
         .await
         .unwrap();
     assert_eq!(out, [GetOutcome::Miss]);
-    assert_eq!(server.metric("kvcache_checksum_failures_total"), 1.0);
+    assert_eq!(server.metric("kvcache_checksum_failures_total"), 2.0);
+    assert_eq!(server.metric("kvcache_active_leases"), 0.0);
+    // A fresh, intact copy can be stored again under the same key.
+    assert_eq!(
+        cl.put(big, &content(big, 4 << 20)).await.unwrap(),
+        PutStatus::Stored
+    );
+    assert_eq!(cl.get(big).await.unwrap().unwrap(), content(big, 4 << 20));
     // Without the flag the hook does not exist.
     let plain = ServerProcess::start(&["--memory", "4MiB"]);
     assert_eq!(
         plain
-            .http("POST", &format!("/debug/corrupt/{}", k.to_hex()))
+            .http("POST", &format!("/debug/corrupt/{}", small.to_hex()))
             .0,
         404
     );

@@ -170,14 +170,16 @@ impl Shard {
     }
 
     /// Removes a leased block from view (e.g. it failed its checksum). Its pages are freed when
-    /// the last lease is released.
-    pub fn doom(&mut self, id: u32) {
+    /// the last lease is released. Returns false if it was already removed.
+    pub fn doom(&mut self, id: u32) -> bool {
         let key = self.slots[id as usize].key();
-        if let Ok(entry) = self.table.find_entry(hash(key), |&s| s == id) {
-            entry.remove();
-            self.policy.remove(id);
-            self.slots[id as usize].flags |= DOOMED;
-        }
+        let Ok(entry) = self.table.find_entry(hash(key), |&s| s == id) else {
+            return false;
+        };
+        entry.remove();
+        self.policy.remove(id);
+        self.slots[id as usize].flags |= DOOMED;
+        true
     }
 
     /// Evicts one unleased block chosen by the policy; returns its key and location.
@@ -267,7 +269,8 @@ mod tests {
         let LeaseOutcome::Leased { slot: b, .. } = s.lease(BlockKey(9)) else {
             panic!()
         };
-        s.doom(a);
+        assert!(s.doom(a));
+        assert!(!s.doom(b), "dooming twice is a no-op");
         assert!(!s.contains(BlockKey(9)));
         assert!(s.release(a).is_none());
         assert_eq!(s.release(b), Some(PageRun { start: 3, len: 1 }));

@@ -6,11 +6,15 @@
 //!
 //! An allocation is invisible until committed and is freed if dropped uncommitted (a client
 //! that dies mid-put leaves nothing behind). A leased block is never evicted or reused. Every
-//! block's xxh3-64 checksum is taken at commit and verified by every lease before a byte leaves.
+//! block is checksummed at commit, and its bytes can only be read through verification
+//! ([`Lease::verified_chunk`], [`Lease::verified_bytes`]): a corrupt block is dropped and
+//! reported, never returned.
 //!
-//! Files: `allocator.rs` (pages), `index.rs` (a shard of the key index), `eviction/` (policies).
+//! Files: `allocator.rs` (pages), `index.rs` (a shard of the key index), `eviction/` (policies),
+//! `checksum.rs` (the per-chunk checksum layout).
 
 pub mod allocator;
+pub mod checksum;
 pub mod eviction;
 pub mod index;
 
@@ -20,7 +24,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use kvcache_core::BlockKey;
 use kvcache_transport::{HostRegion, LockMode, MemoryRegion, RegionError};
 use parking_lot::Mutex;
-use xxhash_rust::xxh3::xxh3_64;
 
 use allocator::{PageAllocator, PageRun};
 use eviction::PolicyKind;
@@ -174,7 +177,7 @@ impl Store {
     }
 
     fn pages_for(&self, len: usize) -> u32 {
-        (len as u64).div_ceil(self.page_size) as u32
+        (checksum::stored_len(len) as u64).div_ceil(self.page_size) as u32
     }
 
     /// Pointer to the first byte of a run.
@@ -200,7 +203,7 @@ impl Store {
         if len == 0 {
             return Err(AllocError::Empty);
         }
-        if len as u64 > self.capacity() {
+        if len > u32::MAX as usize || checksum::stored_len(len) as u64 > self.capacity() {
             return Err(AllocError::TooLarge {
                 len,
                 capacity: self.capacity(),
@@ -217,6 +220,7 @@ impl Store {
                     key,
                     run,
                     len,
+                    sealed: 0,
                     committed: false,
                 });
             }
@@ -255,8 +259,8 @@ impl Store {
         self.watermark_running.store(false, Ordering::Release);
     }
 
-    /// Step 1 of a get: leases `key`'s block after verifying its checksum. A block that fails
-    /// verification is dropped from the index and reported as a miss: never returned.
+    /// Step 1 of a get: leases `key`'s block, checking its checksum trailer against the index.
+    /// The bytes themselves are verified as they are read, through the lease.
     pub fn lease(self: &Arc<Self>, key: BlockKey) -> Option<Lease> {
         let shard = self.shard_of(key);
         let (slot, location) = match self.shards[shard].lock().lease(key) {
@@ -265,20 +269,28 @@ impl Store {
         };
         let lease = Lease {
             store: Arc::clone(self),
+            key,
             shard,
             slot,
             location,
         };
-        if xxh3_64(lease.bytes()) != location.checksum {
-            self.checksum_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(%key, bytes = location.len, "stored block failed its checksum; dropped and reported as a miss");
-            self.shards[shard].lock().doom(slot);
+        if checksum::trailer_checksum(lease.trailer()) != location.checksum {
+            lease.corrupt();
             return None;
         }
         Some(lease)
     }
 
-    /// Test hook: flips one byte of a committed, unleased block, as memory corruption would.
+    /// Drops a block that failed verification from the index (once) and counts it.
+    fn report_corrupt(&self, key: BlockKey, shard: usize, slot: u32, len: u32) {
+        if self.shards[shard].lock().doom(slot) {
+            self.checksum_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%key, bytes = len, "stored block failed its checksum; dropped and reported as a miss");
+        }
+    }
+
+    /// Test hook: flips the middle byte of a committed, unleased block's data, as memory
+    /// corruption would.
     /// Returns false if the block is absent or leased.
     #[doc(hidden)]
     pub fn corrupt_block_for_test(&self, key: BlockKey) -> bool {
@@ -325,20 +337,70 @@ pub struct Allocation {
     key: BlockKey,
     run: PageRun,
     len: usize,
+    /// Chunks checksummed so far, in order.
+    sealed: usize,
     committed: bool,
 }
 
 impl Allocation {
-    /// The block's bytes, to be filled by the transfer step.
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: the allocator gave this run to this allocation alone and nobody can lease it
-        // before commit, so this is the only reference to these bytes; `&mut self` keeps it unique.
-        unsafe { std::slice::from_raw_parts_mut(self.store.run_ptr(self.run), self.len) }
+    /// Data bytes of the block.
+    pub fn len(&self) -> usize {
+        self.len
     }
 
-    /// Step 3 of a put: checksums the bytes and makes the block visible atomically.
+    /// Never true: empty blocks cannot be allocated.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of checksum chunks; a transport may fill and [`seal`](Self::seal_chunk) them in order.
+    pub fn chunk_count(&self) -> usize {
+        checksum::chunk_count(self.len)
+    }
+
+    fn raw(&mut self) -> &mut [u8] {
+        // SAFETY: the allocator gave this run to this allocation alone and nobody can lease it
+        // before commit, so this is the only reference to these bytes; `&mut self` keeps it unique.
+        // The run holds `stored_len(len)` bytes (see `pages_for`).
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.store.run_ptr(self.run),
+                checksum::stored_len(self.len),
+            )
+        }
+    }
+
+    /// The block's data bytes, to be filled by the transfer step.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        let len = self.len;
+        &mut self.raw()[..len]
+    }
+
+    /// Chunk `i` of the data, for transports that fill a block chunk by chunk.
+    pub fn chunk_mut(&mut self, i: usize) -> &mut [u8] {
+        let range = checksum::chunk_range(self.len, i);
+        &mut self.raw()[range]
+    }
+
+    /// Checksums chunk `i` now, while the bytes just written are in cache. Chunks must be
+    /// sealed in order; any left unsealed are checksummed at commit.
+    pub fn seal_chunk(&mut self, i: usize) {
+        if i != self.sealed {
+            return;
+        }
+        let (len, range) = (self.len, checksum::chunk_range(self.len, i));
+        let (data, trailer) = self.raw().split_at_mut(checksum::trailer_offset(len));
+        checksum::record(trailer, i, checksum::chunk_checksum(&data[range]));
+        self.sealed += 1;
+    }
+
+    /// Step 3 of a put: finishes the checksums and makes the block visible atomically.
     pub fn commit(mut self) -> CommitOutcome {
-        let checksum = xxh3_64(self.bytes_mut());
+        for i in self.sealed..self.chunk_count() {
+            self.seal_chunk(i);
+        }
+        let len = self.len;
+        let checksum = checksum::trailer_checksum(&self.raw()[checksum::trailer_offset(len)..]);
         let location = Location {
             run: self.run,
             len: self.len as u32,
@@ -367,24 +429,40 @@ impl Drop for Allocation {
 }
 
 /// A read lease on a committed block: its bytes stay put until the lease is dropped (release).
+/// The bytes are reachable only through verification.
 pub struct Lease {
     store: Arc<Store>,
+    key: BlockKey,
     shard: usize,
     slot: u32,
     location: Location,
 }
 
+/// A block failed verification; it has been dropped from the index and must be treated as a miss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("stored block failed its checksum")]
+pub struct Corrupt;
+
 impl Lease {
-    /// The block's bytes.
-    pub fn bytes(&self) -> &[u8] {
+    fn raw(&self) -> &[u8] {
         // SAFETY: committed blocks are immutable, and the lease keeps the pages from being
         // evicted, freed or reused until it is dropped, which outlives this borrow.
         unsafe {
             std::slice::from_raw_parts(
                 self.store.run_ptr(self.location.run),
-                self.location.len as usize,
+                checksum::stored_len(self.location.len as usize),
             )
         }
+    }
+
+    fn trailer(&self) -> &[u8] {
+        &self.raw()[checksum::trailer_offset(self.len())..]
+    }
+
+    fn corrupt(&self) -> Corrupt {
+        self.store
+            .report_corrupt(self.key, self.shard, self.slot, self.location.len);
+        Corrupt
     }
 
     /// Length in bytes.
@@ -395,6 +473,28 @@ impl Lease {
     /// Never true: empty blocks are not stored.
     pub fn is_empty(&self) -> bool {
         self.location.len == 0
+    }
+
+    /// Number of checksum chunks.
+    pub fn chunk_count(&self) -> usize {
+        checksum::chunk_count(self.len())
+    }
+
+    /// Chunk `i`, verified just now. On a mismatch the block is dropped from the index.
+    pub fn verified_chunk(&self, i: usize) -> Result<&[u8], Corrupt> {
+        let chunk = &self.raw()[checksum::chunk_range(self.len(), i)];
+        if checksum::chunk_checksum(chunk) != checksum::recorded(self.trailer(), i) {
+            return Err(self.corrupt());
+        }
+        Ok(chunk)
+    }
+
+    /// The whole block, every chunk verified.
+    pub fn verified_bytes(&self) -> Result<&[u8], Corrupt> {
+        for i in 0..self.chunk_count() {
+            self.verified_chunk(i)?;
+        }
+        Ok(&self.raw()[..self.len()])
     }
 }
 

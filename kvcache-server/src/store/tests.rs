@@ -6,6 +6,9 @@ use kvcache_transport::LockMode;
 use super::eviction::PolicyKind;
 use super::*;
 
+/// Data bytes that, with their checksum trailer, fill exactly one 4 KiB page.
+const ONE_PAGE: usize = 4096 - 8;
+
 fn store(pages: u64, policy: PolicyKind) -> Arc<Store> {
     Store::new(&StoreConfig {
         capacity: pages * 4096,
@@ -32,6 +35,11 @@ fn content(key: BlockKey, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A verified read, as a client would see it.
+fn read(s: &Arc<Store>, key: BlockKey) -> Option<Vec<u8>> {
+    s.lease(key)?.verified_bytes().ok().map(<[u8]>::to_vec)
+}
+
 fn put(s: &Arc<Store>, key: BlockKey, len: usize) -> Result<CommitOutcome, AllocError> {
     let mut a = s.allocate(key, len)?;
     a.bytes_mut().copy_from_slice(&content(key, len));
@@ -40,13 +48,15 @@ fn put(s: &Arc<Store>, key: BlockKey, len: usize) -> Result<CommitOutcome, Alloc
 
 #[test]
 fn put_then_get_returns_the_same_bytes() {
-    let s = store(16, PolicyKind::Lru);
+    let s = store(128, PolicyKind::Lru);
     assert_eq!(put(&s, BlockKey(1), 10_000), Ok(CommitOutcome::Stored));
-    let lease = s.lease(BlockKey(1)).unwrap();
-    assert_eq!(lease.bytes(), content(BlockKey(1), 10_000));
+    assert_eq!(read(&s, BlockKey(1)).unwrap(), content(BlockKey(1), 10_000));
     assert!(s.lease(BlockKey(2)).is_none());
     assert_eq!(s.stats().blocks, 1);
     assert_eq!(s.stats().used_bytes, 3 * 4096);
+    let big = 3 * checksum::CHUNK + 17;
+    put(&s, BlockKey(2), big).unwrap();
+    assert_eq!(read(&s, BlockKey(2)).unwrap(), content(BlockKey(2), big));
 }
 
 #[test]
@@ -62,10 +72,7 @@ fn put_of_existing_key_is_a_no_op() {
     put(&s, BlockKey(2), 100).unwrap();
     late.bytes_mut().fill(0xee);
     assert_eq!(late.commit(), CommitOutcome::AlreadyPresent);
-    assert_eq!(
-        s.lease(BlockKey(2)).unwrap().bytes(),
-        content(BlockKey(2), 100)
-    );
+    assert_eq!(read(&s, BlockKey(2)).unwrap(), content(BlockKey(2), 100));
     assert_eq!(
         s.stats().used_bytes,
         2 * 4096,
@@ -76,20 +83,20 @@ fn put_of_existing_key_is_a_no_op() {
 #[test]
 fn uncommitted_allocation_is_invisible_and_freed_on_drop() {
     let s = store(4, PolicyKind::Lru);
-    let mut a = s.allocate(BlockKey(5), 4096 * 4).unwrap();
+    let mut a = s.allocate(BlockKey(5), 4096 * 4 - 8).unwrap();
     a.bytes_mut()[0] = 1;
     assert!(!s.contains(BlockKey(5)));
     assert!(s.lease(BlockKey(5)).is_none());
     assert_eq!(s.allocate(BlockKey(6), 1).err(), Some(AllocError::PoolFull));
     drop(a);
     assert_eq!(s.stats().used_bytes, 0);
-    assert!(put(&s, BlockKey(6), 4096 * 4).is_ok());
+    assert!(put(&s, BlockKey(6), 4096 * 4 - 8).is_ok());
 }
 
 #[test]
 fn block_larger_than_pool_is_rejected_clearly() {
     let s = store(4, PolicyKind::Lru);
-    let err = s.allocate(BlockKey(1), 4 * 4096 + 1).err().unwrap();
+    let err = s.allocate(BlockKey(1), 4 * 4096 - 7).err().unwrap();
     assert!(matches!(err, AllocError::TooLarge { .. }));
     assert!(
         err.to_string().contains("larger than the whole pool"),
@@ -102,10 +109,10 @@ fn block_larger_than_pool_is_rejected_clearly() {
 fn full_pool_evicts_least_recently_used() {
     let s = store(4, PolicyKind::Lru);
     for k in 0..4 {
-        put(&s, BlockKey(k), 4096).unwrap();
+        put(&s, BlockKey(k), ONE_PAGE).unwrap();
     }
     drop(s.lease(BlockKey(0))); // read 0: now 1 is the least recently used
-    put(&s, BlockKey(10), 4096).unwrap();
+    put(&s, BlockKey(10), ONE_PAGE).unwrap();
     assert!(s.contains(BlockKey(0)));
     assert!(!s.contains(BlockKey(1)));
     assert_eq!(s.stats().evictions, 1);
@@ -116,29 +123,29 @@ fn full_pool_never_evicts_a_leased_block() {
     for policy in [PolicyKind::Lru, PolicyKind::S3fifo] {
         let s = store(4, policy);
         for k in 0..4 {
-            put(&s, BlockKey(k), 4096).unwrap();
+            put(&s, BlockKey(k), ONE_PAGE).unwrap();
         }
         let leases: Vec<Lease> = (0..3).map(|k| s.lease(BlockKey(k)).unwrap()).collect();
-        put(&s, BlockKey(10), 4096).unwrap();
+        put(&s, BlockKey(10), ONE_PAGE).unwrap();
         assert!(
             !s.contains(BlockKey(3)),
             "{policy:?}: the only unleased block goes"
         );
         assert_eq!(
-            s.allocate(BlockKey(11), 8192).err(),
+            s.allocate(BlockKey(11), 2 * 4096 - 8).err(),
             Some(AllocError::PoolFull),
             "{policy:?}"
         );
         for (k, l) in leases.iter().enumerate() {
             assert_eq!(
-                l.bytes(),
-                content(BlockKey(k as u128), 4096),
+                l.verified_bytes().unwrap(),
+                content(BlockKey(k as u128), ONE_PAGE),
                 "{policy:?}: leased bytes intact"
             );
         }
         drop(leases);
         assert!(
-            put(&s, BlockKey(11), 8192).is_ok(),
+            put(&s, BlockKey(11), 2 * 4096 - 8).is_ok(),
             "{policy:?}: released blocks are evictable"
         );
     }
@@ -149,8 +156,11 @@ fn corrupted_block_is_a_miss_never_returned() {
     let s = store(8, PolicyKind::Lru);
     put(&s, BlockKey(3), 5000).unwrap();
     assert!(s.corrupt_block_for_test(BlockKey(3)));
-    assert!(s.lease(BlockKey(3)).is_none());
+    let lease = s.lease(BlockKey(3)).expect("the trailer is intact");
+    assert_eq!(lease.verified_bytes(), Err(Corrupt));
     assert!(!s.contains(BlockKey(3)), "a corrupt block is dropped");
+    assert!(s.lease(BlockKey(3)).is_none());
+    drop(lease);
     let st = s.stats();
     assert_eq!(
         (st.checksum_failures, st.used_bytes, st.active_leases),
@@ -160,10 +170,7 @@ fn corrupted_block_is_a_miss_never_returned() {
         put(&s, BlockKey(3), 5000).is_ok(),
         "and can be stored again"
     );
-    assert_eq!(
-        s.lease(BlockKey(3)).unwrap().bytes(),
-        content(BlockKey(3), 5000)
-    );
+    assert_eq!(read(&s, BlockKey(3)).unwrap(), content(BlockKey(3), 5000));
 }
 
 #[test]
@@ -179,7 +186,7 @@ fn watermarks_evict_down_to_the_low_mark() {
     })
     .unwrap();
     for k in 0..91 {
-        put(&s, BlockKey(k), 4096).unwrap();
+        put(&s, BlockKey(k), ONE_PAGE).unwrap();
     }
     let st = s.stats();
     assert!(
@@ -222,7 +229,8 @@ fn concurrent_puts_gets_and_evictions_never_return_wrong_bytes() {
                                 Err(e) => panic!("{e}"),
                             }
                         } else if let Some(lease) = s.lease(key) {
-                            assert_eq!(lease.bytes(), content(key, len), "wrong bytes for {key}");
+                            let bytes = lease.verified_bytes().expect("no corruption in this test");
+                            assert_eq!(bytes, content(key, len), "wrong bytes for {key}");
                         }
                     }
                 });
@@ -237,4 +245,43 @@ fn concurrent_puts_gets_and_evictions_never_return_wrong_bytes() {
         );
         assert!(st.used_bytes <= st.capacity_bytes);
     }
+}
+
+#[test]
+fn corruption_in_a_later_chunk_is_caught_before_that_chunk_is_read() {
+    let s = store(1024, PolicyKind::Lru);
+    let len = 8 * checksum::CHUNK;
+    put(&s, BlockKey(8), len).unwrap();
+    assert!(s.corrupt_block_for_test(BlockKey(8))); // the middle byte: chunk 4
+    let lease = s.lease(BlockKey(8)).unwrap();
+    for i in 0..4 {
+        let want = &content(BlockKey(8), len)[checksum::chunk_range(len, i)];
+        assert_eq!(
+            lease.verified_chunk(i).unwrap(),
+            want,
+            "chunks before the damage are intact"
+        );
+    }
+    assert_eq!(lease.verified_chunk(4), Err(Corrupt));
+    assert!(!s.contains(BlockKey(8)));
+    drop(lease);
+    assert_eq!(s.stats().used_bytes, 0, "pages freed at the last release");
+    assert_eq!(s.stats().checksum_failures, 1);
+}
+
+#[test]
+fn chunks_sealed_while_filling_match_a_commit_time_checksum() {
+    let s = store(1024, PolicyKind::Lru);
+    let len = 2 * checksum::CHUNK + 999;
+    let data = content(BlockKey(1), len);
+    let mut a = s.allocate(BlockKey(1), len).unwrap();
+    for i in 0..a.chunk_count() {
+        a.chunk_mut(i)
+            .copy_from_slice(&data[checksum::chunk_range(len, i)]);
+        a.seal_chunk(i);
+    }
+    a.commit();
+    put(&s, BlockKey(2), len).unwrap(); // filled whole, sealed at commit
+    assert_eq!(read(&s, BlockKey(1)).unwrap(), data);
+    assert_eq!(read(&s, BlockKey(2)).unwrap(), content(BlockKey(2), len));
 }

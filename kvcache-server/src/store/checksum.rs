@@ -1,0 +1,79 @@
+//! Block checksums, laid out so verification and sending share one pass over memory.
+//!
+//! A block occupies `data | pad to 8 | trailer` in its pages. The trailer holds one xxh3-64 per
+//! 128 KiB chunk of data; the index keeps one u64, the xxh3-64 of the trailer. A reader checks
+//! the trailer against the index once (a few bytes), then verifies each chunk immediately
+//! before that chunk leaves, while it is still in L1/L2: a corrupt byte is never sent, and
+//! the bytes are read from DRAM once instead of twice (hash pass, then copy pass). On this
+//! machine that took gets from 0.67x to about 0.9x of the loopback TCP ceiling
+//! (docs/ARCHITECTURE.md, "Checksums").
+
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Bytes covered by one chunk checksum: small enough to stay in L2 between hash and copy.
+pub const CHUNK: usize = 128 * 1024;
+
+/// Chunks in a block of `len` bytes.
+pub fn chunk_count(len: usize) -> usize {
+    len.div_ceil(CHUNK)
+}
+
+/// Offset of the trailer from the start of the block.
+pub fn trailer_offset(len: usize) -> usize {
+    len.next_multiple_of(8)
+}
+
+/// Bytes a block of `len` data bytes occupies in the pool, trailer included.
+pub fn stored_len(len: usize) -> usize {
+    trailer_offset(len) + 8 * chunk_count(len)
+}
+
+/// Range of chunk `i` within the data.
+pub fn chunk_range(len: usize, i: usize) -> std::ops::Range<usize> {
+    let start = i * CHUNK;
+    start..(start + CHUNK).min(len)
+}
+
+/// Checksum of one chunk, as stored in the trailer.
+pub fn chunk_checksum(chunk: &[u8]) -> u64 {
+    xxh3_64(chunk)
+}
+
+/// Checksum of a whole trailer, as stored in the index.
+pub fn trailer_checksum(trailer: &[u8]) -> u64 {
+    xxh3_64(trailer)
+}
+
+/// The checksum recorded for chunk `i` in a trailer.
+pub fn recorded(trailer: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(trailer[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+}
+
+/// Records chunk `i`'s checksum in a trailer.
+pub fn record(trailer: &mut [u8], i: usize, sum: u64) {
+    trailer[i * 8..i * 8 + 8].copy_from_slice(&sum.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_of_small_exact_and_ragged_blocks() {
+        assert_eq!(
+            (chunk_count(1), trailer_offset(1), stored_len(1)),
+            (1, 8, 16)
+        );
+        assert_eq!((chunk_count(CHUNK), stored_len(CHUNK)), (1, CHUNK + 8));
+        assert_eq!(
+            (chunk_count(CHUNK + 1), stored_len(CHUNK + 1)),
+            (2, CHUNK + 8 + 16)
+        );
+        assert_eq!(chunk_range(CHUNK + 5, 1), CHUNK..CHUNK + 5);
+        assert_eq!(
+            stored_len(1 << 20) - (1 << 20),
+            64,
+            "1 MiB carries 64 bytes of checksums"
+        );
+    }
+}
