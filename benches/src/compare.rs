@@ -103,18 +103,27 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                         .with_context(|| format!("{} {op} {size} x{conc}: setup", system.name()))?;
                     working_sets.push(Arc::new(ws));
                 }
+                // Connections are opened once per row and kept across its slices, so no system
+                // pays connection setup or a cold TCP window inside a measured slice.
+                let mut conns: Vec<Vec<Conn>> = Vec::new();
+                for (system, _, addr) in &running {
+                    let mut cs = Vec::with_capacity(conc);
+                    for _ in 0..conc {
+                        cs.push(connect(*system, addr).await?);
+                    }
+                    conns.push(cs);
+                }
                 let mut tallies: Vec<Tally> = running.iter().map(|_| Tally::default()).collect();
                 for round in 0..plan.rounds {
                     for i in 0..running.len() {
                         // Rotate who goes first so no system always follows the same one.
                         let j = (i + round) % running.len();
-                        let (system, _, addr) = &running[j];
+                        let system = running[j].0;
                         let (lat, span) = measure_slice(
-                            *system,
-                            addr,
+                            system,
+                            &mut conns[j],
                             op,
                             size_b,
-                            conc,
                             slice,
                             &working_sets[j],
                             &keys,
@@ -173,23 +182,22 @@ async fn prepare(
     Ok((first..first + n as u64).collect())
 }
 
-/// One slice: `conc` clients, each on its own connection, run `op` back to back for `slice`
-/// after a short warm-up. Returns every latency and the measured span.
-#[allow(clippy::too_many_arguments)]
+/// One slice: one client per connection runs `op` back to back for `slice` after a short
+/// warm-up. Returns every latency and the measured span; the connections come back for the
+/// next slice.
 async fn measure_slice(
     system: SystemKind,
-    addr: &str,
+    conns: &mut Vec<Conn>,
     op: &'static str,
     size: usize,
-    conc: usize,
     slice: Duration,
     working_set: &Arc<Vec<u64>>,
     keys: &Arc<AtomicU64>,
 ) -> anyhow::Result<(Vec<u64>, Duration)> {
     let warmup = (slice / 4).min(Duration::from_millis(100));
+    let conc = conns.len();
     let mut tasks = Vec::new();
-    for t in 0..conc {
-        let mut conn = connect(system, addr).await?;
+    for (t, mut conn) in conns.drain(..).enumerate() {
         let keys = Arc::clone(keys);
         let ws = Arc::clone(working_set);
         tasks.push(tokio::spawn(async move {
@@ -223,15 +231,16 @@ async fn measure_slice(
                 }
             }
             let span = measured_start.map_or(Duration::ZERO, |s| s.elapsed());
-            Ok::<_, anyhow::Error>((lat_ns, span))
+            Ok::<_, anyhow::Error>((lat_ns, span, conn))
         }));
     }
     let mut lat = Vec::new();
     let mut span = Duration::ZERO;
     for t in tasks {
-        let (l, s) = t.await??;
+        let (l, s, conn) = t.await??;
         lat.extend(l);
         span = span.max(s);
+        conns.push(conn);
     }
     Ok((lat, span))
 }

@@ -6,7 +6,6 @@ use std::io::{self, IoSlice};
 
 use kvcache_core::wire::{FrameError, FrameHeader, FrameLimits, HEADER_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Why reading a frame failed.
 #[derive(Debug, thiserror::Error)]
@@ -34,10 +33,12 @@ impl FrameReadError {
 /// Socket buffer size for data connections: large enough to keep MiB-sized blocks streaming.
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
-/// Sets the options every data connection uses: no Nagle delay, large socket buffers.
-pub fn tune(stream: &TcpStream) -> io::Result<()> {
-    stream.set_nodelay(true)?;
+/// Sets the options every data connection uses: no Nagle delay, large socket buffers from the
+/// first byte (kernel autotuning would start small on every new connection). Takes any TCP
+/// socket, tokio's or std's.
+pub fn tune<S: std::os::fd::AsFd>(stream: &S) -> io::Result<()> {
     let sock = socket2::SockRef::from(stream);
+    sock.set_tcp_nodelay(true)?;
     // Buffer sizes are a hint the kernel may clamp; failure is harmless.
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
     let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);

@@ -48,7 +48,7 @@ pub fn serve(addr: &str) -> anyhow::Result<()> {
         let mut s = stream?;
         let slots = Arc::clone(&slots);
         std::thread::spawn(move || {
-            let _ = s.set_nodelay(true);
+            let _ = tune(&s);
             let mut head = [0u8; 9];
             while s.read_exact(&mut head).is_ok() {
                 let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;

@@ -19,31 +19,46 @@ pub enum Conn {
     Ceiling(ceiling::CeilingConn),
 }
 
+/// No single benchmark operation may take longer: a stuck system fails the run, never hangs it.
+const OP_DEADLINE: Duration = Duration::from_secs(10);
+
+async fn bounded<T>(what: &str, f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::time::timeout(OP_DEADLINE, f)
+        .await
+        .map_err(|_| anyhow::anyhow!("{what} took over {OP_DEADLINE:?}"))?
+}
+
 impl Conn {
     /// Stores `value` under `key`.
     pub async fn put(&mut self, key: u64, value: &[u8]) -> anyhow::Result<()> {
-        match self {
-            Conn::Kvcache(c) => c.put(key, value).await,
-            Conn::Redis(c) => c.set(key, value).await,
-            Conn::Ceiling(c) => c.put(key, value).await,
-        }
+        bounded("put", async {
+            match self {
+                Conn::Kvcache(c) => c.put(key, value).await,
+                Conn::Redis(c) => c.set(key, value).await,
+                Conn::Ceiling(c) => c.put(key, value).await,
+            }
+        })
+        .await
     }
 
     /// Drops stored data where the system allows it (Redis), so rows start from the same state.
     pub async fn reset(&mut self) -> anyhow::Result<()> {
         match self {
-            Conn::Redis(c) => c.flush_all().await,
+            Conn::Redis(c) => bounded("reset", c.flush_all()).await,
             Conn::Kvcache(_) | Conn::Ceiling(_) => Ok(()),
         }
     }
 
     /// Reads `key`'s value into `buf` (which has the value's exact length).
     pub async fn get(&mut self, key: u64, buf: &mut [u8]) -> anyhow::Result<()> {
-        match self {
-            Conn::Kvcache(c) => c.get(key, buf).await,
-            Conn::Redis(c) => c.get(key, buf).await,
-            Conn::Ceiling(c) => c.get(key, buf).await,
-        }
+        bounded("get", async {
+            match self {
+                Conn::Kvcache(c) => c.get(key, buf).await,
+                Conn::Redis(c) => c.get(key, buf).await,
+                Conn::Ceiling(c) => c.get(key, buf).await,
+            }
+        })
+        .await
     }
 }
 

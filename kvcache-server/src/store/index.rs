@@ -98,6 +98,11 @@ impl Shard {
         self.table.len()
     }
 
+    /// Whether the shard holds no committed block.
+    pub fn is_empty(&self) -> bool {
+        self.table.is_empty()
+    }
+
     /// Leases currently held on this shard's blocks.
     pub fn active_leases(&self) -> usize {
         self.leases

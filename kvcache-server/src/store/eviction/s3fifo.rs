@@ -32,6 +32,7 @@ struct Meta {
 }
 
 /// S3-FIFO over slot ids.
+#[derive(Default)]
 pub struct S3Fifo {
     meta: Vec<Meta>,
     small: VecDeque<(u32, u32)>,
@@ -40,20 +41,6 @@ pub struct S3Fifo {
     ghost: HashMap<u32, u32>,
     tracked: usize,
     small_len: usize,
-}
-
-impl Default for S3Fifo {
-    fn default() -> Self {
-        Self {
-            meta: Vec::new(),
-            small: VecDeque::new(),
-            main: VecDeque::new(),
-            ghost_order: VecDeque::new(),
-            ghost: HashMap::new(),
-            tracked: 0,
-            small_len: 0,
-        }
-    }
 }
 
 impl S3Fifo {

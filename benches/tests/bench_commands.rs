@@ -1,0 +1,86 @@
+//! The benchmark binary's commands run end to end: every system starts, is measured, stops,
+//! and the JSON has the documented shape. (The figures in a debug build mean nothing; the
+//! committed results come from release builds, see benches/results/README.md.)
+
+use std::process::Command;
+
+fn bench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kvcache-bench"))
+}
+
+#[test]
+fn compare_measures_every_system_and_writes_the_documented_json() {
+    let out = std::env::temp_dir().join(format!("kvcache-compare-{}.json", std::process::id()));
+    let status = bench()
+        .args([
+            "compare",
+            "--seconds",
+            "0.3",
+            "--rounds",
+            "2",
+            "--sizes",
+            "64KiB",
+            "--concurrency",
+            "1,2",
+        ])
+        .args(["--memory", "256MiB", "--json"])
+        .arg(&out)
+        .status()
+        .expect("run kvcache-bench");
+    assert!(
+        status.success(),
+        "kvcache-bench compare failed (is redis-server installed? scripts/test.sh installs it)"
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let rows = doc["results"].as_array().expect("results array");
+    assert_eq!(
+        rows.len(),
+        3 * 2 * 2,
+        "3 systems x 2 concurrencies x put/get"
+    );
+    for system in ["kvcache-tcp", "redis", "tcp-ceiling"] {
+        for op in ["put", "get"] {
+            for conc in [1, 2] {
+                let row = rows
+                    .iter()
+                    .find(|r| r["system"] == system && r["op"] == op && r["concurrency"] == conc)
+                    .unwrap_or_else(|| panic!("no row for {system} {op} x{conc}"));
+                assert_eq!(row["value_bytes"], 65536);
+                for field in ["ops_per_s", "gb_per_s", "p50_us", "p99_us"] {
+                    assert!(
+                        row[field].as_f64().unwrap() > 0.0,
+                        "{system} {op} x{conc}: {field} = {}",
+                        row[field]
+                    );
+                }
+                assert!(row["p99_us"].as_f64() >= row["p50_us"].as_f64());
+            }
+        }
+    }
+    assert!(doc["command"].as_str().unwrap().contains("compare"));
+    std::fs::remove_file(out).unwrap();
+}
+
+#[test]
+fn index_memory_stays_under_100_bytes_per_block() {
+    let out = bench()
+        .args(["index-memory", "--blocks", "200000"])
+        .output()
+        .expect("run kvcache-bench");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for line in text.lines() {
+        let per_block: f64 = line
+            .split(": ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        assert!(per_block < 100.0, "{line}");
+    }
+    assert_eq!(
+        text.lines().count(),
+        2,
+        "one line per eviction policy: {text}"
+    );
+}

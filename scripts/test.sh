@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, lints, and the whole workspace's unit and integration tests
+# (real server processes on loopback, Redis for the benchmark's smoke test). Installs what it
+# needs. Build outputs are cached in $KVCACHE_CACHE_DIR (default /var/tmp/kvcache-cache).
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+ensure_packages redis-server:redis-server
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+started=$(date +%s)
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "== cargo clippy" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test" >&2
+cargo test --workspace --locked
+echo "all tests passed in $(( $(date +%s) - started )) s" >&2
