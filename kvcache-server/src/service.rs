@@ -196,8 +196,13 @@ where
     let started = Instant::now();
     let result = match h.op {
         Op::Put => handle_put(ctx, &h, &control, rd, wr).await,
-        Op::Get => handle_get(ctx, &h, &control, rd, wr).await,
-        Op::Exists | Op::PrefixMatch | Op::Ping => handle_lookup(ctx, &h, &control, rd, wr).await,
+        // Only puts carry a payload.
+        _ if h.payload_len != 0 => Ok(Outcome::Refused(format!(
+            "{} requests carry no payload",
+            h.op.name()
+        ))),
+        Op::Get => handle_get(ctx, &h, &control, wr).await,
+        Op::Exists | Op::PrefixMatch | Op::Ping => handle_lookup(ctx, &h, &control, wr).await,
         Op::Error => unreachable!("rejected above"),
     };
     let ok = matches!(result, Ok(Outcome::Done));
@@ -304,20 +309,12 @@ where
     Ok(Outcome::Done)
 }
 
-async fn handle_get<R, W>(
+async fn handle_get<W: AsyncWrite + Unpin>(
     ctx: &ServiceContext,
     h: &FrameHeader,
     control: &[u8],
-    _rd: &mut R,
     wr: &mut W,
-) -> ConnResult<Outcome>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    if h.payload_len != 0 {
-        return Ok(Outcome::Refused("get requests carry no payload".into()));
-    }
+) -> ConnResult<Outcome> {
     let req: GetRequest = try_outcome!(decode(h, control));
     let keys = try_outcome!(keys_of(&req.keys));
     // Step 1: lease (and verify) every block; leases are released when this function returns,
@@ -367,23 +364,12 @@ where
     Ok(Outcome::Done)
 }
 
-async fn handle_lookup<R, W>(
+async fn handle_lookup<W: AsyncWrite + Unpin>(
     ctx: &ServiceContext,
     h: &FrameHeader,
     control: &[u8],
-    _rd: &mut R,
     wr: &mut W,
-) -> ConnResult<Outcome>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    if h.payload_len != 0 {
-        return Ok(Outcome::Refused(format!(
-            "{} requests carry no payload",
-            h.op.name()
-        )));
-    }
+) -> ConnResult<Outcome> {
     match h.op {
         Op::Ping => {
             let reply = PingReply {

@@ -246,6 +246,24 @@ async fn bad_input_closes_or_refuses_only_the_offender_and_loses_nothing() {
             .contains("multiple of 16")
     );
 
+    // A payload on a request that takes none: refused, skipped, the connection goes on.
+    let get = GetRequest {
+        keys: wire::encode_keys(&keys[..1]),
+    }
+    .encode_to_vec();
+    let mut bad = FrameHeader::request(Op::Get, 5, get.len(), 10)
+        .encode()
+        .to_vec();
+    bad.extend_from_slice(&get);
+    bad.extend_from_slice(&[0u8; 10]);
+    s.write_all(&bad).unwrap();
+    let (_, control) = read_reply(&mut s).unwrap();
+    let msg = wire::ErrorReply::decode(&control[..]).unwrap().message;
+    assert!(msg.contains("carry no payload"), "{msg}");
+    s.write_all(&FrameHeader::request(Op::Ping, 6, 0, 0).encode())
+        .unwrap();
+    assert_eq!(read_reply(&mut s).unwrap().0.request_id, 6);
+
     // A truncated frame: half a header, then the client goes away.
     let mut s = TcpStream::connect(&addr).unwrap();
     s.write_all(&FrameHeader::request(Op::Ping, 1, 0, 0).encode()[..7])
@@ -259,7 +277,7 @@ async fn bad_input_closes_or_refuses_only_the_offender_and_loses_nothing() {
     assert!(server.metric("kvcache_protocol_errors_total{kind=\"bad_magic\"}") >= 1.0);
     assert!(server.metric("kvcache_protocol_errors_total{kind=\"payload_too_large\"}") >= 1.0);
     assert!(server.metric("kvcache_protocol_errors_total{kind=\"unknown_op\"}") >= 1.0);
-    assert!(server.metric("kvcache_protocol_errors_total{kind=\"malformed\"}") >= 3.0);
+    assert!(server.metric("kvcache_protocol_errors_total{kind=\"malformed\"}") >= 4.0);
     assert_eq!(server.metric("kvcache_blocks_stored"), 20.0);
 }
 
