@@ -17,7 +17,7 @@
 mod connection;
 mod error;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvcache_core::BlockKey;
@@ -25,7 +25,7 @@ use kvcache_core::wire::{
     ExistsReply, ExistsRequest, GetRequest, Op, PingReply, PingRequest, PrefixMatchReply,
     PrefixMatchRequest, PutReply, PutRequest, PutStatus, encode_keys,
 };
-use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use connection::Connection;
 pub use error::ClientError;
@@ -60,7 +60,7 @@ macro_rules! with_conn {
                     Ok(v) => return Ok((v, checkout)),
                     Err(ClientError::Io(e)) if attempt < $attempts => {
                         tracing::debug!(op = $op, attempt, error = %e, "connection failed; retrying on a fresh one");
-                        client.inner.idle.lock().await.clear();
+                        client.inner.idle_conns().clear();
                     }
                     Err(e) => return Err(e),
                 }
@@ -121,9 +121,17 @@ pub struct Client {
 
 struct Inner {
     cfg: ClientConfig,
+    /// Connections not in use. A plain mutex: it is never held across an await.
     idle: Mutex<Vec<Connection>>,
     permits: Arc<Semaphore>,
     max_payload: u32,
+}
+
+impl Inner {
+    fn idle_conns(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+        // A panic while holding this lock cannot leave the Vec inconsistent.
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A connection checked out of the pool, holding its slot.
@@ -174,7 +182,8 @@ impl Client {
             .acquire_owned()
             .await
             .expect("semaphore never closed");
-        if let Some(conn) = self.inner.idle.lock().await.pop() {
+        let idle = self.inner.idle_conns().pop();
+        if let Some(conn) = idle {
             return Ok(Checkout {
                 conn,
                 _permit: permit,
@@ -187,9 +196,7 @@ impl Client {
     }
 
     fn checkin(&self, c: Checkout) {
-        if let Ok(mut idle) = self.inner.idle.try_lock() {
-            idle.push(c.conn);
-        }
+        self.inner.idle_conns().push(c.conn);
     }
 
     /// Checks the node is alive; returns what it reports about itself.

@@ -485,3 +485,26 @@ async fn unreachable_server_is_a_typed_connect_error_and_sigterm_exits_cleanly()
     let err = cl.get(BlockKey(1)).await.unwrap_err();
     assert!(err.is_unavailable(), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_reuse_pooled_connections_instead_of_reconnecting() {
+    let server = ServerProcess::start(&["--memory", "16MiB"]);
+    let cl = client(&server).await;
+    for i in 0..50u128 {
+        cl.put(BlockKey(i), &content(BlockKey(i), 1000)).await.unwrap();
+        assert!(cl.get(BlockKey(i)).await.unwrap().is_some());
+    }
+    assert_eq!(server.metric("kvcache_connections_total"), 1.0, "sequential calls share one connection");
+    // Concurrent calls open at most max_connections (16) and keep them.
+    let tasks: Vec<_> = (0..64u128)
+        .map(|i| {
+            let cl = cl.clone();
+            tokio::spawn(async move { cl.get(BlockKey(i % 50)).await.unwrap() })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap().is_some());
+    }
+    let opened = server.metric("kvcache_connections_total");
+    assert!((1.0..=16.0).contains(&opened), "opened {opened} connections");
+}

@@ -3,10 +3,9 @@
 //! A block occupies `data | pad to 8 | trailer` in its pages. The trailer holds one xxh3-64 per
 //! 128 KiB chunk of data; the index keeps one u64, the xxh3-64 of the trailer. A reader checks
 //! the trailer against the index once (a few bytes), then verifies each chunk immediately
-//! before that chunk leaves, while it is still in L1/L2: a corrupt byte is never sent, and
-//! the bytes are read from DRAM once instead of twice (hash pass, then copy pass). On this
-//! machine that took gets from 0.67x to about 0.9x of the loopback TCP ceiling
-//! (docs/ARCHITECTURE.md, "Checksums").
+//! before that chunk leaves, while it is still in L2: a corrupt byte is never sent, and the
+//! kernel's copy reads the chunk from cache rather than DRAM. With the prefetching hash below,
+//! gets reach about 0.85-0.9x of the loopback TCP ceiling (benches/results/README.md).
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
