@@ -491,10 +491,16 @@ async fn calls_reuse_pooled_connections_instead_of_reconnecting() {
     let server = ServerProcess::start(&["--memory", "16MiB"]);
     let cl = client(&server).await;
     for i in 0..50u128 {
-        cl.put(BlockKey(i), &content(BlockKey(i), 1000)).await.unwrap();
+        cl.put(BlockKey(i), &content(BlockKey(i), 1000))
+            .await
+            .unwrap();
         assert!(cl.get(BlockKey(i)).await.unwrap().is_some());
     }
-    assert_eq!(server.metric("kvcache_connections_total"), 1.0, "sequential calls share one connection");
+    assert_eq!(
+        server.metric("kvcache_connections_total"),
+        1.0,
+        "sequential calls share one connection"
+    );
     // Concurrent calls open at most max_connections (16) and keep them.
     let tasks: Vec<_> = (0..64u128)
         .map(|i| {
@@ -506,5 +512,8 @@ async fn calls_reuse_pooled_connections_instead_of_reconnecting() {
         assert!(t.await.unwrap().is_some());
     }
     let opened = server.metric("kvcache_connections_total");
-    assert!((1.0..=16.0).contains(&opened), "opened {opened} connections");
+    assert!(
+        (1.0..=16.0).contains(&opened),
+        "opened {opened} connections"
+    );
 }
