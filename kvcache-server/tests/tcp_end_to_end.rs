@@ -517,3 +517,34 @@ async fn calls_reuse_pooled_connections_instead_of_reconnecting() {
         "opened {opened} connections"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_costs_at_most_the_client_timeout_then_serves_again() {
+    let server = ServerProcess::start(&["--memory", "16MiB"]);
+    let mut cfg = ClientConfig::new(server.data.clone());
+    cfg.timeout = Duration::from_millis(300);
+    let cl = Client::connect(cfg.clone()).await.unwrap();
+    cl.put(BlockKey(1), b"kv").await.unwrap();
+    let pid = server.child.id() as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let started = std::time::Instant::now();
+    let err = cl.get(BlockKey(1)).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(err, ClientError::Timeout { .. }) && err.is_unavailable(),
+        "{err}"
+    );
+    assert!(took < Duration::from_millis(1500), "blocked for {took:?}");
+    let err = Client::connect(cfg)
+        .await
+        .err()
+        .expect("a frozen node cannot answer the handshake");
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(
+        cl.get(BlockKey(1)).await.unwrap().as_deref(),
+        Some(&b"kv"[..])
+    );
+}
