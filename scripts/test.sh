@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every test: formatting, lints, and the whole workspace's unit and integration tests
+# Runs every test: formatting, lints, docs, and the whole workspace's unit and integration tests
 # (real server processes on loopback, Redis for the benchmark's smoke test). Installs what it
 # needs. Build outputs are cached in $KVCACHE_CACHE_DIR (default /var/tmp/kvcache-cache).
 cd "$(dirname "$0")/.."
@@ -11,6 +11,8 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo doc" >&2
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 echo "== cargo test" >&2
 cargo test --workspace --locked
 echo "all tests passed in $(( $(date +%s) - started )) s" >&2

@@ -2,7 +2,7 @@
 //! eviction. It implements the data plane's three steps independently of any transport:
 //!
 //! - put: [`Store::allocate`] -> write the bytes into [`Allocation::bytes_mut`] -> [`Allocation::commit`];
-//! - get: [`Store::lease`] -> read [`Lease::bytes`] -> drop the lease (release).
+//! - get: [`Store::lease`] -> read through [`Lease::verified_chunk`] -> drop the lease (release).
 //!
 //! An allocation is invisible until committed and is freed if dropped uncommitted (a client
 //! that dies mid-put leaves nothing behind). A leased block is never evicted or reused. Every
