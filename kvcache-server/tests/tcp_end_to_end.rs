@@ -528,6 +528,15 @@ async fn a_frozen_node_costs_at_most_the_client_timeout_then_serves_again() {
     let pid = server.child.id() as i32;
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // Signals arrive asynchronously: wait until the kernel reports the process stopped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .contains(") T ")
+    {
+        assert!(std::time::Instant::now() < deadline, "server did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let started = std::time::Instant::now();
     let err = cl.get(BlockKey(1)).await.unwrap_err();
     let took = started.elapsed();
