@@ -94,6 +94,16 @@ pub struct Settings {
     #[arg(long, env = "KVCACHE_MAX_FRAME", value_name = "SIZE")]
     pub max_frame: Option<ByteSize>,
 
+    /// Seconds a request may take once its header has arrived: receiving its body and sending
+    /// the reply. A client that stalls longer is disconnected, and its allocation or leases are
+    /// released [default: 30].
+    #[arg(long, env = "KVCACHE_REQUEST_TIMEOUT", value_name = "SECONDS")]
+    pub request_timeout: Option<f64>,
+
+    /// Most data connections open at once; more are refused at once [default: 4096].
+    #[arg(long, env = "KVCACHE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
     /// Seconds to let in-flight requests finish on SIGTERM/SIGINT [default: 10].
     #[arg(long, env = "KVCACHE_SHUTDOWN_GRACE", value_name = "SECONDS")]
     pub shutdown_grace: Option<f64>,
@@ -119,6 +129,8 @@ pub struct ServerConfig {
     pub metrics_listen: Option<String>,
     pub store: StoreConfig,
     pub limits: FrameLimits,
+    pub request_timeout: Duration,
+    pub max_connections: usize,
     pub shutdown_grace: Duration,
     pub test_hooks: bool,
 }
@@ -150,6 +162,8 @@ impl Settings {
             shards,
             mlock,
             max_frame,
+            request_timeout,
+            max_connections,
             shutdown_grace,
             log,
             threads
@@ -168,6 +182,14 @@ impl Settings {
         let grace = self.shutdown_grace.unwrap_or(10.0);
         if !(0.0..=3600.0).contains(&grace) {
             bail!("--shutdown-grace must be between 0 and 3600 seconds");
+        }
+        let request_timeout = self.request_timeout.unwrap_or(30.0);
+        if !(0.001..=86_400.0).contains(&request_timeout) {
+            bail!("--request-timeout must be between 0.001 and 86400 seconds");
+        }
+        let max_connections = self.max_connections.unwrap_or(4096);
+        if max_connections == 0 {
+            bail!("--max-connections must be at least 1");
         }
         let metrics_listen = match self.metrics_listen.as_deref() {
             Some("off") => None,
@@ -193,6 +215,8 @@ impl Settings {
                 max_payload: max_frame as u32,
                 ..FrameLimits::default()
             },
+            request_timeout: Duration::from_secs_f64(request_timeout),
+            max_connections,
             shutdown_grace: Duration::from_secs_f64(grace),
             test_hooks: self.enable_test_hooks,
         })

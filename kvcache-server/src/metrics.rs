@@ -92,6 +92,8 @@ pub struct Metrics {
     protocol_errors: [AtomicU64; ProtocolError::ALL.len()],
     connections_active: AtomicI64,
     connections_total: AtomicU64,
+    connections_rejected: AtomicU64,
+    requests_timed_out: AtomicU64,
 }
 
 /// Why a put of one block was refused, for `kvcache_put_rejected_blocks_total`.
@@ -145,6 +147,14 @@ impl Metrics {
     pub fn connection_opened(&self) {
         self.connections_active.fetch_add(1, Relaxed);
         self.connections_total.fetch_add(1, Relaxed);
+    }
+
+    pub fn connection_rejected(&self) {
+        self.connections_rejected.fetch_add(1, Relaxed);
+    }
+
+    pub fn request_timed_out(&self) {
+        self.requests_timed_out.fetch_add(1, Relaxed);
     }
 
     pub fn connection_closed(&self) {
@@ -379,6 +389,28 @@ impl Metrics {
             out,
             "kvcache_connections_total {}",
             self.connections_total.load(Relaxed)
+        );
+        header(
+            &mut out,
+            "kvcache_connections_rejected_total",
+            "counter",
+            "Connections refused at --max-connections.",
+        );
+        let _ = writeln!(
+            out,
+            "kvcache_connections_rejected_total {}",
+            self.connections_rejected.load(Relaxed)
+        );
+        header(
+            &mut out,
+            "kvcache_requests_timed_out_total",
+            "counter",
+            "Requests that stalled past --request-timeout (connection closed).",
+        );
+        let _ = writeln!(
+            out,
+            "kvcache_requests_timed_out_total {}",
+            self.requests_timed_out.load(Relaxed)
         );
         out
     }

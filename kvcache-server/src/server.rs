@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::config::ServerConfig;
@@ -56,8 +56,9 @@ impl RunningServer {
             store: Arc::clone(&store),
             metrics: Arc::clone(&metrics),
             limits: cfg.limits,
+            request_timeout: cfg.request_timeout,
         });
-        tasks.spawn(accept_loop(data, ctx, rx));
+        tasks.spawn(accept_loop(data, ctx, cfg.max_connections, rx));
         let stats = store.stats();
         tracing::info!(
             listen = %data_addr,
@@ -116,9 +117,11 @@ impl RunningServer {
 async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<ServiceContext>,
+    max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
+    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -128,13 +131,19 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    // Refusing at once (closing) beats queueing without bound.
+                    ctx.metrics.connection_rejected();
+                    tracing::warn!(%peer, max_connections, "connection refused: too many open connections");
+                    drop(stream);
+                    continue;
+                };
                 tracing::debug!(%peer, "connection accepted");
-                conns.spawn(service::serve_connection(
-                    Arc::clone(&ctx),
-                    stream,
-                    peer,
-                    shutdown.clone(),
-                ));
+                let (ctx, shutdown) = (Arc::clone(&ctx), shutdown.clone());
+                conns.spawn(async move {
+                    service::serve_connection(ctx, stream, peer, shutdown).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{
@@ -34,6 +34,8 @@ pub struct ServiceContext {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub limits: FrameLimits,
+    /// Longest a request may take once its header has arrived.
+    pub request_timeout: Duration,
 }
 
 /// Whether the connection goes on after a request.
@@ -67,9 +69,21 @@ pub async fn serve_connection(
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
         let flow = match header {
-            Ok(h) => match handle_request(&ctx, h, &mut rd, &mut wr).await {
-                Ok(flow) => flow,
-                Err(e) => {
+            Ok(h) => match tokio::time::timeout(
+                ctx.request_timeout,
+                handle_request(&ctx, h, &mut rd, &mut wr),
+            )
+            .await
+            {
+                Ok(Ok(flow)) => flow,
+                Err(_) => {
+                    // A stalled client must not pin an allocation or leases: dropping the
+                    // request future here releases both.
+                    ctx.metrics.request_timed_out();
+                    tracing::warn!(%peer, op = h.op.name(), timeout = ?ctx.request_timeout, "request stalled; closing connection");
+                    Flow::Close
+                }
+                Ok(Err(e)) => {
                     if matches!(e, FrameReadError::Truncated) {
                         ctx.metrics.protocol_error(ProtocolError::Truncated);
                     }

@@ -557,3 +557,65 @@ async fn a_frozen_node_costs_at_most_the_client_timeout_then_serves_again() {
         Some(&b"kv"[..])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_loses_its_leases_and_allocation_after_the_request_timeout() {
+    let server = ServerProcess::start(&["--memory", "64MiB", "--request-timeout", "1"]);
+    let cl = client(&server).await;
+    let keys: Vec<BlockKey> = (0..32).map(|i| BlockKey(7000 + i)).collect();
+    for &k in &keys {
+        cl.put(k, &content(k, 1 << 20)).await.unwrap();
+    }
+    // A reader that asks for 32 MiB and never reads, and a writer that sends half a block;
+    // both keep their sockets open.
+    let mut reader = TcpStream::connect(&server.data).unwrap();
+    let req = GetRequest {
+        keys: wire::encode_keys(&keys),
+    }
+    .encode_to_vec();
+    reader
+        .write_all(&FrameHeader::request(Op::Get, 1, req.len(), 0).encode())
+        .unwrap();
+    reader.write_all(&req).unwrap();
+    let mut writer = TcpStream::connect(&server.data).unwrap();
+    writer
+        .write_all(&raw_put_frame(&[BlockKey(1)], &[1 << 20], 1 << 20))
+        .unwrap();
+    writer.write_all(&[0x22; 1000]).unwrap();
+    assert_eq!(
+        server.wait_metric("kvcache_active_leases", |v| v == 32.0),
+        32.0
+    );
+    // Within the timeout (plus slack) both are cut off and everything they held is released.
+    assert_eq!(
+        server.wait_metric("kvcache_active_leases", |v| v == 0.0),
+        0.0
+    );
+    assert_eq!(
+        server.wait_metric("kvcache_requests_timed_out_total", |v| v == 2.0),
+        2.0
+    );
+    assert_eq!(
+        server.metric("kvcache_pool_used_bytes"),
+        32.0 * ((1 << 20) + 4096) as f64,
+        "no stray allocation"
+    );
+    assert_eq!(cl.get(BlockKey(1)).await.unwrap(), None);
+    assert!(
+        cl.exists(&keys).await.unwrap().iter().all(|p| *p),
+        "the stored blocks are untouched"
+    );
+    drop((reader, writer));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_refused_and_the_rest_keep_working() {
+    let server = ServerProcess::start(&["--memory", "4MiB", "--max-connections", "2"]);
+    let cl = client(&server).await; // one connection
+    let _second = TcpStream::connect(&server.data).unwrap();
+    server.wait_metric("kvcache_connections_active", |v| v == 2.0);
+    let mut third = TcpStream::connect(&server.data).unwrap();
+    assert_closed(&mut third);
+    assert_eq!(server.metric("kvcache_connections_rejected_total"), 1.0);
+    assert!(cl.ping().await.is_ok(), "existing connections keep working");
+}
