@@ -30,6 +30,10 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         rt.worker_threads(n.max(1));
     }
     rt.build()?.block_on(async {
+        // Handlers first: a SIGTERM that arrives as soon as we report ready must still mean a
+        // graceful shutdown, not the default action (immediate death).
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
         let server = crate::server::RunningServer::start(&cfg).await?;
         // One line on stdout when ready, for scripts and tests that start us on port 0.
         let metrics = server
@@ -39,8 +43,6 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
             "kvcache-server ready data={} metrics={metrics}",
             server.data_addr()
         );
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         let which = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",

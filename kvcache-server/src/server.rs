@@ -134,7 +134,9 @@ async fn accept_loop(
                 let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                     // Refusing at once (closing) beats queueing without bound.
                     ctx.metrics.connection_rejected();
-                    tracing::warn!(%peer, max_connections, "connection refused: too many open connections");
+                    if service::warn_allowed() {
+                        tracing::warn!(%peer, max_connections, "connection refused: too many open connections");
+                    }
                     drop(stream);
                     continue;
                 };

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kvcache_core::BlockKey;
@@ -36,6 +37,16 @@ pub struct ServiceContext {
     pub limits: FrameLimits,
     /// Longest a request may take once its header has arrived.
     pub request_timeout: Duration,
+}
+
+/// True at most once per second: events a network peer can trigger at will (bad frames,
+/// stalls, refused connections) must not be able to flood the log. Metrics count every one.
+pub(crate) fn warn_allowed() -> bool {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LAST.swap(now, Ordering::Relaxed) != now
 }
 
 /// Whether the connection goes on after a request.
@@ -80,7 +91,9 @@ pub async fn serve_connection(
                     // A stalled client must not pin an allocation or leases: dropping the
                     // request future here releases both.
                     ctx.metrics.request_timed_out();
-                    tracing::warn!(%peer, op = h.op.name(), timeout = ?ctx.request_timeout, "request stalled; closing connection");
+                    if warn_allowed() {
+                        tracing::warn!(%peer, op = h.op.name(), timeout = ?ctx.request_timeout, "request stalled; closing connection");
+                    }
                     Flow::Close
                 }
                 Ok(Err(e)) => {
@@ -109,7 +122,11 @@ pub async fn serve_connection(
                     FrameError::ControlTooLarge { .. } => ProtocolError::ControlTooLarge,
                     FrameError::PayloadTooLarge { .. } => ProtocolError::PayloadTooLarge,
                 });
-                tracing::warn!(%peer, error = %e, "rejected frame; closing connection");
+                if warn_allowed() {
+                    tracing::warn!(%peer, error = %e, "rejected frame; closing connection (further rejections this second are logged at debug; all are counted in kvcache_protocol_errors_total)");
+                } else {
+                    tracing::debug!(%peer, error = %e, "rejected frame; closing connection");
+                }
                 let code = match e {
                     FrameError::ControlTooLarge { .. } | FrameError::PayloadTooLarge { .. } => {
                         ErrorCode::TooLarge

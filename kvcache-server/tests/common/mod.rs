@@ -28,7 +28,7 @@ impl ServerProcess {
                 "off",
             ])
             .args(args)
-            .env("KVCACHE_LOG", "warn")
+            .env("KVCACHE_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
