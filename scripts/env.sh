@@ -20,7 +20,12 @@ ensure_packages() {
     for pair in "$@"; do
         command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
     done
-    [ ${#missing[@]} -eq 0 ] && return 0
+    [ ${#missing[@]} -eq 0 ] || install_packages "${missing[@]}"
+}
+
+# Installs Debian packages.
+install_packages() {
+    local missing=("$@")
     echo "installing Debian packages: ${missing[*]}" >&2
     as_root apt-get update -qq
     # Some images delete .deb files in a post-invoke hook that then breaks dpkg; clear it.
@@ -40,3 +45,12 @@ if ! command -v cargo >/dev/null; then
     . "$HOME/.cargo/env"
 fi
 ensure_packages gcc:gcc
+
+# A Python virtual environment outside the clone, with the tools the Python tests use.
+python_venv() {
+    ensure_packages python3:python3
+    python3 -c 'import ensurepip, venv' 2>/dev/null || install_packages python3-venv python3-pip
+    export KVCACHE_VENV="$KVCACHE_CACHE_DIR/venv"
+    [ -x "$KVCACHE_VENV/bin/python" ] || python3 -m venv "$KVCACHE_VENV"
+    "$KVCACHE_VENV/bin/pip" install -q --disable-pip-version-check maturin pytest numpy ruff >&2
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, lints, docs, and the whole workspace's unit and integration tests
-# (real server processes on loopback, Redis for the benchmark's smoke test). Installs what it
+# (real server processes on loopback, Redis for the benchmark's smoke test), and the Python
+# module's tests against a real server. Installs what it
 # needs. Build outputs are cached in $KVCACHE_CACHE_DIR (default /var/tmp/kvcache-cache).
 cd "$(dirname "$0")/.."
 . scripts/env.sh
@@ -15,4 +16,10 @@ echo "== cargo doc" >&2
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 echo "== cargo test" >&2
 cargo test --workspace --locked
+echo "== python: pip install ./pyo3-bindings, ruff, pytest" >&2
+python_venv
+"$KVCACHE_VENV/bin/pip" install -q --disable-pip-version-check ./pyo3-bindings
+"$KVCACHE_VENV/bin/ruff" check pyo3-bindings
+"$KVCACHE_VENV/bin/ruff" format --check pyo3-bindings
+KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" "$KVCACHE_VENV/bin/pytest" -q pyo3-bindings/tests
 echo "all tests passed in $(( $(date +%s) - started )) s" >&2

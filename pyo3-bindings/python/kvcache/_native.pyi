@@ -1,0 +1,82 @@
+"""Type stubs for the native part of `kvcache`."""
+
+from collections.abc import Sequence
+
+from typing_extensions import Buffer
+
+class KvcacheError(Exception):
+    """A node refused a request, sent an invalid reply, or the client is closed."""
+
+Segment = tuple[int, int]
+"""`(address, length)` of caller memory, e.g. `(tensor.data_ptr() + offset, nbytes)`."""
+
+class Client:
+    """A client of one kvcache node. Blocking calls release the GIL.
+
+    Raises ConnectionError if the node cannot be reached, TimeoutError if it does not answer
+    within `timeout_s`, ValueError for bad arguments, KvcacheError otherwise.
+    """
+
+    def __init__(
+        self,
+        addr: str,
+        *,
+        transport: str = "auto",
+        timeout_s: float = 5.0,
+        max_connections: int = 16,
+    ) -> None:
+        """Connects to `addr` ("host:port"). `transport`: "auto" or "tcp" ("shm" is not
+        available yet and raises ValueError)."""
+
+    def put(self, key: bytes, value: Buffer) -> bool:
+        """Stores a block under a 16-byte key. True if stored (now or already); False if the
+        node refused it (larger than its pool, or the pool is full of leased blocks)."""
+
+    def get(self, key: bytes) -> bytes | None:
+        """The block stored under `key`, or None."""
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        """Which keys are stored."""
+
+    def prefix_match(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys of a chain are stored."""
+
+    def put_many(self, keys: Sequence[bytes], segments: Sequence[Sequence[Segment]]) -> list[bool]:
+        """Stores blocks gathered from caller memory without copying through Python:
+        `segments[i]` lists key i's pieces in order. The memory must stay valid and unchanged
+        for the call. Returns, per key, whether it is stored."""
+
+    def get_many_into(self, keys: Sequence[bytes], segments: Sequence[Sequence[Segment]]) -> list[bool]:
+        """Fetches blocks straight into caller memory: `segments[i]` lists key i's
+        destinations, filled in order (they must not overlap and must stay valid for the
+        call). Returns, per key, True for a hit and False for a miss. Raises ValueError if a
+        block's stored length differs from its segments' total (that destination is left
+        untouched). Never writes wrong bytes: a block that fails verification is a miss."""
+
+    def stats(self) -> dict[str, int | float | str]:
+        """This client's counters and what the node reports about itself."""
+
+    def close(self) -> None:
+        """Closes the client; later calls raise KvcacheError."""
+
+    def __enter__(self) -> Client: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+def chain_keys(namespace: bytes, tokens: Sequence[int], block_size: int) -> list[bytes]:
+    """Keys of every full block of `tokens` (16 bytes each), identical to the Rust core's.
+    `namespace` is a 16-byte id from `namespace_id`."""
+
+def namespace_id(
+    model: str,
+    kv_dtype: str,
+    block_size: int,
+    *,
+    layout: str = "",
+    tp_world_size: int = 1,
+    tp_rank: int = 0,
+    rank_agnostic: bool = False,
+    lora: str | None = None,
+    salt: str | None = None,
+) -> bytes:
+    """The 16-byte id of a namespace: everything that makes KV bytes differ for the same
+    tokens (model, KV dtype, block size, layout, tensor-parallel rank, LoRA, salt)."""

@@ -1,0 +1,463 @@
+//! The Python module `kvcache` (native part `kvcache._native`): a thin shell over
+//! `kvcache-client` and `kvcache-core`. Every blocking call releases the GIL and runs on one
+//! shared tokio runtime, created on first use (after any fork the engine does at start-up).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use kvcache_client::{Client as RustClient, ClientConfig, ClientError, GetOutcome};
+use kvcache_core::wire::PutStatus;
+use kvcache_core::{BlockKey, Namespace, NamespaceId, TpPlacement};
+use pyo3::buffer::PyBuffer;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyConnectionError, PyException, PyTimeoutError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+create_exception!(
+    _native,
+    KvcacheError,
+    PyException,
+    "A kvcache node refused a request, sent an invalid reply, or the client is closed."
+);
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kvcache-io")
+            .enable_all()
+            .build()
+            .expect("cannot start the kvcache I/O runtime")
+    })
+}
+
+fn to_py(e: ClientError) -> PyErr {
+    match e {
+        ClientError::Connect { .. } | ClientError::Io(_) => {
+            PyConnectionError::new_err(e.to_string())
+        }
+        ClientError::Timeout { .. } => PyTimeoutError::new_err(e.to_string()),
+        ClientError::InvalidArgument(m) => PyValueError::new_err(m),
+        ClientError::Server { .. } | ClientError::Protocol(_) => {
+            KvcacheError::new_err(e.to_string())
+        }
+    }
+}
+
+fn key_of(bytes: &[u8], what: &str) -> PyResult<BlockKey> {
+    BlockKey::from_slice(bytes).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "{what} must be 16 bytes (a kvcache block key), got {}",
+            bytes.len()
+        ))
+    })
+}
+
+fn keys_of(keys: Vec<Vec<u8>>) -> PyResult<Vec<BlockKey>> {
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| key_of(k, &format!("keys[{i}]")))
+        .collect()
+}
+
+/// Caller memory named by `(address, length)` pairs, checked for null, empty and overlapping
+/// ranges. The caller promises the memory stays valid and untouched for the call.
+struct Segments {
+    per_key: Vec<Vec<(usize, usize)>>,
+}
+
+impl Segments {
+    fn new(segments: Vec<Vec<(usize, usize)>>, keys: usize) -> PyResult<Self> {
+        if segments.len() != keys {
+            return Err(PyValueError::new_err(format!(
+                "{keys} keys but {} segment lists",
+                segments.len()
+            )));
+        }
+        let mut all: Vec<(usize, usize, usize)> = Vec::new();
+        for (i, segs) in segments.iter().enumerate() {
+            if segs.is_empty() {
+                return Err(PyValueError::new_err(format!("segments[{i}] is empty")));
+            }
+            for &(addr, len) in segs {
+                if addr == 0 || len == 0 || addr.checked_add(len).is_none() {
+                    return Err(PyValueError::new_err(format!(
+                        "segments[{i}] has an invalid segment (address {addr:#x}, length {len})"
+                    )));
+                }
+                all.push((addr, len, i));
+            }
+        }
+        all.sort_unstable();
+        for w in all.windows(2) {
+            if w[0].0 + w[0].1 > w[1].0 {
+                return Err(PyValueError::new_err(format!(
+                    "segments of keys {} and {} overlap at {:#x}",
+                    w[0].2, w[1].2, w[1].0
+                )));
+            }
+        }
+        Ok(Self { per_key: segments })
+    }
+
+    /// Total bytes of key `i`.
+    fn len(&self, i: usize) -> usize {
+        self.per_key[i].iter().map(|s| s.1).sum()
+    }
+
+    /// Read-only views.
+    ///
+    /// # Safety
+    /// Every segment must be readable memory that outlives the returned slices.
+    unsafe fn read(&self) -> Vec<Vec<&'static [u8]>> {
+        self.per_key
+            .iter()
+            // SAFETY: the caller of `read` guarantees the ranges are valid for the call.
+            .map(|segs| {
+                segs.iter()
+                    .map(|&(a, l)| unsafe { std::slice::from_raw_parts(a as *const u8, l) })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Writable views.
+    ///
+    /// # Safety
+    /// Every segment must be writable memory that outlives the returned slices; `new` already
+    /// checked that no two segments overlap, so the slices do not alias each other.
+    unsafe fn write(&self) -> Vec<Vec<&'static mut [u8]>> {
+        self.per_key
+            .iter()
+            // SAFETY: as above; disjointness was checked in `new`.
+            .map(|segs| {
+                segs.iter()
+                    .map(|&(a, l)| unsafe { std::slice::from_raw_parts_mut(a as *mut u8, l) })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    puts: AtomicU64,
+    put_bytes: AtomicU64,
+    gets: AtomicU64,
+    get_hits: AtomicU64,
+    get_bytes: AtomicU64,
+    lookups: AtomicU64,
+}
+
+/// A client of one kvcache node.
+#[pyclass(module = "kvcache._native", frozen)]
+struct Client {
+    inner: Mutex<Option<RustClient>>,
+    addr: String,
+    transport: &'static str,
+    timeout_s: f64,
+    counters: Counters,
+}
+
+impl Client {
+    fn client(&self) -> PyResult<RustClient> {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        guard
+            .clone()
+            .ok_or_else(|| KvcacheError::new_err("the client is closed"))
+    }
+}
+
+/// Runs a future on the I/O runtime with the GIL released.
+fn block<T: Send>(py: Python<'_>, fut: impl std::future::Future<Output = T> + Send) -> T {
+    py.detach(|| runtime().block_on(fut))
+}
+
+#[pymethods]
+impl Client {
+    #[new]
+    #[pyo3(signature = (addr, *, transport = "auto", timeout_s = 5.0, max_connections = 16))]
+    fn new(
+        py: Python<'_>,
+        addr: &str,
+        transport: &str,
+        timeout_s: f64,
+        max_connections: usize,
+    ) -> PyResult<Self> {
+        let transport = match transport {
+            "auto" | "tcp" => "tcp",
+            "shm" => {
+                return Err(PyValueError::new_err(
+                    "transport 'shm' is not available in this version: use 'auto' or 'tcp'",
+                ));
+            }
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown transport {other:?}: use 'auto' or 'tcp'"
+                )));
+            }
+        };
+        if !(timeout_s > 0.0 && timeout_s.is_finite()) {
+            return Err(PyValueError::new_err(
+                "timeout_s must be a positive number of seconds",
+            ));
+        }
+        if max_connections == 0 {
+            return Err(PyValueError::new_err("max_connections must be at least 1"));
+        }
+        let mut cfg = ClientConfig::new(addr);
+        cfg.timeout = Duration::from_secs_f64(timeout_s);
+        cfg.max_connections = max_connections;
+        let client = block(py, RustClient::connect(cfg)).map_err(to_py)?;
+        Ok(Self {
+            inner: Mutex::new(Some(client)),
+            addr: addr.to_string(),
+            transport,
+            timeout_s,
+            counters: Counters::default(),
+        })
+    }
+
+    /// Stores one block; True if it is stored (now or already), False if the node refused it.
+    fn put(&self, py: Python<'_>, key: Vec<u8>, value: PyBuffer<u8>) -> PyResult<bool> {
+        let key = key_of(&key, "key")?;
+        if !value.is_c_contiguous() {
+            return Err(PyValueError::new_err(
+                "value must be a contiguous bytes-like object",
+            ));
+        }
+        let len = value.len_bytes();
+        // SAFETY: a contiguous buffer of `len` bytes, kept alive (and exported, so not resized)
+        // by `value` for the whole call.
+        let bytes: &[u8] = unsafe { std::slice::from_raw_parts(value.buf_ptr() as *const u8, len) };
+        let client = self.client()?;
+        let status = block(py, client.put(key, bytes)).map_err(to_py)?;
+        self.counters.puts.fetch_add(1, Relaxed);
+        self.counters.put_bytes.fetch_add(len as u64, Relaxed);
+        Ok(matches!(
+            status,
+            PutStatus::Stored | PutStatus::AlreadyPresent
+        ))
+    }
+
+    /// Fetches one block, or None.
+    fn get<'py>(&self, py: Python<'py>, key: Vec<u8>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let key = key_of(&key, "key")?;
+        let client = self.client()?;
+        let value = block(py, client.get(key)).map_err(to_py)?;
+        self.counters.gets.fetch_add(1, Relaxed);
+        Ok(value.map(|v| {
+            self.counters.get_hits.fetch_add(1, Relaxed);
+            self.counters.get_bytes.fetch_add(v.len() as u64, Relaxed);
+            PyBytes::new(py, &v)
+        }))
+    }
+
+    /// Which keys are stored.
+    fn exists(&self, py: Python<'_>, keys: Vec<Vec<u8>>) -> PyResult<Vec<bool>> {
+        let keys = keys_of(keys)?;
+        let client = self.client()?;
+        self.counters.lookups.fetch_add(1, Relaxed);
+        block(py, client.exists(&keys)).map_err(to_py)
+    }
+
+    /// How many leading keys of a chain are stored.
+    fn prefix_match(&self, py: Python<'_>, keys: Vec<Vec<u8>>) -> PyResult<usize> {
+        let keys = keys_of(keys)?;
+        let client = self.client()?;
+        self.counters.lookups.fetch_add(1, Relaxed);
+        block(py, client.prefix_match(&keys)).map_err(to_py)
+    }
+
+    /// Stores blocks gathered from caller memory: `segments[i]` lists key i's
+    /// `(address, length)` pieces in order. Returns, per key, whether it is stored.
+    fn put_many(
+        &self,
+        py: Python<'_>,
+        keys: Vec<Vec<u8>>,
+        segments: Vec<Vec<(usize, usize)>>,
+    ) -> PyResult<Vec<bool>> {
+        let keys = keys_of(keys)?;
+        let segs = Segments::new(segments, keys.len())?;
+        let client = self.client()?;
+        // SAFETY: the caller promises the segments are readable for the call (documented).
+        let views = unsafe { segs.read() };
+        let values: Vec<&[&[u8]]> = views.iter().map(|v| v.as_slice()).collect();
+        let statuses = block(py, client.put_many_segments(&keys, &values)).map_err(to_py)?;
+        self.counters.puts.fetch_add(keys.len() as u64, Relaxed);
+        let bytes: usize = (0..keys.len()).map(|i| segs.len(i)).sum();
+        self.counters.put_bytes.fetch_add(bytes as u64, Relaxed);
+        Ok(statuses
+            .into_iter()
+            .map(|s| matches!(s, PutStatus::Stored | PutStatus::AlreadyPresent))
+            .collect())
+    }
+
+    /// Fetches blocks straight into caller memory: `segments[i]` lists key i's
+    /// `(address, length)` destinations, filled in order. Returns, per key, True for a hit and
+    /// False for a miss. A stored block whose length differs from its segments' total raises
+    /// ValueError (the destination is left untouched).
+    fn get_many_into(
+        &self,
+        py: Python<'_>,
+        keys: Vec<Vec<u8>>,
+        segments: Vec<Vec<(usize, usize)>>,
+    ) -> PyResult<Vec<bool>> {
+        let keys = keys_of(keys)?;
+        let segs = Segments::new(segments, keys.len())?;
+        let client = self.client()?;
+        // SAFETY: the caller promises the segments are writable for the call (documented);
+        // `Segments::new` checked they do not overlap.
+        let mut views = unsafe { segs.write() };
+        let outcomes = block(py, client.get_many_into(&keys, &mut views)).map_err(to_py)?;
+        self.counters.gets.fetch_add(keys.len() as u64, Relaxed);
+        let mut hits = Vec::with_capacity(outcomes.len());
+        for (i, o) in outcomes.into_iter().enumerate() {
+            match o {
+                GetOutcome::Hit => {
+                    self.counters.get_hits.fetch_add(1, Relaxed);
+                    self.counters
+                        .get_bytes
+                        .fetch_add(segs.len(i) as u64, Relaxed);
+                    hits.push(true);
+                }
+                GetOutcome::Miss => hits.push(false),
+                GetOutcome::WrongSize { stored, expected } => {
+                    return Err(PyValueError::new_err(format!(
+                        "keys[{i}] is stored with {stored} bytes but its segments hold {expected}"
+                    )));
+                }
+            }
+        }
+        Ok(hits)
+    }
+
+    /// What this client did, and what the node says about itself.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let client = self.client()?;
+        let ping = block(py, client.ping()).map_err(to_py)?;
+        let d = PyDict::new(py);
+        d.set_item("addr", &self.addr)?;
+        d.set_item("transport", self.transport)?;
+        d.set_item("timeout_s", self.timeout_s)?;
+        d.set_item("server_version", ping.server_version)?;
+        d.set_item("protocol_version", ping.protocol_version)?;
+        d.set_item("max_payload", ping.max_payload)?;
+        let c = &self.counters;
+        for (name, v) in [
+            ("puts", &c.puts),
+            ("put_bytes", &c.put_bytes),
+            ("gets", &c.gets),
+            ("get_hits", &c.get_hits),
+            ("get_bytes", &c.get_bytes),
+            ("lookups", &c.lookups),
+        ] {
+            d.set_item(name, v.load(Relaxed))?;
+        }
+        Ok(d)
+    }
+
+    /// Closes the client's connections; later calls raise KvcacheError.
+    fn close(&self) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        _t: Option<Bound<'_, PyAny>>,
+        _v: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) {
+        self.close();
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "kvcache.Client({:?}, transport={:?})",
+            self.addr, self.transport
+        )
+    }
+}
+
+/// Keys of every full block of `tokens`, exactly as the Rust core derives them.
+/// `namespace` is the 16-byte namespace id (see `namespace_id`).
+#[pyfunction]
+fn chain_keys<'py>(
+    py: Python<'py>,
+    namespace: Vec<u8>,
+    tokens: Vec<u32>,
+    block_size: usize,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let ns: [u8; 16] = namespace.as_slice().try_into().map_err(|_| {
+        PyValueError::new_err(format!(
+            "namespace must be a 16-byte namespace id, got {} bytes",
+            namespace.len()
+        ))
+    })?;
+    if block_size == 0 {
+        return Err(PyValueError::new_err("block_size must be positive"));
+    }
+    let keys =
+        py.detach(|| kvcache_core::chain_keys(&NamespaceId::from_bytes(ns), &tokens, block_size));
+    Ok(keys
+        .iter()
+        .map(|k| PyBytes::new(py, &k.to_bytes()))
+        .collect())
+}
+
+/// The 16-byte id of a namespace: everything that makes KV bytes differ for the same tokens.
+#[pyfunction]
+#[pyo3(signature = (model, kv_dtype, block_size, *, layout = String::new(), tp_world_size = 1, tp_rank = 0, rank_agnostic = false, lora = None, salt = None))]
+#[allow(clippy::too_many_arguments)]
+fn namespace_id<'py>(
+    py: Python<'py>,
+    model: String,
+    kv_dtype: String,
+    block_size: u32,
+    layout: String,
+    tp_world_size: u32,
+    tp_rank: u32,
+    rank_agnostic: bool,
+    lora: Option<String>,
+    salt: Option<String>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    if !rank_agnostic && tp_rank >= tp_world_size {
+        return Err(PyValueError::new_err(format!(
+            "tp_rank {tp_rank} is not below tp_world_size {tp_world_size}"
+        )));
+    }
+    let tp = if rank_agnostic {
+        TpPlacement::RankAgnostic
+    } else {
+        TpPlacement::Rank {
+            world_size: tp_world_size,
+            rank: tp_rank,
+        }
+    };
+    let ns = Namespace {
+        model,
+        kv_dtype,
+        block_size,
+        layout,
+        tp,
+        lora,
+        salt,
+    };
+    Ok(PyBytes::new(py, ns.id().as_bytes()))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Client>()?;
+    m.add_function(wrap_pyfunction!(chain_keys, m)?)?;
+    m.add_function(wrap_pyfunction!(namespace_id, m)?)?;
+    m.add("KvcacheError", m.py().get_type::<KvcacheError>())?;
+    Ok(())
+}

@@ -1,0 +1,163 @@
+"""The Python API against a real kvcache-server over loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kvcache
+from conftest import REPO, Server
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def test_round_trip_exists_and_prefix_match(server: Server) -> None:
+    c = kvcache.Client(server.data)
+    assert c.put(key(1), b"hello kv") is True
+    assert c.put(key(1), b"hello kv") is True  # immutable: an existing key is a no-op
+    assert c.put(key(2), bytearray(b"x" * 100_000)) is True
+    assert c.put(key(3), memoryview(b"abc")) is True
+    assert c.get(key(1)) == b"hello kv"
+    assert c.get(key(2)) == b"x" * 100_000
+    assert c.get(key(99)) is None
+    assert c.exists([key(1), key(99), key(3)]) == [True, False, True]
+    assert c.prefix_match([key(1), key(2), key(99), key(3)]) == 2
+    stats = c.stats()
+    assert stats["transport"] == "tcp" and stats["puts"] == 4 and stats["get_hits"] == 2
+    assert server.metric('kvcache_hit_blocks_total{op="get"}') == 2
+
+
+def test_zero_copy_put_many_and_get_many_into_numpy(server: Server) -> None:
+    c = kvcache.Client(server.data)
+    # Eight "layers" of KV, each (blocks, 1024) float16: one block's bytes are spread over all
+    # layers, as in vLLM's paged KV tensors.
+    layers = [np.random.default_rng(i).standard_normal((4, 1024)).astype(np.float16) for i in range(8)]
+    keys = [key(100 + b) for b in range(4)]
+    segs = [[(layer.ctypes.data + b * layer.strides[0], layer.strides[0]) for layer in layers] for b in range(4)]
+    assert c.put_many(keys, segs) == [True] * 4
+    dest = [np.zeros_like(layer) for layer in layers]
+    dsegs = [[(d.ctypes.data + b * d.strides[0], d.strides[0]) for d in dest] for b in range(4)]
+    absent = np.zeros(16, dtype=np.uint8)
+    assert c.get_many_into(keys + [key(555)], dsegs + [[(absent.ctypes.data, 16)]]) == [True] * 4 + [False]
+    assert not absent.any(), "a miss leaves its destination untouched"
+    for src, dst in zip(layers, dest, strict=True):
+        assert np.array_equal(src, dst)
+
+
+def test_wrong_input_raises_documented_exceptions(server: Server) -> None:
+    c = kvcache.Client(server.data)
+    with pytest.raises(ValueError, match="16 bytes"):
+        c.put(b"short", b"v")
+    with pytest.raises(ValueError, match="16 bytes"):
+        c.exists([key(1), b"x" * 15])
+    c.put(key(7), b"x" * 1000)
+    buf = np.zeros(999, dtype=np.uint8)
+    with pytest.raises(ValueError, match="stored with 1000 bytes but its segments hold 999"):
+        c.get_many_into([key(7)], [[(buf.ctypes.data, 999)]])
+    assert not buf.any(), "a wrong-size destination is left untouched"
+    big = np.zeros(64, dtype=np.uint8)
+    with pytest.raises(ValueError, match="overlap"):
+        c.get_many_into([key(7), key(8)], [[(big.ctypes.data, 32)], [(big.ctypes.data + 16, 32)]])
+    with pytest.raises(ValueError, match="invalid segment"):
+        c.get_many_into([key(7)], [[(0, 1000)]])
+    with pytest.raises(ValueError, match="segment lists"):
+        c.put_many([key(7)], [])
+    with pytest.raises(ValueError, match="not available"):
+        kvcache.Client(server.data, transport="shm")
+    with pytest.raises(ValueError, match="unknown transport"):
+        kvcache.Client(server.data, transport="carrier-pigeon")
+    with pytest.raises(ConnectionError):
+        kvcache.Client("127.0.0.1:1", timeout_s=2)
+    with kvcache.Client(server.data) as scoped:
+        assert scoped.get(key(7)) == b"x" * 1000
+    with pytest.raises(kvcache.KvcacheError, match="closed"):
+        scoped.get(key(7))
+
+
+def test_a_node_that_stops_answering_raises_timeout_within_the_limit(server: Server) -> None:
+    import signal
+
+    c = kvcache.Client(server.data, timeout_s=0.3)
+    c.put(key(1), b"v")
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        while Path(f"/proc/{server.proc.pid}/stat").read_text().split(") ")[1][0] != "T":
+            time.sleep(0.005)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            c.get(key(1))
+        assert time.monotonic() - started < 1.5
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    assert c.get(key(1)) == b"v"
+
+
+def test_chain_keys_match_the_golden_vectors() -> None:
+    golden = json.loads((REPO / "kvcache-core/tests/golden/key_chain_v1.json").read_text())
+    assert golden["key_scheme_version"] == 1
+    for case in golden["cases"]:
+        ns = case["namespace"]
+        tp = ns["tp"]
+        nsid = kvcache.namespace_id(
+            ns["model"],
+            ns["kv_dtype"],
+            ns["block_size"],
+            layout=ns["layout"],
+            tp_world_size=tp.get("world_size", 1),
+            tp_rank=tp.get("rank", 0),
+            rank_agnostic=tp["kind"] == "rank_agnostic",
+            lora=ns["lora"],
+            salt=ns["salt"],
+        )
+        assert nsid.hex() == case["namespace_id"], case["name"]
+        keys = kvcache.chain_keys(nsid, case["tokens"], case["block_size"])
+        assert [k.hex() for k in keys] == case["keys"], case["name"]
+
+
+def test_chain_keys_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="16-byte"):
+        kvcache.chain_keys(b"ns", [1, 2, 3], 16)
+    with pytest.raises(ValueError, match="block_size"):
+        kvcache.chain_keys(b"\0" * 16, [1, 2, 3], 0)
+    with pytest.raises(OverflowError):
+        kvcache.chain_keys(b"\0" * 16, [-1], 1)
+    with pytest.raises(ValueError, match="tp_rank"):
+        kvcache.namespace_id("m", "bfloat16", 16, tp_world_size=2, tp_rank=2)
+
+
+KILLED_CLIENT = """
+import sys, numpy as np, kvcache
+c = kvcache.Client(sys.argv[1])
+keys = [i.to_bytes(16, "big") for i in range(1000, 1032)]
+dest = np.zeros((32, 1 << 20), dtype=np.uint8)
+segs = [[(dest.ctypes.data + i * (1 << 20), 1 << 20)] for i in range(32)]
+print("ready", flush=True)
+while True:
+    c.get_many_into(keys, segs)
+"""
+
+
+def test_a_killed_client_frees_its_leases(server: Server) -> None:
+    c = kvcache.Client(server.data)
+    keys = [key(1000 + i) for i in range(32)]
+    blob = np.random.default_rng(0).integers(0, 255, 1 << 20, dtype=np.uint8).tobytes()
+    for k in keys:
+        assert c.put(k, blob)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, server.data], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while server.metric("kvcache_active_leases") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("kvcache_active_leases") == 0
+    assert all(c.get(k) == blob for k in keys)
