@@ -19,7 +19,7 @@ cargo test --workspace --locked
 echo "== python: pip install ./pyo3-bindings, ruff, pytest" >&2
 python_venv
 "$KVCACHE_VENV/bin/pip" install -q --disable-pip-version-check ./pyo3-bindings
-"$KVCACHE_VENV/bin/ruff" check pyo3-bindings/python pyo3-bindings/tests
-"$KVCACHE_VENV/bin/ruff" format --check pyo3-bindings/python pyo3-bindings/tests
+"$KVCACHE_VENV/bin/ruff" check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches
+"$KVCACHE_VENV/bin/ruff" format --check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches
 KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" "$KVCACHE_VENV/bin/pytest" -q pyo3-bindings/tests
 echo "all tests passed in $(( $(date +%s) - started )) s" >&2
