@@ -14,6 +14,7 @@
 //! returns the connection to the pool only if the exchange completed cleanly; a connection
 //! that timed out or saw an error is dropped, never reused in an unknown state.
 
+mod cluster;
 mod connection;
 mod error;
 
@@ -27,6 +28,7 @@ use kvcache_core::wire::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use cluster::{Cluster, ClusterConfig};
 use connection::Connection;
 pub use error::ClientError;
 

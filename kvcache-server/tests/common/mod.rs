@@ -18,10 +18,15 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts the binary with `args` (plus ephemeral ports) and waits for its ready line.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_at("127.0.0.1:0", args)
+    }
+
+    /// Starts the binary on a given data address (to restart a node where it was).
+    pub fn start_at(listen: &str, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvcache-server"))
             .args([
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--metrics-listen",
                 "127.0.0.1:0",
                 "--mlock",

@@ -1,0 +1,377 @@
+//! A client of a cluster of kvcache nodes with a static member list.
+//!
+//! Keys are placed on the consistent-hash ring of `kvcache-core` with `replicas` owners each.
+//! A batch is split by owner, the parts go to their nodes in parallel, and the answers are merged
+//! in key order. A put writes every owner. A read asks the first owner that is not known to be
+//! down, then the next owner for keys it missed or could not serve, so a lost node costs
+//! misses (R = 1) or nothing (R >= 2), never an error. A node that fails is skipped for
+//! `down_for` before it is tried again.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use kvcache_core::wire::PutStatus;
+use kvcache_core::{BlockKey, HashRing};
+
+use crate::{Client, ClientConfig, ClientError, GetOutcome};
+
+/// Cluster settings.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// `host:port` of every member.
+    pub members: Vec<String>,
+    /// Owners per key (the replication factor), at least 1.
+    pub replicas: usize,
+    /// Settings for each node's client; `addr` is replaced by the member's.
+    pub node: ClientConfig,
+    /// How long a node that failed is skipped before it is tried again.
+    pub down_for: Duration,
+}
+
+impl ClusterConfig {
+    /// Defaults: one replica, the default client settings, nodes skipped for 1 s after a failure.
+    pub fn new<S: Into<String>>(members: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            members: members.into_iter().map(Into::into).collect(),
+            replicas: 1,
+            node: ClientConfig::new(""),
+            down_for: Duration::from_secs(1),
+        }
+    }
+}
+
+struct Node {
+    client: Mutex<Option<Client>>,
+    down_until: Mutex<Option<Instant>>,
+    cfg: ClientConfig,
+}
+
+/// A client of a static set of kvcache nodes.
+pub struct Cluster {
+    ring: HashRing,
+    nodes: BTreeMap<String, Node>,
+    replicas: usize,
+    down_for: Duration,
+}
+
+/// Polls futures concurrently on the current task and returns their outputs in order.
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (fut, slot) in futures.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match fut.as_mut().poll(cx) {
+                    Poll::Ready(v) => *slot = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|v| v.expect("every future completed"))
+        .collect()
+}
+
+impl Cluster {
+    /// A cluster client; nodes are connected lazily, so members may be down at start.
+    pub fn new(cfg: ClusterConfig) -> Result<Self, ClientError> {
+        if cfg.members.is_empty() || cfg.replicas == 0 {
+            return Err(ClientError::InvalidArgument(
+                "a cluster needs at least one member and one replica".into(),
+            ));
+        }
+        let mut nodes = BTreeMap::new();
+        for m in &cfg.members {
+            let node_cfg = ClientConfig {
+                addr: m.clone(),
+                ..cfg.node.clone()
+            };
+            nodes.insert(
+                m.clone(),
+                Node {
+                    client: Mutex::new(None),
+                    down_until: Mutex::new(None),
+                    cfg: node_cfg,
+                },
+            );
+        }
+        Ok(Self {
+            ring: HashRing::with_members(cfg.members.iter().cloned()),
+            replicas: cfg.replicas.min(nodes.len()),
+            nodes,
+            down_for: cfg.down_for,
+        })
+    }
+
+    /// The owners of `key`, primary first.
+    pub fn owners(&self, key: BlockKey) -> Vec<&str> {
+        self.ring.owners(key, self.replicas)
+    }
+
+    fn is_down(&self, member: &str) -> bool {
+        let until = *self.nodes[member]
+            .down_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn mark_down(&self, member: &str, err: &ClientError) {
+        tracing::warn!(node = member, error = %err, down_for = ?self.down_for, "kvcache node unavailable; routing around it");
+        let node = &self.nodes[member];
+        *node.down_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Instant::now() + self.down_for);
+        node.client.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// A connected client of `member`, or the reason it cannot be had.
+    async fn node(&self, member: &str) -> Result<Client, ClientError> {
+        let node = &self.nodes[member];
+        if let Some(c) = node
+            .client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Ok(c);
+        }
+        let c = Client::connect(node.cfg.clone()).await?;
+        *node.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Runs `call` on each member's share of `indices` in parallel. A member that fails
+    /// with an unavailability error is marked down and its share comes back as `None`.
+    async fn fan_out<'a, T, Fut>(
+        &'a self,
+        shares: BTreeMap<&'a str, Vec<usize>>,
+        call: impl Fn(&'a str, Client, Vec<usize>) -> Fut,
+    ) -> Result<Vec<(Vec<usize>, Option<T>)>, ClientError>
+    where
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let futures = shares.into_iter().map(|(member, idx)| {
+            let call = &call;
+            async move {
+                let result = match self.node(member).await {
+                    Ok(client) => call(member, client, idx.clone()).await,
+                    Err(e) => Err(e),
+                };
+                (member, idx, result)
+            }
+        });
+        let mut out = Vec::new();
+        for (member, idx, result) in join_all(futures.collect()).await {
+            match result {
+                Ok(v) => out.push((idx, Some(v))),
+                Err(e) if e.is_unavailable() => {
+                    self.mark_down(member, &e);
+                    out.push((idx, None));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores blocks on every owner; per key, true if at least one owner stored it. Owners
+    /// that are down are skipped: the cache is best effort, a lost copy is a later miss.
+    pub async fn put_many(&self, blocks: &[(BlockKey, &[u8])]) -> Result<Vec<bool>, ClientError> {
+        let mut shares: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, (key, _)) in blocks.iter().enumerate() {
+            for owner in self.owners(*key) {
+                if !self.is_down(owner) {
+                    shares.entry(owner).or_default().push(i);
+                }
+            }
+        }
+        let results = self
+            .fan_out(shares, |_, client, idx| async move {
+                let part: Vec<(BlockKey, &[u8])> = idx.iter().map(|&i| blocks[i]).collect();
+                client.put_many(&part).await
+            })
+            .await?;
+        let mut stored = vec![false; blocks.len()];
+        for (idx, statuses) in results {
+            for (i, s) in idx.into_iter().zip(statuses.unwrap_or_default()) {
+                stored[i] |= matches!(s, PutStatus::Stored | PutStatus::AlreadyPresent);
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Which keys are stored on some owner: the primary first, then replicas for keys it
+    /// does not have or cannot answer for.
+    pub async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>, ClientError> {
+        let mut present = vec![false; keys.len()];
+        let mut routing = Routing::new(keys.len());
+        while let Some(shares) = routing.next_round(self, keys) {
+            let results = self
+                .fan_out(shares, |_, client, idx| async move {
+                    let part: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
+                    client.exists(&part).await
+                })
+                .await?;
+            for (idx, flags) in results {
+                match flags {
+                    Some(flags) => {
+                        for (i, p) in idx.into_iter().zip(flags) {
+                            if p {
+                                present[i] = true;
+                            } else {
+                                routing.retry(i);
+                            }
+                        }
+                    }
+                    None => idx.into_iter().for_each(|i| routing.retry(i)),
+                }
+            }
+        }
+        Ok(present)
+    }
+
+    /// How many leading blocks of a chain are stored: one round trip per owning node (and one
+    /// more per replica rank only for keys the first asked did not have).
+    pub async fn prefix_match(&self, keys: &[BlockKey]) -> Result<usize, ClientError> {
+        Ok(self.exists(keys).await?.iter().take_while(|p| **p).count())
+    }
+
+    /// Fetches blocks into caller memory (see [`Client::get_many_into`]), asking the primary
+    /// first and replicas for what it missed. A dead node costs misses, never an error.
+    pub async fn get_many_into(
+        &self,
+        keys: &[BlockKey],
+        dst: &mut [Vec<&mut [u8]>],
+    ) -> Result<Vec<GetOutcome>, ClientError> {
+        if keys.len() != dst.len() {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} keys but {} destinations",
+                keys.len(),
+                dst.len()
+            )));
+        }
+        let mut outcomes = vec![GetOutcome::Miss; keys.len()];
+        let mut routing = Routing::new(keys.len());
+        // Each key's destination moves into the request for its node and comes back afterwards,
+        // whether the node answered or not.
+        let mut slots: Vec<Option<Vec<&mut [u8]>>> =
+            dst.iter_mut().map(|d| Some(std::mem::take(d))).collect();
+        while let Some(shares) = routing.next_round(self, keys) {
+            let mut parts: BTreeMap<&str, Vec<Vec<&mut [u8]>>> = BTreeMap::new();
+            for (member, idx) in &shares {
+                parts.insert(
+                    member,
+                    idx.iter()
+                        .map(|&i| slots[i].take().expect("destination present"))
+                        .collect(),
+                );
+            }
+            let parts = Mutex::new(parts);
+            let take_part = |member: &str| {
+                parts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(member)
+            };
+            let results = self
+                .fan_out(shares.clone(), |member, client, idx| {
+                    let mut segs = take_part(member).expect("one part per member");
+                    let parts = &parts;
+                    async move {
+                        let part: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
+                        match client.get_many_into(&part, &mut segs).await {
+                            Ok(got) => Ok((got, segs)),
+                            Err(e) => {
+                                parts
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .insert(member, segs);
+                                Err(e)
+                            }
+                        }
+                    }
+                })
+                .await;
+            // Destinations of nodes that failed (or were never reached) come back first, so
+            // none is lost even if an error is returned below.
+            for (member, idx) in &shares {
+                if let Some(segs) = take_part(member) {
+                    for (&i, s) in idx.iter().zip(segs) {
+                        slots[i] = Some(s);
+                    }
+                }
+            }
+            for (idx, result) in results? {
+                match result {
+                    Some((got, segs)) => {
+                        for ((i, o), s) in idx.into_iter().zip(got).zip(segs) {
+                            slots[i] = Some(s);
+                            outcomes[i] = o;
+                            if o == GetOutcome::Miss {
+                                routing.retry(i);
+                            }
+                        }
+                    }
+                    None => idx.into_iter().for_each(|i| routing.retry(i)),
+                }
+            }
+        }
+        for (d, s) in dst.iter_mut().zip(slots) {
+            *d = s.expect("every destination came back");
+        }
+        Ok(outcomes)
+    }
+}
+
+/// Which owner each key is sent to next: the primary first, then each replica in ring order,
+/// skipping owners known to be down. A key is sent again only after `retry`.
+struct Routing {
+    next_owner: Vec<usize>,
+    todo: Vec<usize>,
+}
+
+impl Routing {
+    fn new(keys: usize) -> Self {
+        Self {
+            next_owner: vec![0; keys],
+            todo: (0..keys).collect(),
+        }
+    }
+
+    /// Key `i` was missed or its node failed: try its next owner in the next round.
+    fn retry(&mut self, i: usize) {
+        self.todo.push(i);
+    }
+
+    /// The keys to send this round, grouped by owner; None when nothing is left to try.
+    fn next_round<'a>(
+        &mut self,
+        cluster: &'a Cluster,
+        keys: &[BlockKey],
+    ) -> Option<BTreeMap<&'a str, Vec<usize>>> {
+        let mut shares: BTreeMap<&'a str, Vec<usize>> = BTreeMap::new();
+        for i in std::mem::take(&mut self.todo) {
+            let owners = cluster.owners(keys[i]);
+            while let Some(&owner) = owners.get(self.next_owner[i]) {
+                self.next_owner[i] += 1;
+                if !cluster.is_down(owner) {
+                    shares.entry(owner).or_default().push(i);
+                    break;
+                }
+            }
+        }
+        (!shares.is_empty()).then_some(shares)
+    }
+}

@@ -1,0 +1,163 @@
+//! A static cluster of real server processes on loopback, driven by `kvcache_client::Cluster`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Rng, ServerProcess, content};
+use kvcache_client::{Cluster, ClusterConfig, GetOutcome};
+use kvcache_core::BlockKey;
+
+fn cluster(servers: &[ServerProcess], replicas: usize) -> Arc<Cluster> {
+    let mut cfg = ClusterConfig::new(servers.iter().map(|s| s.data.clone()));
+    cfg.replicas = replicas;
+    cfg.node.timeout = Duration::from_secs(1);
+    cfg.down_for = Duration::from_millis(500);
+    Arc::new(Cluster::new(cfg).unwrap())
+}
+
+fn blocks(seed: u64, n: usize) -> Vec<(BlockKey, usize)> {
+    let mut rng = Rng(seed);
+    (0..n)
+        .map(|_| (rng.key(), 1 + (rng.next() % 16_384) as usize))
+        .collect()
+}
+
+async fn put_all(c: &Cluster, blocks: &[(BlockKey, usize)]) {
+    for chunk in blocks.chunks(50) {
+        let values: Vec<Vec<u8>> = chunk.iter().map(|&(k, l)| content(k, l)).collect();
+        let batch: Vec<(BlockKey, &[u8])> = chunk
+            .iter()
+            .zip(&values)
+            .map(|(b, v)| (b.0, &v[..]))
+            .collect();
+        assert!(c.put_many(&batch).await.unwrap().iter().all(|s| *s));
+    }
+}
+
+/// Reads every block back into fresh buffers; returns the outcomes and checks every hit's bytes.
+async fn get_all(c: &Cluster, blocks: &[(BlockKey, usize)]) -> Vec<GetOutcome> {
+    let mut out = Vec::new();
+    for chunk in blocks.chunks(40) {
+        let keys: Vec<BlockKey> = chunk.iter().map(|b| b.0).collect();
+        let mut bufs: Vec<Vec<u8>> = chunk.iter().map(|b| vec![0u8; b.1]).collect();
+        let mut dst: Vec<Vec<&mut [u8]>> = bufs.iter_mut().map(|b| vec![&mut b[..]]).collect();
+        let got = c
+            .get_many_into(&keys, &mut dst)
+            .await
+            .expect("a cluster read never errors");
+        for ((o, (k, l)), b) in got.iter().zip(chunk).zip(&bufs) {
+            if *o == GetOutcome::Hit {
+                assert_eq!(b, &content(*k, *l), "wrong bytes for {k}");
+            }
+        }
+        out.extend(got);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_and_five_nodes_hold_thousands_of_blocks_evenly_and_return_every_byte() {
+    for n in [3usize, 5] {
+        let servers: Vec<ServerProcess> = (0..n)
+            .map(|_| ServerProcess::start(&["--memory", "128MiB"]))
+            .collect();
+        let c = cluster(&servers, 1);
+        let all = blocks(n as u64, 3000);
+        let writers: Vec<_> = all
+            .chunks(750)
+            .map(|part| {
+                let (c, part) = (Arc::clone(&c), part.to_vec());
+                tokio::spawn(async move { put_all(&c, &part).await })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        let readers: Vec<_> = all
+            .chunks(1000)
+            .map(|part| {
+                let (c, part) = (Arc::clone(&c), part.to_vec());
+                tokio::spawn(async move { get_all(&c, &part).await })
+            })
+            .collect();
+        for r in readers {
+            assert!(r.await.unwrap().iter().all(|o| *o == GetOutcome::Hit));
+        }
+        let mean = all.len() as f64 / n as f64;
+        for s in &servers {
+            let stored = s.metric("kvcache_blocks_stored");
+            assert!(
+                (stored - mean).abs() <= 0.15 * mean,
+                "{n} nodes: a node holds {stored} blocks, mean {mean}"
+            );
+        }
+        let chain: Vec<BlockKey> = all[..100].iter().map(|b| b.0).collect();
+        assert_eq!(c.prefix_match(&chain).await.unwrap(), 100);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_costs_misses_with_one_replica_nothing_with_two_and_rejoins_on_restart() {
+    let mut servers: Vec<ServerProcess> = (0..3)
+        .map(|_| ServerProcess::start(&["--memory", "128MiB"]))
+        .collect();
+    let (r1, r2) = (cluster(&servers, 1), cluster(&servers, 2));
+    let (one, two) = (blocks(11, 1500), blocks(22, 1500));
+    put_all(&r1, &one).await;
+    put_all(&r2, &two).await;
+
+    let dead = servers[1].data.clone();
+    servers[1].child.kill().unwrap(); // kill -9
+    servers[1].child.wait().unwrap();
+    let started = Instant::now();
+    let got_two = get_all(&r2, &two).await;
+    assert!(
+        got_two.iter().all(|o| *o == GetOutcome::Hit),
+        "R=2: no misses for blocks written before the kill"
+    );
+    let got_one = get_all(&r1, &one).await;
+    for ((k, _), o) in one.iter().zip(&got_one) {
+        let expect = if r1.owners(*k)[0] == dead {
+            GetOutcome::Miss
+        } else {
+            GetOutcome::Hit
+        };
+        assert_eq!(*o, expect, "R=1: only the dead node's blocks are misses");
+    }
+    assert!(
+        got_one.contains(&GetOutcome::Miss),
+        "the dead node owned some blocks"
+    );
+    let chain: Vec<BlockKey> = two[..200].iter().map(|b| b.0).collect();
+    assert_eq!(r2.prefix_match(&chain).await.unwrap(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "reads around a dead node took {:?}",
+        started.elapsed()
+    );
+
+    // The node comes back, empty, where it was: it is routed to again and serves.
+    servers[1] = ServerProcess::start_at(&dead, &["--memory", "128MiB"]);
+    tokio::time::sleep(Duration::from_millis(600)).await; // past down_for
+    let fresh = blocks(33, 300);
+    put_all(&r1, &fresh).await;
+    assert!(
+        get_all(&r1, &fresh)
+            .await
+            .iter()
+            .all(|o| *o == GetOutcome::Hit)
+    );
+    assert!(
+        servers[1].metric("kvcache_blocks_stored") > 0.0,
+        "the restarted node took its share"
+    );
+    assert!(
+        get_all(&r2, &two)
+            .await
+            .iter()
+            .all(|o| *o == GetOutcome::Hit),
+        "R=2 reads fall back past the empty node"
+    );
+}
