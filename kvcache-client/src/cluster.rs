@@ -255,13 +255,7 @@ impl Cluster {
         keys: &[BlockKey],
         dst: &mut [Vec<&mut [u8]>],
     ) -> Result<Vec<GetOutcome>, ClientError> {
-        if keys.len() != dst.len() {
-            return Err(ClientError::InvalidArgument(format!(
-                "{} keys but {} destinations",
-                keys.len(),
-                dst.len()
-            )));
-        }
+        crate::error::same_len(keys.len(), dst.len(), "destinations")?;
         let mut outcomes = vec![GetOutcome::Miss; keys.len()];
         let mut routing = Routing::new(keys.len());
         // Each key's destination moves into the request for its node and comes back afterwards,

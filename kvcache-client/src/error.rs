@@ -34,3 +34,14 @@ impl ClientError {
         )
     }
 }
+
+/// Checks that a batch names as many `what` as keys.
+pub(crate) fn same_len(keys: usize, other: usize, what: &str) -> Result<(), ClientError> {
+    if keys == other {
+        Ok(())
+    } else {
+        Err(ClientError::InvalidArgument(format!(
+            "{keys} keys but {other} {what}"
+        )))
+    }
+}

@@ -231,13 +231,7 @@ impl Client {
         keys: &[BlockKey],
         values: &[&[&[u8]]],
     ) -> Result<Vec<PutStatus>, ClientError> {
-        if keys.len() != values.len() {
-            return Err(ClientError::InvalidArgument(format!(
-                "{} keys but {} values",
-                keys.len(),
-                values.len()
-            )));
-        }
+        error::same_len(keys.len(), values.len(), "values")?;
         let lens: Vec<u64> = values
             .iter()
             .map(|segs| segs.iter().map(|s| s.len() as u64).sum())
@@ -326,13 +320,7 @@ impl Client {
         keys: &[BlockKey],
         dst: &mut [Vec<&mut [u8]>],
     ) -> Result<Vec<GetOutcome>, ClientError> {
-        if keys.len() != dst.len() {
-            return Err(ClientError::InvalidArgument(format!(
-                "{} keys but {} destinations",
-                keys.len(),
-                dst.len()
-            )));
-        }
+        error::same_len(keys.len(), dst.len(), "destinations")?;
         let mut out = Vec::with_capacity(keys.len());
         let max_keys = self.inner.cfg.max_get_keys;
         for (chunk, dst) in keys.chunks(max_keys).zip(dst.chunks_mut(max_keys)) {

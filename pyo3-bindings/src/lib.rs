@@ -163,6 +163,17 @@ struct Client {
 }
 
 impl Client {
+    /// The checked keys and segments of a zero-copy call, and the client to run it on.
+    fn prepare(
+        &self,
+        keys: Vec<Vec<u8>>,
+        segments: Vec<Vec<(usize, usize)>>,
+    ) -> PyResult<(Vec<BlockKey>, Segments, RustClient)> {
+        let keys = keys_of(keys)?;
+        let segs = Segments::new(segments, keys.len())?;
+        Ok((keys, segs, self.client()?))
+    }
+
     fn client(&self) -> PyResult<RustClient> {
         let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         guard
@@ -280,9 +291,7 @@ impl Client {
         keys: Vec<Vec<u8>>,
         segments: Vec<Vec<(usize, usize)>>,
     ) -> PyResult<Vec<bool>> {
-        let keys = keys_of(keys)?;
-        let segs = Segments::new(segments, keys.len())?;
-        let client = self.client()?;
+        let (keys, segs, client) = self.prepare(keys, segments)?;
         // SAFETY: the caller promises the segments are readable for the call (documented).
         let views = unsafe { segs.read() };
         let values: Vec<&[&[u8]]> = views.iter().map(|v| v.as_slice()).collect();
@@ -306,9 +315,7 @@ impl Client {
         keys: Vec<Vec<u8>>,
         segments: Vec<Vec<(usize, usize)>>,
     ) -> PyResult<Vec<bool>> {
-        let keys = keys_of(keys)?;
-        let segs = Segments::new(segments, keys.len())?;
-        let client = self.client()?;
+        let (keys, segs, client) = self.prepare(keys, segments)?;
         // SAFETY: the caller promises the segments are writable for the call (documented);
         // `Segments::new` checked they do not overlap.
         let mut views = unsafe { segs.write() };
