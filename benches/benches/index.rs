@@ -23,6 +23,7 @@ fn filled(n: u64, policy: PolicyKind) -> Shard {
                 len: 4096,
                 checksum: i,
             },
+            i as u32,
         );
     }
     s
@@ -39,7 +40,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function("lease_release_hit", |b| {
             b.iter(|| {
                 i = (i + 7919) % 100_000;
-                if let LeaseOutcome::Leased { slot, .. } = s.lease(key(i)) {
+                if let LeaseOutcome::Leased { slot, .. } = s.lease(key(i), i as u32) {
                     s.release(slot);
                 }
             })
@@ -48,7 +49,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function("evict_one_and_reinsert", |b| {
             b.iter(|| {
                 let (k, loc) = s.evict_one().expect("non-empty");
-                s.insert(k, loc);
+                s.insert(k, loc, 0);
             })
         });
         g.finish();

@@ -44,7 +44,7 @@ pub fn measure(blocks: usize, shards: usize, policy: PolicyKind) -> (f64, f64) {
     let mut index: Vec<Shard> = (0..shards).map(|_| Shard::new(policy.build())).collect();
     for i in 0..blocks {
         let key = BlockKey(xxhash_key(i as u64));
-        let shard = ((key.0 >> 64) as usize) % shards;
+        let shard = (key.mixed64() >> 48) as usize % shards;
         let loc = Location {
             run: PageRun {
                 start: i as u32,
@@ -53,7 +53,7 @@ pub fn measure(blocks: usize, shards: usize, policy: PolicyKind) -> (f64, f64) {
             len: 4096,
             checksum: i as u64,
         };
-        index[shard].insert(key, loc);
+        index[shard].insert(key, loc, i as u32);
     }
     let measured = (live() - before) as f64 / blocks as f64;
     let reported = index.iter().map(|s| s.heap_bytes()).sum::<usize>() as f64 / blocks as f64;

@@ -189,8 +189,22 @@ impl Cluster {
     /// Stores blocks on every owner; per key, true if at least one owner stored it. Owners
     /// that are down are skipped: the cache is best effort, a lost copy is a later miss.
     pub async fn put_many(&self, blocks: &[(BlockKey, &[u8])]) -> Result<Vec<bool>, ClientError> {
+        let keys: Vec<BlockKey> = blocks.iter().map(|b| b.0).collect();
+        let values: Vec<[&[u8]; 1]> = blocks.iter().map(|b| [b.1]).collect();
+        let segments: Vec<&[&[u8]]> = values.iter().map(|v| &v[..]).collect();
+        self.put_many_segments(&keys, &segments).await
+    }
+
+    /// [`put_many`](Self::put_many) for blocks gathered from several segments each (see
+    /// [`Client::put_many_segments`]).
+    pub async fn put_many_segments(
+        &self,
+        keys: &[BlockKey],
+        values: &[&[&[u8]]],
+    ) -> Result<Vec<bool>, ClientError> {
+        crate::error::same_len(keys.len(), values.len(), "values")?;
         let mut shares: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for (i, (key, _)) in blocks.iter().enumerate() {
+        for (i, key) in keys.iter().enumerate() {
             for owner in self.owners(*key) {
                 if !self.is_down(owner) {
                     shares.entry(owner).or_default().push(i);
@@ -199,11 +213,12 @@ impl Cluster {
         }
         let results = self
             .fan_out(shares, |_, client, idx| async move {
-                let part: Vec<(BlockKey, &[u8])> = idx.iter().map(|&i| blocks[i]).collect();
-                client.put_many(&part).await
+                let part_keys: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
+                let part_values: Vec<&[&[u8]]> = idx.iter().map(|&i| values[i]).collect();
+                client.put_many_segments(&part_keys, &part_values).await
             })
             .await?;
-        let mut stored = vec![false; blocks.len()];
+        let mut stored = vec![false; keys.len()];
         for (idx, statuses) in results {
             for (i, s) in idx.into_iter().zip(statuses.unwrap_or_default()) {
                 stored[i] |= matches!(s, PutStatus::Stored | PutStatus::AlreadyPresent);
@@ -212,34 +227,64 @@ impl Cluster {
         Ok(stored)
     }
 
-    /// Which keys are stored on some owner: the primary first, then replicas for keys it
-    /// does not have or cannot answer for.
-    pub async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>, ClientError> {
-        let mut present = vec![false; keys.len()];
+    /// Asks each key's owners in turn (primary first) until `call`'s answer for it satisfies
+    /// `found`; returns the last answer per key (None if no owner could be asked).
+    async fn read<T, Fut>(
+        &self,
+        keys: &[BlockKey],
+        found: impl Fn(&T) -> bool,
+        call: impl Fn(Client, Vec<BlockKey>) -> Fut,
+    ) -> Result<Vec<Option<T>>, ClientError>
+    where
+        Fut: Future<Output = Result<Vec<T>, ClientError>>,
+    {
+        let mut answers: Vec<Option<T>> = keys.iter().map(|_| None).collect();
         let mut routing = Routing::new(keys.len());
         while let Some(shares) = routing.next_round(self, keys) {
             let results = self
-                .fan_out(shares, |_, client, idx| async move {
-                    let part: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
-                    client.exists(&part).await
+                .fan_out(shares, |_, client, idx| {
+                    call(client, idx.iter().map(|&i| keys[i]).collect())
                 })
                 .await?;
-            for (idx, flags) in results {
-                match flags {
-                    Some(flags) => {
-                        for (i, p) in idx.into_iter().zip(flags) {
-                            if p {
-                                present[i] = true;
-                            } else {
+            for (idx, got) in results {
+                match got {
+                    Some(got) => {
+                        for (i, answer) in idx.into_iter().zip(got) {
+                            if !found(&answer) {
                                 routing.retry(i);
                             }
+                            answers[i] = Some(answer);
                         }
                     }
                     None => idx.into_iter().for_each(|i| routing.retry(i)),
                 }
             }
         }
-        Ok(present)
+        Ok(answers)
+    }
+
+    /// Fetches blocks into fresh buffers (`None` for a miss), from the primary first and
+    /// replicas for what it missed.
+    pub async fn get_many(&self, keys: &[BlockKey]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+        let got = self
+            .read(keys, Option::is_some, |client, part| async move {
+                client.get_many(&part).await
+            })
+            .await?;
+        Ok(got.into_iter().map(Option::flatten).collect())
+    }
+
+    /// Which keys are stored on some owner: the primary first, then replicas for keys it
+    /// does not have or cannot answer for.
+    pub async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>, ClientError> {
+        let got = self
+            .read(
+                keys,
+                |p| *p,
+                |client, part| async move { client.exists(&part).await },
+            )
+            .await?;
+        Ok(got.into_iter().map(|p| p == Some(true)).collect())
     }
 
     /// How many leading blocks of a chain are stored: one round trip per owning node (and one

@@ -103,7 +103,7 @@ impl HashRing {
         if want == 0 {
             return out;
         }
-        let pos = key.low64();
+        let pos = key.mixed64();
         let start = self.points.partition_point(|&(p, _)| p < pos);
         for i in 0..self.points.len() {
             let (_, idx) = self.points[(start + i) % self.points.len()];
@@ -151,6 +151,22 @@ mod tests {
                 dev * 100.0
             );
         }
+    }
+
+    #[test]
+    fn sequential_user_keys_spread_like_random_ones() {
+        let ring = HashRing::with_members(nodes(4));
+        let mut counts = std::collections::HashMap::new();
+        for i in 0..40_000u128 {
+            *counts
+                .entry(ring.primary(BlockKey(i)).unwrap())
+                .or_insert(0usize) += 1;
+        }
+        assert_eq!(counts.len(), 4);
+        assert!(
+            counts.values().all(|&c| (8_000..=12_000).contains(&c)),
+            "{counts:?}"
+        );
     }
 
     #[test]

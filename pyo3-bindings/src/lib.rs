@@ -3,10 +3,12 @@
 //! shared tokio runtime, created on first use (after any fork the engine does at start-up).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use kvcache_client::{Client as RustClient, ClientConfig, ClientError, GetOutcome};
+use kvcache_client::{
+    Client as RustClient, ClientConfig, ClientError, Cluster, ClusterConfig, GetOutcome,
+};
 use kvcache_core::wire::PutStatus;
 use kvcache_core::{BlockKey, Namespace, NamespaceId, TpPlacement};
 use pyo3::buffer::PyBuffer;
@@ -142,6 +144,67 @@ impl Segments {
     }
 }
 
+/// One node, or a static cluster of nodes where the client places keys.
+#[derive(Clone)]
+enum Backend {
+    Node(RustClient),
+    Cluster(Arc<Cluster>),
+}
+
+fn stored(s: PutStatus) -> bool {
+    matches!(s, PutStatus::Stored | PutStatus::AlreadyPresent)
+}
+
+impl Backend {
+    async fn put_many_segments(
+        &self,
+        keys: &[BlockKey],
+        values: &[&[&[u8]]],
+    ) -> Result<Vec<bool>, ClientError> {
+        match self {
+            Backend::Node(c) => Ok(c
+                .put_many_segments(keys, values)
+                .await?
+                .into_iter()
+                .map(stored)
+                .collect()),
+            Backend::Cluster(c) => c.put_many_segments(keys, values).await,
+        }
+    }
+
+    async fn get_many(&self, keys: &[BlockKey]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+        match self {
+            Backend::Node(c) => c.get_many(keys).await,
+            Backend::Cluster(c) => c.get_many(keys).await,
+        }
+    }
+
+    async fn get_many_into(
+        &self,
+        keys: &[BlockKey],
+        dst: &mut [Vec<&mut [u8]>],
+    ) -> Result<Vec<GetOutcome>, ClientError> {
+        match self {
+            Backend::Node(c) => c.get_many_into(keys, dst).await,
+            Backend::Cluster(c) => c.get_many_into(keys, dst).await,
+        }
+    }
+
+    async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>, ClientError> {
+        match self {
+            Backend::Node(c) => c.exists(keys).await,
+            Backend::Cluster(c) => c.exists(keys).await,
+        }
+    }
+
+    async fn prefix_match(&self, keys: &[BlockKey]) -> Result<usize, ClientError> {
+        match self {
+            Backend::Node(c) => c.prefix_match(keys).await,
+            Backend::Cluster(c) => c.prefix_match(keys).await,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     puts: AtomicU64,
@@ -152,11 +215,12 @@ struct Counters {
     lookups: AtomicU64,
 }
 
-/// A client of one kvcache node.
+/// A client of one kvcache node or of a static cluster.
 #[pyclass(module = "kvcache._native", frozen)]
 struct Client {
-    inner: Mutex<Option<RustClient>>,
-    addr: String,
+    inner: Mutex<Option<Backend>>,
+    members: Vec<String>,
+    replicas: usize,
     transport: &'static str,
     timeout_s: f64,
     counters: Counters,
@@ -168,13 +232,13 @@ impl Client {
         &self,
         keys: Vec<Vec<u8>>,
         segments: Vec<Vec<(usize, usize)>>,
-    ) -> PyResult<(Vec<BlockKey>, Segments, RustClient)> {
+    ) -> PyResult<(Vec<BlockKey>, Segments, Backend)> {
         let keys = keys_of(keys)?;
         let segs = Segments::new(segments, keys.len())?;
         Ok((keys, segs, self.client()?))
     }
 
-    fn client(&self) -> PyResult<RustClient> {
+    fn client(&self) -> PyResult<Backend> {
         let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         guard
             .clone()
@@ -190,13 +254,14 @@ fn block<T: Send>(py: Python<'_>, fut: impl std::future::Future<Output = T> + Se
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (addr, *, transport = "auto", timeout_s = 5.0, max_connections = 16))]
+    #[pyo3(signature = (addr, *, transport = "auto", timeout_s = 5.0, max_connections = 16, replicas = 1))]
     fn new(
         py: Python<'_>,
-        addr: &str,
+        addr: &Bound<'_, PyAny>,
         transport: &str,
         timeout_s: f64,
         max_connections: usize,
+        replicas: usize,
     ) -> PyResult<Self> {
         let transport = match transport {
             "auto" | "tcp" => "tcp",
@@ -216,16 +281,49 @@ impl Client {
                 "timeout_s must be a positive number of seconds",
             ));
         }
-        if max_connections == 0 {
-            return Err(PyValueError::new_err("max_connections must be at least 1"));
+        if max_connections == 0 || replicas == 0 {
+            return Err(PyValueError::new_err(
+                "max_connections and replicas must be at least 1",
+            ));
         }
-        let mut cfg = ClientConfig::new(addr);
+        let (members, single) = match addr.extract::<String>() {
+            Ok(a) if a.starts_with("etcd://") => {
+                return Err(PyValueError::new_err(
+                    "etcd membership is not available in this version: pass the members as a list of \"host:port\"",
+                ));
+            }
+            Ok(a) => (vec![a], true),
+            Err(_) => (
+                addr.extract::<Vec<String>>().map_err(|_| {
+                    PyValueError::new_err("addr must be \"host:port\" or a list of them")
+                })?,
+                false,
+            ),
+        };
+        if members.is_empty() {
+            return Err(PyValueError::new_err("a cluster needs at least one member"));
+        }
+        if single && replicas > 1 {
+            return Err(PyValueError::new_err(
+                "replicas > 1 needs a list of members",
+            ));
+        }
+        let mut cfg = ClientConfig::new(members[0].clone());
         cfg.timeout = Duration::from_secs_f64(timeout_s);
         cfg.max_connections = max_connections;
-        let client = block(py, RustClient::connect(cfg)).map_err(to_py)?;
+        let backend = if single {
+            Backend::Node(block(py, RustClient::connect(cfg)).map_err(to_py)?)
+        } else {
+            // Nodes are connected lazily: members may be down when the client starts.
+            let mut cluster = ClusterConfig::new(members.clone());
+            cluster.replicas = replicas;
+            cluster.node = cfg;
+            Backend::Cluster(Arc::new(Cluster::new(cluster).map_err(to_py)?))
+        };
         Ok(Self {
-            inner: Mutex::new(Some(client)),
-            addr: addr.to_string(),
+            inner: Mutex::new(Some(backend)),
+            members,
+            replicas,
             transport,
             timeout_s,
             counters: Counters::default(),
@@ -245,20 +343,20 @@ impl Client {
         // by `value` for the whole call.
         let bytes: &[u8] = unsafe { std::slice::from_raw_parts(value.buf_ptr() as *const u8, len) };
         let client = self.client()?;
-        let status = block(py, client.put(key, bytes)).map_err(to_py)?;
+        let stored = block(py, client.put_many_segments(&[key], &[&[bytes]])).map_err(to_py)?;
         self.counters.puts.fetch_add(1, Relaxed);
         self.counters.put_bytes.fetch_add(len as u64, Relaxed);
-        Ok(matches!(
-            status,
-            PutStatus::Stored | PutStatus::AlreadyPresent
-        ))
+        Ok(stored[0])
     }
 
     /// Fetches one block, or None.
     fn get<'py>(&self, py: Python<'py>, key: Vec<u8>) -> PyResult<Option<Bound<'py, PyBytes>>> {
         let key = key_of(&key, "key")?;
         let client = self.client()?;
-        let value = block(py, client.get(key)).map_err(to_py)?;
+        let value = block(py, client.get_many(&[key]))
+            .map_err(to_py)?
+            .pop()
+            .flatten();
         self.counters.gets.fetch_add(1, Relaxed);
         Ok(value.map(|v| {
             self.counters.get_hits.fetch_add(1, Relaxed);
@@ -295,14 +393,11 @@ impl Client {
         // SAFETY: the caller promises the segments are readable for the call (documented).
         let views = unsafe { segs.read() };
         let values: Vec<&[&[u8]]> = views.iter().map(|v| v.as_slice()).collect();
-        let statuses = block(py, client.put_many_segments(&keys, &values)).map_err(to_py)?;
+        let stored = block(py, client.put_many_segments(&keys, &values)).map_err(to_py)?;
         self.counters.puts.fetch_add(keys.len() as u64, Relaxed);
         let bytes: usize = (0..keys.len()).map(|i| segs.len(i)).sum();
         self.counters.put_bytes.fetch_add(bytes as u64, Relaxed);
-        Ok(statuses
-            .into_iter()
-            .map(|s| matches!(s, PutStatus::Stored | PutStatus::AlreadyPresent))
-            .collect())
+        Ok(stored)
     }
 
     /// Fetches blocks straight into caller memory: `segments[i]` lists key i's
@@ -344,15 +439,17 @@ impl Client {
 
     /// What this client did, and what the node says about itself.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let client = self.client()?;
-        let ping = block(py, client.ping()).map_err(to_py)?;
         let d = PyDict::new(py);
-        d.set_item("addr", &self.addr)?;
+        d.set_item("members", self.members.clone())?;
+        d.set_item("replicas", self.replicas)?;
         d.set_item("transport", self.transport)?;
         d.set_item("timeout_s", self.timeout_s)?;
-        d.set_item("server_version", ping.server_version)?;
-        d.set_item("protocol_version", ping.protocol_version)?;
-        d.set_item("max_payload", ping.max_payload)?;
+        if let Backend::Node(client) = self.client()? {
+            let ping = block(py, client.ping()).map_err(to_py)?;
+            d.set_item("server_version", ping.server_version)?;
+            d.set_item("protocol_version", ping.protocol_version)?;
+            d.set_item("max_payload", ping.max_payload)?;
+        }
         let c = &self.counters;
         for (name, v) in [
             ("puts", &c.puts),
@@ -386,10 +483,15 @@ impl Client {
     }
 
     fn __repr__(&self) -> String {
-        format!(
-            "kvcache.Client({:?}, transport={:?})",
-            self.addr, self.transport
-        )
+        match self.members.as_slice() {
+            [one] if self.replicas == 1 => {
+                format!("kvcache.Client({one:?}, transport={:?})", self.transport)
+            }
+            many => format!(
+                "kvcache.Client({many:?}, replicas={}, transport={:?})",
+                self.replicas, self.transport
+            ),
+        }
     }
 }
 

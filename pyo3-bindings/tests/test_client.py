@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import kvcache
-from conftest import REPO, Server
+from conftest import REPO, Server, start_server
 
 
 def key(i: int) -> bytes:
@@ -161,3 +161,43 @@ def test_a_killed_client_frees_its_leases(server: Server) -> None:
         time.sleep(0.05)
     assert server.metric("kvcache_active_leases") == 0
     assert all(c.get(k) == blob for k in keys)
+
+
+def test_a_static_cluster_with_replicas_survives_a_dead_member() -> None:
+    servers = [start_server("--memory", "64MiB") for _ in range(3)]
+    try:
+        members = [s.data for s in servers]
+        two = kvcache.Client(members, replicas=2, timeout_s=1)
+        one = kvcache.Client(members, replicas=1, timeout_s=1)
+        keys2 = [key(5000 + i) for i in range(200)]
+        keys1 = [key(9000 + i) for i in range(200)]
+        for k in keys2:
+            assert two.put(k, k * 64)
+        for k in keys1:
+            assert one.put(k, k * 64)
+        assert two.exists(keys2) == [True] * 200
+        assert sum(s.metric("kvcache_blocks_stored") for s in servers) == 2 * 200 + 200
+        servers[0].proc.kill()
+        servers[0].proc.wait()
+        assert all(two.get(k) == k * 64 for k in keys2), "R=2: no misses after a member dies"
+        assert two.prefix_match(keys2) == 200
+        dest = np.zeros((200, 1024), dtype=np.uint8)
+        segs = [[(dest.ctypes.data + i * 1024, 1024)] for i in range(200)]
+        assert two.get_many_into(keys2, segs) == [True] * 200
+        assert all(bytes(dest[i]) == k * 64 for i, k in enumerate(keys2))
+        got = [one.get(k) for k in keys1]  # R=1: misses, never an exception
+        assert any(v is None for v in got) and all(v is None or v == k * 64 for v, k in zip(got, keys1, strict=True))
+        assert "replicas=2" in repr(two)
+    finally:
+        for s in servers:
+            s.proc.kill()
+            s.proc.wait()
+
+
+def test_cluster_arguments_are_checked(server: Server) -> None:
+    with pytest.raises(ValueError, match="etcd"):
+        kvcache.Client("etcd://127.0.0.1:2379")
+    with pytest.raises(ValueError, match="list of members"):
+        kvcache.Client(server.data, replicas=2)
+    with pytest.raises(ValueError, match="at least one member"):
+        kvcache.Client([])

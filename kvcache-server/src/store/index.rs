@@ -1,7 +1,7 @@
 //! One shard of the block index: key -> slot, slot -> location, lease count and policy state.
 //!
 //! Entries live in a slab (`slots`) addressed by a `u32` slot id; the hash table stores only slot
-//! ids and finds keys through the slab. That keeps an indexed block at about 50 bytes (a 40-byte
+//! ids and finds keys through the slab. That keeps an indexed block at about 65 bytes (a 40-byte
 //! slot, a 4-byte table entry plus control byte and load-factor slack, and the policy's links);
 //! `kvcache-bench index-memory` measures it.
 
@@ -72,7 +72,7 @@ pub struct Shard {
 }
 
 fn hash(key: BlockKey) -> u64 {
-    key.low64()
+    key.mixed64()
 }
 
 impl Shard {
@@ -112,8 +112,9 @@ impl Shard {
         self.find(key).is_some()
     }
 
-    /// Makes a block visible. Returns false (and changes nothing) if the key is already present.
-    pub fn insert(&mut self, key: BlockKey, location: Location) -> bool {
+    /// Makes a block visible, stamped `now`. Returns false (and changes nothing) if the key is
+    /// already present.
+    pub fn insert(&mut self, key: BlockKey, location: Location, now: u32) -> bool {
         if self.contains(key) {
             return false;
         }
@@ -140,12 +141,13 @@ impl Shard {
         let slots = &self.slots;
         self.table
             .insert_unique(hash(key), id, |&s| hash(slots[s as usize].key()));
-        self.policy.insert(id, key);
+        self.policy.insert(id, key, now);
         true
     }
 
-    /// Takes a lease on `key`'s block: it cannot be evicted or freed until released.
-    pub fn lease(&mut self, key: BlockKey) -> LeaseOutcome {
+    /// Takes a lease on `key`'s block (a read at `now`): it cannot be evicted or freed until
+    /// released.
+    pub fn lease(&mut self, key: BlockKey, now: u32) -> LeaseOutcome {
         let Some(id) = self.find(key) else {
             return LeaseOutcome::Missing;
         };
@@ -156,7 +158,7 @@ impl Shard {
         slot.leases += 1;
         self.leases += 1;
         let location = slot.location();
-        self.policy.touch(id);
+        self.policy.touch(id, now);
         LeaseOutcome::Leased { slot: id, location }
     }
 
@@ -185,6 +187,11 @@ impl Shard {
         self.policy.remove(id);
         self.slots[id as usize].flags |= DOOMED;
         true
+    }
+
+    /// Stamp of the block this shard would evict next.
+    pub fn next_victim_stamp(&self) -> Option<u32> {
+        self.policy.next_victim_stamp()
     }
 
     /// Evicts one unleased block chosen by the policy; returns its key and location.
@@ -241,10 +248,10 @@ mod tests {
     #[test]
     fn insert_is_idempotent_per_key() {
         let mut s = Shard::new(PolicyKind::Lru.build());
-        assert!(s.insert(BlockKey(1), loc(0)));
-        assert!(!s.insert(BlockKey(1), loc(5)));
+        assert!(s.insert(BlockKey(1), loc(0), 0));
+        assert!(!s.insert(BlockKey(1), loc(5), 1));
         assert_eq!(s.len(), 1);
-        match s.lease(BlockKey(1)) {
+        match s.lease(BlockKey(1), 2) {
             LeaseOutcome::Leased { location, .. } => assert_eq!(location, loc(0)),
             _ => panic!("expected a lease"),
         }
@@ -253,9 +260,9 @@ mod tests {
     #[test]
     fn leased_blocks_are_never_evicted() {
         let mut s = Shard::new(PolicyKind::Lru.build());
-        s.insert(BlockKey(1), loc(0));
-        s.insert(BlockKey(2), loc(1));
-        let LeaseOutcome::Leased { slot, .. } = s.lease(BlockKey(1)) else {
+        s.insert(BlockKey(1), loc(0), 0);
+        s.insert(BlockKey(2), loc(1), 1);
+        let LeaseOutcome::Leased { slot, .. } = s.lease(BlockKey(1), 2) else {
             panic!()
         };
         assert_eq!(s.evict_one().map(|(k, _)| k), Some(BlockKey(2)));
@@ -267,11 +274,11 @@ mod tests {
     #[test]
     fn doomed_block_is_invisible_and_freed_on_last_release() {
         let mut s = Shard::new(PolicyKind::S3fifo.build());
-        s.insert(BlockKey(9), loc(3));
-        let LeaseOutcome::Leased { slot: a, .. } = s.lease(BlockKey(9)) else {
+        s.insert(BlockKey(9), loc(3), 0);
+        let LeaseOutcome::Leased { slot: a, .. } = s.lease(BlockKey(9), 3) else {
             panic!()
         };
-        let LeaseOutcome::Leased { slot: b, .. } = s.lease(BlockKey(9)) else {
+        let LeaseOutcome::Leased { slot: b, .. } = s.lease(BlockKey(9), 3) else {
             panic!()
         };
         assert!(s.doom(a));
@@ -279,6 +286,6 @@ mod tests {
         assert!(!s.contains(BlockKey(9)));
         assert!(s.release(a).is_none());
         assert_eq!(s.release(b), Some(PageRun { start: 3, len: 1 }));
-        assert!(s.insert(BlockKey(9), loc(4)), "key can be stored again");
+        assert!(s.insert(BlockKey(9), loc(4), 5), "key can be stored again");
     }
 }

@@ -19,7 +19,7 @@ pub mod eviction;
 pub mod index;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use kvcache_core::BlockKey;
 use kvcache_transport::{HostRegion, LockMode, MemoryRegion, RegionError};
@@ -28,6 +28,10 @@ use parking_lot::Mutex;
 use allocator::{PageAllocator, PageRun};
 use eviction::PolicyKind;
 use index::{LeaseOutcome, Location, Shard};
+
+/// Shards compared per eviction: like Redis's sampled LRU, a few samples get close to the
+/// global order at a fraction of the cost.
+const EVICTION_SAMPLE: usize = 8;
 
 /// How to build a store.
 #[derive(Clone, Debug)]
@@ -111,6 +115,8 @@ pub struct Store {
     allocator: Mutex<PageAllocator>,
     shards: Box<[Mutex<Shard>]>,
     evict_cursor: AtomicUsize,
+    /// Logical clock: ticks on every commit and read; stamps blocks for eviction order.
+    clock: AtomicU32,
     high_pages: u32,
     low_pages: u32,
     watermark_running: AtomicBool,
@@ -157,6 +163,7 @@ impl Store {
                 .map(|_| Mutex::new(Shard::new(cfg.policy.build())))
                 .collect(),
             evict_cursor: AtomicUsize::new(0),
+            clock: AtomicU32::new(0),
             high_pages: (pages as f64 * cfg.high_watermark) as u32,
             low_pages: (pages as f64 * cfg.low_watermark) as u32,
             watermark_running: AtomicBool::new(false),
@@ -172,8 +179,8 @@ impl Store {
     }
 
     fn shard_of(&self, key: BlockKey) -> usize {
-        // High bits pick the shard; the shard's table hashes the low bits.
-        ((key.0 >> 64) as usize) & (self.shards.len() - 1)
+        // The top bits of the mixed key pick the shard; the shard's table hashes the low bits.
+        (key.mixed64() >> 48) as usize & (self.shards.len() - 1)
     }
 
     fn pages_for(&self, len: usize) -> u32 {
@@ -230,12 +237,39 @@ impl Store {
         }
     }
 
-    /// Evicts one unleased block from some shard (round robin); false if none could be evicted.
+    fn tick(&self) -> u32 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Evicts one unleased block; false if none could be evicted.
+    ///
+    /// Each shard orders its own blocks exactly; across shards, up to [`EVICTION_SAMPLE`]
+    /// shards are sampled and the one whose next victim was used longest ago gives it up.
+    /// (Plain round robin over shards evicted blocks written a moment before whenever one
+    /// shard had run out of old ones.) If that shard holds only leased blocks, every shard is
+    /// tried in turn.
     fn evict_one(&self) -> bool {
         let n = self.shards.len();
-        let start = self.evict_cursor.fetch_add(1, Ordering::Relaxed);
-        for i in 0..n {
-            let victim = self.shards[(start + i) % n].lock().evict_one();
+        let start = self
+            .evict_cursor
+            .fetch_add(EVICTION_SAMPLE, Ordering::Relaxed);
+        let now = self.clock.load(Ordering::Relaxed);
+        let mut oldest: Option<(u32, usize)> = None;
+        for i in 0..EVICTION_SAMPLE.min(n) {
+            let shard = (start + i) % n;
+            if let Some(stamp) = self.shards[shard].lock().next_victim_stamp() {
+                let age = now.wrapping_sub(stamp);
+                if oldest.is_none_or(|(a, _)| age > a) {
+                    oldest = Some((age, shard));
+                }
+            }
+        }
+        let order = oldest
+            .map(|(_, s)| s)
+            .into_iter()
+            .chain((0..n).map(|i| (start + i) % n));
+        for shard in order {
+            let victim = self.shards[shard].lock().evict_one();
             if let Some((key, loc)) = victim {
                 self.allocator.lock().free(loc.run);
                 self.evictions.fetch_add(1, Ordering::Relaxed);
@@ -263,7 +297,8 @@ impl Store {
     /// The bytes themselves are verified as they are read, through the lease.
     pub fn lease(self: &Arc<Self>, key: BlockKey) -> Option<Lease> {
         let shard = self.shard_of(key);
-        let (slot, location) = match self.shards[shard].lock().lease(key) {
+        let now = self.tick();
+        let (slot, location) = match self.shards[shard].lock().lease(key, now) {
             LeaseOutcome::Leased { slot, location } => (slot, location),
             LeaseOutcome::Missing | LeaseOutcome::Busy => return None,
         };
@@ -407,9 +442,10 @@ impl Allocation {
             checksum,
         };
         let store = Arc::clone(&self.store);
+        let now = store.tick();
         let stored = store.shards[store.shard_of(self.key)]
             .lock()
-            .insert(self.key, location);
+            .insert(self.key, location, now);
         if !stored {
             return CommitOutcome::AlreadyPresent; // Drop frees the pages.
         }

@@ -10,10 +10,14 @@ use super::*;
 const ONE_PAGE: usize = 4096 - 8;
 
 fn store(pages: u64, policy: PolicyKind) -> Arc<Store> {
+    store_with_shards(pages, policy, 4)
+}
+
+fn store_with_shards(pages: u64, policy: PolicyKind, shards: usize) -> Arc<Store> {
     Store::new(&StoreConfig {
         capacity: pages * 4096,
         page_size: 4096,
-        shards: 4,
+        shards,
         policy,
         high_watermark: 1.0,
         low_watermark: 1.0,
@@ -107,7 +111,8 @@ fn block_larger_than_pool_is_rejected_clearly() {
 
 #[test]
 fn full_pool_evicts_least_recently_used() {
-    let s = store(4, PolicyKind::Lru);
+    // Order is exact within a shard (and approximate across shards), so one shard here.
+    let s = store_with_shards(4, PolicyKind::Lru, 1);
     for k in 0..4 {
         put(&s, BlockKey(k), ONE_PAGE).unwrap();
     }
@@ -284,4 +289,29 @@ fn chunks_sealed_while_filling_match_a_commit_time_checksum() {
     put(&s, BlockKey(2), len).unwrap(); // filled whole, sealed at commit
     assert_eq!(read(&s, BlockKey(1)).unwrap(), data);
     assert_eq!(read(&s, BlockKey(2)).unwrap(), content(BlockKey(2), len));
+}
+
+#[test]
+fn eviction_takes_the_oldest_block_across_shards_not_a_recent_one() {
+    // 8 shards, all sampled: eviction follows the global order of last use.
+    let s = store_with_shards(64, PolicyKind::Lru, 8);
+    for k in 0..64 {
+        put(&s, BlockKey(k), ONE_PAGE).unwrap();
+    }
+    for k in 32..64 {
+        drop(s.lease(BlockKey(k))); // read: recently used
+    }
+    for k in 100..116 {
+        put(&s, BlockKey(k), ONE_PAGE).unwrap();
+    }
+    let gone: Vec<u128> = (0..64).filter(|&k| !s.contains(BlockKey(k))).collect();
+    assert_eq!(
+        gone,
+        (0..16).collect::<Vec<_>>(),
+        "the 16 least recently used blocks, in order"
+    );
+    assert!(
+        (100..116).all(|k| s.contains(BlockKey(k))),
+        "new blocks survive"
+    );
 }

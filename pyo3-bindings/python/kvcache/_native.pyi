@@ -19,14 +19,18 @@ class Client:
 
     def __init__(
         self,
-        addr: str,
+        addr: str | Sequence[str],
         *,
         transport: str = "auto",
         timeout_s: float = 5.0,
         max_connections: int = 16,
+        replicas: int = 1,
     ) -> None:
-        """Connects to `addr` ("host:port"). `transport`: "auto" or "tcp" ("shm" is not
-        available yet and raises ValueError)."""
+        """Connects to `addr` ("host:port"), or to a static cluster when given a list of
+        members: keys are placed on a consistent-hash ring with `replicas` owners each, reads
+        fall back to replicas, and a dead member costs misses (or nothing, with replicas >= 2),
+        never an exception. Cluster members are connected lazily. `transport`: "auto" or
+        "tcp" ("shm" is not available yet and raises ValueError; so does "etcd://")."""
 
     def put(self, key: bytes, value: Buffer) -> bool:
         """Stores a block under a 16-byte key. True if stored (now or already); False if the

@@ -10,9 +10,10 @@ const NIL: u32 = u32::MAX;
 struct Link {
     prev: u32,
     next: u32,
+    stamp: u32,
 }
 
-/// LRU over slot ids; 8 bytes per slot.
+/// LRU over slot ids; 12 bytes per slot.
 pub struct Lru {
     links: Vec<Link>,
     /// Most recently used.
@@ -33,7 +34,7 @@ impl Default for Lru {
 
 impl Lru {
     fn unlink(&mut self, slot: u32) {
-        let Link { prev, next } = self.links[slot as usize];
+        let Link { prev, next, .. } = self.links[slot as usize];
         match prev {
             NIL => self.head = next,
             p => self.links[p as usize].next = next,
@@ -45,10 +46,9 @@ impl Lru {
     }
 
     fn push_front(&mut self, slot: u32) {
-        self.links[slot as usize] = Link {
-            prev: NIL,
-            next: self.head,
-        };
+        let link = &mut self.links[slot as usize];
+        link.prev = NIL;
+        link.next = self.head;
         match self.head {
             NIL => self.tail = slot,
             h => self.links[h as usize].prev = slot,
@@ -58,7 +58,7 @@ impl Lru {
 }
 
 impl EvictionPolicy for Lru {
-    fn insert(&mut self, slot: u32, _key: BlockKey) {
+    fn insert(&mut self, slot: u32, _key: BlockKey, now: u32) {
         let idx = slot as usize;
         if idx >= self.links.len() {
             self.links.resize(
@@ -66,13 +66,16 @@ impl EvictionPolicy for Lru {
                 Link {
                     prev: NIL,
                     next: NIL,
+                    stamp: 0,
                 },
             );
         }
+        self.links[idx].stamp = now;
         self.push_front(slot);
     }
 
-    fn touch(&mut self, slot: u32) {
+    fn touch(&mut self, slot: u32, now: u32) {
+        self.links[slot as usize].stamp = now;
         if self.head != slot {
             self.unlink(slot);
             self.push_front(slot);
@@ -95,6 +98,10 @@ impl EvictionPolicy for Lru {
         None
     }
 
+    fn next_victim_stamp(&self) -> Option<u32> {
+        (self.tail != NIL).then(|| self.links[self.tail as usize].stamp)
+    }
+
     fn heap_bytes(&self) -> usize {
         self.links.capacity() * std::mem::size_of::<Link>()
     }
@@ -108,9 +115,9 @@ mod tests {
     fn evicts_least_recently_used_first() {
         let mut lru = Lru::default();
         for s in 0..4 {
-            lru.insert(s, BlockKey(s as u128));
+            lru.insert(s, BlockKey(s as u128), s);
         }
-        lru.touch(0);
+        lru.touch(0, 9);
         let order: Vec<u32> = std::iter::from_fn(|| lru.pop_victim(&mut |_| true)).collect();
         assert_eq!(order, [1, 2, 3, 0]);
     }
@@ -119,7 +126,7 @@ mod tests {
     fn skips_leased_blocks_without_losing_them() {
         let mut lru = Lru::default();
         for s in 0..3 {
-            lru.insert(s, BlockKey(s as u128));
+            lru.insert(s, BlockKey(s as u128), s);
         }
         assert_eq!(lru.pop_victim(&mut |s| s != 0), Some(1));
         assert_eq!(lru.pop_victim(&mut |_| true), Some(0));

@@ -27,6 +27,8 @@ struct Meta {
     epoch: u32,
     /// Low bits of the key, for the ghost list.
     fingerprint: u32,
+    /// Logical time of the last insert or read.
+    stamp: u32,
     freq: u8,
     queue: Queue,
 }
@@ -91,7 +93,7 @@ impl S3Fifo {
 }
 
 impl EvictionPolicy for S3Fifo {
-    fn insert(&mut self, slot: u32, key: BlockKey) {
+    fn insert(&mut self, slot: u32, key: BlockKey, now: u32) {
         let idx = slot as usize;
         if idx >= self.meta.len() {
             self.meta.resize(
@@ -99,6 +101,7 @@ impl EvictionPolicy for S3Fifo {
                 Meta {
                     epoch: 0,
                     fingerprint: 0,
+                    stamp: 0,
                     freq: 0,
                     queue: Queue::None,
                 },
@@ -109,6 +112,7 @@ impl EvictionPolicy for S3Fifo {
         let m = &mut self.meta[idx];
         m.epoch = m.epoch.wrapping_add(1);
         m.fingerprint = fingerprint;
+        m.stamp = now;
         m.freq = 0;
         m.queue = if to_main { Queue::Main } else { Queue::Small };
         let entry = (slot, m.epoch);
@@ -121,9 +125,10 @@ impl EvictionPolicy for S3Fifo {
         self.tracked += 1;
     }
 
-    fn touch(&mut self, slot: u32) {
+    fn touch(&mut self, slot: u32, now: u32) {
         let m = &mut self.meta[slot as usize];
         m.freq = (m.freq + 1).min(MAX_FREQ);
+        m.stamp = now;
     }
 
     fn remove(&mut self, slot: u32) {
@@ -174,6 +179,27 @@ impl EvictionPolicy for S3Fifo {
         None
     }
 
+    fn next_victim_stamp(&self) -> Option<u32> {
+        // The front of the queue `pop_victim` would start with (same rule), skipping stale
+        // entries; the other queue if that one holds none.
+        let first = |q: &VecDeque<(u32, u32)>, queue: Queue| {
+            q.iter().copied().find(|&e| self.live(e, queue))
+        };
+        let small_target = ((self.tracked as f64 * SMALL_SHARE).ceil() as usize).max(1);
+        let from_small =
+            !self.small.is_empty() && (self.small_len >= small_target || self.main.is_empty());
+        let (small, main) = (
+            first(&self.small, Queue::Small),
+            first(&self.main, Queue::Main),
+        );
+        let entry = if from_small {
+            small.or(main)
+        } else {
+            main.or(small)
+        };
+        entry.map(|(slot, _)| self.meta[slot as usize].stamp)
+    }
+
     fn heap_bytes(&self) -> usize {
         self.meta.capacity() * std::mem::size_of::<Meta>()
             + (self.small.capacity() + self.main.capacity()) * 8
@@ -190,10 +216,10 @@ mod tests {
     fn one_hit_wonders_leave_before_reused_blocks() {
         let mut p = S3Fifo::default();
         for s in 0..10 {
-            p.insert(s, BlockKey(s as u128));
+            p.insert(s, BlockKey(s as u128), s);
         }
         for s in [0, 1, 2] {
-            p.touch(s);
+            p.touch(s, 20 + s);
         }
         let first_three: Vec<u32> = (0..3)
             .map(|_| p.pop_victim(&mut |_| true).unwrap())
@@ -208,10 +234,10 @@ mod tests {
     fn ghost_hit_goes_straight_to_main() {
         let mut p = S3Fifo::default();
         for s in 0..20 {
-            p.insert(s, BlockKey(s as u128));
+            p.insert(s, BlockKey(s as u128), s);
         }
         let victim = p.pop_victim(&mut |_| true).unwrap();
-        p.insert(victim, BlockKey(victim as u128));
+        p.insert(victim, BlockKey(victim as u128), 99);
         assert!(p.meta[victim as usize].queue == Queue::Main);
     }
 }
