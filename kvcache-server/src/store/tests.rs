@@ -293,8 +293,8 @@ fn chunks_sealed_while_filling_match_a_commit_time_checksum() {
 
 #[test]
 fn eviction_takes_the_oldest_block_across_shards_not_a_recent_one() {
-    // 8 shards, all sampled: eviction follows the global order of last use.
-    let s = store_with_shards(64, PolicyKind::Lru, 8);
+    // The default 64 shards: eviction follows the global order of last use exactly.
+    let s = store_with_shards(64, PolicyKind::Lru, 64);
     for k in 0..64 {
         put(&s, BlockKey(k), ONE_PAGE).unwrap();
     }
