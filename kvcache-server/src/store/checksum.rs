@@ -5,7 +5,7 @@
 //! the trailer against the index once (a few bytes), then verifies each chunk immediately
 //! before that chunk leaves, while it is still in L2: a corrupt byte is never sent, and the
 //! kernel's copy reads the chunk from cache rather than DRAM. With the prefetching hash below,
-//! gets reach about 0.85-0.9x of the loopback TCP ceiling (benches/results/README.md).
+//! gets reach about 0.8-0.9x of the loopback TCP ceiling (benches/results/README.md).
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
