@@ -189,10 +189,9 @@ impl Cluster {
     /// Stores blocks on every owner; per key, true if at least one owner stored it. Owners
     /// that are down are skipped: the cache is best effort, a lost copy is a later miss.
     pub async fn put_many(&self, blocks: &[(BlockKey, &[u8])]) -> Result<Vec<bool>, ClientError> {
-        let keys: Vec<BlockKey> = blocks.iter().map(|b| b.0).collect();
-        let values: Vec<[&[u8]; 1]> = blocks.iter().map(|b| [b.1]).collect();
-        let segments: Vec<&[&[u8]]> = values.iter().map(|v| &v[..]).collect();
-        self.put_many_segments(&keys, &segments).await
+        let blocks = crate::OneSegment::new(blocks);
+        self.put_many_segments(&blocks.keys, &blocks.segments())
+            .await
     }
 
     /// [`put_many`](Self::put_many) for blocks gathered from several segments each (see

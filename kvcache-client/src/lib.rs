@@ -104,6 +104,25 @@ impl ClientConfig {
     }
 }
 
+/// Blocks of one slice each, viewed as the segment lists the `*_segments` calls take.
+pub(crate) struct OneSegment<'a> {
+    keys: Vec<BlockKey>,
+    values: Vec<[&'a [u8]; 1]>,
+}
+
+impl<'a> OneSegment<'a> {
+    pub(crate) fn new(blocks: &[(BlockKey, &'a [u8])]) -> Self {
+        Self {
+            keys: blocks.iter().map(|b| b.0).collect(),
+            values: blocks.iter().map(|b| [b.1]).collect(),
+        }
+    }
+
+    pub(crate) fn segments(&self) -> Vec<&[&'a [u8]]> {
+        self.values.iter().map(|v| &v[..]).collect()
+    }
+}
+
 /// Result of a scatter get for one key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GetOutcome {
@@ -218,10 +237,9 @@ impl Client {
         &self,
         blocks: &[(BlockKey, &[u8])],
     ) -> Result<Vec<PutStatus>, ClientError> {
-        let keys: Vec<BlockKey> = blocks.iter().map(|b| b.0).collect();
-        let values: Vec<[&[u8]; 1]> = blocks.iter().map(|b| [b.1]).collect();
-        let segments: Vec<&[&[u8]]> = values.iter().map(|v| &v[..]).collect();
-        self.put_many_segments(&keys, &segments).await
+        let blocks = OneSegment::new(blocks);
+        self.put_many_segments(&blocks.keys, &blocks.segments())
+            .await
     }
 
     /// Stores blocks whose bytes are gathered from several segments each (e.g. one block's
