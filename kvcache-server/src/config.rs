@@ -205,7 +205,7 @@ impl Settings {
             store: StoreConfig {
                 capacity: self.memory.map_or(d.capacity, |m| m.0),
                 page_size: self.page_size.map_or(d.page_size, |p| p.0),
-                shards: self.shards.unwrap_or(64),
+                shards: self.shards.unwrap_or(d.shards),
                 policy: self.eviction.unwrap_or_default(),
                 high_watermark: self.high_watermark.unwrap_or(d.high_watermark),
                 low_watermark: self.low_watermark.unwrap_or(d.low_watermark),

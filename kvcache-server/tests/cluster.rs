@@ -26,12 +26,8 @@ fn blocks(seed: u64, n: usize) -> Vec<(BlockKey, usize)> {
 
 async fn put_all(c: &Cluster, blocks: &[(BlockKey, usize)]) {
     for chunk in blocks.chunks(50) {
-        let values: Vec<Vec<u8>> = chunk.iter().map(|&(k, l)| content(k, l)).collect();
-        let batch: Vec<(BlockKey, &[u8])> = chunk
-            .iter()
-            .zip(&values)
-            .map(|(b, v)| (b.0, &v[..]))
-            .collect();
+        let values = common::contents(chunk);
+        let batch = common::batch(chunk, &values);
         assert!(c.put_many(&batch).await.unwrap().iter().all(|s| *s));
     }
 }

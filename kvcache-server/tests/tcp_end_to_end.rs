@@ -77,12 +77,8 @@ async fn concurrent_clients_write_and_read_thousands_of_random_blocks_verifying_
                 .map(|_| (rng.key(), 1 + (rng.next() % (128 * 1024)) as usize))
                 .collect();
             for chunk in blocks.chunks(16) {
-                let values: Vec<Vec<u8>> = chunk.iter().map(|&(k, l)| content(k, l)).collect();
-                let batch: Vec<(BlockKey, &[u8])> = chunk
-                    .iter()
-                    .zip(&values)
-                    .map(|(b, v)| (b.0, &v[..]))
-                    .collect();
+                let values = common::contents(chunk);
+                let batch = common::batch(chunk, &values);
                 let st = cl.put_many(&batch).await.unwrap();
                 assert!(st.iter().all(|s| *s == PutStatus::Stored), "{st:?}");
             }

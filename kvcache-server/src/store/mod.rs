@@ -58,7 +58,7 @@ impl Default for StoreConfig {
         Self {
             capacity: 1 << 30,
             page_size: 4096,
-            shards: 16,
+            shards: 64,
             policy: PolicyKind::Lru,
             high_watermark: 0.95,
             low_watermark: 0.90,

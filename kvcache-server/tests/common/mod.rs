@@ -135,6 +135,20 @@ pub fn content(key: BlockKey, len: usize) -> Vec<u8> {
     v
 }
 
+/// A put batch for `(key, length)` blocks, borrowing `values` (built with [`contents`]).
+pub fn batch<'a>(blocks: &[(BlockKey, usize)], values: &'a [Vec<u8>]) -> Vec<(BlockKey, &'a [u8])> {
+    blocks
+        .iter()
+        .zip(values)
+        .map(|(b, v)| (b.0, &v[..]))
+        .collect()
+}
+
+/// The deterministic content of each `(key, length)` block.
+pub fn contents(blocks: &[(BlockKey, usize)]) -> Vec<Vec<u8>> {
+    blocks.iter().map(|&(k, l)| content(k, l)).collect()
+}
+
 /// A small deterministic generator for test inputs.
 pub struct Rng(pub u64);
 
