@@ -2,12 +2,14 @@
 //!
 //! Everything here is pure logic with no sockets, files or clocks, so it is unit-testable and
 //! fuzzable on its own (the shape of `quinn-proto`):
+//! - [`checksum`]: the per-chunk checksum layout of a stored block, shared by node and client;
 //! - [`key`]: 128-bit block keys and the token-prefix chain that derives them;
 //! - [`namespace`]: what makes KV bytes differ (model, dtype, layout, TP rank, LoRA, salt);
 //! - [`ring`]: the consistent-hash ring with virtual nodes that places keys on nodes;
 //! - [`wire`]: control messages (prost) and the binary frame header;
 //! - [`size`]: human byte sizes (`512MiB`) for configuration.
 
+pub mod checksum;
 pub mod key;
 pub mod namespace;
 pub mod ring;

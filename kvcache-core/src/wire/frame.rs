@@ -25,13 +25,32 @@ pub enum Op {
     Exists = 4,
     /// How many leading keys of a chain are present.
     PrefixMatch = 5,
+    /// Shared memory (Unix socket only): map the node's pool and a staging window; the reply
+    /// carries their file descriptors.
+    ShmAttach = 6,
+    /// Shared memory: lease blocks and learn where they lie in the pool.
+    ShmGet = 7,
+    /// Shared memory: end a lease. One-way: the node sends no reply.
+    ShmRelease = 8,
+    /// Shared memory: store blocks the client wrote into its staging window.
+    ShmPut = 9,
     /// A request failed as a whole; the control message is an `ErrorReply`.
     Error = 0x7f,
 }
 
 impl Op {
     /// Every request op, for metrics and tests.
-    pub const REQUESTS: [Op; 5] = [Op::Ping, Op::Put, Op::Get, Op::Exists, Op::PrefixMatch];
+    pub const REQUESTS: [Op; 9] = [
+        Op::Ping,
+        Op::Put,
+        Op::Get,
+        Op::Exists,
+        Op::PrefixMatch,
+        Op::ShmAttach,
+        Op::ShmGet,
+        Op::ShmRelease,
+        Op::ShmPut,
+    ];
 
     fn from_u8(v: u8) -> Option<Op> {
         Some(match v {
@@ -40,6 +59,10 @@ impl Op {
             3 => Op::Get,
             4 => Op::Exists,
             5 => Op::PrefixMatch,
+            6 => Op::ShmAttach,
+            7 => Op::ShmGet,
+            8 => Op::ShmRelease,
+            9 => Op::ShmPut,
             0x7f => Op::Error,
             _ => return None,
         })
@@ -53,6 +76,10 @@ impl Op {
             Op::Get => "get",
             Op::Exists => "exists",
             Op::PrefixMatch => "prefix_match",
+            Op::ShmAttach => "shm_attach",
+            Op::ShmGet => "shm_get",
+            Op::ShmRelease => "shm_release",
+            Op::ShmPut => "shm_put",
             Op::Error => "error",
         }
     }

@@ -20,6 +20,13 @@ pub struct PingReply {
     pub max_payload: u32,
     #[prost(uint32, tag = "4")]
     pub max_control: u32,
+    /// Path of the node's shared-memory Unix socket; empty when shared memory is off.
+    #[prost(string, tag = "5")]
+    pub shm_socket: String,
+    /// Identifies the node's host (its kernel boot id): a client whose own id matches may
+    /// try shared memory.
+    #[prost(string, tag = "6")]
+    pub host_id: String,
 }
 
 /// `Put` request: `keys[i]` has `lens[i]` bytes; the payload is the blocks back to back.
@@ -94,6 +101,72 @@ pub struct PrefixMatchRequest {
 pub struct PrefixMatchReply {
     #[prost(uint32, tag = "1")]
     pub matched: u32,
+}
+
+/// `ShmAttach` request: the staging window the client wants for puts.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShmAttachRequest {
+    #[prost(uint64, tag = "1")]
+    pub staging_bytes: u64,
+}
+
+/// `ShmAttach` reply. Sent with two file descriptors: the pool (read-only) and the staging
+/// window (read-write), both sealed against resizing.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShmAttachReply {
+    #[prost(uint64, tag = "1")]
+    pub pool_bytes: u64,
+    #[prost(uint64, tag = "2")]
+    pub staging_bytes: u64,
+    /// Leases not released within this time are revoked.
+    #[prost(uint32, tag = "3")]
+    pub lease_timeout_ms: u32,
+    /// Unique per pool: two connections that report the same value share one pool.
+    #[prost(string, tag = "4")]
+    pub pool_id: String,
+}
+
+/// `ShmGet` request: lease these blocks.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShmGetRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub keys: Vec<u8>,
+}
+
+/// `ShmGet` reply: per key its place in the pool (`lens[i]` = 0 for a miss) and the checksum of
+/// its trailer, all leased under `lease_id` until released.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShmGetReply {
+    #[prost(uint64, tag = "1")]
+    pub lease_id: u64,
+    #[prost(uint64, repeated, tag = "2")]
+    pub offsets: Vec<u64>,
+    #[prost(uint32, repeated, tag = "3")]
+    pub lens: Vec<u32>,
+    #[prost(fixed64, repeated, tag = "4")]
+    pub trailer_checksums: Vec<u64>,
+}
+
+/// `ShmRelease` (one-way): ends a lease. `suspect` lists keys whose bytes failed the client's
+/// check; the node re-verifies them itself and drops any that fail.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShmReleaseRequest {
+    #[prost(uint64, tag = "1")]
+    pub lease_id: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub suspect: Vec<u8>,
+}
+
+/// `ShmPut` request: `keys[i]` has `lens[i]` bytes at `offsets[i]` of the staging window.
+/// The reply is a `PutReply`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ShmPutRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub keys: Vec<u8>,
+    #[prost(uint32, repeated, tag = "2")]
+    pub lens: Vec<u32>,
+    #[prost(uint64, repeated, tag = "3")]
+    pub offsets: Vec<u64>,
 }
 
 /// Why a whole request failed.

@@ -14,7 +14,7 @@
 //! `checksum.rs` (the per-chunk checksum layout).
 
 pub mod allocator;
-pub mod checksum;
+pub use kvcache_core::checksum;
 pub mod eviction;
 pub mod index;
 

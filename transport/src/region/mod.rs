@@ -1,9 +1,26 @@
 //! Memory regions: large, long-lived spans of memory that the store carves into block pages.
-//! `host.rs` is anonymous mmap'd DRAM, locked when permitted.
+//! `host.rs` is anonymous mmap'd DRAM, `shm.rs` a sealed memfd that same-node clients map;
+//! both are locked when permitted (`mapping.rs` holds the steps they share).
 
 mod host;
+mod mapping;
+mod shm;
 
-pub use host::{HostRegion, LockMode};
+pub use host::HostRegion;
+pub use shm::{ShmRegion, ShmView};
+
+/// Whether to pin the region's pages in RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LockMode {
+    /// Never lock.
+    Off,
+    /// Try to lock; on failure log a warning and continue unlocked.
+    #[default]
+    BestEffort,
+    /// Lock or fail.
+    Required,
+}
+
 
 /// Why a region could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +31,8 @@ pub enum RegionError {
         "cannot lock {len} bytes in RAM (mlock): {source}; raise `ulimit -l`, grant CAP_IPC_LOCK, or use lock mode `off`/`best-effort`"
     )]
     Lock { len: usize, source: std::io::Error },
+    #[error("cannot create a shared memory file (memfd) of {len} bytes: {source}")]
+    SharedFile { len: usize, source: std::io::Error },
     #[error("a region must not be empty")]
     Empty,
 }

@@ -6,6 +6,10 @@
 //! before that chunk leaves, while it is still in L2: a corrupt byte is never sent, and the
 //! kernel's copy reads the chunk from cache rather than DRAM. With the prefetching hash below,
 //! gets reach about 0.8-0.9x of the loopback TCP ceiling (benches/results/README.md).
+//!
+//! The layout is part of the protocol: a shared-memory client reads blocks straight from the
+//! node's pool and verifies them itself with [`copy_chunk_checked`], hashing the bytes as they
+//! landed in its own memory, so nothing the pool does after the check can reach the engine.
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
@@ -70,6 +74,69 @@ fn prefetch(bytes: &[u8]) {
     let _ = bytes;
 }
 
+/// A cursor over destination segments that a block is scattered into, in order.
+pub struct Scatter<'a, 'b> {
+    segs: &'a mut [&'b mut [u8]],
+    seg: usize,
+    off: usize,
+}
+
+impl<'a, 'b> Scatter<'a, 'b> {
+    /// Starts at the first byte of the first segment.
+    pub fn new(segs: &'a mut [&'b mut [u8]]) -> Self {
+        Self {
+            segs,
+            seg: 0,
+            off: 0,
+        }
+    }
+
+    /// Total bytes the segments hold.
+    pub fn capacity(&self) -> usize {
+        self.segs.iter().map(|s| s.len()).sum()
+    }
+
+    /// Copies `src` to the cursor (spanning segments) and feeds the copied destination bytes to
+    /// `hash`. Returns false, copying nothing more, if the segments run out.
+    fn copy_hashed(&mut self, mut src: &[u8], hash: &mut Xxh3) -> bool {
+        while !src.is_empty() {
+            let Some(seg) = self.segs.get_mut(self.seg) else {
+                return false;
+            };
+            let room = seg.len() - self.off;
+            if room == 0 {
+                self.seg += 1;
+                self.off = 0;
+                continue;
+            }
+            let n = room.min(src.len());
+            let dst = &mut seg[self.off..self.off + n];
+            dst.copy_from_slice(&src[..n]);
+            hash.update(dst);
+            self.off += n;
+            src = &src[n..];
+        }
+        true
+    }
+}
+
+/// Copies one chunk into `dst` and returns the checksum of the bytes as they now lie in `dst`
+/// (equal to [`chunk_checksum`] of `src` unless `src` changed under the copy). The copy goes in
+/// 4 KiB steps, each hashed from L1 right after it lands while the next is prefetched, so a
+/// verified copy reads the source from DRAM once. `None` if `dst` is too short.
+pub fn copy_chunk_checked(src: &[u8], dst: &mut Scatter<'_, '_>) -> Option<u64> {
+    let mut h = Xxh3::new();
+    for (i, step) in src.chunks(PREFETCH_STEP).enumerate() {
+        if let Some(next) = src.get((i + 1) * PREFETCH_STEP..) {
+            prefetch(&next[..next.len().min(PREFETCH_STEP)]);
+        }
+        if !dst.copy_hashed(step, &mut h) {
+            return None;
+        }
+    }
+    Some(h.digest())
+}
+
 /// Checksum of a whole trailer, as stored in the index.
 pub fn trailer_checksum(trailer: &[u8]) -> u64 {
     xxh3_64(trailer)
@@ -88,6 +155,36 @@ pub fn record(trailer: &mut [u8], i: usize, sum: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scattered_copy_lands_every_byte_and_hashes_like_the_stored_checksum() {
+        for len in [1, 100, 4096, 4097, CHUNK - 3, CHUNK] {
+            let src: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            // Ragged segments that split 4 KiB steps at odd places.
+            let mut cuts = [0, len / 3, (len / 3 + 1).min(len), len * 5 / 7, len];
+            cuts.sort();
+            let mut buf = vec![0u8; len];
+            let mut rest = &mut buf[..];
+            let mut segs: Vec<&mut [u8]> = Vec::new();
+            for w in cuts.windows(2) {
+                let (a, b) = std::mem::take(&mut rest).split_at_mut(w[1] - w[0]);
+                segs.push(a);
+                rest = b;
+            }
+            let mut sc = Scatter::new(&mut segs);
+            assert_eq!(sc.capacity(), len);
+            assert_eq!(copy_chunk_checked(&src, &mut sc), Some(chunk_checksum(&src)));
+            assert_eq!(buf, src, "len {len}");
+        }
+    }
+
+    #[test]
+    fn scattered_copy_reports_short_destinations() {
+        let src = vec![7u8; 5000];
+        let mut small = vec![0u8; 4999];
+        let mut segs = [&mut small[..]];
+        assert_eq!(copy_chunk_checked(&src, &mut Scatter::new(&mut segs)), None);
+    }
 
     #[test]
     fn layout_of_small_exact_and_ragged_blocks() {
