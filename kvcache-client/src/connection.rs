@@ -1,14 +1,23 @@
 //! One data connection: send a request frame, read the reply header and control message, then
-//! let the caller read the payload straight into its own memory.
+//! let the caller read the payload straight into its own memory. A connection runs over TCP,
+//! or over the node's Unix socket with shared memory attached.
+
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use kvcache_core::wire::{
-    ErrorCode, ErrorReply, FrameHeader, FrameLimits, GetReply, GetRequest, Op,
+    ErrorCode, ErrorReply, FrameHeader, FrameLimits, GetReply, GetRequest, Op, ShmGetReply,
+    ShmGetRequest, ShmReleaseRequest,
 };
 use kvcache_transport::tcp::{self, FrameReadError};
 use prost::Message;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::ClientError;
+use crate::shm::{self, Attached, ShmPool};
 
 /// Replies may carry up to 4 GiB of payload; the node enforces the real limit on requests.
 const REPLY_LIMITS: FrameLimits = FrameLimits {
@@ -17,8 +26,65 @@ const REPLY_LIMITS: FrameLimits = FrameLimits {
 };
 
 pub(crate) struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     next_id: u32,
+    /// Set on a shared-memory connection.
+    pub(crate) shm: Option<Attached>,
+}
+
+/// The byte stream under a connection.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+macro_rules! delegate {
+    ($self:ident, |$s:ident| $e:expr) => {
+        match $self.get_mut() {
+            Stream::Tcp($s) => $e,
+            Stream::Unix($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        delegate!(self, |s| Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, |s| Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        delegate!(self, |s| Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, |s| Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        delegate!(self, |s| Pin::new(s).poll_shutdown(cx))
+    }
 }
 
 fn read_err(e: FrameReadError) -> ClientError {
@@ -45,7 +111,46 @@ impl Connection {
                 source,
             })?;
         tcp::tune(&stream)?;
-        Ok(Self { stream, next_id: 0 })
+        Ok(Self {
+            stream: Stream::Tcp(stream),
+            next_id: 0,
+            shm: None,
+        })
+    }
+
+    /// Connects to a node's shared-memory socket and attaches. `known` is the pool this client
+    /// already maps, reused when the node still serves the same one.
+    pub(crate) async fn open_shm(
+        path: &str,
+        staging_bytes: u64,
+        known: Option<Arc<ShmPool>>,
+    ) -> Result<Self, ClientError> {
+        let mut stream =
+            UnixStream::connect(path)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    addr: path.to_string(),
+                    source,
+                })?;
+        let attached = shm::attach(&mut stream, staging_bytes, known).await?;
+        Ok(Self {
+            stream: Stream::Unix(stream),
+            next_id: 1,
+            shm: Some(attached),
+        })
+    }
+
+    /// Sends a request that has no reply (`ShmRelease`).
+    pub(crate) async fn send_oneway(
+        &mut self,
+        op: Op,
+        req: &impl Message,
+    ) -> Result<(), ClientError> {
+        self.next_id = self.next_id.wrapping_add(1);
+        let control = req.encode_to_vec();
+        let header = FrameHeader::request(op, self.next_id, control.len(), 0);
+        tcp::write_frame(&mut self.stream, &header, &control, &[]).await?;
+        Ok(())
     }
 
     /// Sends a request and reads the reply's header and control message. A node's error reply
@@ -124,6 +229,41 @@ impl Connection {
             )));
         }
         Ok(reply.lens)
+    }
+
+    /// `ShmGet`: leases `keys` and returns where each lies in the pool (length 0 for a miss).
+    pub(crate) async fn shm_lease(
+        &mut self,
+        keys: &[kvcache_core::BlockKey],
+    ) -> Result<ShmGetReply, ClientError> {
+        let req = ShmGetRequest {
+            keys: kvcache_core::wire::encode_keys(keys),
+        };
+        let reply: ShmGetReply = self.call_simple(Op::ShmGet, &req).await?;
+        let n = keys.len();
+        if reply.lens.len() != n || reply.offsets.len() != n || reply.trailer_checksums.len() != n {
+            return Err(ClientError::Protocol(format!(
+                "shm_get reply describes {} blocks for {n} keys",
+                reply.lens.len()
+            )));
+        }
+        Ok(reply)
+    }
+
+    /// `ShmRelease`: ends a lease, naming blocks that failed the client's check.
+    pub(crate) async fn shm_release(
+        &mut self,
+        lease_id: u64,
+        suspect: &[kvcache_core::BlockKey],
+    ) -> Result<(), ClientError> {
+        if lease_id == 0 {
+            return Ok(()); // Nothing was leased.
+        }
+        let req = ShmReleaseRequest {
+            lease_id,
+            suspect: kvcache_core::wire::encode_keys(suspect),
+        };
+        self.send_oneway(Op::ShmRelease, &req).await
     }
 
     pub(crate) async fn read_payload_into(&mut self, dst: &mut [u8]) -> Result<(), ClientError> {

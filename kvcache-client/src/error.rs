@@ -22,6 +22,8 @@ pub enum ClientError {
     Server { code: ErrorCode, message: String },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("shared memory unavailable: {0}")]
+    ShmUnavailable(String),
 }
 
 impl ClientError {

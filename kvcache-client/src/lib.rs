@@ -13,10 +13,16 @@
 //! Every call takes a pooled connection, runs one request under the configured timeout, and
 //! returns the connection to the pool only if the exchange completed cleanly; a connection
 //! that timed out or saw an error is dropped, never reused in an unknown state.
+//!
+//! With a node on the same host, the client uses shared memory ([`Transport::Auto`], the
+//! default): gets copy straight out of the node's pool into the caller's memory, checking every
+//! chunk, and puts go through a staging window. Otherwise, or with [`Transport::Tcp`], bytes
+//! travel inline over TCP.
 
 mod cluster;
 mod connection;
 mod error;
+mod shm;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +30,7 @@ use std::time::Duration;
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{
     ExistsReply, ExistsRequest, GetRequest, Op, PingReply, PingRequest, PrefixMatchReply,
-    PrefixMatchRequest, PutReply, PutRequest, PutStatus, encode_keys,
+    PrefixMatchRequest, PutReply, PutRequest, PutStatus, ShmPutRequest, encode_keys,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -90,16 +96,51 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Most keys per get request; larger batches are split.
     pub max_get_keys: usize,
+    /// How bytes move: shared memory when possible, or TCP.
+    pub transport: Transport,
+    /// Staging window asked for per shared-memory connection; puts larger than it are split,
+    /// and a single block must fit in it.
+    pub shm_staging_bytes: u64,
 }
 
 impl ClientConfig {
-    /// Defaults for `addr`: 16 connections, 5 s timeout, 64 keys per get.
+    /// Defaults for `addr`: 16 connections, 5 s timeout, 64 keys per get, automatic transport,
+    /// 64 MiB staging windows.
     pub fn new(addr: impl Into<String>) -> Self {
         Self {
             addr: addr.into(),
             max_connections: 16,
             timeout: Duration::from_secs(5),
             max_get_keys: 64,
+            transport: Transport::Auto,
+            shm_staging_bytes: 64 << 20,
+        }
+    }
+}
+
+/// How a client moves block bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// Shared memory when the node is on this host and lets us map its pool; else TCP, with a
+    /// log line saying why.
+    #[default]
+    Auto,
+    /// Shared memory or fail.
+    Shm,
+    /// TCP only.
+    Tcp,
+}
+
+impl std::str::FromStr for Transport {
+    type Err = ClientError;
+    fn from_str(s: &str) -> Result<Self, ClientError> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "shm" => Ok(Self::Shm),
+            "tcp" => Ok(Self::Tcp),
+            other => Err(ClientError::InvalidArgument(format!(
+                "transport must be \"auto\", \"shm\" or \"tcp\", not {other:?}"
+            ))),
         }
     }
 }
@@ -146,12 +187,22 @@ struct Inner {
     idle: Mutex<Vec<Connection>>,
     permits: Arc<Semaphore>,
     max_payload: u32,
+    /// The node's shared-memory socket, when this client uses shared memory.
+    shm_path: Option<String>,
+    /// The pool mapped by the latest shared-memory connection, reused by the next ones.
+    shm_pool: Mutex<Option<Arc<shm::ShmPool>>>,
+    /// Why `Transport::Auto` settled for TCP.
+    shm_fallback: Option<String>,
 }
 
 impl Inner {
     fn idle_conns(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
         // A panic while holding this lock cannot leave the Vec inconsistent.
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pool_slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<shm::ShmPool>>> {
+        self.shm_pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -182,15 +233,69 @@ impl Client {
                     op: "ping",
                     after: cfg.timeout,
                 })??;
+        let mut shm_path = None;
+        let mut shm_pool = None;
+        let mut shm_fallback = None;
+        if cfg.transport != Transport::Tcp {
+            match Self::try_shm(&cfg, &ping).await {
+                Ok(shm_conn) => {
+                    shm_pool = shm_conn.shm.as_ref().map(|a| Arc::clone(&a.pool));
+                    shm_path = Some(ping.shm_socket.clone());
+                    conn = shm_conn;
+                    tracing::debug!(node = %cfg.addr, socket = %ping.shm_socket, "kvcache: using shared memory");
+                }
+                Err(e) if cfg.transport == Transport::Shm => return Err(e),
+                Err(e) => {
+                    tracing::info!(node = %cfg.addr, reason = %e, "kvcache: shared memory unavailable; using TCP");
+                    shm_fallback = Some(e.to_string());
+                }
+            }
+        }
         let inner = Inner {
             permits: Arc::new(Semaphore::new(cfg.max_connections)),
             idle: Mutex::new(vec![conn]),
             max_payload: ping.max_payload,
+            shm_path,
+            shm_pool: Mutex::new(shm_pool),
+            shm_fallback,
             cfg,
         };
         Ok(Self {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Opens the first shared-memory connection, or says why it cannot.
+    async fn try_shm(cfg: &ClientConfig, ping: &PingReply) -> Result<Connection, ClientError> {
+        if let Some(why) = shm::unavailable_reason(ping) {
+            return Err(ClientError::ShmUnavailable(why));
+        }
+        let open = Connection::open_shm(&ping.shm_socket, cfg.shm_staging_bytes, None);
+        match tokio::time::timeout(cfg.timeout, open).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(ClientError::ShmUnavailable(format!(
+                "cannot attach to {}: {e}",
+                ping.shm_socket
+            ))),
+            Err(_) => Err(ClientError::ShmUnavailable(format!(
+                "attaching to {} timed out",
+                ping.shm_socket
+            ))),
+        }
+    }
+
+    /// Why this client uses TCP although shared memory was allowed (`Transport::Auto`).
+    pub fn shm_fallback_reason(&self) -> Option<&str> {
+        self.inner.shm_fallback.as_deref()
+    }
+
+    /// `"shm"` if this client moves bytes through shared memory, else `"tcp"`.
+    pub fn transport(&self) -> &'static str {
+        if self.inner.shm_path.is_some() {
+            "shm"
+        } else {
+            "tcp"
+        }
     }
 
     /// The node address.
@@ -210,8 +315,18 @@ impl Client {
                 _permit: permit,
             });
         }
+        let conn = match &self.inner.shm_path {
+            Some(path) => {
+                let known = self.inner.pool_slot().clone();
+                let conn =
+                    Connection::open_shm(path, self.inner.cfg.shm_staging_bytes, known).await?;
+                *self.inner.pool_slot() = conn.shm.as_ref().map(|a| Arc::clone(&a.pool));
+                conn
+            }
+            None => Connection::open(&self.inner.cfg.addr).await?,
+        };
         Ok(Checkout {
-            conn: Connection::open(&self.inner.cfg.addr).await?,
+            conn,
             _permit: permit,
         })
     }
@@ -263,6 +378,9 @@ impl Client {
                 lens[i], self.inner.max_payload
             )));
         }
+        if self.inner.shm_path.is_some() {
+            return with_conn!(self, "put", |c| put_shm(c, keys, values, &lens).await);
+        }
         let mut statuses = Vec::with_capacity(keys.len());
         let mut start = 0;
         while start < keys.len() {
@@ -285,19 +403,7 @@ impl Client {
                 c.expect_no_payload(&h)?;
                 connection::decode_reply(&control)
             })?;
-            if reply.statuses.len() != end - start {
-                return Err(ClientError::Protocol(format!(
-                    "{} statuses for {} blocks",
-                    reply.statuses.len(),
-                    end - start
-                )));
-            }
-            for s in reply.statuses {
-                statuses.push(
-                    PutStatus::try_from(s)
-                        .map_err(|_| ClientError::Protocol(format!("unknown put status {s}")))?,
-                );
-            }
+            statuses.extend(put_statuses(reply, end - start)?);
             start = end;
         }
         Ok(statuses)
@@ -316,6 +422,9 @@ impl Client {
                 keys: encode_keys(chunk),
             };
             let got = with_conn!(self, "get", chunk.len() + 1, |c| {
+                if c.shm.is_some() {
+                    return get_shm_vecs(c, chunk).await;
+                }
                 let lens = c.call_get(&req, chunk.len()).await?;
                 let mut values = Vec::with_capacity(lens.len());
                 for len in lens {
@@ -346,6 +455,9 @@ impl Client {
                 keys: encode_keys(chunk),
             };
             let got = with_conn!(self, "get", chunk.len() + 1, |c| {
+                if c.shm.is_some() {
+                    return get_shm_into(c, chunk, dst).await;
+                }
                 let lens = c.call_get(&req, chunk.len()).await?;
                 let mut outcomes = Vec::with_capacity(lens.len());
                 for (len, segs) in lens.into_iter().zip(dst.iter_mut()) {
@@ -408,4 +520,122 @@ impl Client {
         }
         Ok(reply.matched as usize)
     }
+}
+
+/// Checks a put reply's statuses: one known status per block.
+fn put_statuses(reply: PutReply, blocks: usize) -> Result<Vec<PutStatus>, ClientError> {
+    if reply.statuses.len() != blocks {
+        return Err(ClientError::Protocol(format!(
+            "{} statuses for {blocks} blocks",
+            reply.statuses.len()
+        )));
+    }
+    reply
+        .statuses
+        .into_iter()
+        .map(|s| {
+            PutStatus::try_from(s)
+                .map_err(|_| ClientError::Protocol(format!("unknown put status {s}")))
+        })
+        .collect()
+}
+
+/// A put over shared memory: blocks go into the connection's staging window, as many at a time
+/// as fit, and the node copies them into its pool.
+async fn put_shm(
+    c: &mut Connection,
+    keys: &[BlockKey],
+    values: &[&[&[u8]]],
+    lens: &[u64],
+) -> Result<Vec<PutStatus>, ClientError> {
+    let mut statuses = Vec::with_capacity(keys.len());
+    let mut start = 0;
+    while start < keys.len() {
+        let staging = &mut c.shm.as_mut().expect("shared-memory connection").staging;
+        let n = shm::fits(&lens[start..], staging.len());
+        if n == 0 {
+            return Err(ClientError::InvalidArgument(format!(
+                "block {start} has {} bytes, more than the {}-byte shared-memory staging window; raise shm_staging_bytes",
+                lens[start],
+                staging.len()
+            )));
+        }
+        let end = start + n;
+        let staged = staging.stage(&values[start..end], &lens[start..end]);
+        let req = ShmPutRequest {
+            keys: encode_keys(&keys[start..end]),
+            lens: lens[start..end].iter().map(|&l| l as u32).collect(),
+            offsets: staged.offsets,
+        };
+        let reply: PutReply = c.call_simple(Op::ShmPut, &req).await?;
+        statuses.extend(put_statuses(reply, n)?);
+        start = end;
+    }
+    Ok(statuses)
+}
+
+/// A get over shared memory into caller segments: lease, copy with verification, release.
+async fn get_shm_into(
+    c: &mut Connection,
+    keys: &[BlockKey],
+    dst: &mut [Vec<&mut [u8]>],
+) -> Result<Vec<GetOutcome>, ClientError> {
+    let reply = c.shm_lease(keys).await?;
+    let pool = Arc::clone(&c.shm.as_ref().expect("shared-memory connection").pool);
+    let mut outcomes = Vec::with_capacity(keys.len());
+    let mut suspect = Vec::new();
+    for (i, segs) in dst.iter_mut().enumerate() {
+        let expected: usize = segs.iter().map(|s| s.len()).sum();
+        outcomes.push(match reply.lens[i] as usize {
+            0 => GetOutcome::Miss,
+            n if n == expected => {
+                let sum = reply.trailer_checksums[i];
+                if pool.copy_verified(reply.offsets[i], n, sum, segs)? {
+                    GetOutcome::Hit
+                } else {
+                    suspect.push(keys[i]);
+                    GetOutcome::Miss
+                }
+            }
+            n => GetOutcome::WrongSize {
+                stored: n,
+                expected,
+            },
+        });
+    }
+    c.shm_release(reply.lease_id, &suspect).await?;
+    if !suspect.is_empty() {
+        tracing::warn!(
+            blocks = suspect.len(),
+            "kvcache: blocks failed verification; reported as misses"
+        );
+    }
+    Ok(outcomes)
+}
+
+/// A get over shared memory into fresh buffers.
+async fn get_shm_vecs(
+    c: &mut Connection,
+    keys: &[BlockKey],
+) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+    let reply = c.shm_lease(keys).await?;
+    let pool = Arc::clone(&c.shm.as_ref().expect("shared-memory connection").pool);
+    let mut values = Vec::with_capacity(keys.len());
+    let mut suspect = Vec::new();
+    for (i, &len) in reply.lens.iter().enumerate() {
+        if len == 0 {
+            values.push(None);
+            continue;
+        }
+        let mut v = vec![0u8; len as usize];
+        let sum = reply.trailer_checksums[i];
+        if pool.copy_verified(reply.offsets[i], v.len(), sum, &mut [&mut v[..]])? {
+            values.push(Some(v));
+        } else {
+            suspect.push(keys[i]);
+            values.push(None);
+        }
+    }
+    c.shm_release(reply.lease_id, &suspect).await?;
+    Ok(values)
 }

@@ -173,7 +173,10 @@ mod tests {
             }
             let mut sc = Scatter::new(&mut segs);
             assert_eq!(sc.capacity(), len);
-            assert_eq!(copy_chunk_checked(&src, &mut sc), Some(chunk_checksum(&src)));
+            assert_eq!(
+                copy_chunk_checked(&src, &mut sc),
+                Some(chunk_checksum(&src))
+            );
             assert_eq!(buf, src, "len {len}");
         }
     }

@@ -39,8 +39,11 @@ pub fn run(settings: Settings) -> anyhow::Result<()> {
         let metrics = server
             .metrics_addr()
             .map_or("off".to_string(), |a| a.to_string());
+        let shm = server
+            .shm_socket()
+            .map_or("off".to_string(), |p| p.display().to_string());
         println!(
-            "kvcache-server ready data={} metrics={metrics}",
+            "kvcache-server ready data={} metrics={metrics} shm={shm}",
             server.data_addr()
         );
         let which = tokio::select! {

@@ -35,7 +35,8 @@ impl From<MlockArg> for LockMode {
 
 /// kvcache-server: a node of the kvcache distributed KV-cache for LLM inference.
 ///
-/// Stores attention KV blocks in a memory pool and serves them to vLLM instances over TCP.
+/// Stores attention KV blocks in a memory pool and serves them to vLLM instances over TCP, and
+/// to clients on the same host through shared memory (a Unix socket hands out the pool).
 /// Settings come from, in increasing precedence: defaults, the --config TOML file (keys are the
 /// flag names with underscores, e.g. `metrics_listen = "0.0.0.0:7401"`), KVCACHE_* environment
 /// variables, and flags.
@@ -116,15 +117,55 @@ pub struct Settings {
     #[arg(long, env = "KVCACHE_THREADS")]
     pub threads: Option<usize>,
 
+    /// Unix socket through which clients on this host map the pool (shared memory): a path,
+    /// `auto` ($XDG_RUNTIME_DIR or /tmp, `kvcache-PORT.sock`), or `off` [default: auto].
+    #[arg(long, env = "KVCACHE_SHM_SOCKET", value_name = "PATH|auto|off")]
+    pub shm_socket: Option<String>,
+
+    /// File mode of the shared-memory socket, octal: who may connect and so read the pool
+    /// (e.g. 660 to admit the socket's group) [default: 600].
+    #[arg(long, env = "KVCACHE_SHM_MODE", value_name = "OCTAL")]
+    pub shm_mode: Option<String>,
+
+    /// Seconds a shared-memory client may hold a lease before it is revoked (a client that
+    /// outlives its lease reads a miss, never wrong bytes) [default: 30].
+    #[arg(long, env = "KVCACHE_SHM_LEASE_TIMEOUT", value_name = "SECONDS")]
+    pub shm_lease_timeout: Option<f64>,
+
+    /// Largest staging window a shared-memory client may ask for (its puts go through it)
+    /// [default: 256MiB].
+    #[arg(long, env = "KVCACHE_SHM_MAX_STAGING", value_name = "SIZE")]
+    pub shm_max_staging: Option<ByteSize>,
+
     /// Enables fault-injection endpoints (POST /debug/corrupt/KEY). Never in production.
     #[arg(long, hide = true)]
     #[serde(default)]
     pub enable_test_hooks: bool,
 }
 
+/// Where the shared-memory socket goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShmSocket {
+    /// Derived from the data port once bound (see `kvcache_transport::shm::default_socket_path`).
+    Auto,
+    Path(PathBuf),
+}
+
+/// Shared-memory transport settings.
+#[derive(Clone, Debug)]
+pub struct ShmConfig {
+    pub socket: ShmSocket,
+    /// Permission bits of the socket file.
+    pub mode: u32,
+    pub lease_timeout: Duration,
+    pub max_staging: u64,
+}
+
 /// Fully resolved server configuration.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
+    /// `None` when shared memory is off.
+    pub shm: Option<ShmConfig>,
     pub listen: String,
     pub metrics_listen: Option<String>,
     pub store: StoreConfig,
@@ -166,7 +207,11 @@ impl Settings {
             max_connections,
             shutdown_grace,
             log,
-            threads
+            threads,
+            shm_socket,
+            shm_mode,
+            shm_lease_timeout,
+            shm_max_staging
         );
         self.enable_test_hooks |= file.enable_test_hooks;
         Ok(self)
@@ -196,6 +241,7 @@ impl Settings {
             Some(a) => Some(a.to_string()),
             None => Some("127.0.0.1:7401".to_string()),
         };
+        let shm = self.resolve_shm()?;
         Ok(ServerConfig {
             listen: self
                 .listen
@@ -210,7 +256,9 @@ impl Settings {
                 high_watermark: self.high_watermark.unwrap_or(d.high_watermark),
                 low_watermark: self.low_watermark.unwrap_or(d.low_watermark),
                 lock: self.mlock.map_or(d.lock, LockMode::from),
+                shared: shm.is_some(),
             },
+            shm,
             limits: FrameLimits {
                 max_payload: max_frame as u32,
                 ..FrameLimits::default()
@@ -220,6 +268,40 @@ impl Settings {
             shutdown_grace: Duration::from_secs_f64(grace),
             test_hooks: self.enable_test_hooks,
         })
+    }
+}
+
+impl Settings {
+    fn resolve_shm(&self) -> anyhow::Result<Option<ShmConfig>> {
+        let socket = match self.shm_socket.as_deref() {
+            Some("off") => return Ok(None),
+            None | Some("auto") => ShmSocket::Auto,
+            Some("") => bail!("--shm-socket must be a path, `auto` or `off`"),
+            Some(p) => ShmSocket::Path(PathBuf::from(p)),
+        };
+        let mode_text = self.shm_mode.as_deref().unwrap_or("600");
+        let mode = u32::from_str_radix(mode_text.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .with_context(|| {
+                format!(
+                    "--shm-mode must be octal permission bits like 600 or 660, got {mode_text:?}"
+                )
+            })?;
+        let lease = self.shm_lease_timeout.unwrap_or(30.0);
+        if !(0.001..=86_400.0).contains(&lease) {
+            bail!("--shm-lease-timeout must be between 0.001 and 86400 seconds");
+        }
+        let max_staging = self.shm_max_staging.map_or(256 << 20, |b| b.0);
+        if max_staging < 4096 {
+            bail!("--shm-max-staging must be at least 4KiB");
+        }
+        Ok(Some(ShmConfig {
+            socket,
+            mode,
+            lease_timeout: Duration::from_secs_f64(lease),
+            max_staging,
+        }))
     }
 }
 
@@ -273,6 +355,31 @@ mod tests {
         let e = Settings::try_parse_from(["kvcache-server", "--memory", "lots"]).unwrap_err();
         assert!(e.to_string().contains("invalid size"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn shared_memory_settings_resolve_and_bad_modes_are_refused() {
+        let cfg = Settings::parse_from(["kvcache-server"]).resolve().unwrap();
+        let shm = cfg.shm.expect("on by default");
+        assert_eq!((shm.socket, shm.mode), (ShmSocket::Auto, 0o600));
+        assert!(cfg.store.shared);
+        let off = Settings::parse_from(["kvcache-server", "--shm-socket", "off"]);
+        let off = off.resolve().unwrap();
+        assert!(off.shm.is_none() && !off.store.shared);
+        let bad = Settings::parse_from(["kvcache-server", "--shm-mode", "rw"]);
+        assert!(format!("{:#}", bad.resolve().unwrap_err()).contains("octal"));
+        let path = Settings::parse_from([
+            "kvcache-server",
+            "--shm-socket",
+            "/run/kv.sock",
+            "--shm-mode",
+            "0o660",
+        ]);
+        let shm = path.resolve().unwrap().shm.unwrap();
+        assert_eq!(
+            (shm.socket, shm.mode),
+            (ShmSocket::Path("/run/kv.sock".into()), 0o660)
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! kvcache-server: the cache node.
 //!
 //! - [`store`]: the memory pool, index, eviction and leases (transport-independent);
-//! - [`service`]: the TCP data plane speaking the kvcache frame protocol;
+//! - [`service`]: the data plane speaking the kvcache frame protocol (TCP and Unix socket);
+//! - [`shm`]: the shared-memory transport for clients on the same host;
 //! - [`metrics`] and [`http`]: Prometheus text and health on a separate listener;
 //! - [`config`]: command line, environment and TOML configuration;
 //! - [`server`]: wires it together, runs until shutdown;
@@ -13,4 +14,5 @@ pub mod http;
 pub mod metrics;
 pub mod server;
 pub mod service;
+pub mod shm;
 pub mod store;

@@ -86,14 +86,23 @@ pub struct Metrics {
     requested_blocks: [AtomicU64; OPS],
     hit_blocks: [AtomicU64; OPS],
     latency: [Histogram; OPS],
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
+    bytes_in: [AtomicU64; 2],
+    bytes_out: [AtomicU64; 2],
+    shm_leases_revoked: AtomicU64,
+    shm_suspects: [AtomicU64; 2],
     put_rejected: [AtomicU64; 3],
     protocol_errors: [AtomicU64; ProtocolError::ALL.len()],
     connections_active: AtomicI64,
     connections_total: AtomicU64,
     connections_rejected: AtomicU64,
     requests_timed_out: AtomicU64,
+}
+
+/// How payload bytes moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Tcp = 0,
+    Shm = 1,
 }
 
 /// Why a put of one block was refused, for `kvcache_put_rejected_blocks_total`.
@@ -124,12 +133,23 @@ impl Metrics {
         self.hit_blocks[i].fetch_add(hit as u64, Relaxed);
     }
 
-    pub fn bytes_in(&self, n: u64) {
-        self.bytes_in.fetch_add(n, Relaxed);
+    pub fn bytes_in(&self, via: Transport, n: u64) {
+        self.bytes_in[via as usize].fetch_add(n, Relaxed);
     }
 
-    pub fn bytes_out(&self, n: u64) {
-        self.bytes_out.fetch_add(n, Relaxed);
+    pub fn bytes_out(&self, via: Transport, n: u64) {
+        self.bytes_out[via as usize].fetch_add(n, Relaxed);
+    }
+
+    /// Counts shared-memory leases revoked because the client held them past the timeout.
+    pub fn shm_leases_revoked(&self, n: usize) {
+        self.shm_leases_revoked.fetch_add(n as u64, Relaxed);
+    }
+
+    /// Counts a block a shared-memory client reported as failing its check, and whether the
+    /// node's own verification confirmed it.
+    pub fn shm_suspect(&self, confirmed: bool) {
+        self.shm_suspects[confirmed as usize].fetch_add(1, Relaxed);
     }
 
     pub fn put_rejected(&self, why: PutRejection) {
@@ -185,7 +205,7 @@ impl Metrics {
                 );
             }
         }
-        let lookups = [Op::Get, Op::Exists, Op::PrefixMatch];
+        let lookups = [Op::Get, Op::ShmGet, Op::Exists, Op::PrefixMatch];
         header(
             &mut out,
             "kvcache_requested_blocks_total",
@@ -220,6 +240,7 @@ impl Metrics {
             out,
             "kvcache_put_blocks_total {}",
             self.requested_blocks[op_index(Op::Put)].load(Relaxed)
+                + self.requested_blocks[op_index(Op::ShmPut)].load(Relaxed)
         );
         header(
             &mut out,
@@ -243,22 +264,50 @@ impl Metrics {
             "counter",
             "Payload bytes received.",
         );
-        let _ = writeln!(
-            out,
-            "kvcache_bytes_received_total{{transport=\"tcp\"}} {}",
-            self.bytes_in.load(Relaxed)
-        );
+        for (via, c) in ["tcp", "shm"].iter().zip(&self.bytes_in) {
+            let _ = writeln!(
+                out,
+                "kvcache_bytes_received_total{{transport=\"{via}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
         header(
             &mut out,
             "kvcache_bytes_sent_total",
             "counter",
             "Payload bytes sent.",
         );
+        for (via, c) in ["tcp", "shm"].iter().zip(&self.bytes_out) {
+            let _ = writeln!(
+                out,
+                "kvcache_bytes_sent_total{{transport=\"{via}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
+        header(
+            &mut out,
+            "kvcache_shm_leases_revoked_total",
+            "counter",
+            "Shared-memory block leases revoked because a client held them past --shm-lease-timeout.",
+        );
         let _ = writeln!(
             out,
-            "kvcache_bytes_sent_total{{transport=\"tcp\"}} {}",
-            self.bytes_out.load(Relaxed)
+            "kvcache_shm_leases_revoked_total {}",
+            self.shm_leases_revoked.load(Relaxed)
         );
+        header(
+            &mut out,
+            "kvcache_shm_suspect_blocks_total",
+            "counter",
+            "Blocks a shared-memory client found corrupt, by whether the node's check confirmed it.",
+        );
+        for (result, c) in ["clean", "confirmed"].iter().zip(&self.shm_suspects) {
+            let _ = writeln!(
+                out,
+                "kvcache_shm_suspect_blocks_total{{result=\"{result}\"}} {}",
+                c.load(Relaxed)
+            );
+        }
         header(
             &mut out,
             "kvcache_op_duration_seconds",

@@ -1,23 +1,26 @@
 //! Starting and stopping a server: bind the listeners, accept connections, shut down gracefully.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::config::ServerConfig;
+use crate::config::{ServerConfig, ShmSocket};
 use crate::http::{self, HttpContext};
 use crate::metrics::Metrics;
 use crate::service::{self, ServiceContext};
+use crate::shm::{self, ShmServe};
 use crate::store::Store;
 
 /// A server accepting connections; [`RunningServer::shutdown`] stops it.
 pub struct RunningServer {
     data_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    shm_socket: Option<PathBuf>,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
@@ -52,16 +55,73 @@ impl RunningServer {
             }
             None => None,
         };
+        let shm_listener = match &cfg.shm {
+            Some(shm) => {
+                let path = match &shm.socket {
+                    ShmSocket::Auto => {
+                        kvcache_transport::shm::default_socket_path(data_addr.port())
+                    }
+                    ShmSocket::Path(p) => p.clone(),
+                };
+                let (listener, file) = shm::bind(&path, shm.mode)?;
+                let serve = Arc::new(ShmServe {
+                    lease_timeout: shm.lease_timeout,
+                    max_staging: shm.max_staging,
+                    pool_id: format!(
+                        "{}-{}-{}",
+                        kvcache_transport::shm::host_id().unwrap_or_default(),
+                        std::process::id(),
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_nanos())
+                    ),
+                });
+                Some((path, listener, file, serve))
+            }
+            None => None,
+        };
+        let shm_socket = shm_listener.as_ref().map(|(p, ..)| p.clone());
         let ctx = Arc::new(ServiceContext {
             store: Arc::clone(&store),
             metrics: Arc::clone(&metrics),
             limits: cfg.limits,
             request_timeout: cfg.request_timeout,
+            shm_socket: shm_socket.as_ref().map(|p| p.display().to_string()),
+            host_id: kvcache_transport::shm::host_id().unwrap_or_default(),
         });
-        tasks.spawn(accept_loop(data, ctx, cfg.max_connections, rx));
+        // TCP and Unix-socket connections share one limit.
+        let slots = Arc::new(Semaphore::new(cfg.max_connections));
+        let tcp_ctx = Arc::clone(&ctx);
+        tasks.spawn(accept_loop(
+            data,
+            Arc::clone(&slots),
+            Arc::clone(&metrics),
+            rx.clone(),
+            move |stream: TcpStream, peer: String, shutdown| {
+                let ctx = Arc::clone(&tcp_ctx);
+                async move { service::serve_connection(ctx, stream, &peer, shutdown).await }
+            },
+        ));
+        if let Some((_, listener, file, serve)) = shm_listener {
+            let ctx = Arc::clone(&ctx);
+            tasks.spawn(async move {
+                accept_loop(
+                    listener,
+                    slots,
+                    Arc::clone(&ctx.metrics),
+                    rx,
+                    move |stream: UnixStream, _peer: String, shutdown| {
+                        shm::serve_unix(Arc::clone(&ctx), Arc::clone(&serve), stream, shutdown)
+                    },
+                )
+                .await;
+                drop(file);
+            });
+        }
         let stats = store.stats();
         tracing::info!(
             listen = %data_addr,
+            shm_socket = %shm_socket.as_ref().map_or("off".to_string(), |p| p.display().to_string()),
             metrics = %metrics_addr.map_or("off".to_string(), |a| a.to_string()),
             pool = %kvcache_core::ByteSize(stats.capacity_bytes),
             locked = stats.locked,
@@ -71,6 +131,7 @@ impl RunningServer {
         Ok(Self {
             data_addr,
             metrics_addr,
+            shm_socket,
             store,
             metrics,
             shutdown,
@@ -87,6 +148,11 @@ impl RunningServer {
     /// The bound metrics address, if enabled.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The shared-memory socket's path, if shared memory is on.
+    pub fn shm_socket(&self) -> Option<&std::path::Path> {
+        self.shm_socket.as_deref()
     }
 
     /// The store, for in-process inspection and test hooks.
@@ -114,17 +180,43 @@ impl RunningServer {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    ctx: Arc<ServiceContext>,
-    max_connections: usize,
+/// A listener the accept loop can drive: TCP for the network, Unix for shared memory.
+trait Acceptor: Send + 'static {
+    type Conn: Send + 'static;
+    fn next(&self) -> impl Future<Output = std::io::Result<(Self::Conn, String)>> + Send;
+}
+
+impl Acceptor for TcpListener {
+    type Conn = TcpStream;
+    async fn next(&self) -> std::io::Result<(TcpStream, String)> {
+        let (s, peer) = self.accept().await?;
+        Ok((s, peer.to_string()))
+    }
+}
+
+impl Acceptor for UnixListener {
+    type Conn = UnixStream;
+    async fn next(&self) -> std::io::Result<(UnixStream, String)> {
+        let (s, _) = self.accept().await?;
+        Ok((s, "local".to_string()))
+    }
+}
+
+async fn accept_loop<A, F, Fut>(
+    listener: A,
+    slots: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
-) {
+    serve: F,
+) where
+    A: Acceptor,
+    F: Fn(A::Conn, String, watch::Receiver<bool>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let mut conns = JoinSet::new();
-    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = listener.next() => a,
             _ = shutdown.wait_for(|s| *s) => break,
             // Reap finished connection tasks so the set does not grow without bound.
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
@@ -133,17 +225,17 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                     // Refusing at once (closing) beats queueing without bound.
-                    ctx.metrics.connection_rejected();
+                    metrics.connection_rejected();
                     if service::warn_allowed() {
-                        tracing::warn!(%peer, max_connections, "connection refused: too many open connections");
+                        tracing::warn!(%peer, "connection refused: too many open connections (--max-connections)");
                     }
                     drop(stream);
                     continue;
                 };
                 tracing::debug!(%peer, "connection accepted");
-                let (ctx, shutdown) = (Arc::clone(&ctx), shutdown.clone());
+                let fut = serve(stream, peer, shutdown.clone());
                 conns.spawn(async move {
-                    service::serve_connection(ctx, stream, peer, shutdown).await;
+                    fut.await;
                     drop(slot);
                 });
             }

@@ -1,11 +1,12 @@
-//! The TCP data plane: one task per connection, one request at a time per connection.
+//! The framed data plane: one task per connection, one request at a time per connection. TCP
+//! connections start here; Unix-socket (shared-memory) connections attach in `crate::shm` and
+//! then run the same loop, with the shared-memory ops enabled.
 //!
 //! Bad input never costs other clients anything and never loses stored data: a request whose
 //! control message makes no sense gets an `ErrorReply` and the connection goes on (the frame
 //! header still says where the next frame starts); a header that cannot be trusted (bad magic,
 //! version, op, or a size over the limits) gets an `ErrorReply` and the connection is closed.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -22,7 +23,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::metrics::{Metrics, ProtocolError, PutRejection};
+use crate::metrics::{Metrics, ProtocolError, PutRejection, Transport};
+use crate::shm::{self, ShmSession};
 use crate::store::{AllocError, CommitOutcome, Store, checksum};
 
 /// Verified get payload gathered per vectored write: small enough to be copied from L2 after
@@ -37,6 +39,10 @@ pub struct ServiceContext {
     pub limits: FrameLimits,
     /// Longest a request may take once its header has arrived.
     pub request_timeout: Duration,
+    /// The shared-memory socket's path, advertised by `Ping`; `None` when shared memory is off.
+    pub shm_socket: Option<String>,
+    /// This host's identity, advertised by `Ping` (see `kvcache_transport::shm::host_id`).
+    pub host_id: String,
 }
 
 /// True at most once per second: events a network peer can trigger at will (bad frames,
@@ -62,18 +68,33 @@ fn io_err(e: std::io::Error) -> FrameReadError {
     FrameReadError::Io(e)
 }
 
-/// Serves one data connection until the peer closes it, it misbehaves, or shutdown begins.
+/// Serves one TCP data connection until the peer closes it, it misbehaves, or shutdown begins.
 pub async fn serve_connection(
     ctx: Arc<ServiceContext>,
     mut stream: TcpStream,
-    peer: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
+    peer: &str,
+    shutdown: watch::Receiver<bool>,
 ) {
     if let Err(e) = tcp::tune(&stream) {
         tracing::debug!(%peer, error = %e, "could not tune socket");
     }
+    let (rd, wr) = stream.split();
+    serve_stream(&ctx, rd, wr, peer, shutdown, None).await;
+}
+
+/// The request loop of one connection; `session` enables the shared-memory ops.
+pub(crate) async fn serve_stream<R, W>(
+    ctx: &ServiceContext,
+    mut rd: R,
+    mut wr: W,
+    peer: &str,
+    mut shutdown: watch::Receiver<bool>,
+    session: Option<&ShmSession>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     ctx.metrics.connection_opened();
-    let (mut rd, mut wr) = stream.split();
     loop {
         let header = tokio::select! {
             h = tcp::read_header(&mut rd, &ctx.limits) => h,
@@ -82,7 +103,7 @@ pub async fn serve_connection(
         let flow = match header {
             Ok(h) => match tokio::time::timeout(
                 ctx.request_timeout,
-                handle_request(&ctx, h, &mut rd, &mut wr),
+                handle_request(ctx, h, &mut rd, &mut wr, session),
             )
             .await
             {
@@ -144,7 +165,7 @@ pub async fn serve_connection(
     ctx.metrics.connection_closed();
 }
 
-async fn send_error<W: AsyncWrite + Unpin>(
+pub(crate) async fn send_error<W: AsyncWrite + Unpin>(
     w: &mut W,
     request_id: u32,
     code: ErrorCode,
@@ -164,7 +185,7 @@ async fn send_error<W: AsyncWrite + Unpin>(
     .await
 }
 
-async fn send_reply<W: AsyncWrite + Unpin>(
+pub(crate) async fn send_reply<W: AsyncWrite + Unpin>(
     w: &mut W,
     op: Op,
     request_id: u32,
@@ -207,6 +228,7 @@ async fn handle_request<R, W>(
     h: FrameHeader,
     rd: &mut R,
     wr: &mut W,
+    session: Option<&ShmSession>,
 ) -> ConnResult<Flow>
 where
     R: AsyncRead + Unpin,
@@ -234,6 +256,16 @@ where
         ))),
         Op::Get => handle_get(ctx, &h, &control, wr).await,
         Op::Exists | Op::PrefixMatch | Op::Ping => handle_lookup(ctx, &h, &control, wr).await,
+        Op::ShmGet | Op::ShmPut | Op::ShmRelease => match session {
+            Some(session) => shm::handle(ctx, session, &h, &control, wr).await,
+            None => Ok(Outcome::Refused(format!(
+                "{} is served only on the node's shared-memory socket",
+                h.op.name()
+            ))),
+        },
+        Op::ShmAttach => Ok(Outcome::Refused(
+            "shm_attach must be the first request on the shared-memory socket".into(),
+        )),
         Op::Error => unreachable!("rejected above"),
     };
     let ok = matches!(result, Ok(Outcome::Done));
@@ -241,23 +273,31 @@ where
     match result {
         Ok(Outcome::Done) => Ok(Flow::Continue),
         Ok(Outcome::Refused(message)) => refuse(ctx, &h, rd, wr, message).await,
+        Ok(Outcome::Close(message)) => {
+            ctx.metrics.protocol_error(ProtocolError::Malformed);
+            tracing::debug!(op = h.op.name(), %message, "closing connection");
+            Ok(Flow::Close)
+        }
         Err(e) => Err(e),
     }
 }
 
 /// How a request ended, short of losing the connection.
-enum Outcome {
+pub(crate) enum Outcome {
     Done,
     /// Refused before its payload was read; the message says why.
     Refused(String),
+    /// A one-way request that made no sense: there is no reply to carry an error, so the
+    /// connection is closed.
+    Close(String),
 }
 
-fn decode<M: Message + Default>(h: &FrameHeader, control: &[u8]) -> Result<M, Outcome> {
+pub(crate) fn decode<M: Message + Default>(h: &FrameHeader, control: &[u8]) -> Result<M, Outcome> {
     M::decode(control)
         .map_err(|e| Outcome::Refused(format!("undecodable {} request: {e}", h.op.name())))
 }
 
-fn keys_of(bytes: &[u8]) -> Result<Vec<BlockKey>, Outcome> {
+pub(crate) fn keys_of(bytes: &[u8]) -> Result<Vec<BlockKey>, Outcome> {
     wire::decode_keys(bytes).map_err(|e| Outcome::Refused(e.to_string()))
 }
 
@@ -269,6 +309,7 @@ macro_rules! try_outcome {
         }
     };
 }
+pub(crate) use try_outcome;
 
 async fn handle_put<R, W>(
     ctx: &ServiceContext,
@@ -316,28 +357,26 @@ where
             }
             Err(e) => {
                 tcp::skip_payload(rd, len as u64).await?;
-                match e {
-                    AllocError::AlreadyPresent => PutStatus::AlreadyPresent,
-                    AllocError::TooLarge { .. } => {
-                        ctx.metrics.put_rejected(PutRejection::TooLarge);
-                        PutStatus::TooLarge
-                    }
-                    AllocError::PoolFull => {
-                        ctx.metrics.put_rejected(PutRejection::PoolFull);
-                        PutStatus::PoolFull
-                    }
-                    AllocError::Empty => {
-                        ctx.metrics.put_rejected(PutRejection::Empty);
-                        PutStatus::Empty
-                    }
-                }
+                put_refused(ctx, e)
             }
         };
         statuses.push(status as i32);
     }
-    ctx.metrics.bytes_in(total);
+    ctx.metrics.bytes_in(Transport::Tcp, total);
     send_reply(wr, Op::Put, h.request_id, &PutReply { statuses }).await?;
     Ok(Outcome::Done)
+}
+
+/// The status of a block that could not be allocated, counted in the metrics.
+pub(crate) fn put_refused(ctx: &ServiceContext, e: AllocError) -> PutStatus {
+    let (status, why) = match e {
+        AllocError::AlreadyPresent => return PutStatus::AlreadyPresent,
+        AllocError::TooLarge { .. } => (PutStatus::TooLarge, PutRejection::TooLarge),
+        AllocError::PoolFull => (PutStatus::PoolFull, PutRejection::PoolFull),
+        AllocError::Empty => (PutStatus::Empty, PutRejection::Empty),
+    };
+    ctx.metrics.put_rejected(why);
+    status
 }
 
 async fn handle_get<W: AsyncWrite + Unpin>(
@@ -391,7 +430,7 @@ async fn handle_get<W: AsyncWrite + Unpin>(
     }
     tcp::write_all_vectored(wr, &batch).await.map_err(io_err)?;
     tokio::io::AsyncWriteExt::flush(wr).await.map_err(io_err)?;
-    ctx.metrics.bytes_out(total);
+    ctx.metrics.bytes_out(Transport::Tcp, total);
     Ok(Outcome::Done)
 }
 
@@ -408,6 +447,8 @@ async fn handle_lookup<W: AsyncWrite + Unpin>(
                 protocol_version: PROTOCOL_VERSION as u32,
                 max_payload: ctx.limits.max_payload,
                 max_control: ctx.limits.max_control,
+                shm_socket: ctx.shm_socket.clone().unwrap_or_default(),
+                host_id: ctx.host_id.clone(),
             };
             send_reply(wr, Op::Ping, h.request_id, &reply).await?;
         }

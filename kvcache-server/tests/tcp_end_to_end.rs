@@ -8,15 +8,20 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::{Rng, ServerProcess, content};
-use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome};
+use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, Transport};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{self, ErrorCode, FrameHeader, GetRequest, Op, PutRequest, PutStatus};
 use prost::Message;
 
+/// A client that moves bytes over TCP even though the node is on this host.
 async fn client(server: &ServerProcess) -> Client {
-    Client::connect(ClientConfig::new(server.data.clone()))
-        .await
-        .expect("connect")
+    Client::connect(tcp_config(server)).await.expect("connect")
+}
+
+fn tcp_config(server: &ServerProcess) -> ClientConfig {
+    let mut cfg = ClientConfig::new(server.data.clone());
+    cfg.transport = Transport::Tcp;
+    cfg
 }
 
 /// Reads one reply frame from a raw socket: (header, control) or None if the server closed it.
@@ -517,7 +522,7 @@ async fn calls_reuse_pooled_connections_instead_of_reconnecting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_node_costs_at_most_the_client_timeout_then_serves_again() {
     let server = ServerProcess::start(&["--memory", "16MiB"]);
-    let mut cfg = ClientConfig::new(server.data.clone());
+    let mut cfg = tcp_config(&server);
     cfg.timeout = Duration::from_millis(300);
     let cl = Client::connect(cfg.clone()).await.unwrap();
     cl.put(BlockKey(1), b"kv").await.unwrap();

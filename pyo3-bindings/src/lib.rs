@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kvcache_client::{
-    Client as RustClient, ClientConfig, ClientError, Cluster, ClusterConfig, GetOutcome,
+    Client as RustClient, ClientConfig, ClientError, Cluster, ClusterConfig, GetOutcome, Transport,
 };
 use kvcache_core::wire::PutStatus;
 use kvcache_core::{BlockKey, Namespace, NamespaceId, TpPlacement};
@@ -43,7 +43,7 @@ fn to_py(e: ClientError) -> PyErr {
         }
         ClientError::Timeout { .. } => PyTimeoutError::new_err(e.to_string()),
         ClientError::InvalidArgument(m) => PyValueError::new_err(m),
-        ClientError::Server { .. } | ClientError::Protocol(_) => {
+        ClientError::Server { .. } | ClientError::Protocol(_) | ClientError::ShmUnavailable(_) => {
             KvcacheError::new_err(e.to_string())
         }
     }
@@ -221,7 +221,7 @@ struct Client {
     inner: Mutex<Option<Backend>>,
     members: Vec<String>,
     replicas: usize,
-    transport: &'static str,
+    transport: String,
     timeout_s: f64,
     counters: Counters,
 }
@@ -246,6 +246,14 @@ impl Client {
     }
 }
 
+/// Logs through Python's `logging` (logger `kvcache`), where Python users look.
+fn log_info(py: Python<'_>, message: &str) -> PyResult<()> {
+    py.import("logging")?
+        .call_method1("getLogger", ("kvcache",))?
+        .call_method1("info", (message,))?;
+    Ok(())
+}
+
 /// Runs a future on the I/O runtime with the GIL released.
 fn block<T: Send>(py: Python<'_>, fut: impl std::future::Future<Output = T> + Send) -> T {
     py.detach(|| runtime().block_on(fut))
@@ -263,19 +271,7 @@ impl Client {
         max_connections: usize,
         replicas: usize,
     ) -> PyResult<Self> {
-        let transport = match transport {
-            "auto" | "tcp" => "tcp",
-            "shm" => {
-                return Err(PyValueError::new_err(
-                    "transport 'shm' is not available in this version: use 'auto' or 'tcp'",
-                ));
-            }
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "unknown transport {other:?}: use 'auto' or 'tcp'"
-                )));
-            }
-        };
+        let wanted: Transport = transport.parse().map_err(to_py)?;
         if !(timeout_s > 0.0 && timeout_s.is_finite()) {
             return Err(PyValueError::new_err(
                 "timeout_s must be a positive number of seconds",
@@ -311,8 +307,21 @@ impl Client {
         let mut cfg = ClientConfig::new(members[0].clone());
         cfg.timeout = Duration::from_secs_f64(timeout_s);
         cfg.max_connections = max_connections;
+        cfg.transport = wanted;
+        let mut transport = transport.to_string();
         let backend = if single {
-            Backend::Node(block(py, RustClient::connect(cfg)).map_err(to_py)?)
+            let client = block(py, RustClient::connect(cfg)).map_err(to_py)?;
+            if let Some(why) = client.shm_fallback_reason() {
+                log_info(
+                    py,
+                    &format!(
+                        "kvcache: shared memory unavailable for {} ({why}); using TCP",
+                        members[0]
+                    ),
+                )?;
+            }
+            transport = client.transport().to_string();
+            Backend::Node(client)
         } else {
             // Nodes are connected lazily: members may be down when the client starts.
             let mut cluster = ClusterConfig::new(members.clone());
@@ -442,7 +451,7 @@ impl Client {
         let d = PyDict::new(py);
         d.set_item("members", self.members.clone())?;
         d.set_item("replicas", self.replicas)?;
-        d.set_item("transport", self.transport)?;
+        d.set_item("transport", &self.transport)?;
         d.set_item("timeout_s", self.timeout_s)?;
         if let Backend::Node(client) = self.client()? {
             let ping = block(py, client.ping()).map_err(to_py)?;

@@ -36,6 +36,7 @@ class Server:
     proc: subprocess.Popen[str]
     data: str
     metrics: str
+    shm: str  # the shared-memory socket's path, or "off"
 
     def metric(self, sample: str) -> float:
         with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5) as r:
@@ -55,12 +56,16 @@ def start_server(*args: str) -> Server:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     fields = dict(w.split("=", 1) for w in line.split() if "=" in w)
-    return Server(proc, fields["data"], fields["metrics"])
+    return Server(proc, fields["data"], fields["metrics"], fields["shm"])
+
+
+def stop_server(s: Server) -> None:
+    s.proc.send_signal(signal.SIGTERM)
+    s.proc.wait(timeout=15)
 
 
 @pytest.fixture
 def server() -> Iterator[Server]:
-    s = start_server("--memory", "256MiB")
+    s = start_server("--memory", "256MiB", "--enable-test-hooks")
     yield s
-    s.proc.send_signal(signal.SIGTERM)
-    s.proc.wait(timeout=15)
+    stop_server(s)

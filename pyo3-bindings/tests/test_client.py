@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import kvcache
-from conftest import REPO, Server, start_server
+from conftest import REPO, Server, start_server, stop_server
 
 
 def key(i: int) -> bytes:
     return i.to_bytes(16, "big")
 
 
-def test_round_trip_exists_and_prefix_match(server: Server) -> None:
-    c = kvcache.Client(server.data)
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_round_trip_exists_and_prefix_match(server: Server, transport: str) -> None:
+    c = kvcache.Client(server.data, transport=transport)
     assert c.put(key(1), b"hello kv") is True
     assert c.put(key(1), b"hello kv") is True  # immutable: an existing key is a no-op
     assert c.put(key(2), bytearray(b"x" * 100_000)) is True
@@ -31,12 +34,48 @@ def test_round_trip_exists_and_prefix_match(server: Server) -> None:
     assert c.exists([key(1), key(99), key(3)]) == [True, False, True]
     assert c.prefix_match([key(1), key(2), key(99), key(3)]) == 2
     stats = c.stats()
-    assert stats["transport"] == "tcp" and stats["puts"] == 4 and stats["get_hits"] == 2
-    assert server.metric('kvcache_hit_blocks_total{op="get"}') == 2
+    assert stats["transport"] == transport and stats["puts"] == 4 and stats["get_hits"] == 2
+    op = "shm_get" if transport == "shm" else "get"
+    assert server.metric(f'kvcache_hit_blocks_total{{op="{op}"}}') == 2
+    assert server.metric(f'kvcache_bytes_sent_total{{transport="{transport}"}}') == 100_008
 
 
-def test_zero_copy_put_many_and_get_many_into_numpy(server: Server) -> None:
-    c = kvcache.Client(server.data)
+def test_auto_picks_shared_memory_on_the_same_host(server: Server) -> None:
+    assert kvcache.Client(server.data).stats()["transport"] == "shm"
+
+
+def test_auto_falls_back_to_tcp_with_a_log_line_and_shm_fails_clearly(caplog: pytest.LogCaptureFixture) -> None:
+    s = start_server("--memory", "16MiB", "--shm-socket", "off")
+    try:
+        with caplog.at_level(logging.INFO, logger="kvcache"):
+            c = kvcache.Client(s.data)
+        assert c.stats()["transport"] == "tcp"
+        assert any("shared memory unavailable" in r.getMessage() for r in caplog.records), caplog.records
+        assert c.put(key(1), b"v") and c.get(key(1)) == b"v"
+        with pytest.raises(kvcache.KvcacheError, match="shared memory unavailable: the node has shared memory off"):
+            kvcache.Client(s.data, transport="shm")
+    finally:
+        stop_server(s)
+
+
+def test_a_corrupted_block_is_a_miss_through_shared_memory(server: Server) -> None:
+    c = kvcache.Client(server.data, transport="shm")
+    blob = bytes(range(256)) * 4096  # 1 MiB
+    assert c.put(key(42), blob) and c.put(key(43), blob)
+    with urllib.request.urlopen(
+        urllib.request.Request(f"http://{server.metrics}/debug/corrupt/{key(42).hex()}", method="POST"), timeout=5
+    ) as r:
+        assert r.status == 200
+    dest = np.zeros((2, len(blob)), dtype=np.uint8)
+    segs = [[(dest.ctypes.data + i * len(blob), len(blob))] for i in range(2)]
+    assert c.get_many_into([key(42), key(43)], segs) == [False, True]
+    assert dest[1].tobytes() == blob
+    assert c.get(key(42)) is None and c.exists([key(42)]) == [False]
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_zero_copy_put_many_and_get_many_into_numpy(server: Server, transport: str) -> None:
+    c = kvcache.Client(server.data, transport=transport)
     # Eight "layers" of KV, each (blocks, 1024) float16: one block's bytes are spread over all
     # layers, as in vLLM's paged KV tensors.
     layers = [np.random.default_rng(i).standard_normal((4, 1024)).astype(np.float16) for i in range(8)]
@@ -70,9 +109,7 @@ def test_wrong_input_raises_documented_exceptions(server: Server) -> None:
         c.get_many_into([key(7)], [[(0, 1000)]])
     with pytest.raises(ValueError, match="segment lists"):
         c.put_many([key(7)], [])
-    with pytest.raises(ValueError, match="not available"):
-        kvcache.Client(server.data, transport="shm")
-    with pytest.raises(ValueError, match="unknown transport"):
+    with pytest.raises(ValueError, match="transport must be"):
         kvcache.Client(server.data, transport="carrier-pigeon")
     with pytest.raises(ConnectionError):
         kvcache.Client("127.0.0.1:1", timeout_s=2)
@@ -136,6 +173,7 @@ def test_chain_keys_rejects_bad_input() -> None:
 KILLED_CLIENT = """
 import sys, numpy as np, kvcache
 c = kvcache.Client(sys.argv[1])
+assert c.stats()["transport"] == "shm"
 keys = [i.to_bytes(16, "big") for i in range(1000, 1032)]
 dest = np.zeros((32, 1 << 20), dtype=np.uint8)
 segs = [[(dest.ctypes.data + i * (1 << 20), 1 << 20)] for i in range(32)]

@@ -162,6 +162,9 @@ mod tests {
     #[test]
     fn host_id_is_stable() {
         assert_eq!(host_id(), host_id());
-        assert!(host_id().is_some(), "/proc/sys/kernel/random/boot_id readable on Linux");
+        assert!(
+            host_id().is_some(),
+            "/proc/sys/kernel/random/boot_id readable on Linux"
+        );
     }
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use kvcache_core::BlockKey;
-use kvcache_transport::{HostRegion, LockMode, MemoryRegion, RegionError};
+use kvcache_transport::{HostRegion, LockMode, MemoryRegion, RegionError, ShmRegion};
 use parking_lot::Mutex;
 
 use allocator::{PageAllocator, PageRun};
@@ -51,6 +51,8 @@ pub struct StoreConfig {
     /// ...until usage is back under this fraction.
     pub low_watermark: f64,
     pub lock: LockMode,
+    /// Place the pool in shared memory (a memfd) that same-node clients can map.
+    pub shared: bool,
 }
 
 impl Default for StoreConfig {
@@ -63,6 +65,7 @@ impl Default for StoreConfig {
             high_watermark: 0.95,
             low_watermark: 0.90,
             lock: LockMode::BestEffort,
+            shared: false,
         }
     }
 }
@@ -111,9 +114,25 @@ pub struct StoreStats {
     pub locked: bool,
 }
 
+/// Where the pool lives.
+enum Pool {
+    Private(HostRegion),
+    /// Mappable by same-node clients (see `crate::shm`).
+    Shared(ShmRegion),
+}
+
+impl Pool {
+    fn region(&self) -> &dyn MemoryRegion {
+        match self {
+            Pool::Private(r) => r,
+            Pool::Shared(r) => r,
+        }
+    }
+}
+
 /// The block store. Shared as `Arc<Store>`; every method is safe to call concurrently.
 pub struct Store {
-    region: Box<dyn MemoryRegion>,
+    pool: Pool,
     page_size: u64,
     allocator: Mutex<PageAllocator>,
     shards: Box<[Mutex<Shard>]>,
@@ -156,10 +175,15 @@ impl Store {
                 cfg.low_watermark, cfg.high_watermark
             )));
         }
-        let region = HostRegion::new(pages as usize * cfg.page_size as usize, cfg.lock)?;
+        let len = pages as usize * cfg.page_size as usize;
+        let region = if cfg.shared {
+            Pool::Shared(ShmRegion::new("kvcache-pool", len, cfg.lock)?)
+        } else {
+            Pool::Private(HostRegion::new(len, cfg.lock)?)
+        };
         let shards = cfg.shards.max(1).next_power_of_two();
         Ok(Arc::new(Self {
-            region: Box::new(region),
+            pool: region,
             page_size: cfg.page_size,
             allocator: Mutex::new(PageAllocator::new(pages)),
             shards: (0..shards)
@@ -178,7 +202,15 @@ impl Store {
 
     /// Pool size in bytes.
     pub fn capacity(&self) -> u64 {
-        self.region.len() as u64
+        self.pool.region().len() as u64
+    }
+
+    /// The pool's shared memory file, if the pool is shared.
+    pub fn shared_pool(&self) -> Option<&ShmRegion> {
+        match &self.pool {
+            Pool::Shared(r) => Some(r),
+            Pool::Private(_) => None,
+        }
     }
 
     fn shard_of(&self, key: BlockKey) -> usize {
@@ -193,9 +225,9 @@ impl Store {
     /// Pointer to the first byte of a run.
     fn run_ptr(&self, run: PageRun) -> *mut u8 {
         let off = run.start as usize * self.page_size as usize;
-        debug_assert!(off + run.len as usize * self.page_size as usize <= self.region.len());
+        debug_assert!(off + run.len as usize * self.page_size as usize <= self.pool.region().len());
         // SAFETY: runs come from the allocator, which only hands out pages inside the region.
-        unsafe { self.region.base().add(off) }
+        unsafe { self.pool.region().base().add(off) }
     }
 
     /// Whether `key` is committed.
@@ -363,7 +395,7 @@ impl Store {
             evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
             checksum_failures: self.checksum_failures.load(Ordering::Relaxed),
             index_heap_bytes: heap,
-            locked: self.region.is_locked(),
+            locked: self.pool.region().is_locked(),
         }
     }
 }
@@ -507,6 +539,17 @@ impl Lease {
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.location.len as usize
+    }
+
+    /// Where the block starts in the pool, for a peer that maps the shared pool; it reads the
+    /// bytes and checks them itself against [`trailer_checksum`](Self::trailer_checksum).
+    pub fn pool_offset(&self) -> u64 {
+        self.location.run.start as u64 * self.store.page_size
+    }
+
+    /// The checksum of the block's trailer, as the index records it.
+    pub fn trailer_checksum(&self) -> u64 {
+        self.location.checksum
     }
 
     /// Never true: empty blocks are not stored.

@@ -22,6 +22,7 @@ fn store_with_shards(pages: u64, policy: PolicyKind, shards: usize) -> Arc<Store
         high_watermark: 1.0,
         low_watermark: 1.0,
         lock: LockMode::Off,
+        shared: false,
     })
     .unwrap()
 }
@@ -188,6 +189,7 @@ fn watermarks_evict_down_to_the_low_mark() {
         high_watermark: 0.9,
         low_watermark: 0.5,
         lock: LockMode::Off,
+        shared: false,
     })
     .unwrap();
     for k in 0..91 {

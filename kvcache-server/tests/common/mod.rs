@@ -13,6 +13,8 @@ pub struct ServerProcess {
     pub child: Child,
     pub data: String,
     pub metrics: String,
+    /// The shared-memory socket's path, or "off".
+    pub shm: String,
 }
 
 impl ServerProcess {
@@ -48,11 +50,12 @@ impl ServerProcess {
                 .unwrap_or_else(|| panic!("no {name} in ready line {line:?}"))
                 .to_string()
         };
-        let (data, metrics) = (field("data="), field("metrics="));
+        let (data, metrics, shm) = (field("data="), field("metrics="), field("shm="));
         Self {
             child,
             data,
             metrics,
+            shm,
         }
     }
 

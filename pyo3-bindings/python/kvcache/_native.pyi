@@ -29,8 +29,14 @@ class Client:
         """Connects to `addr` ("host:port"), or to a static cluster when given a list of
         members: keys are placed on a consistent-hash ring with `replicas` owners each, reads
         fall back to replicas, and a dead member costs misses (or nothing, with replicas >= 2),
-        never an exception. Cluster members are connected lazily. `transport`: "auto" or
-        "tcp" ("shm" is not available yet and raises ValueError; so does "etcd://")."""
+        never an exception. Cluster members are connected lazily ("etcd://" is not available
+        yet and raises ValueError).
+
+        `transport`: "auto" (default) uses shared memory when the node runs on this host and its
+        socket admits us (gets copy straight from the node's pool into your buffers, every
+        chunk checksummed as it lands), else TCP, logging why on the `kvcache` logger; "shm"
+        raises KvcacheError instead of falling back; "tcp" never uses shared memory.
+        `stats()["transport"]` says which one a single-node client uses."""
 
     def put(self, key: bytes, value: Buffer) -> bool:
         """Stores a block under a 16-byte key. True if stored (now or already); False if the
@@ -55,7 +61,9 @@ class Client:
         destinations, filled in order (they must not overlap and must stay valid for the
         call). Returns, per key, True for a hit and False for a miss. Raises ValueError if a
         block's stored length differs from its segments' total (that destination is left
-        untouched). Never writes wrong bytes: a block that fails verification is a miss."""
+        untouched). A block that fails verification is a miss, never a hit with wrong bytes;
+        over shared memory it may have been partly copied before the check failed, so a miss's
+        destination holds unspecified bytes: recompute it."""
 
     def stats(self) -> dict[str, int | float | str]:
         """This client's counters and what the node reports about itself."""

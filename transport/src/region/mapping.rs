@@ -41,20 +41,14 @@ impl Mapping {
             return Err(RegionError::Empty);
         }
         let (flags, raw_fd) = match fd {
-            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1),
+            None => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+            ),
             Some(fd) => (libc::MAP_SHARED, fd.as_raw_fd()),
         };
         // SAFETY: a fresh mapping with no address hint; the result is checked below.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                flags,
-                raw_fd,
-                0,
-            )
-        };
+        let raw = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, raw_fd, 0) };
         if raw == libc::MAP_FAILED {
             return Err(RegionError::Map {
                 len,

@@ -21,7 +21,6 @@ pub enum LockMode {
     Required,
 }
 
-
 /// Why a region could not be created.
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {

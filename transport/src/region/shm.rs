@@ -23,7 +23,8 @@ impl ShmRegion {
         if len == 0 {
             return Err(RegionError::Empty);
         }
-        let fd = sealed_memfd(name, len).map_err(|source| RegionError::SharedFile { len, source })?;
+        let fd =
+            sealed_memfd(name, len).map_err(|source| RegionError::SharedFile { len, source })?;
         let map = Mapping::new(len, Some(fd.as_fd()), lock)?;
         Ok(Self { map, fd })
     }
@@ -51,7 +52,8 @@ impl ShmRegion {
 fn sealed_memfd(name: &str, len: usize) -> std::io::Result<OwnedFd> {
     let cname = CString::new(name).map_err(std::io::Error::other)?;
     // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let raw =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if raw < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -93,7 +95,11 @@ pub struct ShmView {
 
 impl ShmView {
     /// Maps all of `fd`, which must be a sealed file of exactly `expected_len` bytes.
-    pub fn map(fd: BorrowedFd<'_>, expected_len: usize, writable: bool) -> Result<Self, RegionError> {
+    pub fn map(
+        fd: BorrowedFd<'_>,
+        expected_len: usize,
+        writable: bool,
+    ) -> Result<Self, RegionError> {
         let fail = |source| RegionError::Map {
             len: expected_len,
             source,
@@ -104,7 +110,10 @@ impl ShmView {
             if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
                 return Err(fail(std::io::Error::last_os_error()));
             }
-            (st.st_size as u64, libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS))
+            (
+                st.st_size as u64,
+                libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS),
+            )
         };
         if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
             return Err(fail(std::io::Error::other(
@@ -155,17 +164,24 @@ mod tests {
         let view = ShmView::map(ro.as_fd(), 1 << 20, false).unwrap();
         // SAFETY: in-bounds read of a live mapping.
         assert_eq!(unsafe { *view.base().add(4242) }, 9);
-        assert!(ShmView::map(ro.as_fd(), 1 << 20, true).is_err(), "writable map of a read-only fd");
+        assert!(
+            ShmView::map(ro.as_fd(), 1 << 20, true).is_err(),
+            "writable map of a read-only fd"
+        );
         // SAFETY: ftruncate on a descriptor we own; it must fail.
         assert_ne!(unsafe { libc::ftruncate(ro.as_raw_fd(), 10) }, 0);
-        assert!(ShmView::map(ro.as_fd(), 1 << 19, false).is_err(), "size mismatch");
+        assert!(
+            ShmView::map(ro.as_fd(), 1 << 19, false).is_err(),
+            "size mismatch"
+        );
     }
 
     #[test]
     fn unsealed_files_are_refused() {
         let name = CString::new("plain").unwrap();
         // SAFETY: memfd_create with a valid name; checked; owned below.
-        let fd = unsafe { OwnedFd::from_raw_fd(libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC)) };
+        let fd =
+            unsafe { OwnedFd::from_raw_fd(libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC)) };
         // SAFETY: ftruncate on a descriptor we own.
         assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 4096) }, 0);
         assert!(ShmView::map(fd.as_fd(), 4096, false).is_err());

@@ -1,0 +1,395 @@
+//! The shared-memory data plane, for clients on the node's host.
+//!
+//! A Unix socket sits next to the TCP listener and speaks the same frames. Its first request
+//! must be `ShmAttach`; the reply carries two file descriptors: the pool, read-only, and a
+//! staging window for this connection alone, read-write. Then:
+//!
+//! - get: `ShmGet` leases the blocks and answers where they lie in the pool and the checksum of
+//!   each block's trailer; the client copies the bytes out of its mapping, checks every chunk
+//!   as it lands in its own memory, and sends `ShmRelease` (one-way, no round trip). A client
+//!   that holds a lease past `--shm-lease-timeout` has it revoked; if it then reads a reused
+//!   page, its check fails and it reports a miss, never wrong bytes.
+//! - put: the client writes blocks into its staging window and sends `ShmPut`; the node copies
+//!   them into the pool, checksumming each chunk while it is in cache, and commits. Clients
+//!   never get write access to the pool, so no client (stalled, buggy or hostile) can alter a
+//!   committed block or another client's half-written one.
+//!
+//! Whoever can connect to the socket can read the whole pool: the socket's file mode
+//! (`--shm-mode`, 600 by default) decides who that is. Everything a connection holds (leases,
+//! its staging window) is released when it closes, so a client that dies leaks nothing.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use kvcache_core::BlockKey;
+use kvcache_core::wire::{
+    self, ErrorCode, FrameHeader, Op, PutReply, ShmAttachReply, ShmAttachRequest, ShmGetReply,
+    ShmGetRequest, ShmPutRequest, ShmReleaseRequest,
+};
+use kvcache_transport::shm::send_with_fds;
+use kvcache_transport::tcp::{self, FrameReadError};
+use kvcache_transport::{LockMode, MemoryRegion, ShmRegion};
+use parking_lot::Mutex;
+use prost::Message;
+use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::metrics::Transport;
+use crate::service::{
+    self, Outcome, ServiceContext, decode, keys_of, put_refused, send_reply, try_outcome,
+};
+use crate::store::{CommitOutcome, Lease};
+
+/// Most unreleased lease batches one connection may hold; a client past it gets an error.
+const MAX_LEASE_BATCHES: usize = 4096;
+
+/// Staging windows are whole pages.
+const STAGING_ALIGN: u64 = 4096;
+
+/// What every shared-memory connection needs beyond the service context.
+pub struct ShmServe {
+    pub lease_timeout: Duration,
+    pub max_staging: u64,
+    /// Distinguishes this pool from any other (a restarted node has a new one).
+    pub pool_id: String,
+}
+
+/// One attached client: its staging window and the leases it holds.
+pub struct ShmSession {
+    staging: ShmRegion,
+    leases: Mutex<LeaseTable>,
+    lease_timeout: Duration,
+}
+
+#[derive(Default)]
+struct LeaseTable {
+    next_id: u64,
+    batches: HashMap<u64, LeaseBatch>,
+}
+
+struct LeaseBatch {
+    deadline: Instant,
+    blocks: Vec<(BlockKey, Lease)>,
+}
+
+impl ShmSession {
+    /// Revokes every lease batch past its deadline; returns the blocks released.
+    fn expire(&self, now: Instant) -> usize {
+        let mut table = self.leases.lock();
+        let mut revoked = 0;
+        table.batches.retain(|_, b| {
+            let keep = b.deadline > now;
+            if !keep {
+                revoked += b.blocks.len();
+            }
+            keep
+        });
+        revoked
+    }
+}
+
+/// Binds the socket at `path` with permission bits `mode`. The socket is bound under a
+/// temporary name, given its mode, then renamed into place, so no client can ever connect
+/// through looser permissions. A stale socket file (nothing listening) is replaced; a live one
+/// is an error.
+pub fn bind(path: &Path, mode: u32) -> anyhow::Result<(UnixListener, SocketFile)> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another kvcache-server already serves shared memory at {}; pick another --shm-socket or stop it",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)
+        .with_context(|| format!("cannot bind the shared-memory socket {}", tmp.display()))?;
+    let placed = (|| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot place the socket at {}", path.display()));
+    }
+    Ok((listener, SocketFile(path.to_path_buf())))
+}
+
+/// The socket's file, removed when the listener stops.
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Serves one Unix-socket connection: attach, then the request loop with shared memory on.
+pub async fn serve_unix(
+    ctx: Arc<ServiceContext>,
+    serve: Arc<ShmServe>,
+    mut stream: UnixStream,
+    shutdown: watch::Receiver<bool>,
+) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => format!("pid {} uid {}", c.pid().unwrap_or(-1), c.uid()),
+        Err(_) => "unknown local peer".to_string(),
+    };
+    let session =
+        match tokio::time::timeout(ctx.request_timeout, attach(&ctx, &serve, &mut stream)).await {
+            Ok(Ok(session)) => Arc::new(session),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "shared-memory attach failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "shared-memory client sent no attach in time");
+                return;
+            }
+        };
+    tracing::debug!(%peer, staging = session.staging.len(), "shared-memory client attached");
+    let reaper = tokio::spawn(reap(Arc::downgrade(&session), Arc::clone(&ctx)));
+    let (rd, wr) = stream.split();
+    service::serve_stream(&ctx, rd, wr, &peer, shutdown, Some(&session)).await;
+    reaper.abort();
+    // Dropping the session releases every lease the client still held.
+}
+
+/// Revokes expired leases of one session until it ends. Leases expire between one and one and
+/// a half timeouts after they were granted.
+async fn reap(session: Weak<ShmSession>, ctx: Arc<ServiceContext>) {
+    loop {
+        let Some(period) = session.upgrade().map(|s| s.lease_timeout / 2) else {
+            return;
+        };
+        tokio::time::sleep(period.max(Duration::from_millis(5))).await;
+        let Some(s) = session.upgrade() else { return };
+        let revoked = s.expire(Instant::now());
+        if revoked > 0 {
+            ctx.metrics.shm_leases_revoked(revoked);
+            if service::warn_allowed() {
+                tracing::warn!(blocks = revoked, timeout = ?s.lease_timeout, "revoked shared-memory leases held past the timeout");
+            }
+        }
+    }
+}
+
+async fn attach(
+    ctx: &ServiceContext,
+    serve: &ShmServe,
+    stream: &mut UnixStream,
+) -> anyhow::Result<ShmSession> {
+    let h = tcp::read_header(stream, &ctx.limits).await?;
+    if h.op != Op::ShmAttach || h.reply || h.payload_len != 0 {
+        let msg = format!(
+            "the shared-memory socket expects shm_attach first, got {}",
+            h.op.name()
+        );
+        let _ = service::send_error(stream, h.request_id, ErrorCode::Malformed, &msg).await;
+        bail!(msg);
+    }
+    let control = tcp::read_control(stream, h.control_len).await?;
+    let req = ShmAttachRequest::decode(control.as_slice()).context("undecodable shm_attach")?;
+    let pool = ctx
+        .store
+        .shared_pool()
+        .context("the pool is not in shared memory")?;
+    let staging_len = req
+        .staging_bytes
+        .clamp(STAGING_ALIGN, serve.max_staging)
+        .next_multiple_of(STAGING_ALIGN);
+    let staging = ShmRegion::new("kvcache-staging", staging_len as usize, LockMode::Off)?;
+    let pool_ro = pool.read_only_fd()?;
+    let reply = ShmAttachReply {
+        pool_bytes: pool.len() as u64,
+        staging_bytes: staging_len,
+        lease_timeout_ms: serve.lease_timeout.as_millis().min(u32::MAX as u128) as u32,
+        pool_id: serve.pool_id.clone(),
+    }
+    .encode_to_vec();
+    let mut frame = FrameHeader::reply(Op::ShmAttach, h.request_id, reply.len(), 0)
+        .encode()
+        .to_vec();
+    frame.extend_from_slice(&reply);
+    let sent = stream
+        .async_io(Interest::WRITABLE, || {
+            send_with_fds(stream.as_fd(), &frame, &[pool_ro.as_fd(), staging.fd()])
+        })
+        .await?;
+    stream.write_all(&frame[sent..]).await?;
+    Ok(ShmSession {
+        staging,
+        leases: Mutex::new(LeaseTable::default()),
+        lease_timeout: serve.lease_timeout,
+    })
+}
+
+/// Serves one shared-memory op of an attached connection.
+pub(crate) async fn handle<W: AsyncWrite + Unpin>(
+    ctx: &ServiceContext,
+    session: &ShmSession,
+    h: &FrameHeader,
+    control: &[u8],
+    wr: &mut W,
+) -> Result<Outcome, FrameReadError> {
+    match h.op {
+        Op::ShmGet => get(ctx, session, h, control, wr).await,
+        Op::ShmPut => put(ctx, session, h, control, wr).await,
+        Op::ShmRelease => Ok(release(ctx, session, control)),
+        _ => unreachable!("dispatched by op"),
+    }
+}
+
+async fn get<W: AsyncWrite + Unpin>(
+    ctx: &ServiceContext,
+    session: &ShmSession,
+    h: &FrameHeader,
+    control: &[u8],
+    wr: &mut W,
+) -> Result<Outcome, FrameReadError> {
+    let req: ShmGetRequest = try_outcome!(decode(h, control));
+    let keys = try_outcome!(keys_of(&req.keys));
+    if session.leases.lock().batches.len() >= MAX_LEASE_BATCHES {
+        return Ok(Outcome::Refused(format!(
+            "{MAX_LEASE_BATCHES} lease batches are unreleased on this connection; release them first"
+        )));
+    }
+    let mut reply = ShmGetReply {
+        lease_id: 0,
+        offsets: Vec::with_capacity(keys.len()),
+        lens: Vec::with_capacity(keys.len()),
+        trailer_checksums: Vec::with_capacity(keys.len()),
+    };
+    let mut blocks = Vec::new();
+    let mut bytes = 0u64;
+    for &key in &keys {
+        match ctx.store.lease(key) {
+            Some(lease) => {
+                reply.offsets.push(lease.pool_offset());
+                reply.lens.push(lease.len() as u32);
+                reply.trailer_checksums.push(lease.trailer_checksum());
+                bytes += lease.len() as u64;
+                blocks.push((key, lease));
+            }
+            None => {
+                reply.offsets.push(0);
+                reply.lens.push(0);
+                reply.trailer_checksums.push(0);
+            }
+        }
+    }
+    ctx.metrics.blocks(Op::ShmGet, keys.len(), blocks.len());
+    ctx.metrics.bytes_out(Transport::Shm, bytes);
+    if !blocks.is_empty() {
+        let mut table = session.leases.lock();
+        table.next_id += 1;
+        reply.lease_id = table.next_id;
+        let batch = LeaseBatch {
+            deadline: Instant::now() + session.lease_timeout,
+            blocks,
+        };
+        table.batches.insert(reply.lease_id, batch);
+    }
+    send_reply(wr, Op::ShmGet, h.request_id, &reply).await?;
+    Ok(Outcome::Done)
+}
+
+/// Ends a lease (one-way: nothing is sent back). Suspect blocks are verified by the node
+/// itself before the lease ends; one that fails is dropped, one that passes stays.
+fn release(ctx: &ServiceContext, session: &ShmSession, control: &[u8]) -> Outcome {
+    let Ok(req) = ShmReleaseRequest::decode(control) else {
+        return Outcome::Close("undecodable shm_release".into());
+    };
+    let Ok(suspect) = wire::decode_keys(&req.suspect) else {
+        return Outcome::Close("shm_release with a ragged suspect list".into());
+    };
+    let Some(batch) = session.leases.lock().batches.remove(&req.lease_id) else {
+        // Revoked after the timeout, or never granted; either way nothing is held.
+        tracing::debug!(
+            lease = req.lease_id,
+            "release of an unknown or revoked lease"
+        );
+        return Outcome::Done;
+    };
+    for key in suspect {
+        if let Some((_, lease)) = batch.blocks.iter().find(|(k, _)| *k == key) {
+            let confirmed = lease.verified_bytes().is_err();
+            ctx.metrics.shm_suspect(confirmed);
+            if !confirmed {
+                tracing::warn!(%key, "a shared-memory client reported a block corrupt but it verifies; the client's lease may have been revoked mid-copy");
+            }
+        }
+    }
+    Outcome::Done
+}
+
+async fn put<W: AsyncWrite + Unpin>(
+    ctx: &ServiceContext,
+    session: &ShmSession,
+    h: &FrameHeader,
+    control: &[u8],
+    wr: &mut W,
+) -> Result<Outcome, FrameReadError> {
+    let req: ShmPutRequest = try_outcome!(decode(h, control));
+    let keys = try_outcome!(keys_of(&req.keys));
+    if keys.len() != req.lens.len() || keys.len() != req.offsets.len() {
+        return Ok(Outcome::Refused(format!(
+            "shm_put names {} keys, {} lengths and {} offsets",
+            keys.len(),
+            req.lens.len(),
+            req.offsets.len()
+        )));
+    }
+    let window = session.staging.len() as u64;
+    for (&off, &len) in req.offsets.iter().zip(&req.lens) {
+        if off.checked_add(len as u64).is_none_or(|end| end > window) {
+            return Ok(Outcome::Refused(format!(
+                "a block of {len} bytes at offset {off} overruns the {window}-byte staging window"
+            )));
+        }
+    }
+    ctx.metrics.blocks(Op::ShmPut, keys.len(), 0);
+    let mut statuses = Vec::with_capacity(keys.len());
+    let mut bytes = 0u64;
+    for ((&key, &len), &off) in keys.iter().zip(&req.lens).zip(&req.offsets) {
+        let status = match ctx.store.allocate(key, len as usize) {
+            Ok(mut alloc) => {
+                for i in 0..alloc.chunk_count() {
+                    let range = kvcache_core::checksum::chunk_range(len as usize, i);
+                    let dst = alloc.chunk_mut(i);
+                    // SAFETY: `off + len` lies inside the staging mapping (checked above), which
+                    // lives as long as the session. The client may write the window while we
+                    // copy; that can only change the bytes of its own block, which are whatever
+                    // we copy and then checksum here.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            session.staging.base().add(off as usize + range.start),
+                            dst.as_mut_ptr(),
+                            dst.len(),
+                        );
+                    }
+                    alloc.seal_chunk(i);
+                }
+                bytes += len as u64;
+                match alloc.commit() {
+                    CommitOutcome::Stored => wire::PutStatus::Stored,
+                    CommitOutcome::AlreadyPresent => wire::PutStatus::AlreadyPresent,
+                }
+            }
+            Err(e) => put_refused(ctx, e),
+        };
+        statuses.push(status as i32);
+    }
+    ctx.metrics.bytes_in(Transport::Shm, bytes);
+    send_reply(wr, Op::ShmPut, h.request_id, &PutReply { statuses }).await?;
+    Ok(Outcome::Done)
+}
