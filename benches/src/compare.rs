@@ -16,18 +16,24 @@ use crate::systems::{self, Conn, Managed, check_stamp, stamp};
 pub enum SystemKind {
     #[value(name = "kvcache-tcp")]
     KvcacheTcp,
+    #[value(name = "kvcache-shm")]
+    KvcacheShm,
     #[value(name = "redis")]
     Redis,
     #[value(name = "tcp-ceiling")]
     TcpCeiling,
+    #[value(name = "memcpy-ceiling")]
+    MemcpyCeiling,
 }
 
 impl SystemKind {
     fn name(self) -> &'static str {
         match self {
             SystemKind::KvcacheTcp => "kvcache-tcp",
+            SystemKind::KvcacheShm => "kvcache-shm",
             SystemKind::Redis => "redis",
             SystemKind::TcpCeiling => "tcp-ceiling",
+            SystemKind::MemcpyCeiling => "memcpy-ceiling",
         }
     }
 }
@@ -77,15 +83,26 @@ struct Tally {
 /// ceiling, kvcache, ...), so a machine that speeds up or slows down during the run moves every
 /// system alike and the ratios stay meaningful.
 pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
-    let mut running: Vec<(SystemKind, Managed, String)> = Vec::new();
+    let mut running: Vec<(SystemKind, Option<Managed>, String)> = Vec::new();
     for &system in &plan.systems {
         let (proc_, addr) = match system {
-            SystemKind::KvcacheTcp => systems::kvcache::start(&plan.memory.to_string())?,
-            SystemKind::Redis => systems::redis::start(plan.memory.0)?,
-            SystemKind::TcpCeiling => systems::ceiling::start()?,
+            SystemKind::KvcacheTcp | SystemKind::KvcacheShm => {
+                let (p, a) = systems::kvcache::start(&plan.memory.to_string())?;
+                (Some(p), a)
+            }
+            SystemKind::Redis => {
+                let (p, a) = systems::redis::start(plan.memory.0)?;
+                (Some(p), a)
+            }
+            SystemKind::TcpCeiling => {
+                let (p, a) = systems::ceiling::start()?;
+                (Some(p), a)
+            }
+            SystemKind::MemcpyCeiling => (None, String::new()),
         };
         running.push((system, proc_, addr));
     }
+    let memcpy = systems::memcpy::MemcpyStore::new()?;
     let keys = Arc::new(AtomicU64::new(1));
     let slice = Duration::from_secs_f64(plan.seconds / plan.rounds as f64);
     let mut rows = Vec::new();
@@ -98,7 +115,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
             {
                 let mut working_sets = Vec::new();
                 for (system, _, addr) in &running {
-                    let ws = prepare(*system, addr, op, size_b, conc, plan, &keys)
+                    let ws = prepare(*system, addr, &memcpy, op, size_b, conc, plan, &keys)
                         .await
                         .with_context(|| format!("{} {op} {size} x{conc}: setup", system.name()))?;
                     working_sets.push(Arc::new(ws));
@@ -109,7 +126,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                 for (system, _, addr) in &running {
                     let mut cs = Vec::with_capacity(conc);
                     for _ in 0..conc {
-                        cs.push(connect(*system, addr).await?);
+                        cs.push(connect(*system, addr, &memcpy).await?);
                     }
                     conns.push(cs);
                 }
@@ -145,9 +162,20 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-async fn connect(system: SystemKind, addr: &str) -> anyhow::Result<Conn> {
+async fn connect(
+    system: SystemKind,
+    addr: &str,
+    memcpy: &Arc<systems::memcpy::MemcpyStore>,
+) -> anyhow::Result<Conn> {
+    use kvcache_client::Transport;
     Ok(match system {
-        SystemKind::KvcacheTcp => Conn::Kvcache(systems::kvcache::KvConn::connect(addr).await?),
+        SystemKind::KvcacheTcp => {
+            Conn::Kvcache(systems::kvcache::KvConn::connect(addr, Transport::Tcp).await?)
+        }
+        SystemKind::KvcacheShm => {
+            Conn::Kvcache(systems::kvcache::KvConn::connect(addr, Transport::Shm).await?)
+        }
+        SystemKind::MemcpyCeiling => Conn::Memcpy(systems::memcpy::MemcpyConn::new(memcpy)),
         SystemKind::Redis => Conn::Redis(systems::redis::RedisConn::connect(addr).await?),
         SystemKind::TcpCeiling => {
             Conn::Ceiling(systems::ceiling::CeilingConn::connect(addr).await?)
@@ -158,16 +186,18 @@ async fn connect(system: SystemKind, addr: &str) -> anyhow::Result<Conn> {
 /// Resets the system and, for gets, writes the working set the row will read: as many
 /// distinct values as fit in a quarter of the memory budget (at least one per client, at most
 /// 256), so reads come from DRAM, not from a CPU cache.
+#[allow(clippy::too_many_arguments)]
 async fn prepare(
     system: SystemKind,
     addr: &str,
+    memcpy: &Arc<systems::memcpy::MemcpyStore>,
     op: &str,
     size: usize,
     conc: usize,
     plan: &Plan,
     keys: &AtomicU64,
 ) -> anyhow::Result<Vec<u64>> {
-    let mut c = connect(system, addr).await?;
+    let mut c = connect(system, addr, memcpy).await?;
     c.reset().await?;
     if op != "get" {
         return Ok(Vec::new());
@@ -273,7 +303,7 @@ fn summarize(
 
 fn format_row(r: &Row) -> String {
     format!(
-        "{:<12} {:<4} {:>8} x{:<3} {:>10.0} ops/s {:>7.2} GB/s  p50 {:>9.1} us  p99 {:>9.1} us",
+        "{:<14} {:<4} {:>8} x{:<3} {:>10.0} ops/s {:>7.2} GB/s  p50 {:>9.1} us  p99 {:>9.1} us",
         r.system,
         r.op,
         ByteSize(r.value_bytes).to_string(),
@@ -285,35 +315,48 @@ fn format_row(r: &Row) -> String {
     )
 }
 
-/// The table and, for our server, its ratios to Redis and to the TCP ceiling.
+/// The table and, for our server, its ratios to Redis and to the ceilings.
 pub fn report(rows: &[Row]) -> String {
     let mut out = String::new();
-    out.push_str("system       op       size conc       ops/s    GB/s        p50            p99\n");
+    out.push_str(
+        "system         op       size conc       ops/s    GB/s        p50            p99\n",
+    );
     for r in rows {
         out.push_str(&format_row(r));
         out.push('\n');
     }
-    out.push_str("\nkvcache-tcp ratios (throughput):\n");
-    for r in rows.iter().filter(|r| r.system == "kvcache-tcp") {
-        let peer = |name: &str| {
-            rows.iter()
-                .find(|p| {
-                    p.system == name
-                        && p.op == r.op
-                        && p.value_bytes == r.value_bytes
-                        && p.concurrency == r.concurrency
-                })
-                .map(|p| format!("{:.2}x", r.ops_per_s / p.ops_per_s))
-                .unwrap_or_else(|| "-".into())
-        };
-        out.push_str(&format!(
-            "  {:<4} {:>8} x{:<3} vs redis {:>7}   vs tcp-ceiling {:>7}\n",
-            r.op,
-            ByteSize(r.value_bytes).to_string(),
-            r.concurrency,
-            peer("redis"),
-            peer("tcp-ceiling")
-        ));
+    for (ours, peers) in [
+        ("kvcache-tcp", ["redis", "tcp-ceiling"]),
+        ("kvcache-shm", ["kvcache-tcp", "memcpy-ceiling"]),
+    ] {
+        let mine: Vec<&Row> = rows.iter().filter(|r| r.system == ours).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("\n{ours} ratios (throughput):\n"));
+        for r in mine {
+            let peer = |name: &str| {
+                rows.iter()
+                    .find(|p| {
+                        p.system == name
+                            && p.op == r.op
+                            && p.value_bytes == r.value_bytes
+                            && p.concurrency == r.concurrency
+                    })
+                    .map(|p| format!("{:.2}x", r.ops_per_s / p.ops_per_s))
+                    .unwrap_or_else(|| "-".into())
+            };
+            out.push_str(&format!(
+                "  {:<4} {:>8} x{:<3} vs {} {:>7}   vs {} {:>7}\n",
+                r.op,
+                ByteSize(r.value_bytes).to_string(),
+                r.concurrency,
+                peers[0],
+                peer(peers[0]),
+                peers[1],
+                peer(peers[1])
+            ));
+        }
     }
     out
 }

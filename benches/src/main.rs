@@ -46,7 +46,7 @@ enum Cmd {
             long,
             value_enum,
             value_delimiter = ',',
-            default_value = "kvcache-tcp,redis,tcp-ceiling"
+            default_value = "kvcache-shm,kvcache-tcp,redis,tcp-ceiling,memcpy-ceiling"
         )]
         systems: Vec<compare::SystemKind>,
         /// Memory budget of each store (kvcache pool, Redis maxmemory).

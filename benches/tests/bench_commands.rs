@@ -35,10 +35,16 @@ fn compare_measures_every_system_and_writes_the_documented_json() {
     let rows = doc["results"].as_array().expect("results array");
     assert_eq!(
         rows.len(),
-        3 * 2 * 2,
-        "3 systems x 2 concurrencies x put/get"
+        5 * 2 * 2,
+        "5 systems x 2 concurrencies x put/get"
     );
-    for system in ["kvcache-tcp", "redis", "tcp-ceiling"] {
+    for system in [
+        "kvcache-shm",
+        "kvcache-tcp",
+        "redis",
+        "tcp-ceiling",
+        "memcpy-ceiling",
+    ] {
         for op in ["put", "get"] {
             for conc in [1, 2] {
                 let row = rows

@@ -1,17 +1,19 @@
 //! Block checksums, laid out so verification and sending share one pass over memory.
 //!
-//! A block occupies `data | pad to 8 | trailer` in its pages. The trailer holds one xxh3-64 per
-//! 128 KiB chunk of data; the index keeps one u64, the xxh3-64 of the trailer. A reader checks
+//! A block occupies `data | pad to 8 | trailer` in its pages. The trailer holds one checksum
+//! ([`crate::chunk_hash`]) per 128 KiB chunk of data; the index keeps one u64, the xxh3-64 of the trailer. A reader checks
 //! the trailer against the index once (a few bytes), then verifies each chunk immediately
 //! before that chunk leaves, while it is still in L2: a corrupt byte is never sent, and the
-//! kernel's copy reads the chunk from cache rather than DRAM. With the prefetching hash below,
+//! kernel's copy reads the chunk from cache rather than DRAM. With the prefetching hash,
 //! gets reach about 0.8-0.9x of the loopback TCP ceiling (benches/results/README.md).
 //!
 //! The layout is part of the protocol: a shared-memory client reads blocks straight from the
 //! node's pool and verifies them itself with [`copy_chunk_checked`], hashing the bytes as they
 //! landed in its own memory, so nothing the pool does after the check can reach the engine.
 
-use xxhash_rust::xxh3::{Xxh3, xxh3_64};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::chunk_hash;
 
 /// Bytes covered by one chunk checksum: small enough to stay in L2 between hash and copy.
 pub const CHUNK: usize = 128 * 1024;
@@ -37,41 +39,9 @@ pub fn chunk_range(len: usize, i: usize) -> std::ops::Range<usize> {
     start..(start + CHUNK).min(len)
 }
 
-/// Bytes hashed per step of [`chunk_checksum`]; the next step's bytes are prefetched meanwhile.
-const PREFETCH_STEP: usize = 4096;
-
-/// Checksum of one chunk, as stored in the trailer: the xxh3-64 of the chunk.
-///
-/// On data that is not in cache (a get of a block written long ago), one-shot xxh3 keeps too
-/// few cache misses in flight and ran at 6.1 GB/s here against 6.7 GB/s for memcpy. Hashing in
-/// 4 KiB steps while prefetching the next 4 KiB ran at 9.5 GB/s, with the same digest
-/// (streaming and one-shot xxh3 agree; tested below).
+/// Checksum of one chunk, as stored in the trailer (see [`crate::chunk_hash`]).
 pub fn chunk_checksum(chunk: &[u8]) -> u64 {
-    if chunk.len() <= PREFETCH_STEP {
-        return xxh3_64(chunk);
-    }
-    let mut h = Xxh3::new();
-    for (i, step) in chunk.chunks(PREFETCH_STEP).enumerate() {
-        if let Some(next) = chunk.get((i + 1) * PREFETCH_STEP..) {
-            prefetch(&next[..next.len().min(PREFETCH_STEP)]);
-        }
-        h.update(step);
-    }
-    h.digest()
-}
-
-/// Asks the CPU to start loading `bytes` into cache; a hint with no effect on results.
-#[inline(always)]
-fn prefetch(bytes: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in bytes.chunks(64) {
-        // SAFETY: a prefetch is a hint that never faults, and the address lies inside `bytes`.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch(line.as_ptr().cast(), std::arch::x86_64::_MM_HINT_T0)
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
+    chunk_hash::hash(chunk)
 }
 
 /// A cursor over destination segments that a block is scattered into, in order.
@@ -96,9 +66,25 @@ impl<'a, 'b> Scatter<'a, 'b> {
         self.segs.iter().map(|s| s.len()).sum()
     }
 
-    /// Copies `src` to the cursor (spanning segments) and feeds the copied destination bytes to
-    /// `hash`. Returns false, copying nothing more, if the segments run out.
-    fn copy_hashed(&mut self, mut src: &[u8], hash: &mut Xxh3) -> bool {
+    /// The next `n` bytes at the cursor if they lie in one segment (the cursor moves past
+    /// them); `None` if they span segments.
+    fn contiguous(&mut self, n: usize) -> Option<&mut [u8]> {
+        while self.segs.get(self.seg).is_some_and(|s| s.len() == self.off) {
+            self.seg += 1;
+            self.off = 0;
+        }
+        let seg = self.segs.get_mut(self.seg)?;
+        if seg.len() - self.off < n {
+            return None;
+        }
+        let start = self.off;
+        self.off += n;
+        Some(&mut seg[start..start + n])
+    }
+
+    /// Copies `src` to the cursor, spanning segments. False, copying nothing more, if the
+    /// segments run out.
+    fn copy_from(&mut self, mut src: &[u8]) -> bool {
         while !src.is_empty() {
             let Some(seg) = self.segs.get_mut(self.seg) else {
                 return false;
@@ -110,9 +96,7 @@ impl<'a, 'b> Scatter<'a, 'b> {
                 continue;
             }
             let n = room.min(src.len());
-            let dst = &mut seg[self.off..self.off + n];
-            dst.copy_from_slice(&src[..n]);
-            hash.update(dst);
+            seg[self.off..self.off + n].copy_from_slice(&src[..n]);
             self.off += n;
             src = &src[n..];
         }
@@ -120,21 +104,23 @@ impl<'a, 'b> Scatter<'a, 'b> {
     }
 }
 
-/// Copies one chunk into `dst` and returns the checksum of the bytes as they now lie in `dst`
-/// (equal to [`chunk_checksum`] of `src` unless `src` changed under the copy). The copy goes in
-/// 4 KiB steps, each hashed from L1 right after it lands while the next is prefetched, so a
-/// verified copy reads the source from DRAM once. `None` if `dst` is too short.
+/// Copies one chunk into `dst` and returns the checksum of the bytes that landed there (equal
+/// to [`chunk_checksum`] of `src` unless `src` changed under the copy). The copy and the hash
+/// are one pass over `src` ([`chunk_hash::copy_and_hash`]); a chunk that spans destination
+/// segments goes through a private bounce buffer, so what is scattered is still exactly what
+/// was hashed. `None` if `dst` is too short.
 pub fn copy_chunk_checked(src: &[u8], dst: &mut Scatter<'_, '_>) -> Option<u64> {
-    let mut h = Xxh3::new();
-    for (i, step) in src.chunks(PREFETCH_STEP).enumerate() {
-        if let Some(next) = src.get((i + 1) * PREFETCH_STEP..) {
-            prefetch(&next[..next.len().min(PREFETCH_STEP)]);
-        }
-        if !dst.copy_hashed(step, &mut h) {
-            return None;
-        }
+    if let Some(d) = dst.contiguous(src.len()) {
+        return Some(chunk_hash::copy_and_hash(src, d));
     }
-    Some(h.digest())
+    thread_local! {
+        static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BOUNCE.with_borrow_mut(|bounce| {
+        bounce.resize(src.len(), 0);
+        let sum = chunk_hash::copy_and_hash(src, bounce);
+        dst.copy_from(bounce).then_some(sum)
+    })
 }
 
 /// Checksum of a whole trailer, as stored in the index.

@@ -2,6 +2,7 @@
 //!
 //! Everything here is pure logic with no sockets, files or clocks, so it is unit-testable and
 //! fuzzable on its own (the shape of `quinn-proto`):
+//! - [`chunk_hash`]: the chunk checksum, which can copy what it hashes in the same pass;
 //! - [`checksum`]: the per-chunk checksum layout of a stored block, shared by node and client;
 //! - [`key`]: 128-bit block keys and the token-prefix chain that derives them;
 //! - [`namespace`]: what makes KV bytes differ (model, dtype, layout, TP rank, LoRA, salt);
@@ -10,6 +11,7 @@
 //! - [`size`]: human byte sizes (`512MiB`) for configuration.
 
 pub mod checksum;
+pub mod chunk_hash;
 pub mod key;
 pub mod namespace;
 pub mod ring;

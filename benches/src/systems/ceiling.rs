@@ -32,10 +32,10 @@ pub fn start() -> anyhow::Result<(Managed, String)> {
     Ok((m, addr))
 }
 
-const MAX_SLOTS: usize = 256;
+pub const MAX_SLOTS: usize = 256;
 
 /// Slots used for values of `len` bytes: at most 256, at most 1 GiB together.
-fn slots_for(len: usize) -> usize {
+pub fn slots_for(len: usize) -> usize {
     ((1usize << 30) / len.max(1)).clamp(1, MAX_SLOTS)
 }
 

@@ -1,9 +1,9 @@
-//! Our server over TCP, driven through `kvcache-client`'s zero-copy get path.
+//! Our server, over TCP or shared memory, driven through `kvcache-client`'s zero-copy get path.
 
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
-use kvcache_client::{Client, ClientConfig, GetOutcome};
+use kvcache_client::{Client, ClientConfig, GetOutcome, Transport};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::PutStatus;
 
@@ -38,9 +38,10 @@ pub struct KvConn {
 }
 
 impl KvConn {
-    pub async fn connect(addr: &str) -> anyhow::Result<Self> {
+    pub async fn connect(addr: &str, transport: Transport) -> anyhow::Result<Self> {
         let mut cfg = ClientConfig::new(addr);
         cfg.max_connections = 1;
+        cfg.transport = transport;
         Ok(Self {
             client: Client::connect(cfg).await?,
         })

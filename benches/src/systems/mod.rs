@@ -1,9 +1,11 @@
-//! The systems `compare` measures, each behind the same two calls. Every system runs in its own
-//! process, started and stopped by the benchmark: our server (`kvcache-tcp`), Redis (`redis`),
-//! and a raw TCP echo of the same bytes (`tcp-ceiling`).
+//! The systems `compare` measures, each behind the same two calls. Every server runs in its own
+//! process, started and stopped by the benchmark: our server over TCP (`kvcache-tcp`) and over
+//! shared memory (`kvcache-shm`), Redis (`redis`), and a raw TCP echo of the same bytes
+//! (`tcp-ceiling`). The `memcpy-ceiling` copies the same bytes within this process.
 
 pub mod ceiling;
 pub mod kvcache;
+pub mod memcpy;
 pub mod redis;
 
 use std::net::TcpListener;
@@ -17,6 +19,7 @@ pub enum Conn {
     Kvcache(kvcache::KvConn),
     Redis(redis::RedisConn),
     Ceiling(ceiling::CeilingConn),
+    Memcpy(memcpy::MemcpyConn),
 }
 
 /// No single benchmark operation may take longer: a stuck system fails the run, never hangs it.
@@ -36,6 +39,13 @@ impl Conn {
                 Conn::Kvcache(c) => c.put(key, value).await,
                 Conn::Redis(c) => c.set(key, value).await,
                 Conn::Ceiling(c) => c.put(key, value).await,
+                Conn::Memcpy(c) => {
+                    c.put(key, value);
+                    // Let the other clients of this row run between copies, as a socket wait
+                    // would: without it one task hogs a worker and the spans overlap wrongly.
+                    tokio::task::yield_now().await;
+                    Ok(())
+                }
             }
         })
         .await
@@ -45,7 +55,7 @@ impl Conn {
     pub async fn reset(&mut self) -> anyhow::Result<()> {
         match self {
             Conn::Redis(c) => bounded("reset", c.flush_all()).await,
-            Conn::Kvcache(_) | Conn::Ceiling(_) => Ok(()),
+            Conn::Kvcache(_) | Conn::Ceiling(_) | Conn::Memcpy(_) => Ok(()),
         }
     }
 
@@ -56,6 +66,11 @@ impl Conn {
                 Conn::Kvcache(c) => c.get(key, buf).await,
                 Conn::Redis(c) => c.get(key, buf).await,
                 Conn::Ceiling(c) => c.get(key, buf).await,
+                Conn::Memcpy(c) => {
+                    c.get(key, buf);
+                    tokio::task::yield_now().await;
+                    Ok(())
+                }
             }
         })
         .await
