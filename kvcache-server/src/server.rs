@@ -64,6 +64,7 @@ impl RunningServer {
                     ShmSocket::Path(p) => p.clone(),
                 };
                 let (listener, file) = shm::bind(&path, shm.mode)?;
+                shm::hint_huge_pages();
                 let serve = Arc::new(ShmServe {
                     lease_timeout: shm.lease_timeout,
                     max_staging: shm.max_staging,

@@ -124,6 +124,20 @@ pub fn bind(path: &Path, mode: u32) -> anyhow::Result<(UnixListener, SocketFile)
     Ok((listener, SocketFile(path.to_path_buf())))
 }
 
+/// Says once, at start, when the kernel will not back the shared pool with huge pages: clients
+/// then take a TLB miss per 4 KiB on every copy (see docs/ARCHITECTURE.md).
+pub fn hint_huge_pages() {
+    const KNOB: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+    if let Ok(mode) = std::fs::read_to_string(KNOB)
+        && (mode.contains("[never]") || mode.contains("[deny]"))
+    {
+        tracing::info!(
+            "the shared pool uses 4 KiB pages ({KNOB} is {}); `echo advise > {KNOB}` lets it use huge pages for faster same-host copies",
+            mode.trim()
+        );
+    }
+}
+
 /// The socket's file, removed when the listener stops.
 pub struct SocketFile(PathBuf);
 
