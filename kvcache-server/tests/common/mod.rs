@@ -121,6 +121,11 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A killed server cannot remove its socket file; a later server would replace it as
+        // stale, but tests should not leave files behind.
+        if self.shm != "off" {
+            let _ = std::fs::remove_file(&self.shm);
+        }
     }
 }
 
