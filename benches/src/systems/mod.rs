@@ -77,11 +77,21 @@ impl Conn {
     }
 }
 
-/// A child process killed when dropped.
+/// A child process stopped when dropped: SIGTERM (so our server removes its socket file),
+/// then SIGKILL if it has not exited within 5 s.
 pub struct Managed(pub Child);
 
 impl Drop for Managed {
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
