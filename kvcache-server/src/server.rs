@@ -55,6 +55,7 @@ impl RunningServer {
             }
             None => None,
         };
+        let host_id = kvcache_transport::shm::host_id().unwrap_or_default();
         let shm_listener = match &cfg.shm {
             Some(shm) => {
                 let path = match &shm.socket {
@@ -65,12 +66,18 @@ impl RunningServer {
                 };
                 let (listener, file) = shm::bind(&path, shm.mode)?;
                 shm::hint_huge_pages();
+                let pool = store
+                    .shared_pool()
+                    .context("shared memory is on but the pool is not shared")?;
                 let serve = Arc::new(ShmServe {
                     lease_timeout: shm.lease_timeout,
                     max_staging: shm.max_staging,
+                    pool_ro: pool
+                        .read_only_fd()
+                        .context("cannot open a read-only view of the pool")?,
+                    pool_bytes: store.capacity(),
                     pool_id: format!(
-                        "{}-{}-{}",
-                        kvcache_transport::shm::host_id().unwrap_or_default(),
+                        "{host_id}-{}-{}",
                         std::process::id(),
                         std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
@@ -88,7 +95,7 @@ impl RunningServer {
             limits: cfg.limits,
             request_timeout: cfg.request_timeout,
             shm_socket: shm_socket.as_ref().map(|p| p.display().to_string()),
-            host_id: kvcache_transport::shm::host_id().unwrap_or_default(),
+            host_id,
         });
         // TCP and Unix-socket connections share one limit.
         let slots = Arc::new(Semaphore::new(cfg.max_connections));

@@ -19,7 +19,7 @@
 //! its staging window) is released when it closes, so a client that dies leaks nothing.
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -55,6 +55,9 @@ const STAGING_ALIGN: u64 = 4096;
 pub struct ShmServe {
     pub lease_timeout: Duration,
     pub max_staging: u64,
+    /// A read-only file description of the pool, opened once and handed to every client.
+    pub pool_ro: OwnedFd,
+    pub pool_bytes: u64,
     /// Distinguishes this pool from any other (a restarted node has a new one).
     pub pool_id: String,
 }
@@ -213,18 +216,13 @@ async fn attach(
     }
     let control = tcp::read_control(stream, h.control_len).await?;
     let req = ShmAttachRequest::decode(control.as_slice()).context("undecodable shm_attach")?;
-    let pool = ctx
-        .store
-        .shared_pool()
-        .context("the pool is not in shared memory")?;
     let staging_len = req
         .staging_bytes
         .clamp(STAGING_ALIGN, serve.max_staging)
         .next_multiple_of(STAGING_ALIGN);
     let staging = ShmRegion::new("kvcache-staging", staging_len as usize, LockMode::Off)?;
-    let pool_ro = pool.read_only_fd()?;
     let reply = ShmAttachReply {
-        pool_bytes: pool.len() as u64,
+        pool_bytes: serve.pool_bytes,
         staging_bytes: staging_len,
         lease_timeout_ms: serve.lease_timeout.as_millis().min(u32::MAX as u128) as u32,
         pool_id: serve.pool_id.clone(),
@@ -236,7 +234,11 @@ async fn attach(
     frame.extend_from_slice(&reply);
     let sent = stream
         .async_io(Interest::WRITABLE, || {
-            send_with_fds(stream.as_fd(), &frame, &[pool_ro.as_fd(), staging.fd()])
+            send_with_fds(
+                stream.as_fd(),
+                &frame,
+                &[serve.pool_ro.as_fd(), staging.fd()],
+            )
         })
         .await?;
     stream.write_all(&frame[sent..]).await?;
