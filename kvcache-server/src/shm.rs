@@ -379,21 +379,21 @@ async fn put<W: AsyncWrite + Unpin>(
     for ((&key, &len), &off) in keys.iter().zip(&req.lens).zip(&req.offsets) {
         let status = match ctx.store.allocate(key, len as usize) {
             Ok(mut alloc) => {
+                // SAFETY: `off + len` lies inside the staging mapping (checked above), which
+                // lives as long as the session. The client may write the window while we
+                // read it; that can only change its own block, and `fill_chunk` checksums
+                // exactly the bytes it stores.
+                let src = unsafe {
+                    std::slice::from_raw_parts(
+                        session.staging.base().add(off as usize),
+                        len as usize,
+                    )
+                };
                 for i in 0..alloc.chunk_count() {
-                    let range = kvcache_core::checksum::chunk_range(len as usize, i);
-                    let dst = alloc.chunk_mut(i);
-                    // SAFETY: `off + len` lies inside the staging mapping (checked above), which
-                    // lives as long as the session. The client may write the window while we
-                    // copy; that can only change the bytes of its own block, which are whatever
-                    // we copy and then checksum here.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            session.staging.base().add(off as usize + range.start),
-                            dst.as_mut_ptr(),
-                            dst.len(),
-                        );
-                    }
-                    alloc.seal_chunk(i);
+                    alloc.fill_chunk(
+                        i,
+                        &src[kvcache_core::checksum::chunk_range(len as usize, i)],
+                    );
                 }
                 bytes += len as u64;
                 match alloc.commit() {

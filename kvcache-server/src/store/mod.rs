@@ -464,6 +464,29 @@ impl Allocation {
         self.sealed += 1;
     }
 
+    /// Copies `src` into chunk `i` and seals it in the same pass over the bytes
+    /// ([`chunk_hash::copy_and_hash`](kvcache_core::chunk_hash::copy_and_hash)): the checksum
+    /// covers exactly what was stored, even if `src` changes meanwhile. Chunks must be filled
+    /// in order; one filled out of order is sealed at commit.
+    pub fn fill_chunk(&mut self, i: usize, src: &[u8]) {
+        let (len, range) = (self.len, checksum::chunk_range(self.len, i));
+        assert_eq!(
+            src.len(),
+            range.len(),
+            "chunk {i} has {} bytes",
+            range.len()
+        );
+        let in_order = i == self.sealed;
+        let (data, trailer) = self.raw().split_at_mut(checksum::trailer_offset(len));
+        if !in_order {
+            data[range].copy_from_slice(src);
+            return;
+        }
+        let sum = kvcache_core::chunk_hash::copy_and_hash(src, &mut data[range]);
+        checksum::record(trailer, i, sum);
+        self.sealed += 1;
+    }
+
     /// Step 3 of a put: finishes the checksums and makes the block visible atomically.
     pub fn commit(mut self) -> CommitOutcome {
         for i in self.sealed..self.chunk_count() {

@@ -294,6 +294,20 @@ fn chunks_sealed_while_filling_match_a_commit_time_checksum() {
 }
 
 #[test]
+fn chunks_filled_and_sealed_in_one_pass_read_back_verified_in_any_order() {
+    let s = store(1024, PolicyKind::Lru);
+    let len = 2 * checksum::CHUNK + 999;
+    let data = content(BlockKey(3), len);
+    let mut a = s.allocate(BlockKey(3), len).unwrap();
+    // Chunk 2 before chunk 1: it is stored now and sealed at commit.
+    for i in [0, 2, 1] {
+        a.fill_chunk(i, &data[checksum::chunk_range(len, i)]);
+    }
+    a.commit();
+    assert_eq!(read(&s, BlockKey(3)).unwrap(), data);
+}
+
+#[test]
 fn eviction_takes_the_oldest_block_across_shards_not_a_recent_one() {
     // The default 64 shards: eviction follows the global order of last use exactly.
     let s = store_with_shards(64, PolicyKind::Lru, 64);
