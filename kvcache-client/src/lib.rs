@@ -580,20 +580,16 @@ async fn get_shm_into(
     keys: &[BlockKey],
     dst: &mut [Vec<&mut [u8]>],
 ) -> Result<Vec<GetOutcome>, ClientError> {
-    let reply = c.shm_lease(keys).await?;
-    let pool = Arc::clone(&c.shm.as_ref().expect("shared-memory connection").pool);
+    let mut leased = ShmLeased::take(c, keys).await?;
     let mut outcomes = Vec::with_capacity(keys.len());
-    let mut suspect = Vec::new();
     for (i, segs) in dst.iter_mut().enumerate() {
         let expected: usize = segs.iter().map(|s| s.len()).sum();
-        outcomes.push(match reply.lens[i] as usize {
+        outcomes.push(match leased.len(i) {
             0 => GetOutcome::Miss,
             n if n == expected => {
-                let sum = reply.trailer_checksums[i];
-                if pool.copy_verified(reply.offsets[i], n, sum, segs)? {
+                if leased.copy(i, segs)? {
                     GetOutcome::Hit
                 } else {
-                    suspect.push(keys[i]);
                     GetOutcome::Miss
                 }
             }
@@ -603,13 +599,7 @@ async fn get_shm_into(
             },
         });
     }
-    c.shm_release(reply.lease_id, &suspect).await?;
-    if !suspect.is_empty() {
-        tracing::warn!(
-            blocks = suspect.len(),
-            "kvcache: blocks failed verification; reported as misses"
-        );
-    }
+    leased.release(c).await?;
     Ok(outcomes)
 }
 
@@ -618,24 +608,66 @@ async fn get_shm_vecs(
     c: &mut Connection,
     keys: &[BlockKey],
 ) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
-    let reply = c.shm_lease(keys).await?;
-    let pool = Arc::clone(&c.shm.as_ref().expect("shared-memory connection").pool);
+    let mut leased = ShmLeased::take(c, keys).await?;
     let mut values = Vec::with_capacity(keys.len());
-    let mut suspect = Vec::new();
-    for (i, &len) in reply.lens.iter().enumerate() {
-        if len == 0 {
-            values.push(None);
-            continue;
-        }
-        let mut v = vec![0u8; len as usize];
-        let sum = reply.trailer_checksums[i];
-        if pool.copy_verified(reply.offsets[i], v.len(), sum, &mut [&mut v[..]])? {
-            values.push(Some(v));
-        } else {
-            suspect.push(keys[i]);
-            values.push(None);
-        }
+    for i in 0..keys.len() {
+        values.push(match leased.len(i) {
+            0 => None,
+            n => {
+                let mut v = vec![0u8; n];
+                leased.copy(i, &mut [&mut v[..]])?.then_some(v)
+            }
+        });
     }
-    c.shm_release(reply.lease_id, &suspect).await?;
+    leased.release(c).await?;
     Ok(values)
+}
+
+/// Blocks leased by one `ShmGet`, copied out one by one, then released together.
+struct ShmLeased<'k> {
+    keys: &'k [BlockKey],
+    reply: kvcache_core::wire::ShmGetReply,
+    pool: Arc<shm::ShmPool>,
+    /// Keys whose copy failed its check, reported on release.
+    suspect: Vec<BlockKey>,
+}
+
+impl<'k> ShmLeased<'k> {
+    async fn take(c: &mut Connection, keys: &'k [BlockKey]) -> Result<Self, ClientError> {
+        let reply = c.shm_lease(keys).await?;
+        let pool = Arc::clone(&c.shm.as_ref().expect("shared-memory connection").pool);
+        Ok(Self {
+            keys,
+            reply,
+            pool,
+            suspect: Vec::new(),
+        })
+    }
+
+    /// Stored length of key `i`; 0 for a miss.
+    fn len(&self, i: usize) -> usize {
+        self.reply.lens[i] as usize
+    }
+
+    /// Copies key `i`'s block into `dst` (exactly its length); false, and the key is suspect,
+    /// if the bytes failed their check.
+    fn copy(&mut self, i: usize, dst: &mut [&mut [u8]]) -> Result<bool, ClientError> {
+        let (off, sum) = (self.reply.offsets[i], self.reply.trailer_checksums[i]);
+        let ok = self.pool.copy_verified(off, self.len(i), sum, dst)?;
+        if !ok {
+            self.suspect.push(self.keys[i]);
+        }
+        Ok(ok)
+    }
+
+    async fn release(self, c: &mut Connection) -> Result<(), ClientError> {
+        c.shm_release(self.reply.lease_id, &self.suspect).await?;
+        if !self.suspect.is_empty() {
+            tracing::warn!(
+                blocks = self.suspect.len(),
+                "kvcache: blocks failed verification; reported as misses"
+            );
+        }
+        Ok(())
+    }
 }
