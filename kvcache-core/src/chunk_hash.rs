@@ -63,12 +63,17 @@ pub fn copy_and_hash(src: &[u8], dst: &mut [u8]) -> u64 {
     run::<true>(src, Some(dst))
 }
 
-fn run<const COPY: bool>(src: &[u8], mut dst: Option<&mut [u8]>) -> u64 {
+fn run<const COPY: bool>(src: &[u8], dst: Option<&mut [u8]>) -> u64 {
+    run_with(src, dst, stripes::<COPY>)
+}
+
+/// The whole digest, with `stripes` running the loop over the whole stripes.
+fn run_with(src: &[u8], mut dst: Option<&mut [u8]>, stripes: StripeLoop) -> u64 {
     let mut acc = INIT;
     let full = src.len() / STRIPE;
     let body = full * STRIPE;
     let dst_body = dst.as_deref_mut().map(|d| &mut d[..body]);
-    stripes::<COPY>(&mut acc, &src[..body], dst_body);
+    stripes(&mut acc, &src[..body], dst_body);
     // The last partial stripe, zero-padded; its keys follow on from the stripes before it.
     let tail = &src[body..];
     if !tail.is_empty() {
@@ -81,6 +86,9 @@ fn run<const COPY: bool>(src: &[u8], mut dst: Option<&mut [u8]>) -> u64 {
     }
     finish(&acc, src.len())
 }
+
+/// Runs over whole stripes (`src.len()` a multiple of 64), copying into `dst` if given.
+type StripeLoop = fn(&mut [u64; LANES], &[u8], Option<&mut [u8]>);
 
 fn finish(acc: &[u64; LANES], len: usize) -> u64 {
     let k = &KEYS[LANES * (STRIPES_PER_BLOCK + 1)..];
@@ -104,7 +112,6 @@ fn accumulate_scalar(acc: &mut [u64; LANES], stripe: &[u8], index: usize) {
     }
 }
 
-#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2"), allow(dead_code))]
 fn scramble_scalar(acc: &mut [u64; LANES]) {
     let keys = &KEYS[STRIPES_PER_BLOCK * LANES..(STRIPES_PER_BLOCK + 1) * LANES];
     for i in 0..LANES {
@@ -115,10 +122,13 @@ fn scramble_scalar(acc: &mut [u64; LANES]) {
     }
 }
 
-/// Whole stripes (`src.len()` a multiple of 64), scrambling after every full block.
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
-fn stripes<const COPY: bool>(acc: &mut [u64; LANES], src: &[u8], mut dst: Option<&mut [u8]>) {
-    if let Some(d) = dst.as_deref_mut() {
+/// The scalar stripe loop: used where AVX2 is not, and in tests as the reference.
+#[cfg_attr(
+    all(target_arch = "x86_64", target_feature = "avx2", not(test)),
+    allow(dead_code)
+)]
+fn stripes_scalar(acc: &mut [u64; LANES], src: &[u8], dst: Option<&mut [u8]>) {
+    if let Some(d) = dst {
         d.copy_from_slice(src);
     }
     for (i, stripe) in src.chunks_exact(STRIPE).enumerate() {
@@ -128,6 +138,11 @@ fn stripes<const COPY: bool>(acc: &mut [u64; LANES], src: &[u8], mut dst: Option
             scramble_scalar(acc);
         }
     }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+fn stripes<const COPY: bool>(acc: &mut [u64; LANES], src: &[u8], dst: Option<&mut [u8]>) {
+    stripes_scalar(acc, src, dst)
 }
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
@@ -206,25 +221,10 @@ fn scramble_avx2(
     }
 }
 
-/// The scalar loop, kept callable on every target to test the vector one against it.
+/// The digest through the scalar loop, to test the vector one against it.
 #[cfg(test)]
 fn reference(data: &[u8]) -> u64 {
-    let mut acc = INIT;
-    let full = data.len() / STRIPE;
-    for (i, stripe) in data.chunks_exact(STRIPE).enumerate() {
-        let index = i % STRIPES_PER_BLOCK;
-        accumulate_scalar(&mut acc, stripe, index);
-        if index == STRIPES_PER_BLOCK - 1 {
-            scramble_scalar(&mut acc);
-        }
-    }
-    let tail = &data[full * STRIPE..];
-    if !tail.is_empty() {
-        let mut padded = [0u8; STRIPE];
-        padded[..tail.len()].copy_from_slice(tail);
-        accumulate_scalar(&mut acc, &padded, full % STRIPES_PER_BLOCK);
-    }
-    finish(&acc, data.len())
+    run_with(data, None, stripes_scalar)
 }
 
 #[cfg(test)]
