@@ -1,11 +1,12 @@
 //! Block checksums, laid out so verification and sending share one pass over memory.
 //!
 //! A block occupies `data | pad to 8 | trailer` in its pages. The trailer holds one checksum
-//! ([`crate::chunk_hash`]) per 128 KiB chunk of data; the index keeps one u64, the xxh3-64 of the trailer. A reader checks
-//! the trailer against the index once (a few bytes), then verifies each chunk immediately
-//! before that chunk leaves, while it is still in L2: a corrupt byte is never sent, and the
-//! kernel's copy reads the chunk from cache rather than DRAM. With the prefetching hash,
-//! gets reach about 0.8-0.9x of the loopback TCP ceiling (benches/results/README.md).
+//! ([`crate::chunk_hash`]) per 128 KiB chunk of data; the index keeps one u64, the xxh3-64 of
+//! the trailer. A reader checks the trailer against the index once (a few bytes), then
+//! verifies each chunk immediately before that chunk leaves, while it is still in L2: a
+//! corrupt byte is never sent, and the kernel's copy reads the chunk from cache rather than
+//! DRAM. With the prefetching hash, gets reach about 0.8-0.9x of the loopback TCP ceiling
+//! (benches/results/README.md).
 //!
 //! The layout is part of the protocol: a shared-memory client reads blocks straight from the
 //! node's pool and verifies them itself with [`copy_chunk_checked`], hashing the bytes as they
