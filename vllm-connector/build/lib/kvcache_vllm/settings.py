@@ -1,0 +1,138 @@
+"""The connector's settings (from `kv_connector_extra_config`) and its block-key namespaces."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import kvcache
+
+from .layout import default_layout_name, layout_spec
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+_KNOWN_KEYS = {
+    "servers",
+    "transport",
+    "timeout_s",
+    "layout",
+    "model_id",
+    "load_async",
+    "retry_s",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What `kv_connector_extra_config` may set; every field has a default.
+
+    - `servers`: cache nodes, `"host:port"` or a list of them (a static cluster).
+    - `transport`: `auto` (shared memory when the node is on this host, else TCP), `shm`, `tcp`.
+    - `timeout_s`: the longest any cache call may hold the engine.
+    - `layout`: the KV tensor layout (`cpu`, `flash_attn`, `flashinfer`); default by device.
+    - `model_id`: the model identity in block keys; default vLLM's `model` argument. Set it when
+      instances load the same weights from different paths.
+    - `load_async`: load between engine steps (the request waits) instead of inside the step.
+    - `retry_s`: after a failed call, the cache is treated as empty for this long (doubling up
+      to 30 s while it keeps failing), so a dead node costs one timeout, not one per request.
+    """
+
+    servers: tuple[str, ...] = ("127.0.0.1:7400",)
+    transport: str = "auto"
+    timeout_s: float = 2.0
+    layout: str | None = None
+    model_id: str | None = None
+    load_async: bool = False
+    retry_s: float = 1.0
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any] | None) -> Settings:
+        """Reads and checks the settings; raises ValueError naming a bad or unknown key."""
+        extra = dict(extra or {})
+        unknown = sorted(set(extra) - _KNOWN_KEYS)
+        if unknown:
+            raise ValueError(
+                f"unknown kv_connector_extra_config keys for KVCacheConnector: {unknown}; "
+                f"known: {sorted(_KNOWN_KEYS)}"
+            )
+        servers = extra.get("servers", cls.servers)
+        if isinstance(servers, str):
+            servers = (servers,)
+        servers = tuple(str(s) for s in servers)
+        if not servers:
+            raise ValueError("kv_connector_extra_config.servers must name at least one node")
+        transport = str(extra.get("transport", cls.transport))
+        if transport not in ("auto", "shm", "tcp"):
+            raise ValueError(f"transport must be auto, shm or tcp, not {transport!r}")
+        layout = extra.get("layout")
+        if layout is not None:
+            layout_spec(str(layout))
+        timeout_s = float(extra.get("timeout_s", cls.timeout_s))
+        retry_s = float(extra.get("retry_s", cls.retry_s))
+        if timeout_s <= 0 or retry_s < 0:
+            raise ValueError("timeout_s must be positive and retry_s not negative")
+        return cls(
+            servers=servers,
+            transport=transport,
+            timeout_s=timeout_s,
+            layout=None if layout is None else str(layout),
+            model_id=extra.get("model_id"),
+            load_async=bool(extra.get("load_async", False)),
+            retry_s=retry_s,
+        )
+
+    def server_arg(self) -> str | list[str]:
+        """What `kvcache.Client` takes: one address, or the member list of a cluster."""
+        return self.servers[0] if len(self.servers) == 1 else list(self.servers)
+
+
+def kv_dtype_name(vllm_config: VllmConfig) -> str:
+    """The KV cache dtype as a stable name (`bfloat16`, `fp8_e4m3`, ...)."""
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype and cache_dtype != "auto":
+        return str(cache_dtype)
+    return str(vllm_config.model_config.dtype).removeprefix("torch.")
+
+
+class Namespaces:
+    """Block-key namespaces of one tensor-parallel rank: one per (layer, LoRA, cache salt).
+
+    Every attention layer has its own namespace, so a layer's block is a cache entry of its own
+    and saves can leave layer by layer. The layout string names the layout, the per-rank KV head
+    count and head size, and the layer, so two engines share blocks only when their bytes agree.
+    """
+
+    def __init__(self, settings: Settings, vllm_config: VllmConfig, tp_rank: int, device: str):
+        model_config = vllm_config.model_config
+        parallel_config = vllm_config.parallel_config
+        self.block_size = vllm_config.cache_config.block_size
+        self.layout = layout_spec(settings.layout or default_layout_name(device))
+        self.num_kv_heads = model_config.get_num_kv_heads(parallel_config)
+        self.head_size = model_config.get_head_size()
+        self._model = settings.model_id or str(model_config.model)
+        self._kv_dtype = kv_dtype_name(vllm_config)
+        self._tp_size = parallel_config.tensor_parallel_size
+        self._tp_rank = tp_rank
+        self._layout_prefix = (
+            f"vllm/{self.layout.name}/kv_heads={self.num_kv_heads}/head_size={self.head_size}"
+        )
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 (one instance per process)
+    def get(self, layer: int, lora: str | None = None, salt: str | None = None) -> bytes:
+        """The namespace id of `layer` for a request with this LoRA adapter and cache salt."""
+        return kvcache.namespace_id(
+            self._model,
+            self._kv_dtype,
+            self.block_size,
+            layout=f"{self._layout_prefix}/layer={layer}",
+            tp_world_size=self._tp_size,
+            tp_rank=self._tp_rank,
+            lora=lora,
+            salt=salt,
+        )
+
+    def keys(self, layer: int, tokens: list[int], lora: str | None, salt: str | None):
+        """The chain keys of every full block of `tokens` in `layer`'s namespace."""
+        return kvcache.chain_keys(self.get(layer, lora, salt), tokens, self.block_size)
