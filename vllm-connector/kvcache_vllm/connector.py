@@ -25,12 +25,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import kvcache
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
 )
+
+import kvcache
 
 from .layout import BlockLayout, LayoutError
 from .settings import Namespaces, Settings
@@ -153,9 +154,7 @@ class _SchedulerSide:
         self.saves_enabled = transfer.kv_role in ("kv_both", "kv_producer")
         from vllm.platforms import current_platform
 
-        self.namespaces = Namespaces.for_engine(
-            self.settings, vllm_config, 0, current_platform.device_type
-        )
+        self.namespaces = Namespaces.for_engine(self.settings, vllm_config, 0, current_platform.device_type)
         layer_names = [n for g in kv_cache_config.kv_cache_groups for n in g.layer_names]
         self.lookup_layer = max(_layer_index(n) for n in layer_names)
         self.link = _Link(self.settings, "scheduler")
@@ -166,8 +165,8 @@ class _SchedulerSide:
         if self.loads_enabled and transfer.kv_load_failure_policy != "recompute":
             logger.warning(
                 "kvcache: kv_load_failure_policy is %r: a block that fails to load (evicted, "
-                "corrupt, node down) fails its request. Set \"kv_load_failure_policy\": "
-                "\"recompute\" in --kv-transfer-config to recompute it instead.",
+                'corrupt, node down) fails its request. Set "kv_load_failure_policy": '
+                '"recompute" in --kv-transfer-config to recompute it instead.',
                 transfer.kv_load_failure_policy,
             )
         logger.info(
@@ -190,9 +189,7 @@ class _SchedulerSide:
         loadable = (len(prompt) - 1) // self.block_size if prompt else 0
         if not self.loads_enabled or loadable <= tracked.local_blocks:
             return 0, False
-        keys = self.namespaces.keys(
-            self.lookup_layer, prompt[: loadable * self.block_size], lora, request.cache_salt
-        )
+        keys = self.namespaces.keys(self.lookup_layer, prompt[: loadable * self.block_size], lora, request.cache_salt)
         hit = self.link.call("lookup", lambda c: c.prefix_match(keys[tracked.local_blocks :]))
         self.stats.add(lookups=1, lookup_errors=int(hit is None))
         if not hit:
@@ -201,9 +198,7 @@ class _SchedulerSide:
         tracked.saved_blocks = tracked.local_blocks + hit
         return hit * self.block_size, self.settings.load_async
 
-    def update_state_after_alloc(
-        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
-    ):
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
         tracked = self.requests.get(request.request_id)
         if num_external_tokens == 0 or tracked is None:
             return
@@ -247,9 +242,7 @@ class _SchedulerSide:
             self._queue_save(req_id, tracked, done, meta)
         return meta
 
-    def _queue_save(
-        self, req_id: str, tracked: _Tracked, computed: int, meta: KVCacheConnectorMetadata
-    ):
+    def _queue_save(self, req_id: str, tracked: _Tracked, computed: int, meta: KVCacheConnectorMetadata):
         full = min(computed, len(tracked.prompt)) // self.block_size
         full = min(full, len(tracked.block_ids))
         if full <= tracked.saved_blocks:
@@ -365,7 +358,7 @@ class _WorkerSide:
                 position += n
         loaded = sum(hits)
         failed = len(keys) - loaded
-        loaded_bytes = sum(length for hit, segs in zip(hits, segments) if hit for _, length in segs)
+        loaded_bytes = sum(length for hit, segs in zip(hits, segments, strict=True) if hit for _, length in segs)
         self.stats.add(loaded_blocks=loaded, loaded_bytes=loaded_bytes, load_failed_blocks=failed)
 
     def start_load_kv(self, meta: KVCacheConnectorMetadata) -> None:
@@ -373,9 +366,7 @@ class _WorkerSide:
             for layer in self.layers.values():
                 self.layer_loads[layer.name] = self.io.submit(self._load, [layer], meta.loads)
         for run in meta.async_loads:
-            self.async_loads[run.req_id] = self.io.submit(
-                self._load, list(self.layers.values()), [run]
-            )
+            self.async_loads[run.req_id] = self.io.submit(self._load, list(self.layers.values()), [run])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         future = self.layer_loads.pop(layer_name, None)
@@ -396,10 +387,8 @@ class _WorkerSide:
         self.stats.observe("save_seconds", time.perf_counter() - started)
         stored = stored or [False] * len(keys)
         saved = sum(stored)
-        saved_bytes = sum(length for ok, segs in zip(stored, segments) if ok for _, length in segs)
-        self.stats.add(
-            saved_blocks=saved, saved_bytes=saved_bytes, save_failed_blocks=len(keys) - saved
-        )
+        saved_bytes = sum(length for ok, segs in zip(stored, segments, strict=True) if ok for _, length in segs)
+        self.stats.add(saved_blocks=saved, saved_bytes=saved_bytes, save_failed_blocks=len(keys) - saved)
 
     def save_kv_layer(self, layer_name: str, meta: KVCacheConnectorMetadata) -> None:
         layer = self.layers.get(layer_name)
@@ -473,9 +462,7 @@ class KVCacheConnector(KVConnectorBase_V1):
         assert self._worker is not None
         self._worker.wait_for_layer_load(layer_name)
 
-    def save_kv_layer(
-        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
-    ) -> None:
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         assert self._worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, KVCacheConnectorMetadata)
@@ -504,15 +491,11 @@ class KVCacheConnector(KVConnectorBase_V1):
 
     # -- scheduler side ------------------------------------------------------------------------
 
-    def get_num_new_matched_tokens(
-        self, request: Request, num_computed_tokens: int
-    ) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
-    def update_state_after_alloc(
-        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
-    ) -> None:
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         assert self._scheduler is not None
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
@@ -527,9 +510,7 @@ class KVCacheConnector(KVConnectorBase_V1):
     # -- stats ---------------------------------------------------------------------------------
 
     @classmethod
-    def build_kv_connector_stats(
-        cls, data: dict[str, Any] | None = None
-    ) -> KVCacheConnectorStats | None:
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVCacheConnectorStats | None:
         return KVCacheConnectorStats(data=dict(data)) if data else KVCacheConnectorStats()
 
     @classmethod
@@ -540,6 +521,4 @@ class KVCacheConnector(KVConnectorBase_V1):
         labelnames: list[str],
         per_engine_labelvalues: dict[int, list[object]],
     ) -> KVCacheConnectorPromMetrics:
-        return KVCacheConnectorPromMetrics(
-            vllm_config, metric_types, labelnames, per_engine_labelvalues
-        )
+        return KVCacheConnectorPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

@@ -40,9 +40,7 @@ class LayoutSpec:
     block_dim: int
     shape: str
 
-    def expected_shape(
-        self, num_blocks: int, num_kv_heads: int, block_size: int, head_size: int
-    ) -> tuple[int, ...]:
+    def expected_shape(self, num_blocks: int, num_kv_heads: int, block_size: int, head_size: int) -> tuple[int, ...]:
         """The full tensor shape this layout has for the given model and cache sizes."""
         sizes = {
             "B": num_blocks,
@@ -116,8 +114,7 @@ class BlockLayout:
             run_bytes *= shape[d]
         outer = [range(n) for n in shape[:dim]]
         offsets = tuple(
-            sum(i * strides[d] * element for d, i in enumerate(index))
-            for index in itertools.product(*outer)
+            sum(i * strides[d] * element for d, i in enumerate(index)) for index in itertools.product(*outer)
         )
         return cls(
             spec=spec,

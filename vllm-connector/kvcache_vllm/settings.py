@@ -54,8 +54,7 @@ class Settings:
         unknown = sorted(set(extra) - _KNOWN_KEYS)
         if unknown:
             raise ValueError(
-                f"unknown kv_connector_extra_config keys for KVCacheConnector: {unknown}; "
-                f"known: {sorted(_KNOWN_KEYS)}"
+                f"unknown kv_connector_extra_config keys for KVCacheConnector: {unknown}; known: {sorted(_KNOWN_KEYS)}"
             )
         servers = extra.get("servers", cls.servers)
         if isinstance(servers, str):
@@ -127,9 +126,7 @@ class Namespaces:
         self._layout_prefix = f"vllm/{layout}/kv_heads={num_kv_heads}/head_size={head_size}"
 
     @classmethod
-    def for_engine(
-        cls, settings: Settings, vllm_config: VllmConfig, tp_rank: int, device: str
-    ) -> Namespaces:
+    def for_engine(cls, settings: Settings, vllm_config: VllmConfig, tp_rank: int, device: str) -> Namespaces:
         """The namespaces of `tp_rank` in the engine `vllm_config` describes."""
         model_config = vllm_config.model_config
         parallel_config = vllm_config.parallel_config

@@ -19,8 +19,7 @@ COUNTERS = {
     "hit_tokens": "Prompt tokens the cache supplied (external prefix hits), per lookup.",
     "loaded_blocks": "Layer blocks loaded from the cache into the KV tensors.",
     "loaded_bytes": "Bytes loaded from the cache into the KV tensors.",
-    "load_failed_blocks": "Layer blocks whose load failed (miss, bad block, node down); "
-    "vLLM recomputes them.",
+    "load_failed_blocks": "Layer blocks whose load failed (miss, bad block, node down); vLLM recomputes them.",
     "saved_blocks": "Layer blocks saved to the cache.",
     "saved_bytes": "Bytes saved to the cache.",
     "save_failed_blocks": "Layer blocks the cache did not store (refused, node down).",
@@ -54,15 +53,11 @@ class KVCacheConnectorStats(KVConnectorStats):
         for name in LATENCIES:
             samples = self.data.get(name, [])
             if samples:
-                out[f"avg_{name.removesuffix('_seconds')}_ms"] = round(
-                    1000 * sum(samples) / len(samples), 3
-                )
+                out[f"avg_{name.removesuffix('_seconds')}_ms"] = round(1000 * sum(samples) / len(samples), 3)
         return out
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(n, 0) for n in COUNTERS) and not any(
-            self.data.get(n) for n in LATENCIES
-        )
+        return not any(self.data.get(n, 0) for n in COUNTERS) and not any(self.data.get(n) for n in LATENCIES)
 
 
 class Recorder:
@@ -102,9 +97,7 @@ class KVCacheConnectorPromMetrics(KVConnectorPromMetrics):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self._counters = {
             name: self._per_engine(
-                self._counter_cls(
-                    name=f"vllm:kvcache_{name}", documentation=doc, labelnames=labelnames
-                )
+                self._counter_cls(name=f"vllm:kvcache_{name}", documentation=doc, labelnames=labelnames)
             )
             for name, doc in COUNTERS.items()
         }
@@ -122,9 +115,7 @@ class KVCacheConnectorPromMetrics(KVConnectorPromMetrics):
         }
 
     def _per_engine(self, metric: PromMetric) -> dict[int, PromMetric]:
-        return {
-            engine: metric.labels(*values) for engine, values in self.per_engine_labelvalues.items()
-        }
+        return {engine: metric.labels(*values) for engine, values in self.per_engine_labelvalues.items()}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for name, per_engine in self._counters.items():

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import kvcache
 from conftest import (
     BLOCK_SIZE,
     assert_same_outputs,
@@ -18,10 +19,8 @@ from conftest import (
     make_prompts,
     run_engine,
 )
-from kvserver import Server
-
-import kvcache
 from kvcache_vllm.settings import Namespaces
+from kvserver import Server
 
 # Two full blocks and a partial one; exactly two blocks (the last token's block is computed);
 # a prompt shorter than a block; and one that shares the first's two blocks.
