@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, lints, docs, and the whole workspace's unit and integration tests
-# (real server processes on loopback, Redis for the benchmark's smoke test), and the Python
-# module's tests against a real server. Installs what it
-# needs. Build outputs are cached in $KVCACHE_CACHE_DIR (default /var/tmp/kvcache-cache).
+# (real server processes on loopback, Redis for the benchmark's smoke test), the Python
+# module's tests against a real server, and the vLLM connector's tests against a real vLLM on
+# CPU (installed by scripts/setup-vllm.sh). Installs what it needs. Build outputs and the vLLM
+# venv are cached in $KVCACHE_CACHE_DIR (default /var/tmp/kvcache-cache).
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 ensure_packages redis-server:redis-server
@@ -22,4 +23,11 @@ python_venv
 "$KVCACHE_VENV/bin/ruff" check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches
 "$KVCACHE_VENV/bin/ruff" format --check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches
 KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" "$KVCACHE_VENV/bin/pytest" -q pyo3-bindings/tests
+echo "== vLLM connector: scripts/setup-vllm.sh, pip install, ruff, pytest (a real vLLM on CPU)" >&2
+vllm_venv=$(./scripts/setup-vllm.sh)
+"$vllm_venv/bin/pip" install -q --disable-pip-version-check ./pyo3-bindings ./vllm-connector
+"$KVCACHE_VENV/bin/ruff" check vllm-connector
+"$KVCACHE_VENV/bin/ruff" format --check vllm-connector
+KVCACHE_REQUIRE_VLLM=1 KVCACHE_VLLM_MODELS="$(dirname "$vllm_venv")/models" \
+    KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" "$vllm_venv/bin/pytest" -q vllm-connector/tests
 echo "all tests passed in $(( $(date +%s) - started )) s" >&2
