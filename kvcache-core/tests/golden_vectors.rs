@@ -5,10 +5,10 @@
 use kvcache_core::{BlockKey, KEY_SCHEME_VERSION, Namespace, TpPlacement, chain_keys};
 use serde::{Deserialize, Serialize};
 
-const GOLDEN: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/golden/key_chain_v1.json"
-);
+/// The checked-in vectors, compiled in: the test reads the tree it was built from, even when a
+/// shared target directory holds a binary built in another checkout.
+const GOLDEN: &str = include_str!("golden/key_chain_v1.json");
+const GOLDEN_PATH: &str = "tests/golden/key_chain_v1.json";
 
 #[derive(Serialize, Deserialize, PartialEq, Debug)]
 struct Golden {
@@ -115,11 +115,11 @@ fn key_chain_matches_checked_in_golden_vectors() {
     let computed = compute();
     if std::env::var_os("KVCACHE_REGENERATE_GOLDEN").is_some() {
         let text = serde_json::to_string_pretty(&computed).unwrap() + "\n";
-        std::fs::write(GOLDEN, text).unwrap();
-        panic!("regenerated {GOLDEN}; unset KVCACHE_REGENERATE_GOLDEN and rerun");
+        let dir = std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo test");
+        std::fs::write(std::path::Path::new(&dir).join(GOLDEN_PATH), text).unwrap();
+        panic!("regenerated {GOLDEN_PATH}; unset KVCACHE_REGENERATE_GOLDEN and rerun");
     }
-    let text = std::fs::read_to_string(GOLDEN).expect("golden file missing");
-    let golden: Golden = serde_json::from_str(&text).expect("golden file does not parse");
+    let golden: Golden = serde_json::from_str(GOLDEN).expect("golden file does not parse");
     assert_eq!(golden.key_scheme_version, KEY_SCHEME_VERSION);
     assert_eq!(golden.cases.len(), computed.cases.len());
     for (want, got) in golden.cases.iter().zip(&computed.cases) {
