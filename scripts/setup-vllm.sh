@@ -19,13 +19,15 @@ VENV="$DEST/venv"
 STAMP="$DEST/.installed"
 
 build_models() {
-    # The tiny model for tests, and a larger one (more layers and heads) for the TTFT benchmark.
+    # The tiny model for tests, and a larger one for the TTFT benchmark (DESIGN.md's calibration
+    # shape: 16 layers, 8 KV heads, head size 128, so 64 KiB of KV per token, 512 KiB per block
+    # and layer).
     local py="$VENV/bin/python"
     [ -f "$DEST/models/tiny/config.json" ] ||
         "$py" vllm-connector/tools/make_tiny_model.py "$DEST/models/tiny" >&2
-    [ -f "$DEST/models/bench/config.json" ] ||
-        "$py" vllm-connector/tools/make_tiny_model.py "$DEST/models/bench" \
-            --layers 8 --heads 8 --kv-heads 8 --hidden 512 >&2
+    [ -f "$DEST/models/bench-16l/config.json" ] ||
+        "$py" vllm-connector/tools/make_tiny_model.py "$DEST/models/bench-16l" \
+            --layers 16 --heads 8 --kv-heads 8 --hidden 1024 --head-dim 128 >&2
 }
 
 if [ -f "$STAMP" ]; then

@@ -3,8 +3,9 @@
     python engine_run.py SPEC.json OUT.json
 
 SPEC: {"model": DIR, "prompts": [[token ids]...], "max_tokens": N, "kv_transfer_config": {...}
-or null, "rounds": 1}. OUT: one list per round, one entry per prompt: token_ids,
-cumulative_logprob, num_cached_tokens. Started as a subprocess by the tests and the benchmark
+or null, "rounds": 1, "one_by_one": false, "warmup": [[token ids]...]}. OUT: one list per round,
+one entry per prompt: token_ids, cumulative_logprob, num_cached_tokens, seconds (of the generate
+call that produced it). Started as a subprocess by the tests and the benchmark
 (vLLM starts its own processes with spawn, so this must be a script with a main guard).
 """
 
@@ -31,6 +32,8 @@ def main() -> None:
     llm = LLM(**kwargs)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), logprobs=1)
+    if spec.get("warmup"):
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["warmup"]], params, use_tqdm=False)
     rounds = []
     for _ in range(spec.get("rounds", 1)):
         results = []
