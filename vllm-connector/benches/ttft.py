@@ -33,10 +33,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "vllm-connector" / "tests"))
 sys.path.insert(0, str(REPO / "pyo3-bindings" / "tests"))
+sys.path.insert(0, str(REPO / "vllm-connector" / "tests"))
 
-from conftest import engine_env, kv_config, make_prompts, models_dir  # noqa: E402
+from conftest import kv_config, make_prompts, models_dir, run_engine  # noqa: E402
 from kvserver import start_server, stop_server  # noqa: E402
 
 MODEL_NOTE = "random Llama: hidden 1024, 16 layers, 8 KV heads, head size 128, bf16, block 128"
@@ -51,34 +51,25 @@ def example_connector(path: str) -> dict:
 
 
 class Runner:
+    """Fresh engines on the benchmark's prompts, one OpenMP thread bound to core 0."""
+
     def __init__(self, model: Path, prompts: list[list[int]], warmup: list[list[int]], tmp: Path):
         self.model, self.prompts, self.warmup, self.tmp = model, prompts, warmup, tmp
-        self.env = {**engine_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0"}
 
     def run(self, kv: dict | None, rounds: int = 1) -> list[dict]:
         """One fresh engine; the timings of its last round, one per prompt."""
-        spec = {
-            "model": str(self.model),
-            "prompts": self.prompts,
-            "kv_transfer_config": kv,
-            "max_tokens": 1,
-            "one_by_one": True,
-            "warmup": self.warmup,
-            "rounds": rounds,
-            "max_model_len": 4096,
-        }
-        n = len(list(self.tmp.glob("spec-*.json")))
-        spec_path, out_path = self.tmp / f"spec-{n}.json", self.tmp / f"out-{n}.json"
-        spec_path.write_text(json.dumps(spec))
-        script = REPO / "vllm-connector" / "tests" / "engine_run.py"
-        subprocess.run(
-            [sys.executable, str(script), str(spec_path), str(out_path)],
-            env=self.env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        return run_engine(
+            self.tmp,
+            self.model,
+            self.prompts,
+            kv,
+            env={"VLLM_CPU_OMP_THREADS_BIND": "0"},
+            max_tokens=1,
+            one_by_one=True,
+            warmup=self.warmup,
+            rounds=rounds,
+            max_model_len=4096,
         )
-        return json.loads(out_path.read_text())[-1]
 
 
 def release_server() -> Path:

@@ -81,16 +81,18 @@ def kv_config(server: Server | str, **extra: object) -> dict:
     }
 
 
-def run_engine(tmp: Path, model: Path, prompts: list[list[int]], kv: dict | None, **spec) -> list[dict]:
-    """Runs `engine_run.py` in a fresh process (single-process vLLM) and returns its last round."""
+def run_engine(
+    tmp: Path, model: Path, prompts: list[list[int]], kv: dict | None, env: dict | None = None, **spec
+) -> list[dict]:
+    """Runs `engine_run.py` in a fresh process (single-process vLLM) and returns its last round.
+    `env` adds to `engine_env()`; `spec` adds to the run's spec (see engine_run.py)."""
     spec = {"model": str(model), "prompts": prompts, "kv_transfer_config": kv, **spec}
     n = len(list(tmp.glob("spec-*.json")))
     spec_path, out_path = tmp / f"spec-{n}.json", tmp / f"out-{n}.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**engine_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run(
         [sys.executable, str(HERE / "engine_run.py"), str(spec_path), str(out_path)],
-        env=env,
+        env={**engine_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})},
         capture_output=True,
         text=True,
         timeout=ENGINE_TIMEOUT_S,

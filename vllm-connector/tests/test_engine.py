@@ -6,6 +6,7 @@ agree token for token.
 
 from __future__ import annotations
 
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -114,3 +115,19 @@ def test_a_dead_cache_costs_nothing_but_hits(tiny_model: Path, tmp_path: Path) -
     assert_same_outputs(dead, baseline)
     assert all(out["num_cached_tokens"] == 0 for out in dead)
     assert time.monotonic() - started < 120
+
+
+def test_a_frozen_cache_costs_at_most_a_few_timeouts(server: Server, tiny_model: Path, tmp_path: Path) -> None:
+    """A node that accepts connections but never answers (SIGSTOP): each call gives up after
+    `timeout_s`, the connector then rests, and the outputs are computed and right."""
+    baseline = run_engine(tmp_path, tiny_model, PROMPTS[:3], None)
+    run_engine(tmp_path, tiny_model, PROMPTS[:3], kv_config(server))
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        frozen = run_engine(tmp_path, tiny_model, PROMPTS[:3], kv_config(server, timeout_s=1.0))
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    assert_same_outputs(frozen, baseline)
+    # One generate call for the three prompts: the lookup and the save each wait one timeout at
+    # most before the connector rests; a client that ignored its timeout would hang here.
+    assert frozen[0]["seconds"] < baseline[0]["seconds"] + 10, (frozen[0]["seconds"], baseline[0]["seconds"])
