@@ -1,4 +1,4 @@
-//! A client of a cluster of kvcache nodes with a static member list.
+//! A client of a cluster of kvcache nodes, with members from a static list or from etcd.
 //!
 //! Keys are placed on the consistent-hash ring of `kvcache-core` with `replicas` owners each.
 //! A batch is split by owner, the parts go to their nodes in parallel, and the answers are merged
@@ -6,11 +6,16 @@
 //! down, then the next owner for keys it missed or could not serve, so a lost node costs
 //! misses (R = 1) or nothing (R >= 2), never an error. A node that fails is skipped for
 //! `down_for` before it is tried again.
+//!
+//! Members come from a [`MemberSource`]: a fixed list ([`StaticMembers`]) or etcd
+//! ([`EtcdMembers`]), which the cluster asks again every `refresh` and rebuilds its ring from
+//! when the answer changes. If the source fails (etcd down), the last known members stay in use.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -50,12 +55,131 @@ struct Node {
     cfg: ClientConfig,
 }
 
-/// A client of a static set of kvcache nodes.
-pub struct Cluster {
+/// Where a cluster's members come from.
+pub trait MemberSource: Send + Sync + 'static {
+    /// The current members' `host:port`.
+    fn members(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, ClientError>> + Send + '_>>;
+    /// How often to ask again; `None` for a source that never changes.
+    fn refresh(&self) -> Option<Duration>;
+    /// Where the members come from, for logs.
+    fn describe(&self) -> String;
+}
+
+/// A fixed member list.
+pub struct StaticMembers(pub Vec<String>);
+
+impl MemberSource for StaticMembers {
+    fn members(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, ClientError>> + Send + '_>> {
+        Box::pin(std::future::ready(Ok(self.0.clone())))
+    }
+    fn refresh(&self) -> Option<Duration> {
+        None
+    }
+    fn describe(&self) -> String {
+        format!("static list of {}", self.0.len())
+    }
+}
+
+/// The key prefix under which nodes register in etcd (`kvcache-server --etcd`).
+pub const ETCD_MEMBERS_PREFIX: &str = kvcache_transport::etcd::MEMBERS_PREFIX;
+
+/// Members registered in etcd under [`ETCD_MEMBERS_PREFIX`], each with a lease that its node
+/// keeps alive: a node that dies drops out when its lease expires.
+pub struct EtcdMembers {
+    etcd: kvcache_transport::etcd::Etcd,
+    refresh: Duration,
+}
+
+impl EtcdMembers {
+    /// `url` is `etcd://host:port` or `http://host:port`; members are re-read every `refresh`.
+    pub fn new(url: &str, refresh: Duration, timeout: Duration) -> Result<Self, ClientError> {
+        let etcd = kvcache_transport::etcd::Etcd::new(url, timeout)
+            .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+        Ok(Self { etcd, refresh })
+    }
+}
+
+impl MemberSource for EtcdMembers {
+    fn members(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, ClientError>> + Send + '_>> {
+        Box::pin(async move {
+            let kvs = self
+                .etcd
+                .range_prefix(ETCD_MEMBERS_PREFIX)
+                .await
+                .map_err(|e| ClientError::Membership(e.to_string()))?;
+            let mut members = Vec::with_capacity(kvs.len());
+            for (key, value) in kvs {
+                let addr = serde_json::from_str::<serde_json::Value>(&value)
+                    .ok()
+                    .and_then(|v| v.get("addr")?.as_str().map(str::to_string));
+                match addr {
+                    Some(addr) => members.push(addr),
+                    None => {
+                        tracing::warn!(key, value, "etcd member record without an addr; ignored")
+                    }
+                }
+            }
+            members.sort();
+            members.dedup();
+            Ok(members)
+        })
+    }
+    fn refresh(&self) -> Option<Duration> {
+        Some(self.refresh)
+    }
+    fn describe(&self) -> String {
+        format!("etcd at {}", self.etcd.addr())
+    }
+}
+
+/// One membership: the ring and the nodes on it.
+struct View {
     ring: HashRing,
-    nodes: BTreeMap<String, Node>,
+    nodes: BTreeMap<String, Arc<Node>>,
     replicas: usize,
     down_for: Duration,
+    version: u64,
+}
+
+/// Counters of what the cluster client did.
+#[derive(Default)]
+struct Counters {
+    replica_reads: AtomicU64,
+    failovers: AtomicU64,
+}
+
+/// What a cluster client sees and did (for stats and metrics).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterStats {
+    /// Members on the ring now.
+    pub members: Vec<String>,
+    /// Bumped every time the member set changes (1 for the first).
+    pub ring_version: u64,
+    /// Keys answered by a replica rather than their primary.
+    pub replica_reads: u64,
+    /// Nodes marked down after a failed call (their keys went to the next owner).
+    pub failovers: u64,
+}
+
+/// A client of a cluster of kvcache nodes.
+pub struct Cluster {
+    view: Arc<RwLock<Arc<View>>>,
+    counters: Arc<Counters>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(w) = &self.watcher {
+            w.abort();
+        }
+    }
 }
 
 /// Polls futures concurrently on the current task and returns their outputs in order.
@@ -84,39 +208,36 @@ async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
         .collect()
 }
 
-impl Cluster {
-    /// A cluster client; nodes are connected lazily, so members may be down at start.
-    pub fn new(cfg: ClusterConfig) -> Result<Self, ClientError> {
-        if cfg.members.is_empty() || cfg.replicas == 0 {
-            return Err(ClientError::InvalidArgument(
-                "a cluster needs at least one member and one replica".into(),
-            ));
-        }
-        let mut nodes = BTreeMap::new();
-        for m in &cfg.members {
-            let node_cfg = ClientConfig {
-                addr: m.clone(),
-                ..cfg.node.clone()
-            };
-            nodes.insert(
-                m.clone(),
-                Node {
-                    client: Mutex::new(None),
-                    down_until: Mutex::new(None),
-                    cfg: node_cfg,
-                },
-            );
-        }
-        Ok(Self {
-            ring: HashRing::with_members(cfg.members.iter().cloned()),
-            replicas: cfg.replicas.min(nodes.len()),
+impl View {
+    fn build(members: &[String], cfg: &ClusterConfig, old: Option<&View>) -> Self {
+        let nodes = members
+            .iter()
+            .map(|m| {
+                let node = old
+                    .and_then(|v| v.nodes.get(m).cloned())
+                    .unwrap_or_else(|| {
+                        Arc::new(Node {
+                            client: Mutex::new(None),
+                            down_until: Mutex::new(None),
+                            cfg: ClientConfig {
+                                addr: m.clone(),
+                                ..cfg.node.clone()
+                            },
+                        })
+                    });
+                (m.clone(), node)
+            })
+            .collect::<BTreeMap<_, _>>();
+        Self {
+            ring: HashRing::with_members(members.iter().cloned()),
+            replicas: cfg.replicas.min(nodes.len()).max(1),
             nodes,
             down_for: cfg.down_for,
-        })
+            version: old.map_or(1, |v| v.version + 1),
+        }
     }
 
-    /// The owners of `key`, primary first.
-    pub fn owners(&self, key: BlockKey) -> Vec<&str> {
+    fn owners(&self, key: BlockKey) -> Vec<&str> {
         self.ring.owners(key, self.replicas)
     }
 
@@ -151,11 +272,86 @@ impl Cluster {
         *node.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
         Ok(c)
     }
+}
+
+impl Cluster {
+    /// A client of a static member list; nodes are connected lazily, so members may be down
+    /// at start.
+    pub fn new(cfg: ClusterConfig) -> Result<Self, ClientError> {
+        if cfg.members.is_empty() || cfg.replicas == 0 {
+            return Err(ClientError::InvalidArgument(
+                "a cluster needs at least one member and one replica".into(),
+            ));
+        }
+        let view = View::build(&cfg.members, &cfg, None);
+        Ok(Self {
+            view: Arc::new(RwLock::new(Arc::new(view))),
+            counters: Arc::default(),
+            watcher: None,
+        })
+    }
+
+    /// A client whose members come from `source`: read once now (an error if that fails), then
+    /// again every `source.refresh()` on the current tokio runtime. When the answer changes the
+    /// ring is rebuilt (about 1/N of keys move per member joining or leaving); when the source
+    /// fails, the last known members stay in use and a line is logged.
+    pub async fn with_source(
+        source: Arc<dyn MemberSource>,
+        cfg: ClusterConfig,
+    ) -> Result<Self, ClientError> {
+        if cfg.replicas == 0 {
+            return Err(ClientError::InvalidArgument(
+                "replicas must be at least 1".into(),
+            ));
+        }
+        let members = source.members().await?;
+        if members.is_empty() {
+            tracing::warn!(
+                source = source.describe(),
+                "no kvcache members registered yet"
+            );
+        }
+        let view = Arc::new(RwLock::new(Arc::new(View::build(&members, &cfg, None))));
+        let watcher = source.refresh().map(|every| {
+            let view = Arc::clone(&view);
+            tokio::spawn(watch_members(source, cfg, view, every))
+        });
+        Ok(Self {
+            view,
+            counters: Arc::default(),
+            watcher,
+        })
+    }
+
+    fn view(&self) -> Arc<View> {
+        Arc::clone(&self.view.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The owners of `key`, primary first.
+    pub fn owners(&self, key: BlockKey) -> Vec<String> {
+        self.view()
+            .owners(key)
+            .into_iter()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Members, ring version and counters.
+    pub fn stats(&self) -> ClusterStats {
+        let view = self.view();
+        ClusterStats {
+            members: view.ring.members().to_vec(),
+            ring_version: view.version,
+            replica_reads: self.counters.replica_reads.load(Relaxed),
+            failovers: self.counters.failovers.load(Relaxed),
+        }
+    }
 
     /// Runs `call` on each member's share of `indices` in parallel. A member that fails
     /// with an unavailability error is marked down and its share comes back as `None`.
     async fn fan_out<'a, T, Fut>(
-        &'a self,
+        &self,
+        view: &'a View,
         shares: BTreeMap<&'a str, Vec<usize>>,
         call: impl Fn(&'a str, Client, Vec<usize>) -> Fut,
     ) -> Result<Vec<(Vec<usize>, Option<T>)>, ClientError>
@@ -165,7 +361,7 @@ impl Cluster {
         let futures = shares.into_iter().map(|(member, idx)| {
             let call = &call;
             async move {
-                let result = match self.node(member).await {
+                let result = match view.node(member).await {
                     Ok(client) => call(member, client, idx.clone()).await,
                     Err(e) => Err(e),
                 };
@@ -177,7 +373,8 @@ impl Cluster {
             match result {
                 Ok(v) => out.push((idx, Some(v))),
                 Err(e) if e.is_unavailable() => {
-                    self.mark_down(member, &e);
+                    view.mark_down(member, &e);
+                    self.counters.failovers.fetch_add(1, Relaxed);
                     out.push((idx, None));
                 }
                 Err(e) => return Err(e),
@@ -202,16 +399,17 @@ impl Cluster {
         values: &[&[&[u8]]],
     ) -> Result<Vec<bool>, ClientError> {
         crate::error::same_len(keys.len(), values.len(), "values")?;
+        let view = self.view();
         let mut shares: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, key) in keys.iter().enumerate() {
-            for owner in self.owners(*key) {
-                if !self.is_down(owner) {
+            for owner in view.owners(*key) {
+                if !view.is_down(owner) {
                     shares.entry(owner).or_default().push(i);
                 }
             }
         }
         let results = self
-            .fan_out(shares, |_, client, idx| async move {
+            .fan_out(&view, shares, |_, client, idx| async move {
                 let part_keys: Vec<BlockKey> = idx.iter().map(|&i| keys[i]).collect();
                 let part_values: Vec<&[&[u8]]> = idx.iter().map(|&i| values[i]).collect();
                 client.put_many_segments(&part_keys, &part_values).await
@@ -237,11 +435,12 @@ impl Cluster {
     where
         Fut: Future<Output = Result<Vec<T>, ClientError>>,
     {
+        let view = self.view();
         let mut answers: Vec<Option<T>> = keys.iter().map(|_| None).collect();
         let mut routing = Routing::new(keys.len());
-        while let Some(shares) = routing.next_round(self, keys) {
+        while let Some(shares) = routing.next_round(&view, keys) {
             let results = self
-                .fan_out(shares, |_, client, idx| {
+                .fan_out(&view, shares, |_, client, idx| {
                     call(client, idx.iter().map(|&i| keys[i]).collect())
                 })
                 .await?;
@@ -251,6 +450,8 @@ impl Cluster {
                         for (i, answer) in idx.into_iter().zip(got) {
                             if !found(&answer) {
                                 routing.retry(i);
+                            } else {
+                                routing.found(i, &self.counters);
                             }
                             answers[i] = Some(answer);
                         }
@@ -300,13 +501,14 @@ impl Cluster {
         dst: &mut [Vec<&mut [u8]>],
     ) -> Result<Vec<GetOutcome>, ClientError> {
         crate::error::same_len(keys.len(), dst.len(), "destinations")?;
+        let view = self.view();
         let mut outcomes = vec![GetOutcome::Miss; keys.len()];
         let mut routing = Routing::new(keys.len());
         // Each key's destination moves into the request for its node and comes back afterwards,
         // whether the node answered or not.
         let mut slots: Vec<Option<Vec<&mut [u8]>>> =
             dst.iter_mut().map(|d| Some(std::mem::take(d))).collect();
-        while let Some(shares) = routing.next_round(self, keys) {
+        while let Some(shares) = routing.next_round(&view, keys) {
             let mut parts: BTreeMap<&str, Vec<Vec<&mut [u8]>>> = BTreeMap::new();
             for (member, idx) in &shares {
                 parts.insert(
@@ -324,7 +526,7 @@ impl Cluster {
                     .remove(member)
             };
             let results = self
-                .fan_out(shares.clone(), |member, client, idx| {
+                .fan_out(&view, shares.clone(), |member, client, idx| {
                     let mut segs = take_part(member).expect("one part per member");
                     let parts = &parts;
                     async move {
@@ -359,6 +561,8 @@ impl Cluster {
                             outcomes[i] = o;
                             if o == GetOutcome::Miss {
                                 routing.retry(i);
+                            } else {
+                                routing.found(i, &self.counters);
                             }
                         }
                     }
@@ -393,23 +597,69 @@ impl Routing {
         self.todo.push(i);
     }
 
+    /// Key `i` was answered; counts it as a replica read if a later owner answered.
+    fn found(&self, i: usize, counters: &Counters) {
+        if self.next_owner[i] > 1 {
+            counters.replica_reads.fetch_add(1, Relaxed);
+        }
+    }
+
     /// The keys to send this round, grouped by owner; None when nothing is left to try.
     fn next_round<'a>(
         &mut self,
-        cluster: &'a Cluster,
+        view: &'a View,
         keys: &[BlockKey],
     ) -> Option<BTreeMap<&'a str, Vec<usize>>> {
         let mut shares: BTreeMap<&'a str, Vec<usize>> = BTreeMap::new();
         for i in std::mem::take(&mut self.todo) {
-            let owners = cluster.owners(keys[i]);
+            let owners = view.owners(keys[i]);
             while let Some(&owner) = owners.get(self.next_owner[i]) {
                 self.next_owner[i] += 1;
-                if !cluster.is_down(owner) {
+                if !view.is_down(owner) {
                     shares.entry(owner).or_default().push(i);
                     break;
                 }
             }
         }
         (!shares.is_empty()).then_some(shares)
+    }
+}
+
+/// Re-reads the members every `every`; swaps in a new view when they change.
+async fn watch_members(
+    source: Arc<dyn MemberSource>,
+    cfg: ClusterConfig,
+    view: Arc<RwLock<Arc<View>>>,
+    every: Duration,
+) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(every).await;
+        match source.members().await {
+            Ok(members) => {
+                if failing {
+                    tracing::info!(
+                        source = source.describe(),
+                        "membership source answers again"
+                    );
+                    failing = false;
+                }
+                let current = Arc::clone(&view.read().unwrap_or_else(|e| e.into_inner()));
+                if current.ring.members() != members.as_slice() {
+                    let next = View::build(&members, &cfg, Some(&current));
+                    tracing::info!(
+                        members = ?members,
+                        ring_version = next.version,
+                        "kvcache cluster membership changed"
+                    );
+                    *view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+                }
+            }
+            Err(e) if !failing => {
+                tracing::warn!(source = source.describe(), error = %e, "cannot read the membership; keeping the last known members");
+                failing = true;
+            }
+            Err(_) => {}
+        }
     }
 }

@@ -24,6 +24,8 @@ pub enum ClientError {
     InvalidArgument(String),
     #[error("shared memory unavailable: {0}")]
     ShmUnavailable(String),
+    #[error("cannot read the cluster membership: {0}")]
+    Membership(String),
 }
 
 impl ClientError {

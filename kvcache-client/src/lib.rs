@@ -34,7 +34,10 @@ use kvcache_core::wire::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-pub use cluster::{Cluster, ClusterConfig};
+pub use cluster::{
+    Cluster, ClusterConfig, ClusterStats, ETCD_MEMBERS_PREFIX, EtcdMembers, MemberSource,
+    StaticMembers,
+};
 use connection::Connection;
 pub use error::ClientError;
 

@@ -137,6 +137,26 @@ pub struct Settings {
     #[arg(long, env = "KVCACHE_SHM_MAX_STAGING", value_name = "SIZE")]
     pub shm_max_staging: Option<ByteSize>,
 
+    /// Registers this node in etcd (`http://HOST:PORT`) under /kvcache/members/, with a lease it
+    /// keeps alive, so clients of `etcd://HOST:PORT` find it and drop it when it dies [default:
+    /// off: a single node, or a static list the clients are given].
+    #[arg(long, env = "KVCACHE_ETCD", value_name = "URL")]
+    pub etcd: Option<String>,
+
+    /// This node's name in etcd [default: the advertised address].
+    #[arg(long, env = "KVCACHE_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+
+    /// The HOST:PORT clients should use to reach this node [default: the data-plane address,
+    /// which must then not be 0.0.0.0 or [::]].
+    #[arg(long, env = "KVCACHE_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+
+    /// Seconds a node that stops renewing stays registered (its etcd lease's TTL); clients stop
+    /// routing to a dead node within about this long [default: 3].
+    #[arg(long, env = "KVCACHE_ETCD_TTL", value_name = "SECONDS")]
+    pub etcd_ttl: Option<u64>,
+
     /// Enables fault-injection endpoints (POST /debug/corrupt/KEY). Never in production.
     #[arg(long, hide = true)]
     #[serde(default)]
@@ -161,11 +181,24 @@ pub struct ShmConfig {
     pub max_staging: u64,
 }
 
+/// Cluster registration in etcd.
+#[derive(Clone, Debug)]
+pub struct EtcdConfig {
+    pub url: String,
+    /// `None`: the advertised address.
+    pub node_id: Option<String>,
+    /// `None`: the bound data-plane address.
+    pub advertise: Option<String>,
+    pub ttl: u64,
+}
+
 /// Fully resolved server configuration.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// `None` when shared memory is off.
     pub shm: Option<ShmConfig>,
+    /// `None` when the node does not register in etcd.
+    pub etcd: Option<EtcdConfig>,
     pub listen: String,
     pub metrics_listen: Option<String>,
     pub store: StoreConfig,
@@ -211,7 +244,11 @@ impl Settings {
             shm_socket,
             shm_mode,
             shm_lease_timeout,
-            shm_max_staging
+            shm_max_staging,
+            etcd,
+            node_id,
+            advertise,
+            etcd_ttl
         );
         self.enable_test_hooks |= file.enable_test_hooks;
         Ok(self)
@@ -242,7 +279,34 @@ impl Settings {
             None => Some("127.0.0.1:7401".to_string()),
         };
         let shm = self.resolve_shm()?;
+        let etcd = match &self.etcd {
+            None => {
+                if self.node_id.is_some() || self.advertise.is_some() || self.etcd_ttl.is_some() {
+                    bail!("--node-id, --advertise and --etcd-ttl only apply with --etcd URL");
+                }
+                None
+            }
+            Some(url) => {
+                kvcache_transport::etcd::Etcd::new(url, Duration::from_secs(1))?;
+                let ttl = self.etcd_ttl.unwrap_or(3);
+                if !(1..=3600).contains(&ttl) {
+                    bail!("--etcd-ttl must be between 1 and 3600 seconds");
+                }
+                if let Some(a) = &self.advertise
+                    && !a.contains(':')
+                {
+                    bail!("--advertise must be HOST:PORT, got {a:?}");
+                }
+                Some(EtcdConfig {
+                    url: url.clone(),
+                    node_id: self.node_id.clone(),
+                    advertise: self.advertise.clone(),
+                    ttl,
+                })
+            }
+        };
         Ok(ServerConfig {
+            etcd,
             listen: self
                 .listen
                 .clone()

@@ -9,6 +9,7 @@
 //! - [`cli`]: the `kvcache-server` command itself.
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod metrics;

@@ -96,6 +96,8 @@ pub struct Metrics {
     connections_total: AtomicU64,
     connections_rejected: AtomicU64,
     requests_timed_out: AtomicU64,
+    etcd_registered: AtomicU64,
+    etcd_errors: AtomicU64,
 }
 
 /// How payload bytes moved.
@@ -150,6 +152,16 @@ impl Metrics {
     /// node's own verification confirmed it.
     pub fn shm_suspect(&self, confirmed: bool) {
         self.shm_suspects[confirmed as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Whether this node's etcd registration is live (its lease was last renewed).
+    pub fn etcd_registered(&self, live: bool) {
+        self.etcd_registered.store(live as u64, Relaxed);
+    }
+
+    /// Counts a failed etcd call (grant, put or keep-alive).
+    pub fn etcd_error(&self) {
+        self.etcd_errors.fetch_add(1, Relaxed);
     }
 
     pub fn put_rejected(&self, why: PutRejection) {
@@ -308,6 +320,28 @@ impl Metrics {
                 c.load(Relaxed)
             );
         }
+        header(
+            &mut out,
+            "kvcache_cluster_registered",
+            "gauge",
+            "1 while this node's etcd registration is live (with --etcd), else 0.",
+        );
+        let _ = writeln!(
+            out,
+            "kvcache_cluster_registered {}",
+            self.etcd_registered.load(Relaxed)
+        );
+        header(
+            &mut out,
+            "kvcache_cluster_etcd_errors_total",
+            "counter",
+            "Failed etcd calls while registering or renewing this node (with --etcd).",
+        );
+        let _ = writeln!(
+            out,
+            "kvcache_cluster_etcd_errors_total {}",
+            self.etcd_errors.load(Relaxed)
+        );
         header(
             &mut out,
             "kvcache_op_duration_seconds",

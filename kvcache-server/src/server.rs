@@ -38,6 +38,7 @@ impl RunningServer {
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let data_addr = data.local_addr()?;
         let (shutdown, rx) = watch::channel(false);
+        let etcd_rx = rx.clone();
         let mut tasks = JoinSet::new();
         let metrics_addr = match &cfg.metrics_listen {
             Some(addr) => {
@@ -125,6 +126,26 @@ impl RunningServer {
                 .await;
                 drop(file);
             });
+        }
+        if let Some(etcd) = &cfg.etcd {
+            let advertise = match &etcd.advertise {
+                Some(a) => a.clone(),
+                None if data_addr.ip().is_unspecified() => anyhow::bail!(
+                    "--etcd needs --advertise HOST:PORT when listening on {data_addr}: clients \
+                     cannot connect to an unspecified address"
+                ),
+                None => data_addr.to_string(),
+            };
+            let registration = crate::cluster::Registration {
+                etcd: kvcache_transport::etcd::Etcd::new(
+                    &etcd.url,
+                    std::time::Duration::from_secs(2),
+                )?,
+                node_id: etcd.node_id.clone().unwrap_or_else(|| advertise.clone()),
+                advertise,
+                ttl: etcd.ttl,
+            };
+            tasks.spawn(registration.run(Arc::clone(&metrics), etcd_rx));
         }
         let stats = store.stats();
         tracing::info!(

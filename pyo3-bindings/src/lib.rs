@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kvcache_client::{
-    Client as RustClient, ClientConfig, ClientError, Cluster, ClusterConfig, GetOutcome, Transport,
+    Client as RustClient, ClientConfig, ClientError, Cluster, ClusterConfig, EtcdMembers,
+    GetOutcome, Transport,
 };
 use kvcache_core::wire::PutStatus;
 use kvcache_core::{BlockKey, Namespace, NamespaceId, TpPlacement};
@@ -36,6 +37,9 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// How often a client of `etcd://` re-reads the members.
+const ETCD_REFRESH: Duration = Duration::from_millis(500);
+
 fn to_py(e: ClientError) -> PyErr {
     match e {
         ClientError::Connect { .. } | ClientError::Io(_) => {
@@ -43,9 +47,10 @@ fn to_py(e: ClientError) -> PyErr {
         }
         ClientError::Timeout { .. } => PyTimeoutError::new_err(e.to_string()),
         ClientError::InvalidArgument(m) => PyValueError::new_err(m),
-        ClientError::Server { .. } | ClientError::Protocol(_) | ClientError::ShmUnavailable(_) => {
-            KvcacheError::new_err(e.to_string())
-        }
+        ClientError::Server { .. }
+        | ClientError::Protocol(_)
+        | ClientError::ShmUnavailable(_)
+        | ClientError::Membership(_) => KvcacheError::new_err(e.to_string()),
     }
 }
 
@@ -283,11 +288,7 @@ impl Client {
             ));
         }
         let (members, single) = match addr.extract::<String>() {
-            Ok(a) if a.starts_with("etcd://") => {
-                return Err(PyValueError::new_err(
-                    "etcd membership is not available in this version: pass the members as a list of \"host:port\"",
-                ));
-            }
+            Ok(a) if a.starts_with("etcd://") => (vec![a], false),
             Ok(a) => (vec![a], true),
             Err(_) => (
                 addr.extract::<Vec<String>>().map_err(|_| {
@@ -299,6 +300,9 @@ impl Client {
         if members.is_empty() {
             return Err(PyValueError::new_err("a cluster needs at least one member"));
         }
+        let etcd = members[0]
+            .starts_with("etcd://")
+            .then(|| members[0].clone());
         if single && replicas > 1 {
             return Err(PyValueError::new_err(
                 "replicas > 1 needs a list of members",
@@ -327,7 +331,17 @@ impl Client {
             let mut cluster = ClusterConfig::new(members.clone());
             cluster.replicas = replicas;
             cluster.node = cfg;
-            Backend::Cluster(Arc::new(Cluster::new(cluster).map_err(to_py)?))
+            let cluster = match etcd {
+                Some(url) => {
+                    let source =
+                        EtcdMembers::new(&url, ETCD_REFRESH, Duration::from_secs_f64(timeout_s))
+                            .map_err(to_py)?;
+                    // The membership watch it spawns runs on the I/O runtime's threads.
+                    block(py, Cluster::with_source(Arc::new(source), cluster)).map_err(to_py)?
+                }
+                None => Cluster::new(cluster).map_err(to_py)?,
+            };
+            Backend::Cluster(Arc::new(cluster))
         };
         Ok(Self {
             inner: Mutex::new(Some(backend)),
@@ -453,11 +467,20 @@ impl Client {
         d.set_item("replicas", self.replicas)?;
         d.set_item("transport", &self.transport)?;
         d.set_item("timeout_s", self.timeout_s)?;
-        if let Backend::Node(client) = self.client()? {
-            let ping = block(py, client.ping()).map_err(to_py)?;
-            d.set_item("server_version", ping.server_version)?;
-            d.set_item("protocol_version", ping.protocol_version)?;
-            d.set_item("max_payload", ping.max_payload)?;
+        match self.client()? {
+            Backend::Node(client) => {
+                let ping = block(py, client.ping()).map_err(to_py)?;
+                d.set_item("server_version", ping.server_version)?;
+                d.set_item("protocol_version", ping.protocol_version)?;
+                d.set_item("max_payload", ping.max_payload)?;
+            }
+            Backend::Cluster(cluster) => {
+                let c = cluster.stats();
+                d.set_item("members", c.members)?;
+                d.set_item("ring_version", c.ring_version)?;
+                d.set_item("replica_reads", c.replica_reads)?;
+                d.set_item("failovers", c.failovers)?;
+            }
         }
         let c = &self.counters;
         for (name, v) in [

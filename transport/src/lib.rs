@@ -3,8 +3,10 @@
 //! - [`region`]: memory regions that hold block pages (host DRAM, shared memory; pinned and GPU
 //!   memory later), each registered once with the transports;
 //! - [`tcp`]: the framed TCP data plane: header, prost control message, raw payload inline;
-//! - [`shm`]: same-node shared memory: descriptor passing and same-host detection.
+//! - [`shm`]: same-node shared memory: descriptor passing and same-host detection;
+//! - [`etcd`]: a small etcd v3 client (JSON gateway) for cluster membership.
 
+pub mod etcd;
 pub mod region;
 pub mod shm;
 pub mod tcp;
