@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Rng, ServerProcess, content};
+use common::{ServerProcess, blocks, get_all, put_all};
 use kvcache_client::{Cluster, ClusterConfig, GetOutcome};
 use kvcache_core::BlockKey;
 
@@ -15,42 +15,6 @@ fn cluster(servers: &[ServerProcess], replicas: usize) -> Arc<Cluster> {
     cfg.node.timeout = Duration::from_secs(1);
     cfg.down_for = Duration::from_millis(500);
     Arc::new(Cluster::new(cfg).unwrap())
-}
-
-fn blocks(seed: u64, n: usize) -> Vec<(BlockKey, usize)> {
-    let mut rng = Rng(seed);
-    (0..n)
-        .map(|_| (rng.key(), 1 + (rng.next() % 16_384) as usize))
-        .collect()
-}
-
-async fn put_all(c: &Cluster, blocks: &[(BlockKey, usize)]) {
-    for chunk in blocks.chunks(50) {
-        let values = common::contents(chunk);
-        let batch = common::batch(chunk, &values);
-        assert!(c.put_many(&batch).await.unwrap().iter().all(|s| *s));
-    }
-}
-
-/// Reads every block back into fresh buffers; returns the outcomes and checks every hit's bytes.
-async fn get_all(c: &Cluster, blocks: &[(BlockKey, usize)]) -> Vec<GetOutcome> {
-    let mut out = Vec::new();
-    for chunk in blocks.chunks(40) {
-        let keys: Vec<BlockKey> = chunk.iter().map(|b| b.0).collect();
-        let mut bufs: Vec<Vec<u8>> = chunk.iter().map(|b| vec![0u8; b.1]).collect();
-        let mut dst: Vec<Vec<&mut [u8]>> = bufs.iter_mut().map(|b| vec![&mut b[..]]).collect();
-        let got = c
-            .get_many_into(&keys, &mut dst)
-            .await
-            .expect("a cluster read never errors");
-        for ((o, (k, l)), b) in got.iter().zip(chunk).zip(&bufs) {
-            if *o == GetOutcome::Hit {
-                assert_eq!(b, &content(*k, *l), "wrong bytes for {k}");
-            }
-        }
-        out.extend(got);
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kvcache_client::{Cluster, GetOutcome};
 use kvcache_core::BlockKey;
 
 /// A running server process, killed on drop.
@@ -173,4 +174,159 @@ impl Rng {
     pub fn key(&mut self) -> BlockKey {
         BlockKey(((self.next() as u128) << 64) | self.next() as u128)
     }
+}
+
+// Cluster helpers: random blocks written and read back through `kvcache_client::Cluster`.
+
+/// `n` random keys with lengths from 1 byte to 16 KiB.
+pub fn blocks(seed: u64, n: usize) -> Vec<(BlockKey, usize)> {
+    let mut rng = Rng(seed);
+    (0..n)
+        .map(|_| (rng.key(), 1 + (rng.next() % 16_384) as usize))
+        .collect()
+}
+
+pub async fn put_all(c: &Cluster, blocks: &[(BlockKey, usize)]) {
+    for chunk in blocks.chunks(50) {
+        let values = contents(chunk);
+        let batch = batch(chunk, &values);
+        assert!(c.put_many(&batch).await.unwrap().iter().all(|s| *s));
+    }
+}
+
+/// Reads every block back into fresh buffers; returns the outcomes and checks every hit's bytes.
+pub async fn get_all(c: &Cluster, blocks: &[(BlockKey, usize)]) -> Vec<GetOutcome> {
+    let mut out = Vec::new();
+    for chunk in blocks.chunks(40) {
+        let keys: Vec<BlockKey> = chunk.iter().map(|b| b.0).collect();
+        let mut bufs: Vec<Vec<u8>> = chunk.iter().map(|b| vec![0u8; b.1]).collect();
+        let mut dst: Vec<Vec<&mut [u8]>> = bufs.iter_mut().map(|b| vec![&mut b[..]]).collect();
+        let got = c
+            .get_many_into(&keys, &mut dst)
+            .await
+            .expect("a cluster read never errors");
+        for ((o, (k, l)), b) in got.iter().zip(chunk).zip(&bufs) {
+            if *o == GetOutcome::Hit {
+                assert_eq!(b, &content(*k, *l), "wrong bytes for {k}");
+            }
+        }
+        out.extend(got);
+    }
+    out
+}
+
+/// A real etcd (Debian's `etcd-server`) on free loopback ports with its own data directory,
+/// killed on drop.
+pub struct EtcdProcess {
+    child: Option<Child>,
+    pub client_url: String,
+    peer_url: String,
+    data_dir: std::path::PathBuf,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl EtcdProcess {
+    /// Starts etcd, or returns None (after saying why) when the binary is missing and
+    /// KVCACHE_REQUIRE_ETCD is not 1 (`scripts/test.sh` sets it and installs etcd-server).
+    pub fn start() -> Option<Self> {
+        if Command::new("etcd").arg("--version").output().is_err() {
+            let why = "etcd not found: install Debian's etcd-server (scripts/test.sh does)";
+            assert!(
+                std::env::var("KVCACHE_REQUIRE_ETCD").as_deref() != Ok("1"),
+                "{why}"
+            );
+            eprintln!("skipping: {why}");
+            return None;
+        }
+        let data_dir = std::env::temp_dir().join(format!(
+            "kvcache-etcd-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let mut etcd = Self {
+            child: None,
+            client_url: format!("http://127.0.0.1:{}", free_port()),
+            peer_url: format!("http://127.0.0.1:{}", free_port()),
+            data_dir,
+        };
+        etcd.restart();
+        Some(etcd)
+    }
+
+    /// (Re)starts etcd on its ports and data directory and waits until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "etcd is running");
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(&self.data_dir)
+            .args([
+                "--listen-client-urls",
+                &self.client_url,
+                "--advertise-client-urls",
+                &self.client_url,
+                "--listen-peer-urls",
+                &self.peer_url,
+                "--initial-advertise-peer-urls",
+                &self.peer_url,
+                "--initial-cluster",
+                &format!("test={}", self.peer_url),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn etcd");
+        self.child = Some(child);
+        let addr = self.client_url.trim_start_matches("http://").to_string();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = TcpStream::connect(&addr).and_then(|mut s| {
+                let body = "{\"key\":\"AA==\"}";
+                write!(
+                    s,
+                    "POST /v3/kv/range HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )?;
+                let mut r = String::new();
+                s.read_to_string(&mut r)?;
+                Ok(r.starts_with("HTTP/1.1 200"))
+            });
+            if ok.unwrap_or(false) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "etcd did not start in 20 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for EtcdProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds or `within` passes; returns how long it took.
+pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
 }

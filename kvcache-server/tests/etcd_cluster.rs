@@ -1,0 +1,265 @@
+//! Clusters whose membership lives in a real etcd: nodes register themselves (`--etcd`), clients
+//! of `etcd://` follow joins, deaths and restarts, and the data plane never waits for etcd.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use common::{EtcdProcess, ServerProcess, blocks, eventually, get_all, put_all};
+use kvcache_client::{Cluster, ClusterConfig, EtcdMembers, GetOutcome};
+
+const TTL: &str = "2";
+
+fn node(etcd: &EtcdProcess) -> ServerProcess {
+    ServerProcess::start(&[
+        "--memory",
+        "128MiB",
+        "--etcd",
+        &etcd.client_url,
+        "--etcd-ttl",
+        TTL,
+    ])
+}
+
+async fn client(etcd: &EtcdProcess, replicas: usize) -> Arc<Cluster> {
+    let source = EtcdMembers::new(
+        &etcd.client_url,
+        Duration::from_millis(200),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let mut cfg = ClusterConfig::new(Vec::<String>::new());
+    cfg.replicas = replicas;
+    cfg.node.timeout = Duration::from_secs(1);
+    cfg.down_for = Duration::from_millis(500);
+    Arc::new(Cluster::with_source(Arc::new(source), cfg).await.unwrap())
+}
+
+fn members(c: &Cluster) -> Vec<String> {
+    c.stats().members
+}
+
+fn sorted(servers: &[ServerProcess]) -> Vec<String> {
+    let mut v: Vec<String> = servers.iter().map(|s| s.data.clone()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_found_through_etcd_hold_thousands_of_blocks_evenly_with_3_and_5_nodes() {
+    for n in [3usize, 5] {
+        let Some(etcd) = EtcdProcess::start() else {
+            return;
+        };
+        let servers: Vec<ServerProcess> = (0..n).map(|_| node(&etcd)).collect();
+        let c = client(&etcd, 1).await;
+        let want = sorted(&servers);
+        eventually(Duration::from_secs(5), "all nodes registered", || {
+            members(&c) == want
+        })
+        .await;
+        let all = blocks(100 + n as u64, 3000);
+        let writers: Vec<_> = all
+            .chunks(750)
+            .map(|part| {
+                let (c, part) = (Arc::clone(&c), part.to_vec());
+                tokio::spawn(async move { put_all(&c, &part).await })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        assert!(
+            get_all(&c, &all)
+                .await
+                .iter()
+                .all(|o| *o == GetOutcome::Hit)
+        );
+        let mean = all.len() as f64 / n as f64;
+        for s in &servers {
+            let stored = s.metric("kvcache_blocks_stored");
+            assert!(
+                (stored - mean).abs() <= 0.15 * mean,
+                "{n} nodes: one holds {stored}, mean {mean}"
+            );
+            assert_eq!(s.metric("kvcache_cluster_registered"), 1.0);
+        }
+    }
+}
+
+/// Reads (and writes) in a loop until told to stop; counts errors and wrong answers.
+fn load(
+    c: Arc<Cluster>,
+    data: Vec<(kvcache_core::BlockKey, usize)>,
+    stop: Arc<AtomicBool>,
+    bad: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let (mut rounds, deadline) = (0u64, Instant::now() + Duration::from_secs(60));
+        while !stop.load(Relaxed) && Instant::now() < deadline && rounds < 10_000 {
+            // get_all checks every hit's bytes; a read that errors panics the task.
+            let got = get_all(&c, &data[..200]).await;
+            if got.iter().any(|o| *o != GetOutcome::Hit) {
+                bad.fetch_add(1, Relaxed);
+            }
+            rounds += 1;
+        }
+        rounds
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_leaves_the_ring_within_the_ttl_with_no_errors_and_rejoins_on_restart() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let mut servers: Vec<ServerProcess> = (0..3).map(|_| node(&etcd)).collect();
+    let (r1, r2) = (client(&etcd, 1).await, client(&etcd, 2).await);
+    let want = sorted(&servers);
+    eventually(Duration::from_secs(5), "registered", || {
+        members(&r1) == want && members(&r2) == want
+    })
+    .await;
+    let (one, two) = (blocks(11, 1500), blocks(22, 1500));
+    put_all(&r1, &one).await;
+    put_all(&r2, &two).await;
+
+    let (stop, bad) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let loader = load(
+        Arc::clone(&r2),
+        two.clone(),
+        Arc::clone(&stop),
+        Arc::clone(&bad),
+    );
+    let dead = servers[1].data.clone();
+    servers[1].child.kill().unwrap(); // kill -9 under load
+    servers[1].child.wait().unwrap();
+    let gone = eventually(
+        Duration::from_secs(5),
+        "the dead node leaves the ring",
+        || !members(&r1).contains(&dead) && !members(&r2).contains(&dead),
+    )
+    .await;
+    assert!(
+        gone <= Duration::from_secs(4),
+        "left after {gone:?}, TTL {TTL} s"
+    );
+    // R=2: every block written before the kill is still read, by the loader and here.
+    assert!(
+        get_all(&r2, &two)
+            .await
+            .iter()
+            .all(|o| *o == GetOutcome::Hit)
+    );
+    // R=1: the dead node's blocks are misses (its keys now map to other nodes), no errors.
+    let got = get_all(&r1, &one).await;
+    let hits = got.iter().filter(|o| **o == GetOutcome::Hit).count();
+    assert!(
+        hits < one.len() && hits > one.len() / 2,
+        "R=1 after a loss: {hits} of {} hit",
+        one.len()
+    );
+    assert!(r2.stats().ring_version >= 2);
+
+    // Restart it where it was: it registers again, the clients route to it, it serves.
+    servers[1] = ServerProcess::start_at(
+        &dead,
+        &[
+            "--memory",
+            "128MiB",
+            "--etcd",
+            &etcd.client_url,
+            "--etcd-ttl",
+            TTL,
+        ],
+    );
+    eventually(Duration::from_secs(5), "the node rejoins", || {
+        members(&r1) == want
+    })
+    .await;
+    let fresh = blocks(33, 300);
+    put_all(&r1, &fresh).await;
+    assert!(
+        get_all(&r1, &fresh)
+            .await
+            .iter()
+            .all(|o| *o == GetOutcome::Hit)
+    );
+    assert!(
+        servers[1].metric("kvcache_blocks_stored") > 0.0,
+        "the restarted node took its share"
+    );
+    stop.store(true, Relaxed);
+    assert!(loader.await.unwrap() > 0, "the loader ran");
+    assert_eq!(bad.load(Relaxed), 0, "R=2 reads under the kill: no misses");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_keeps_serving_while_etcd_restarts_and_resynchronises_after() {
+    let Some(mut etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let mut servers: Vec<ServerProcess> = (0..3).map(|_| node(&etcd)).collect();
+    let c = client(&etcd, 2).await;
+    let want = sorted(&servers);
+    eventually(Duration::from_secs(5), "registered", || members(&c) == want).await;
+    let data = blocks(44, 1000);
+    put_all(&c, &data).await;
+
+    let (stop, bad) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let loader = load(
+        Arc::clone(&c),
+        data.clone(),
+        Arc::clone(&stop),
+        Arc::clone(&bad),
+    );
+    etcd.kill();
+    // Longer than the lease TTL: membership must come from the last known list, not expire.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(members(&c), want, "the last known members stay in use");
+    let more = blocks(55, 500);
+    put_all(&c, &more).await;
+    assert!(
+        get_all(&c, &more)
+            .await
+            .iter()
+            .all(|o| *o == GetOutcome::Hit)
+    );
+    for s in &servers {
+        s.wait_metric("kvcache_cluster_registered", |v| v == 0.0);
+        assert!(s.metric("kvcache_cluster_etcd_errors_total") > 0.0);
+    }
+
+    etcd.restart();
+    for s in &servers {
+        assert_eq!(
+            s.wait_metric("kvcache_cluster_registered", |v| v == 1.0),
+            1.0,
+            "re-registered"
+        );
+    }
+    // A node that joins after the restart is seen: the client resynchronised.
+    servers.push(node(&etcd));
+    let want = sorted(&servers);
+    eventually(Duration::from_secs(5), "the newcomer is seen", || {
+        members(&c) == want
+    })
+    .await;
+    stop.store(true, Relaxed);
+    assert!(loader.await.unwrap() > 0);
+    assert_eq!(bad.load(Relaxed), 0, "no misses while etcd was down");
+    assert!(
+        get_all(&c, &data)
+            .await
+            .iter()
+            .all(|o| *o == GetOutcome::Hit)
+    );
+}
