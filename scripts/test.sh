@@ -6,7 +6,8 @@
 # venv are cached in $KVCACHE_CACHE_DIR (default /var/tmp/kvcache-cache).
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-ensure_packages redis-server:redis-server
+ensure_packages redis-server:redis-server etcd:etcd-server
+export KVCACHE_REQUIRE_ETCD=1
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 started=$(date +%s)
 echo "== cargo fmt --check" >&2

@@ -62,3 +62,45 @@ def start_server(*args: str) -> Server:
 def stop_server(s: Server) -> None:
     s.proc.send_signal(signal.SIGTERM)
     s.proc.wait(timeout=15)
+
+
+@dataclass
+class Etcd:
+    proc: subprocess.Popen[bytes]
+    url: str
+    data_dir: str
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_etcd(data_dir: str) -> Etcd:
+    """A real etcd (Debian's etcd-server) on free loopback ports; fails if it does not answer."""
+    import shutil
+    import time
+
+    if shutil.which("etcd") is None:
+        raise RuntimeError("etcd not found: install Debian's etcd-server (scripts/test.sh does)")
+    client, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen(
+        ["etcd", "--name", "t", "--data-dir", data_dir, "--listen-client-urls", client,
+         "--advertise-client-urls", client, "--listen-peer-urls", peer,
+         "--initial-advertise-peer-urls", peer, "--initial-cluster", f"t={peer}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            request = urllib.request.Request(f"{client}/v3/kv/range", data=b'{"key":"AA=="}', method="POST")
+            urllib.request.urlopen(request, timeout=1).close()
+            return Etcd(proc, client, data_dir)
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("etcd did not start in 20 s")

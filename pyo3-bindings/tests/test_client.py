@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import kvcache
-from kvserver import REPO, Server, start_server, stop_server
+from kvserver import REPO, Server, start_etcd, start_server, stop_server
 
 
 def key(i: int) -> bytes:
@@ -233,9 +233,37 @@ def test_a_static_cluster_with_replicas_survives_a_dead_member() -> None:
 
 
 def test_cluster_arguments_are_checked(server: Server) -> None:
-    with pytest.raises(ValueError, match="etcd"):
-        kvcache.Client("etcd://127.0.0.1:2379")
+    with pytest.raises(kvcache.KvcacheError, match="cannot read the cluster membership"):
+        kvcache.Client("etcd://127.0.0.1:9", timeout_s=1.0)  # nothing listens there
+    with pytest.raises(ValueError, match="bad etcd URL"):
+        kvcache.Client("etcd://no-port")
     with pytest.raises(ValueError, match="list of members"):
         kvcache.Client(server.data, replicas=2)
     with pytest.raises(ValueError, match="at least one member"):
         kvcache.Client([])
+
+
+def test_a_cluster_found_through_etcd_survives_a_killed_node(tmp_path: Path) -> None:
+    etcd = start_etcd(str(tmp_path / "etcd"))
+    servers = [start_server("--memory", "64MiB", "--etcd", etcd.url, "--etcd-ttl", "2") for _ in range(3)]
+    try:
+        c = kvcache.Client(etcd.url.replace("http://", "etcd://"), replicas=2, timeout_s=1.0)
+        deadline = time.monotonic() + 5
+        while len(c.stats()["members"]) < 3:
+            assert time.monotonic() < deadline, c.stats()
+            time.sleep(0.05)
+        values = {key(i): bytes([i % 251]) * (1000 + i) for i in range(300)}
+        assert all(c.put(k, v) for k, v in values.items())
+        servers[0].proc.kill()  # SIGKILL
+        servers[0].proc.wait()
+        assert all(c.get(k) == v for k, v in values.items()), "R=2: every block survives one loss"
+        deadline = time.monotonic() + 4
+        while servers[0].data in c.stats()["members"]:
+            assert time.monotonic() < deadline, "the dead node stays in the ring past its TTL"
+            time.sleep(0.05)
+        assert c.stats()["ring_version"] >= 2
+    finally:
+        for s in servers[1:]:
+            stop_server(s)
+        etcd.proc.kill()
+        etcd.proc.wait()

@@ -29,8 +29,12 @@ class Client:
         """Connects to `addr` ("host:port"), or to a static cluster when given a list of
         members: keys are placed on a consistent-hash ring with `replicas` owners each, reads
         fall back to replicas, and a dead member costs misses (or nothing, with replicas >= 2),
-        never an exception. Cluster members are connected lazily ("etcd://" is not available
-        yet and raises ValueError).
+        never an exception. Cluster members are connected lazily. `"etcd://host:port"` takes the
+        members from etcd: the nodes started with `--etcd http://host:port`, re-read every 0.5 s,
+        so a dead node leaves the ring when its lease expires and a new one joins it; if etcd
+        goes away the last known members stay in use. Raises KvcacheError if etcd cannot be
+        read at start. `stats()` reports `members`, `ring_version`, `replica_reads` and
+        `failovers` for a cluster.
 
         `transport`: "auto" (default) uses shared memory when the node runs on this host and its
         socket admits us (gets copy straight from the node's pool into your buffers, every
