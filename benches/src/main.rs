@@ -1,5 +1,6 @@
 //! kvcache-bench: benchmarks that compare kvcache with its ceilings and peers in one run.
 
+mod cluster;
 mod compare;
 mod index_memory;
 mod systems;
@@ -56,6 +57,31 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// Aggregate get throughput of 1 and 3 nodes at the same total memory, and the fraction of
+    /// keys that move when a fourth node joins three.
+    Cluster {
+        /// Total memory, split evenly over the nodes.
+        #[arg(long, default_value = "1GiB")]
+        memory: ByteSize,
+        /// Value size.
+        #[arg(long, default_value = "1MiB")]
+        value: ByteSize,
+        /// Concurrent client tasks.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Keys per get call.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Measured seconds per node count.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Blocks written to measure how many move on a join.
+        #[arg(long, default_value_t = 20_000)]
+        move_blocks: usize,
+        /// Also write the results as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     /// Heap bytes per indexed block in the server's index.
     IndexMemory {
         /// Blocks to index.
@@ -67,7 +93,7 @@ enum Cmd {
     },
     /// Runs a kvcache server (used by `compare`; takes kvcache-server's flags).
     #[command(hide = true)]
-    ServeKvcache(kvcache_server::config::Settings),
+    ServeKvcache(Box<kvcache_server::config::Settings>),
     /// Runs the raw TCP ceiling server (used by `compare`).
     #[command(hide = true)]
     ServeCeiling {
@@ -125,6 +151,50 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Cluster {
+            memory,
+            value,
+            concurrency,
+            batch,
+            seconds,
+            move_blocks,
+            json,
+        } => {
+            anyhow::ensure!(
+                seconds > 0.0 && seconds <= 600.0,
+                "--seconds must be in (0, 600]"
+            );
+            anyhow::ensure!(
+                (1..=64).contains(&concurrency) && (1..=64).contains(&batch),
+                "--concurrency and --batch must be 1..=64"
+            );
+            anyhow::ensure!(
+                value.0 >= 16 && value.0 * 8 <= memory.0 && move_blocks > 0,
+                "--value must be at least 16B and an eighth of --memory at most"
+            );
+            let plan = cluster::Plan {
+                memory,
+                value,
+                concurrency,
+                batch,
+                seconds,
+                move_blocks,
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let results = rt.block_on(cluster::run(&plan))?;
+            if let Some(path) = json {
+                let command: Vec<String> = std::env::args().collect();
+                let doc = serde_json::json!({
+                    "command": command.join(" "),
+                    "machine": machine(),
+                    "results": results,
+                });
+                std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n")
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         Cmd::IndexMemory { blocks, shards } => {
             anyhow::ensure!(
                 blocks > 0 && shards > 0,
@@ -139,7 +209,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::ServeKvcache(settings) => kvcache_server::cli::run(settings),
+        Cmd::ServeKvcache(settings) => kvcache_server::cli::run(*settings),
         Cmd::ServeCeiling { listen } => systems::ceiling::serve(&listen),
     }
 }
