@@ -148,7 +148,7 @@ pub struct Settings {
     pub node_id: Option<String>,
 
     /// The HOST:PORT clients should use to reach this node [default: the data-plane address,
-    /// which must then not be 0.0.0.0 or [::]].
+    /// which must then not be 0.0.0.0 or ::].
     #[arg(long, env = "KVCACHE_ADVERTISE", value_name = "HOST:PORT")]
     pub advertise: Option<String>,
 
