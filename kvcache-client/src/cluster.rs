@@ -241,6 +241,18 @@ impl View {
         self.ring.owners(key, self.replicas)
     }
 
+    /// `name` as a member of this view (borrowed from it), if it is one.
+    fn member(&self, name: Option<&str>) -> Option<&str> {
+        self.nodes.get_key_value(name?).map(|(k, _)| k.as_str())
+    }
+
+    /// Where to read `key` from, in order: the preferred node, then the ring owners.
+    fn read_order<'a>(&'a self, key: BlockKey, prefer: Option<&'a str>) -> Vec<&'a str> {
+        let mut order: Vec<&str> = prefer.into_iter().collect();
+        order.extend(self.owners(key).into_iter().filter(|o| Some(*o) != prefer));
+        order
+    }
+
     fn is_down(&self, member: &str) -> bool {
         let until = *self.nodes[member]
             .down_until
@@ -398,11 +410,33 @@ impl Cluster {
         keys: &[BlockKey],
         values: &[&[&[u8]]],
     ) -> Result<Vec<bool>, ClientError> {
+        self.put_many_segments_near(keys, values, None).await
+    }
+
+    /// [`put_many_segments`](Self::put_many_segments) with a locality hint: each block is also
+    /// stored on `prefer` (the node next to the engine that will read it, e.g. a decode
+    /// instance's), besides its ring owners. The rule: the ring owners always hold the block, so
+    /// any client finds it; a reader that names the same node with
+    /// [`get_many_into_near`](Self::get_many_into_near) reads the nearby copy first. A `prefer`
+    /// that is not a live member is ignored.
+    pub async fn put_many_segments_near(
+        &self,
+        keys: &[BlockKey],
+        values: &[&[&[u8]]],
+        prefer: Option<&str>,
+    ) -> Result<Vec<bool>, ClientError> {
         crate::error::same_len(keys.len(), values.len(), "values")?;
         let view = self.view();
+        let prefer = view.member(prefer);
         let mut shares: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, key) in keys.iter().enumerate() {
-            for owner in view.owners(*key) {
+            let mut owners = view.owners(*key);
+            if let Some(p) = prefer
+                && !owners.contains(&p)
+            {
+                owners.push(p);
+            }
+            for owner in owners {
                 if !view.is_down(owner) {
                     shares.entry(owner).or_default().push(i);
                 }
@@ -500,10 +534,22 @@ impl Cluster {
         keys: &[BlockKey],
         dst: &mut [Vec<&mut [u8]>],
     ) -> Result<Vec<GetOutcome>, ClientError> {
+        self.get_many_into_near(keys, dst, None).await
+    }
+
+    /// [`get_many_into`](Self::get_many_into) that asks `prefer` first (see
+    /// [`put_many_segments_near`](Self::put_many_segments_near)), then the ring owners.
+    pub async fn get_many_into_near(
+        &self,
+        keys: &[BlockKey],
+        dst: &mut [Vec<&mut [u8]>],
+        prefer: Option<&str>,
+    ) -> Result<Vec<GetOutcome>, ClientError> {
         crate::error::same_len(keys.len(), dst.len(), "destinations")?;
         let view = self.view();
         let mut outcomes = vec![GetOutcome::Miss; keys.len()];
         let mut routing = Routing::new(keys.len());
+        routing.prefer = view.member(prefer);
         // Each key's destination moves into the request for its node and comes back afterwards,
         // whether the node answered or not.
         let mut slots: Vec<Option<Vec<&mut [u8]>>> =
@@ -579,16 +625,19 @@ impl Cluster {
 
 /// Which owner each key is sent to next: the primary first, then each replica in ring order,
 /// skipping owners known to be down. A key is sent again only after `retry`.
-struct Routing {
+struct Routing<'a> {
     next_owner: Vec<usize>,
     todo: Vec<usize>,
+    /// A member asked before the ring owners.
+    prefer: Option<&'a str>,
 }
 
-impl Routing {
+impl<'a> Routing<'a> {
     fn new(keys: usize) -> Self {
         Self {
             next_owner: vec![0; keys],
             todo: (0..keys).collect(),
+            prefer: None,
         }
     }
 
@@ -599,20 +648,20 @@ impl Routing {
 
     /// Key `i` was answered; counts it as a replica read if a later owner answered.
     fn found(&self, i: usize, counters: &Counters) {
-        if self.next_owner[i] > 1 {
+        if self.next_owner[i] > 1 + self.prefer.is_some() as usize {
             counters.replica_reads.fetch_add(1, Relaxed);
         }
     }
 
     /// The keys to send this round, grouped by owner; None when nothing is left to try.
-    fn next_round<'a>(
+    fn next_round(
         &mut self,
         view: &'a View,
         keys: &[BlockKey],
     ) -> Option<BTreeMap<&'a str, Vec<usize>>> {
         let mut shares: BTreeMap<&'a str, Vec<usize>> = BTreeMap::new();
         for i in std::mem::take(&mut self.todo) {
-            let owners = view.owners(keys[i]);
+            let owners = view.read_order(keys[i], self.prefer);
             while let Some(&owner) = owners.get(self.next_owner[i]) {
                 self.next_owner[i] += 1;
                 if !view.is_down(owner) {

@@ -121,3 +121,57 @@ async fn a_killed_node_costs_misses_with_one_replica_nothing_with_two_and_rejoin
         "R=2 reads fall back past the empty node"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locality_hint_keeps_a_copy_on_the_named_node_and_the_ring_still_finds_every_block() {
+    let mut servers: Vec<ServerProcess> = (0..3)
+        .map(|_| ServerProcess::start(&["--memory", "128MiB"]))
+        .collect();
+    let c = cluster(&servers, 1);
+    let near = servers[2].data.clone();
+    let data = common::blocks(81, 600);
+    let values = common::contents(&data);
+    let keys: Vec<BlockKey> = data.iter().map(|b| b.0).collect();
+    let segs: Vec<Vec<&[u8]>> = values.iter().map(|v| vec![&v[..]]).collect();
+    let segs: Vec<&[&[u8]]> = segs.iter().map(|v| &v[..]).collect();
+    let stored = c
+        .put_many_segments_near(&keys, &segs, Some(&near))
+        .await
+        .unwrap();
+    assert!(stored.iter().all(|s| *s));
+    // The named node holds every block; the ring owners hold theirs, so any client finds all.
+    assert_eq!(
+        servers[2].metric("kvcache_blocks_stored"),
+        data.len() as f64
+    );
+    assert!(
+        get_all(&c, &data)
+            .await
+            .iter()
+            .all(|o| *o == GetOutcome::Hit)
+    );
+
+    // Lose a ring owner: a reader next to the named node still reads everything from it.
+    let dead = servers[0].data.clone();
+    servers[0].child.kill().unwrap();
+    servers[0].child.wait().unwrap();
+    let mut bufs: Vec<Vec<u8>> = data.iter().map(|b| vec![0u8; b.1]).collect();
+    let mut dst: Vec<Vec<&mut [u8]>> = bufs.iter_mut().map(|b| vec![&mut b[..]]).collect();
+    let got = c
+        .get_many_into_near(&keys, &mut dst, Some(&near))
+        .await
+        .unwrap();
+    assert!(got.iter().all(|o| *o == GetOutcome::Hit));
+    assert!(
+        bufs.iter().zip(&values).all(|(b, v)| b == v),
+        "every byte from the nearby copy"
+    );
+    // Without the hint, the dead owner's blocks are misses (R = 1): the copy is extra.
+    let plain = get_all(&c, &data).await;
+    let lost = data.iter().filter(|b| c.owners(b.0)[0] == dead).count();
+    assert_eq!(
+        plain.iter().filter(|o| **o == GetOutcome::Miss).count(),
+        lost
+    );
+    assert!(lost > 0);
+}

@@ -161,10 +161,12 @@ fn stored(s: PutStatus) -> bool {
 }
 
 impl Backend {
+    /// `prefer` (a locality hint) only means something to a cluster.
     async fn put_many_segments(
         &self,
         keys: &[BlockKey],
         values: &[&[&[u8]]],
+        prefer: Option<&str>,
     ) -> Result<Vec<bool>, ClientError> {
         match self {
             Backend::Node(c) => Ok(c
@@ -173,7 +175,7 @@ impl Backend {
                 .into_iter()
                 .map(stored)
                 .collect()),
-            Backend::Cluster(c) => c.put_many_segments(keys, values).await,
+            Backend::Cluster(c) => c.put_many_segments_near(keys, values, prefer).await,
         }
     }
 
@@ -188,10 +190,11 @@ impl Backend {
         &self,
         keys: &[BlockKey],
         dst: &mut [Vec<&mut [u8]>],
+        prefer: Option<&str>,
     ) -> Result<Vec<GetOutcome>, ClientError> {
         match self {
             Backend::Node(c) => c.get_many_into(keys, dst).await,
-            Backend::Cluster(c) => c.get_many_into(keys, dst).await,
+            Backend::Cluster(c) => c.get_many_into_near(keys, dst, prefer).await,
         }
     }
 
@@ -366,7 +369,8 @@ impl Client {
         // by `value` for the whole call.
         let bytes: &[u8] = unsafe { std::slice::from_raw_parts(value.buf_ptr() as *const u8, len) };
         let client = self.client()?;
-        let stored = block(py, client.put_many_segments(&[key], &[&[bytes]])).map_err(to_py)?;
+        let stored =
+            block(py, client.put_many_segments(&[key], &[&[bytes]], None)).map_err(to_py)?;
         self.counters.puts.fetch_add(1, Relaxed);
         self.counters.put_bytes.fetch_add(len as u64, Relaxed);
         Ok(stored[0])
@@ -405,18 +409,25 @@ impl Client {
     }
 
     /// Stores blocks gathered from caller memory: `segments[i]` lists key i's
-    /// `(address, length)` pieces in order. Returns, per key, whether it is stored.
+    /// `(address, length)` pieces in order. Returns, per key, whether it is stored. In a
+    /// cluster, `prefer` names a member that also keeps a copy (a locality hint).
+    #[pyo3(signature = (keys, segments, *, prefer = None))]
     fn put_many(
         &self,
         py: Python<'_>,
         keys: Vec<Vec<u8>>,
         segments: Vec<Vec<(usize, usize)>>,
+        prefer: Option<String>,
     ) -> PyResult<Vec<bool>> {
         let (keys, segs, client) = self.prepare(keys, segments)?;
         // SAFETY: the caller promises the segments are readable for the call (documented).
         let views = unsafe { segs.read() };
         let values: Vec<&[&[u8]]> = views.iter().map(|v| v.as_slice()).collect();
-        let stored = block(py, client.put_many_segments(&keys, &values)).map_err(to_py)?;
+        let stored = block(
+            py,
+            client.put_many_segments(&keys, &values, prefer.as_deref()),
+        )
+        .map_err(to_py)?;
         self.counters.puts.fetch_add(keys.len() as u64, Relaxed);
         let bytes: usize = (0..keys.len()).map(|i| segs.len(i)).sum();
         self.counters.put_bytes.fetch_add(bytes as u64, Relaxed);
@@ -426,18 +437,24 @@ impl Client {
     /// Fetches blocks straight into caller memory: `segments[i]` lists key i's
     /// `(address, length)` destinations, filled in order. Returns, per key, True for a hit and
     /// False for a miss. A stored block whose length differs from its segments' total raises
-    /// ValueError (the destination is left untouched).
+    /// ValueError (the destination is left untouched). In a cluster, `prefer` is asked first.
+    #[pyo3(signature = (keys, segments, *, prefer = None))]
     fn get_many_into(
         &self,
         py: Python<'_>,
         keys: Vec<Vec<u8>>,
         segments: Vec<Vec<(usize, usize)>>,
+        prefer: Option<String>,
     ) -> PyResult<Vec<bool>> {
         let (keys, segs, client) = self.prepare(keys, segments)?;
         // SAFETY: the caller promises the segments are writable for the call (documented);
         // `Segments::new` checked they do not overlap.
         let mut views = unsafe { segs.write() };
-        let outcomes = block(py, client.get_many_into(&keys, &mut views)).map_err(to_py)?;
+        let outcomes = block(
+            py,
+            client.get_many_into(&keys, &mut views, prefer.as_deref()),
+        )
+        .map_err(to_py)?;
         self.counters.gets.fetch_add(keys.len() as u64, Relaxed);
         let mut hits = Vec::with_capacity(outcomes.len());
         for (i, o) in outcomes.into_iter().enumerate() {

@@ -267,3 +267,23 @@ def test_a_cluster_found_through_etcd_survives_a_killed_node(tmp_path: Path) -> 
             stop_server(s)
         etcd.proc.kill()
         etcd.proc.wait()
+
+
+def test_a_locality_hint_keeps_a_copy_on_the_named_member() -> None:
+    servers = [start_server("--memory", "64MiB") for _ in range(3)]
+    try:
+        c = kvcache.Client([s.data for s in servers], timeout_s=1.0)
+        near = servers[2].data
+        src = np.arange(200 * 512, dtype=np.uint8).reshape(200, 512)
+        keys = [key(i) for i in range(200)]
+        segs = [[(src[i].ctypes.data, 512)] for i in range(200)]
+        assert all(c.put_many(keys, segs, prefer=near))
+        assert servers[2].metric("kvcache_blocks_stored") == 200
+        servers[0].proc.kill()  # a ring owner dies; the nearby copy still serves every block
+        servers[0].proc.wait()
+        dst = np.zeros_like(src)
+        assert all(c.get_many_into(keys, [[(dst[i].ctypes.data, 512)] for i in range(200)], prefer=near))
+        assert np.array_equal(src, dst)
+    finally:
+        for s in servers[1:]:
+            stop_server(s)

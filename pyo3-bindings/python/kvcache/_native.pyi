@@ -55,19 +55,26 @@ class Client:
     def prefix_match(self, keys: Sequence[bytes]) -> int:
         """How many leading keys of a chain are stored."""
 
-    def put_many(self, keys: Sequence[bytes], segments: Sequence[Sequence[Segment]]) -> list[bool]:
+    def put_many(
+        self, keys: Sequence[bytes], segments: Sequence[Sequence[Segment]], *, prefer: str | None = None
+    ) -> list[bool]:
         """Stores blocks gathered from caller memory without copying through Python:
         `segments[i]` lists key i's pieces in order. The memory must stay valid and unchanged
-        for the call. Returns, per key, whether it is stored."""
+        for the call. Returns, per key, whether it is stored. In a cluster, `prefer` ("host:port"
+        of a member, e.g. the node next to the engine that will read the blocks) also keeps a
+        copy of every block; the ring owners still hold them, so any client finds them."""
 
-    def get_many_into(self, keys: Sequence[bytes], segments: Sequence[Sequence[Segment]]) -> list[bool]:
+    def get_many_into(
+        self, keys: Sequence[bytes], segments: Sequence[Sequence[Segment]], *, prefer: str | None = None
+    ) -> list[bool]:
         """Fetches blocks straight into caller memory: `segments[i]` lists key i's
         destinations, filled in order (they must not overlap and must stay valid for the
         call). Returns, per key, True for a hit and False for a miss. Raises ValueError if a
         block's stored length differs from its segments' total (that destination is left
         untouched). A block that fails verification is a miss, never a hit with wrong bytes;
         over shared memory it may have been partly copied before the check failed, so a miss's
-        destination holds unspecified bytes: recompute it."""
+        destination holds unspecified bytes: recompute it. In a cluster, `prefer` is asked
+        before the ring owners (see `put_many`)."""
 
     def stats(self) -> dict[str, int | float | str]:
         """This client's counters and what the node reports about itself."""
