@@ -138,18 +138,7 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             let rows = rt.block_on(compare::run(&plan))?;
             println!("{}", compare::report(&rows));
-            if let Some(path) = json {
-                let command: Vec<String> = std::env::args().collect();
-                let doc = serde_json::json!({
-                    "command": command.join(" "),
-                    "machine": machine(),
-                    "results": rows,
-                });
-                std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n")
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-                eprintln!("wrote {}", path.display());
-            }
-            Ok(())
+            write_json(json, serde_json::to_value(&rows)?)
         }
         Cmd::Cluster {
             memory,
@@ -182,18 +171,7 @@ fn main() -> anyhow::Result<()> {
             };
             let rt = tokio::runtime::Runtime::new()?;
             let results = rt.block_on(cluster::run(&plan))?;
-            if let Some(path) = json {
-                let command: Vec<String> = std::env::args().collect();
-                let doc = serde_json::json!({
-                    "command": command.join(" "),
-                    "machine": machine(),
-                    "results": results,
-                });
-                std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n")
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-                eprintln!("wrote {}", path.display());
-            }
-            Ok(())
+            write_json(json, results)
         }
         Cmd::IndexMemory { blocks, shards } => {
             anyhow::ensure!(
@@ -212,6 +190,21 @@ fn main() -> anyhow::Result<()> {
         Cmd::ServeKvcache(settings) => kvcache_server::cli::run(*settings),
         Cmd::ServeCeiling { listen } => systems::ceiling::serve(&listen),
     }
+}
+
+/// Writes `results` with the command line and the machine to `path`, if one was given.
+fn write_json(path: Option<PathBuf>, results: serde_json::Value) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let command: Vec<String> = std::env::args().collect();
+    let doc = serde_json::json!({
+        "command": command.join(" "),
+        "machine": machine(),
+        "results": results,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
 }
 
 fn machine() -> serde_json::Value {

@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{ServerProcess, blocks, get_all, put_all};
+use common::{ServerProcess, assert_even_spread, blocks, get_all, put_all, put_concurrently};
 use kvcache_client::{Cluster, ClusterConfig, GetOutcome};
 use kvcache_core::BlockKey;
 
@@ -25,16 +25,7 @@ async fn three_and_five_nodes_hold_thousands_of_blocks_evenly_and_return_every_b
             .collect();
         let c = cluster(&servers, 1);
         let all = blocks(n as u64, 3000);
-        let writers: Vec<_> = all
-            .chunks(750)
-            .map(|part| {
-                let (c, part) = (Arc::clone(&c), part.to_vec());
-                tokio::spawn(async move { put_all(&c, &part).await })
-            })
-            .collect();
-        for w in writers {
-            w.await.unwrap();
-        }
+        put_concurrently(&c, &all, 4).await;
         let readers: Vec<_> = all
             .chunks(1000)
             .map(|part| {
@@ -45,14 +36,7 @@ async fn three_and_five_nodes_hold_thousands_of_blocks_evenly_and_return_every_b
         for r in readers {
             assert!(r.await.unwrap().iter().all(|o| *o == GetOutcome::Hit));
         }
-        let mean = all.len() as f64 / n as f64;
-        for s in &servers {
-            let stored = s.metric("kvcache_blocks_stored");
-            assert!(
-                (stored - mean).abs() <= 0.15 * mean,
-                "{n} nodes: a node holds {stored} blocks, mean {mean}"
-            );
-        }
+        assert_even_spread(&servers, all.len());
         let chain: Vec<BlockKey> = all[..100].iter().map(|b| b.0).collect();
         assert_eq!(c.prefix_match(&chain).await.unwrap(), 100);
     }

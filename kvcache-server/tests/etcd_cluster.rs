@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use common::{EtcdProcess, ServerProcess, blocks, eventually, get_all, put_all};
+use common::{
+    EtcdProcess, ServerProcess, assert_even_spread, blocks, eventually, get_all, put_all,
+    put_concurrently,
+};
 use kvcache_client::{Cluster, ClusterConfig, EtcdMembers, GetOutcome};
 
 const TTL: &str = "2";
@@ -61,53 +64,59 @@ async fn nodes_found_through_etcd_hold_thousands_of_blocks_evenly_with_3_and_5_n
         })
         .await;
         let all = blocks(100 + n as u64, 3000);
-        let writers: Vec<_> = all
-            .chunks(750)
-            .map(|part| {
-                let (c, part) = (Arc::clone(&c), part.to_vec());
-                tokio::spawn(async move { put_all(&c, &part).await })
-            })
-            .collect();
-        for w in writers {
-            w.await.unwrap();
-        }
+        put_concurrently(&c, &all, 4).await;
         assert!(
             get_all(&c, &all)
                 .await
                 .iter()
                 .all(|o| *o == GetOutcome::Hit)
         );
-        let mean = all.len() as f64 / n as f64;
+        assert_even_spread(&servers, all.len());
         for s in &servers {
-            let stored = s.metric("kvcache_blocks_stored");
-            assert!(
-                (stored - mean).abs() <= 0.15 * mean,
-                "{n} nodes: one holds {stored}, mean {mean}"
-            );
             assert_eq!(s.metric("kvcache_cluster_registered"), 1.0);
         }
     }
 }
 
-/// Reads (and writes) in a loop until told to stop; counts errors and wrong answers.
-fn load(
-    c: Arc<Cluster>,
-    data: Vec<(kvcache_core::BlockKey, usize)>,
+/// Reads a set of blocks in a loop (bounded in rounds and time) until finished, counting
+/// rounds that were not all hits; a read that errors fails the test.
+struct Loader {
     stop: Arc<AtomicBool>,
     bad: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<u64> {
-    tokio::spawn(async move {
-        let (mut rounds, deadline) = (0u64, Instant::now() + Duration::from_secs(60));
-        while !stop.load(Relaxed) && Instant::now() < deadline && rounds < 10_000 {
-            // get_all checks every hit's bytes; a read that errors panics the task.
-            let got = get_all(&c, &data[..200]).await;
-            if got.iter().any(|o| *o != GetOutcome::Hit) {
-                bad.fetch_add(1, Relaxed);
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Loader {
+    fn start(c: &Arc<Cluster>, data: &[(kvcache_core::BlockKey, usize)]) -> Self {
+        let (stop, bad) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let (c, data) = (Arc::clone(c), data[..200].to_vec());
+        let (s, b) = (Arc::clone(&stop), Arc::clone(&bad));
+        let task = tokio::spawn(async move {
+            let (mut rounds, deadline) = (0u64, Instant::now() + Duration::from_secs(60));
+            while !s.load(Relaxed) && Instant::now() < deadline && rounds < 10_000 {
+                // get_all checks every hit's bytes and panics on an error.
+                if get_all(&c, &data)
+                    .await
+                    .iter()
+                    .any(|o| *o != GetOutcome::Hit)
+                {
+                    b.fetch_add(1, Relaxed);
+                }
+                rounds += 1;
             }
-            rounds += 1;
-        }
-        rounds
-    })
+            rounds
+        });
+        Self { stop, bad, task }
+    }
+
+    /// Stops the loop; (rounds run, rounds with a miss).
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Relaxed);
+        (self.task.await.unwrap(), self.bad.load(Relaxed))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,16 +135,7 @@ async fn a_killed_node_leaves_the_ring_within_the_ttl_with_no_errors_and_rejoins
     put_all(&r1, &one).await;
     put_all(&r2, &two).await;
 
-    let (stop, bad) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let loader = load(
-        Arc::clone(&r2),
-        two.clone(),
-        Arc::clone(&stop),
-        Arc::clone(&bad),
-    );
+    let loader = Loader::start(&r2, &two);
     let dead = servers[1].data.clone();
     servers[1].child.kill().unwrap(); // kill -9 under load
     servers[1].child.wait().unwrap();
@@ -194,9 +194,9 @@ async fn a_killed_node_leaves_the_ring_within_the_ttl_with_no_errors_and_rejoins
         servers[1].metric("kvcache_blocks_stored") > 0.0,
         "the restarted node took its share"
     );
-    stop.store(true, Relaxed);
-    assert!(loader.await.unwrap() > 0, "the loader ran");
-    assert_eq!(bad.load(Relaxed), 0, "R=2 reads under the kill: no misses");
+    let (rounds, bad) = loader.finish().await;
+    assert!(rounds > 0, "the loader ran");
+    assert_eq!(bad, 0, "R=2 reads under the kill: no misses");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,16 +211,7 @@ async fn the_cache_keeps_serving_while_etcd_restarts_and_resynchronises_after() 
     let data = blocks(44, 1000);
     put_all(&c, &data).await;
 
-    let (stop, bad) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let loader = load(
-        Arc::clone(&c),
-        data.clone(),
-        Arc::clone(&stop),
-        Arc::clone(&bad),
-    );
+    let loader = Loader::start(&c, &data);
     etcd.kill();
     // Longer than the lease TTL: membership must come from the last known list, not expire.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -253,9 +244,9 @@ async fn the_cache_keeps_serving_while_etcd_restarts_and_resynchronises_after() 
         members(&c) == want
     })
     .await;
-    stop.store(true, Relaxed);
-    assert!(loader.await.unwrap() > 0);
-    assert_eq!(bad.load(Relaxed), 0, "no misses while etcd was down");
+    let (rounds, bad) = loader.finish().await;
+    assert!(rounds > 0, "the loader ran");
+    assert_eq!(bad, 0, "no misses while etcd was down");
     assert!(
         get_all(&c, &data)
             .await

@@ -330,3 +330,34 @@ pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> 
     }
     started.elapsed()
 }
+
+/// Writes `blocks` through `c` from `writers` concurrent tasks.
+pub async fn put_concurrently(
+    c: &std::sync::Arc<Cluster>,
+    blocks: &[(BlockKey, usize)],
+    writers: usize,
+) {
+    let tasks: Vec<_> = blocks
+        .chunks(blocks.len().div_ceil(writers))
+        .map(|part| {
+            let (c, part) = (std::sync::Arc::clone(c), part.to_vec());
+            tokio::spawn(async move { put_all(&c, &part).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Asserts every server holds `total / servers` blocks within ±15%.
+pub fn assert_even_spread(servers: &[ServerProcess], total: usize) {
+    let mean = total as f64 / servers.len() as f64;
+    for s in servers {
+        let stored = s.metric("kvcache_blocks_stored");
+        assert!(
+            (stored - mean).abs() <= 0.15 * mean,
+            "{} nodes: one holds {stored} blocks, mean {mean}",
+            servers.len()
+        );
+    }
+}
