@@ -114,10 +114,7 @@ fn main() -> anyhow::Result<()> {
             memory,
             json,
         } => {
-            anyhow::ensure!(
-                seconds > 0.0 && seconds <= 600.0,
-                "--seconds must be in (0, 600]"
-            );
+            check_seconds(seconds)?;
             anyhow::ensure!(
                 concurrency.iter().all(|&c| (1..=64).contains(&c)),
                 "--concurrency must be 1..=64"
@@ -149,10 +146,7 @@ fn main() -> anyhow::Result<()> {
             move_blocks,
             json,
         } => {
-            anyhow::ensure!(
-                seconds > 0.0 && seconds <= 600.0,
-                "--seconds must be in (0, 600]"
-            );
+            check_seconds(seconds)?;
             anyhow::ensure!(
                 (1..=64).contains(&concurrency) && (1..=64).contains(&batch),
                 "--concurrency and --batch must be 1..=64"
@@ -190,6 +184,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::ServeKvcache(settings) => kvcache_server::cli::run(*settings),
         Cmd::ServeCeiling { listen } => systems::ceiling::serve(&listen),
     }
+}
+
+fn check_seconds(seconds: f64) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        seconds > 0.0 && seconds <= 600.0,
+        "--seconds must be in (0, 600]"
+    );
+    Ok(())
 }
 
 /// Writes `results` with the command line and the machine to `path`, if one was given.

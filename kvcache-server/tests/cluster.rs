@@ -5,7 +5,10 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{ServerProcess, assert_even_spread, blocks, get_all, put_all, put_concurrently};
+use common::{
+    ServerProcess, assert_even_spread, blocks, get_all, put_all, put_concurrently,
+    put_then_read_all,
+};
 use kvcache_client::{Cluster, ClusterConfig, GetOutcome};
 use kvcache_core::BlockKey;
 
@@ -86,13 +89,7 @@ async fn a_killed_node_costs_misses_with_one_replica_nothing_with_two_and_rejoin
     servers[1] = ServerProcess::start_at(&dead, &["--memory", "128MiB"]);
     tokio::time::sleep(Duration::from_millis(600)).await; // past down_for
     let fresh = blocks(33, 300);
-    put_all(&r1, &fresh).await;
-    assert!(
-        get_all(&r1, &fresh)
-            .await
-            .iter()
-            .all(|o| *o == GetOutcome::Hit)
-    );
+    put_then_read_all(&r1, &fresh).await;
     assert!(
         servers[1].metric("kvcache_blocks_stored") > 0.0,
         "the restarted node took its share"

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     EtcdProcess, ServerProcess, assert_even_spread, blocks, eventually, get_all, put_all,
-    put_concurrently,
+    put_concurrently, put_then_read_all,
 };
 use kvcache_client::{Cluster, ClusterConfig, EtcdMembers, GetOutcome};
 
@@ -183,13 +183,7 @@ async fn a_killed_node_leaves_the_ring_within_the_ttl_with_no_errors_and_rejoins
     })
     .await;
     let fresh = blocks(33, 300);
-    put_all(&r1, &fresh).await;
-    assert!(
-        get_all(&r1, &fresh)
-            .await
-            .iter()
-            .all(|o| *o == GetOutcome::Hit)
-    );
+    put_then_read_all(&r1, &fresh).await;
     assert!(
         servers[1].metric("kvcache_blocks_stored") > 0.0,
         "the restarted node took its share"
@@ -217,13 +211,7 @@ async fn the_cache_keeps_serving_while_etcd_restarts_and_resynchronises_after() 
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(members(&c), want, "the last known members stay in use");
     let more = blocks(55, 500);
-    put_all(&c, &more).await;
-    assert!(
-        get_all(&c, &more)
-            .await
-            .iter()
-            .all(|o| *o == GetOutcome::Hit)
-    );
+    put_then_read_all(&c, &more).await;
     for s in &servers {
         s.wait_metric("kvcache_cluster_registered", |v| v == 0.0);
         assert!(s.metric("kvcache_cluster_etcd_errors_total") > 0.0);

@@ -361,3 +361,13 @@ pub fn assert_even_spread(servers: &[ServerProcess], total: usize) {
         );
     }
 }
+
+/// Writes `blocks` through `c` and reads every one back: all must hit, with the right bytes.
+pub async fn put_then_read_all(c: &Cluster, blocks: &[(BlockKey, usize)]) {
+    put_all(c, blocks).await;
+    let got = get_all(c, blocks).await;
+    assert!(
+        got.iter().all(|o| *o == GetOutcome::Hit),
+        "every block written reads back"
+    );
+}
