@@ -15,15 +15,21 @@ use kvcache_client::{Cluster, ClusterConfig, EtcdMembers, GetOutcome};
 
 const TTL: &str = "2";
 
-fn node(etcd: &EtcdProcess) -> ServerProcess {
-    ServerProcess::start(&[
+/// A node registering in `etcd`, on `listen` (port 0 for a fresh one).
+fn node_at(etcd: &EtcdProcess, listen: &str) -> ServerProcess {
+    let args = [
         "--memory",
         "128MiB",
         "--etcd",
         &etcd.client_url,
         "--etcd-ttl",
         TTL,
-    ])
+    ];
+    ServerProcess::start_at(listen, &args)
+}
+
+fn node(etcd: &EtcdProcess) -> ServerProcess {
+    node_at(etcd, "127.0.0.1:0")
 }
 
 async fn client(etcd: &EtcdProcess, replicas: usize) -> Arc<Cluster> {
@@ -167,17 +173,7 @@ async fn a_killed_node_leaves_the_ring_within_the_ttl_with_no_errors_and_rejoins
     assert!(r2.stats().ring_version >= 2);
 
     // Restart it where it was: it registers again, the clients route to it, it serves.
-    servers[1] = ServerProcess::start_at(
-        &dead,
-        &[
-            "--memory",
-            "128MiB",
-            "--etcd",
-            &etcd.client_url,
-            "--etcd-ttl",
-            TTL,
-        ],
-    );
+    servers[1] = node_at(&etcd, &dead);
     eventually(Duration::from_secs(5), "the node rejoins", || {
         members(&r1) == want
     })
