@@ -184,7 +184,8 @@ pub struct ShmConfig {
 /// Cluster registration in etcd.
 #[derive(Clone, Debug)]
 pub struct EtcdConfig {
-    pub url: String,
+    /// The endpoint, checked while resolving (each call bounded by 2 s).
+    pub endpoint: kvcache_transport::etcd::Etcd,
     /// `None`: the advertised address.
     pub node_id: Option<String>,
     /// `None`: the bound data-plane address.
@@ -287,7 +288,7 @@ impl Settings {
                 None
             }
             Some(url) => {
-                kvcache_transport::etcd::Etcd::new(url, Duration::from_secs(1))?;
+                let endpoint = kvcache_transport::etcd::Etcd::new(url, Duration::from_secs(2))?;
                 let ttl = self.etcd_ttl.unwrap_or(3);
                 if !(1..=3600).contains(&ttl) {
                     bail!("--etcd-ttl must be between 1 and 3600 seconds");
@@ -298,7 +299,7 @@ impl Settings {
                     bail!("--advertise must be HOST:PORT, got {a:?}");
                 }
                 Some(EtcdConfig {
-                    url: url.clone(),
+                    endpoint,
                     node_id: self.node_id.clone(),
                     advertise: self.advertise.clone(),
                     ttl,

@@ -137,10 +137,7 @@ impl RunningServer {
                 None => data_addr.to_string(),
             };
             let registration = crate::cluster::Registration {
-                etcd: kvcache_transport::etcd::Etcd::new(
-                    &etcd.url,
-                    std::time::Duration::from_secs(2),
-                )?,
+                etcd: etcd.endpoint.clone(),
                 node_id: etcd.node_id.clone().unwrap_or_else(|| advertise.clone()),
                 advertise,
                 ttl: etcd.ttl,
