@@ -71,7 +71,8 @@ class Etcd:
     data_dir: str
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now."""
     import socket
 
     with socket.socket() as s:
@@ -86,7 +87,7 @@ def start_etcd(data_dir: str) -> Etcd:
 
     if shutil.which("etcd") is None:
         raise RuntimeError("etcd not found: install Debian's etcd-server (scripts/test.sh does)")
-    client, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
+    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
         ["etcd", "--name", "t", "--data-dir", data_dir, "--listen-client-urls", client,
          "--advertise-client-urls", client, "--listen-peer-urls", peer,

@@ -12,6 +12,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     PromMetric,
     PromMetricT,
 )
+from vllm.v1.metrics.utils import create_metric_per_engine
 
 COUNTERS = {
     "lookups": "Prefix lookups the scheduler sent to the cache.",
@@ -96,26 +97,25 @@ class KVCacheConnectorPromMetrics(KVConnectorPromMetrics):
     ) -> None:
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self._counters = {
-            name: self._per_engine(
-                self._counter_cls(name=f"vllm:kvcache_{name}", documentation=doc, labelnames=labelnames)
+            name: create_metric_per_engine(
+                self._counter_cls(name=f"vllm:kvcache_{name}", documentation=doc, labelnames=labelnames),
+                per_engine_labelvalues,
             )
             for name, doc in COUNTERS.items()
         }
         buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
         self._histograms = {
-            name: self._per_engine(
+            name: create_metric_per_engine(
                 self._histogram_cls(
                     name=f"vllm:kvcache_{name}",
                     documentation=doc,
                     labelnames=labelnames,
                     buckets=buckets,
-                )
+                ),
+                per_engine_labelvalues,
             )
             for name, doc in LATENCIES.items()
         }
-
-    def _per_engine(self, metric: PromMetric) -> dict[int, PromMetric]:
-        return {engine: metric.labels(*values) for engine, values in self.per_engine_labelvalues.items()}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for name, per_engine in self._counters.items():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from conftest import BLOCK_SIZE, engine_env, kv_config, loadable_tokens, make_prompts
-from kvserver import Server
+from kvserver import Server, free_port
 
 PROMPTS = make_prompts([300, 420, 260], seed=7)
 LATE_PROMPTS = make_prompts([330, 200], seed=8)
@@ -34,9 +33,7 @@ class Serve:
     """A `vllm serve` process on a free loopback port."""
 
     def __init__(self, model: Path, kv: dict, log: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         vllm = Path(sys.executable).with_name("vllm")
         self.log = log
         self.proc = subprocess.Popen(
