@@ -99,7 +99,12 @@ impl EtcdMembers {
     pub fn new(url: &str, refresh: Duration, timeout: Duration) -> Result<Self, ClientError> {
         let etcd = kvcache_transport::etcd::Etcd::new(url, timeout)
             .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
-        Ok(Self { etcd, refresh })
+        Ok(Self::with_endpoint(etcd, refresh))
+    }
+
+    /// Members from an etcd endpoint already made, re-read every `refresh`.
+    pub fn with_endpoint(etcd: kvcache_transport::etcd::Etcd, refresh: Duration) -> Self {
+        Self { etcd, refresh }
     }
 }
 

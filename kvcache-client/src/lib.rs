@@ -29,8 +29,9 @@ use std::time::Duration;
 
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{
-    ExistsReply, ExistsRequest, GetRequest, Op, PingReply, PingRequest, PrefixMatchReply,
-    PrefixMatchRequest, PutReply, PutRequest, PutStatus, ShmPutRequest, encode_keys,
+    ExistsReply, ExistsRequest, GetRequest, ListKeysReply, ListKeysRequest, Op, PingReply,
+    PingRequest, PrefixMatchReply, PrefixMatchRequest, PutReply, PutRequest, PutStatus,
+    ShmPutRequest, decode_keys, encode_keys,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -522,6 +523,34 @@ impl Client {
             )));
         }
         Ok(reply.matched as usize)
+    }
+
+    /// Up to `limit` stored keys greater than `after` (all keys when `None`), ascending, and
+    /// whether more remain: page through a node with `after` = the last key of the page before.
+    /// The node may return fewer than `limit` keys per page (its control-message limit).
+    pub async fn list_keys(
+        &self,
+        after: Option<BlockKey>,
+        limit: u32,
+    ) -> Result<(Vec<BlockKey>, bool), ClientError> {
+        let req = ListKeysRequest {
+            after: after.map(|k| k.to_bytes().to_vec()).unwrap_or_default(),
+            limit,
+        };
+        let reply: ListKeysReply = with_conn!(self, "list_keys", |c| {
+            c.call_simple(Op::ListKeys, &req).await
+        })?;
+        let keys = decode_keys(&reply.keys).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if keys.len() > limit as usize
+            || keys.windows(2).any(|w| w[0] >= w[1])
+            || after.is_some_and(|a| keys.first().is_some_and(|k| *k <= a))
+        {
+            return Err(ClientError::Protocol(format!(
+                "list_keys returned {} keys, not ascending after the cursor",
+                keys.len()
+            )));
+        }
+        Ok((keys, reply.more))
     }
 }
 

@@ -1,4 +1,6 @@
-//! Cluster membership from the node's side: registration in etcd.
+//! Cluster membership from the node's side: registration in etcd, the node's own view of the
+//! ring (for metrics), and warming: a node that joins copies the blocks it now owns from the
+//! other members.
 //!
 //! The node writes `/kvcache/members/<node id>` = `{"addr": "<advertised host:port>"}` under a
 //! lease of `--etcd-ttl` seconds and renews the lease three times per TTL. Clients of
@@ -8,12 +10,200 @@
 //! again. Shutdown revokes the lease so clients learn at once.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use kvcache_client::{
+    Client, ClientConfig, ClientError, Cluster, EtcdMembers, MemberSource, StaticMembers, Transport,
+};
+use kvcache_core::BlockKey;
 use kvcache_transport::etcd::{Etcd, EtcdError, MEMBERS_PREFIX};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
+use crate::config::{ClusterConfig, Membership};
 use crate::metrics::Metrics;
+use crate::store::{CommitOutcome, Store, StoreConfig};
+
+/// How often the node re-reads the members (as clients of `etcd://` do).
+const REFRESH: Duration = Duration::from_millis(500);
+/// Keys per `list_keys` page while warming.
+const WARM_PAGE: u32 = 8192;
+/// Blocks per get while warming.
+const WARM_BATCH: usize = 64;
+
+/// Starts the cluster tasks of a node reachable at `advertise`: registration (with etcd), the
+/// view of the ring that metrics report, and warming (with `warm`).
+pub fn start(
+    cfg: &ClusterConfig,
+    advertise: String,
+    store: &Arc<Store>,
+    metrics: &Arc<Metrics>,
+    store_cfg: &StoreConfig,
+    tasks: &mut JoinSet<()>,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let source: Arc<dyn MemberSource> = match &cfg.membership {
+        Membership::Etcd(etcd) => {
+            let registration = Registration {
+                etcd: etcd.endpoint.clone(),
+                node_id: etcd.node_id.clone().unwrap_or_else(|| advertise.clone()),
+                advertise: advertise.clone(),
+                ttl: etcd.ttl,
+            };
+            tasks.spawn(registration.run(Arc::clone(metrics), shutdown.clone()));
+            Arc::new(EtcdMembers::with_endpoint(etcd.endpoint.clone(), REFRESH))
+        }
+        Membership::Peers(peers) => {
+            let mut members = peers.clone();
+            members.push(advertise.clone());
+            members.sort();
+            members.dedup();
+            Arc::new(StaticMembers(members))
+        }
+    };
+    let view = NodeView {
+        source,
+        me: advertise,
+        replicas: cfg.replicas,
+        warm: cfg.warm,
+        warm_until: (store_cfg.capacity as f64 * store_cfg.low_watermark) as u64,
+    };
+    tasks.spawn(view.run(Arc::clone(store), Arc::clone(metrics), shutdown.clone()));
+    Ok(())
+}
+
+/// The node's own client-side view of the ring.
+struct NodeView {
+    source: Arc<dyn MemberSource>,
+    /// This node's name on the ring (its advertised address).
+    me: String,
+    replicas: usize,
+    warm: bool,
+    /// Warming stops when the pool holds this many bytes: it never evicts to make room.
+    warm_until: u64,
+}
+
+impl NodeView {
+    async fn run(
+        self,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let cfg = kvcache_client::ClusterConfig {
+            replicas: self.replicas,
+            ..kvcache_client::ClusterConfig::new(Vec::<String>::new())
+        };
+        let mut failing = false;
+        let cluster = loop {
+            match Cluster::with_source(Arc::clone(&self.source), cfg.clone()).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(source = self.source.describe(), error = %e, "cannot read the cluster members yet; serving, retrying");
+                        failing = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        };
+        let mut to_warm = self.warm;
+        loop {
+            let stats = cluster.stats();
+            metrics.cluster_view(stats.members.len(), stats.ring_version);
+            // Warm once this node is on the ring (with etcd: once its registration shows).
+            if to_warm && stats.members.contains(&self.me) {
+                to_warm = false;
+                tokio::select! {
+                    _ = self.warm(&cluster, &stats.members, &store, &metrics) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(REFRESH) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Copies from every other member the blocks this node owns on the ring and lacks.
+    async fn warm(
+        &self,
+        cluster: &Cluster,
+        members: &[String],
+        store: &Arc<Store>,
+        metrics: &Metrics,
+    ) {
+        let started = Instant::now();
+        let (mut blocks, mut bytes) = (0usize, 0u64);
+        for peer in members.iter().filter(|m| **m != self.me) {
+            let mut got = (0, 0);
+            let result = self
+                .warm_from(peer, cluster, store, metrics, &mut got)
+                .await;
+            (blocks, bytes) = (blocks + got.0, bytes + got.1);
+            if let Err(e) = result {
+                tracing::warn!(peer, error = %e, copied = got.0, "warming from a peer stopped; its other blocks are misses here until written again");
+            }
+        }
+        tracing::info!(
+            blocks,
+            bytes = %kvcache_core::ByteSize(bytes),
+            peers = members.len() - 1,
+            took = ?started.elapsed(),
+            "warmed: copied the blocks this node owns from its peers"
+        );
+    }
+
+    async fn warm_from(
+        &self,
+        peer: &str,
+        cluster: &Cluster,
+        store: &Arc<Store>,
+        metrics: &Metrics,
+        got: &mut (usize, u64),
+    ) -> Result<(), ClientError> {
+        let client = Client::connect(ClientConfig {
+            transport: Transport::Tcp,
+            timeout: Duration::from_secs(5),
+            ..ClientConfig::new(peer)
+        })
+        .await?;
+        let mut after = None;
+        loop {
+            let (keys, more) = client.list_keys(after, WARM_PAGE).await?;
+            after = keys.last().copied();
+            let mine: Vec<BlockKey> = keys
+                .into_iter()
+                .filter(|&k| !store.contains(k) && cluster.owners(k).contains(&self.me))
+                .collect();
+            for batch in mine.chunks(WARM_BATCH) {
+                if store.stats().used_bytes >= self.warm_until {
+                    tracing::info!(peer, "warming stopped at the pool's low watermark");
+                    return Ok(());
+                }
+                for (&key, value) in batch.iter().zip(client.get_many(batch).await?) {
+                    // None: evicted on the peer since it was listed.
+                    let Some(value) = value else { continue };
+                    let Ok(mut alloc) = store.allocate(key, value.len()) else {
+                        continue;
+                    };
+                    alloc.bytes_mut().copy_from_slice(&value);
+                    if alloc.commit() == CommitOutcome::Stored {
+                        metrics.warmed(value.len());
+                        *got = (got.0 + 1, got.1 + value.len() as u64);
+                    }
+                }
+            }
+            if !more {
+                return Ok(());
+            }
+        }
+    }
+}
 
 /// What the node registers, and where.
 pub struct Registration {

@@ -147,8 +147,8 @@ pub struct Settings {
     #[arg(long, env = "KVCACHE_NODE_ID", value_name = "ID")]
     pub node_id: Option<String>,
 
-    /// The HOST:PORT clients should use to reach this node [default: the data-plane address,
-    /// which must then not be 0.0.0.0 or ::].
+    /// The HOST:PORT clients and peers use to reach this node; its name on the ring [default:
+    /// the data-plane address, which must then not be 0.0.0.0 or ::].
     #[arg(long, env = "KVCACHE_ADVERTISE", value_name = "HOST:PORT")]
     pub advertise: Option<String>,
 
@@ -156,6 +156,26 @@ pub struct Settings {
     /// routing to a dead node within about this long [default: 3].
     #[arg(long, env = "KVCACHE_ETCD_TTL", value_name = "SECONDS")]
     pub etcd_ttl: Option<u64>,
+
+    /// A static cluster instead of etcd: the members' HOST:PORT, comma-separated (this node may
+    /// be among them). Give every node and client the same list [default: none].
+    #[arg(
+        long,
+        env = "KVCACHE_PEERS",
+        value_name = "HOST:PORT,...",
+        value_delimiter = ','
+    )]
+    pub peers: Option<Vec<String>>,
+
+    /// Owners per key on the ring (the replication factor). Clients decide placement; give them
+    /// the same value. The node uses it to know which keys it owns when it warms [default: 1].
+    #[arg(long, env = "KVCACHE_REPLICAS", value_name = "R")]
+    pub replicas: Option<usize>,
+
+    /// On joining a cluster (--etcd or --peers), copy the blocks this node now owns from the
+    /// other members, up to the low watermark of the pool, so it starts hot [default: true].
+    #[arg(long, env = "KVCACHE_WARM", value_name = "true|false")]
+    pub warm: Option<bool>,
 
     /// Enables fault-injection endpoints (POST /debug/corrupt/KEY). Never in production.
     #[arg(long, hide = true)]
@@ -188,9 +208,28 @@ pub struct EtcdConfig {
     pub endpoint: kvcache_transport::etcd::Etcd,
     /// `None`: the advertised address.
     pub node_id: Option<String>,
+    pub ttl: u64,
+}
+
+/// Where the members of the cluster come from.
+#[derive(Clone, Debug)]
+pub enum Membership {
+    /// Registered in etcd (this node registers itself too).
+    Etcd(EtcdConfig),
+    /// A fixed list (`--peers`); this node is added if missing.
+    Peers(Vec<String>),
+}
+
+/// Membership in a cluster of nodes.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub membership: Membership,
     /// `None`: the bound data-plane address.
     pub advertise: Option<String>,
-    pub ttl: u64,
+    /// Owners per key.
+    pub replicas: usize,
+    /// Copy owned blocks from the other members on joining.
+    pub warm: bool,
 }
 
 /// Fully resolved server configuration.
@@ -198,8 +237,8 @@ pub struct EtcdConfig {
 pub struct ServerConfig {
     /// `None` when shared memory is off.
     pub shm: Option<ShmConfig>,
-    /// `None` when the node does not register in etcd.
-    pub etcd: Option<EtcdConfig>,
+    /// `None` for a single node.
+    pub cluster: Option<ClusterConfig>,
     pub listen: String,
     pub metrics_listen: Option<String>,
     pub store: StoreConfig,
@@ -249,7 +288,10 @@ impl Settings {
             etcd,
             node_id,
             advertise,
-            etcd_ttl
+            etcd_ttl,
+            peers,
+            replicas,
+            warm
         );
         self.enable_test_hooks |= file.enable_test_hooks;
         Ok(self)
@@ -280,34 +322,9 @@ impl Settings {
             None => Some("127.0.0.1:7401".to_string()),
         };
         let shm = self.resolve_shm()?;
-        let etcd = match &self.etcd {
-            None => {
-                if self.node_id.is_some() || self.advertise.is_some() || self.etcd_ttl.is_some() {
-                    bail!("--node-id, --advertise and --etcd-ttl only apply with --etcd URL");
-                }
-                None
-            }
-            Some(url) => {
-                let endpoint = kvcache_transport::etcd::Etcd::new(url, Duration::from_secs(2))?;
-                let ttl = self.etcd_ttl.unwrap_or(3);
-                if !(1..=3600).contains(&ttl) {
-                    bail!("--etcd-ttl must be between 1 and 3600 seconds");
-                }
-                if let Some(a) = &self.advertise
-                    && !a.contains(':')
-                {
-                    bail!("--advertise must be HOST:PORT, got {a:?}");
-                }
-                Some(EtcdConfig {
-                    endpoint,
-                    node_id: self.node_id.clone(),
-                    advertise: self.advertise.clone(),
-                    ttl,
-                })
-            }
-        };
+        let cluster = self.resolve_cluster()?;
         Ok(ServerConfig {
-            etcd,
+            cluster,
             listen: self
                 .listen
                 .clone()
@@ -337,6 +354,67 @@ impl Settings {
 }
 
 impl Settings {
+    fn resolve_cluster(&self) -> anyhow::Result<Option<ClusterConfig>> {
+        let membership = match (&self.etcd, &self.peers) {
+            (Some(_), Some(_)) => bail!("--etcd and --peers are two sources of members: give one"),
+            (None, None) => {
+                if self.node_id.is_some()
+                    || self.advertise.is_some()
+                    || self.etcd_ttl.is_some()
+                    || self.replicas.is_some()
+                    || self.warm.is_some()
+                {
+                    bail!(
+                        "--node-id, --advertise, --etcd-ttl, --replicas and --warm only apply \
+                         to a cluster: add --etcd URL or --peers HOST:PORT,..."
+                    );
+                }
+                return Ok(None);
+            }
+            (Some(url), None) => {
+                let endpoint = kvcache_transport::etcd::Etcd::new(url, Duration::from_secs(2))?;
+                let ttl = self.etcd_ttl.unwrap_or(3);
+                if !(1..=3600).contains(&ttl) {
+                    bail!("--etcd-ttl must be between 1 and 3600 seconds");
+                }
+                Membership::Etcd(EtcdConfig {
+                    endpoint,
+                    node_id: self.node_id.clone(),
+                    ttl,
+                })
+            }
+            (None, Some(peers)) => {
+                if self.node_id.is_some() || self.etcd_ttl.is_some() {
+                    bail!("--node-id and --etcd-ttl only apply with --etcd URL");
+                }
+                let peers: Vec<String> = peers
+                    .iter()
+                    .map(|p| p.trim().to_string())
+                    .filter(|p| !p.is_empty())
+                    .collect();
+                if let Some(bad) = peers.iter().find(|p| !is_host_port(p)) {
+                    bail!("--peers takes HOST:PORT entries, got {bad:?}");
+                }
+                Membership::Peers(peers)
+            }
+        };
+        if let Some(a) = &self.advertise
+            && !is_host_port(a)
+        {
+            bail!("--advertise must be HOST:PORT, got {a:?}");
+        }
+        let replicas = self.replicas.unwrap_or(1);
+        if !(1..=16).contains(&replicas) {
+            bail!("--replicas must be between 1 and 16, got {replicas}");
+        }
+        Ok(Some(ClusterConfig {
+            membership,
+            advertise: self.advertise.clone(),
+            replicas,
+            warm: self.warm.unwrap_or(true),
+        }))
+    }
+
     fn resolve_shm(&self) -> anyhow::Result<Option<ShmConfig>> {
         let socket = match self.shm_socket.as_deref() {
             Some("off") => return Ok(None),
@@ -368,6 +446,12 @@ impl Settings {
             max_staging,
         }))
     }
+}
+
+/// `host:port` with a numeric port (the host may be a name or an address, `[v6]` included).
+fn is_host_port(s: &str) -> bool {
+    s.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
 fn load_file(path: &Path) -> anyhow::Result<Settings> {
@@ -445,6 +529,39 @@ mod tests {
             (shm.socket, shm.mode),
             (ShmSocket::Path("/run/kv.sock".into()), 0o660)
         );
+    }
+
+    #[test]
+    fn cluster_flags_resolve_and_contradictions_are_refused() {
+        let err = |args: &[&str]| {
+            let s =
+                Settings::parse_from(std::iter::once("kvcache-server").chain(args.iter().copied()));
+            format!("{:#}", s.resolve().unwrap_err())
+        };
+        let single = Settings::parse_from(["kvcache-server"]).resolve().unwrap();
+        assert!(single.cluster.is_none());
+        let cfg = Settings::parse_from([
+            "kvcache-server",
+            "--peers",
+            "10.0.0.1:7400, 10.0.0.2:7400",
+            "--replicas",
+            "2",
+            "--warm",
+            "false",
+        ])
+        .resolve()
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert!(
+            matches!(&cfg.membership, Membership::Peers(p) if p == &["10.0.0.1:7400", "10.0.0.2:7400"])
+        );
+        assert_eq!((cfg.replicas, cfg.warm), (2, false));
+        assert!(err(&["--replicas", "2"]).contains("only apply to a cluster"));
+        assert!(err(&["--peers", "a:1", "--etcd", "http://127.0.0.1:2379"]).contains("give one"));
+        assert!(err(&["--peers", "nohost"]).contains("HOST:PORT"));
+        assert!(err(&["--peers", "a:1", "--replicas", "0"]).contains("between 1 and 16"));
+        assert!(err(&["--peers", "a:1", "--node-id", "x"]).contains("only apply with --etcd"));
     }
 
     #[test]

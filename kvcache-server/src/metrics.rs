@@ -98,6 +98,10 @@ pub struct Metrics {
     requests_timed_out: AtomicU64,
     etcd_registered: AtomicU64,
     etcd_errors: AtomicU64,
+    cluster_members: AtomicU64,
+    ring_version: AtomicU64,
+    warmed_blocks: AtomicU64,
+    warmed_bytes: AtomicU64,
 }
 
 /// How payload bytes moved.
@@ -162,6 +166,18 @@ impl Metrics {
     /// Counts a failed etcd call (grant, put or keep-alive).
     pub fn etcd_error(&self) {
         self.etcd_errors.fetch_add(1, Relaxed);
+    }
+
+    /// The node's view of the cluster: members on its ring and the ring's version.
+    pub fn cluster_view(&self, members: usize, ring_version: u64) {
+        self.cluster_members.store(members as u64, Relaxed);
+        self.ring_version.store(ring_version, Relaxed);
+    }
+
+    /// Counts a block copied from a peer while warming.
+    pub fn warmed(&self, bytes: usize) {
+        self.warmed_blocks.fetch_add(1, Relaxed);
+        self.warmed_bytes.fetch_add(bytes as u64, Relaxed);
     }
 
     pub fn put_rejected(&self, why: PutRejection) {
@@ -320,28 +336,48 @@ impl Metrics {
                 c.load(Relaxed)
             );
         }
-        header(
-            &mut out,
-            "kvcache_cluster_registered",
-            "gauge",
-            "1 while this node's etcd registration is live (with --etcd), else 0.",
-        );
-        let _ = writeln!(
-            out,
-            "kvcache_cluster_registered {}",
-            self.etcd_registered.load(Relaxed)
-        );
-        header(
-            &mut out,
-            "kvcache_cluster_etcd_errors_total",
-            "counter",
-            "Failed etcd calls while registering or renewing this node (with --etcd).",
-        );
-        let _ = writeln!(
-            out,
-            "kvcache_cluster_etcd_errors_total {}",
-            self.etcd_errors.load(Relaxed)
-        );
+        let cluster = [
+            (
+                "kvcache_cluster_registered",
+                "gauge",
+                "1 while this node's etcd registration is live (with --etcd), else 0.",
+                &self.etcd_registered,
+            ),
+            (
+                "kvcache_cluster_etcd_errors_total",
+                "counter",
+                "Failed etcd calls while registering or renewing this node (with --etcd).",
+                &self.etcd_errors,
+            ),
+            (
+                "kvcache_cluster_members",
+                "gauge",
+                "Members on this node's ring (0 for a single node without --etcd or --peers).",
+                &self.cluster_members,
+            ),
+            (
+                "kvcache_cluster_ring_version",
+                "gauge",
+                "Bumped each time this node sees the member set change (1 for the first).",
+                &self.ring_version,
+            ),
+            (
+                "kvcache_cluster_warmed_blocks_total",
+                "counter",
+                "Blocks this node copied from peers on joining (--warm).",
+                &self.warmed_blocks,
+            ),
+            (
+                "kvcache_cluster_warmed_bytes_total",
+                "counter",
+                "Bytes of blocks this node copied from peers on joining (--warm).",
+                &self.warmed_bytes,
+            ),
+        ];
+        for (name, kind, help, value) in cluster {
+            header(&mut out, name, kind, help);
+            let _ = writeln!(out, "{name} {}", value.load(Relaxed));
+        }
         header(
             &mut out,
             "kvcache_op_duration_seconds",

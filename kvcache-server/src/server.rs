@@ -38,7 +38,7 @@ impl RunningServer {
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let data_addr = data.local_addr()?;
         let (shutdown, rx) = watch::channel(false);
-        let etcd_rx = rx.clone();
+        let cluster_rx = rx.clone();
         let mut tasks = JoinSet::new();
         let metrics_addr = match &cfg.metrics_listen {
             Some(addr) => {
@@ -127,22 +127,24 @@ impl RunningServer {
                 drop(file);
             });
         }
-        if let Some(etcd) = &cfg.etcd {
-            let advertise = match &etcd.advertise {
+        if let Some(cluster) = &cfg.cluster {
+            let advertise = match &cluster.advertise {
                 Some(a) => a.clone(),
                 None if data_addr.ip().is_unspecified() => anyhow::bail!(
-                    "--etcd needs --advertise HOST:PORT when listening on {data_addr}: clients \
-                     cannot connect to an unspecified address"
+                    "a cluster node needs --advertise HOST:PORT when listening on {data_addr}: \
+                     clients and peers cannot connect to an unspecified address"
                 ),
                 None => data_addr.to_string(),
             };
-            let registration = crate::cluster::Registration {
-                etcd: etcd.endpoint.clone(),
-                node_id: etcd.node_id.clone().unwrap_or_else(|| advertise.clone()),
+            crate::cluster::start(
+                cluster,
                 advertise,
-                ttl: etcd.ttl,
-            };
-            tasks.spawn(registration.run(Arc::clone(&metrics), etcd_rx));
+                &store,
+                &metrics,
+                &cfg.store,
+                &mut tasks,
+                &cluster_rx,
+            )?;
         }
         let stats = store.stats();
         tracing::info!(

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{
     self, ErrorCode, ErrorReply, ExistsReply, ExistsRequest, FrameError, FrameHeader, FrameLimits,
-    GetReply, GetRequest, Op, PROTOCOL_VERSION, PingReply, PrefixMatchReply, PrefixMatchRequest,
-    PutReply, PutRequest, PutStatus,
+    GetReply, GetRequest, ListKeysReply, ListKeysRequest, Op, PROTOCOL_VERSION, PingReply,
+    PrefixMatchReply, PrefixMatchRequest, PutReply, PutRequest, PutStatus,
 };
 use kvcache_transport::tcp::{self, FrameReadError};
 use prost::Message;
@@ -255,7 +255,9 @@ where
             h.op.name()
         ))),
         Op::Get => handle_get(ctx, &h, &control, wr).await,
-        Op::Exists | Op::PrefixMatch | Op::Ping => handle_lookup(ctx, &h, &control, wr).await,
+        Op::Exists | Op::PrefixMatch | Op::Ping | Op::ListKeys => {
+            handle_lookup(ctx, &h, &control, wr).await
+        }
         Op::ShmGet | Op::ShmPut | Op::ShmRelease => match session {
             Some(session) => shm::handle(ctx, session, &h, &control, wr).await,
             None => Ok(Outcome::Refused(format!(
@@ -477,6 +479,27 @@ async fn handle_lookup<W: AsyncWrite + Unpin>(
                 },
             )
             .await?;
+        }
+        Op::ListKeys => {
+            let req: ListKeysRequest = try_outcome!(decode(h, control));
+            let after = match req.after.len() {
+                0 => None,
+                BlockKey::LEN => BlockKey::from_slice(&req.after),
+                n => {
+                    return Ok(Outcome::Refused(format!(
+                        "list_keys: `after` must be empty or one 16-byte key, got {n} bytes"
+                    )));
+                }
+            };
+            // A page must fit in a control message.
+            let most = ctx.limits.max_control as usize / BlockKey::LEN / 2;
+            let limit = (req.limit as usize).clamp(1, most);
+            let (keys, more) = ctx.store.keys_after(after, limit);
+            let reply = ListKeysReply {
+                keys: wire::encode_keys(&keys),
+                more,
+            };
+            send_reply(wr, Op::ListKeys, h.request_id, &reply).await?;
         }
         _ => unreachable!("dispatched by op"),
     }

@@ -156,3 +156,57 @@ async fn a_locality_hint_keeps_a_copy_on_the_named_node_and_the_ring_still_finds
     );
     assert!(lost > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joins_a_static_cluster_warms_itself_with_the_blocks_it_now_owns() {
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", common::free_port()))
+        .collect();
+    let peers = addrs.join(",");
+    let node =
+        |i: usize| ServerProcess::start_at(&addrs[i], &["--memory", "128MiB", "--peers", &peers]);
+    let (first, second) = (node(0), node(1));
+    // Clients that know the first two write; then the third node joins.
+    let mut two = ClusterConfig::new(addrs[..2].to_vec());
+    two.node.timeout = Duration::from_secs(1);
+    let data = blocks(91, 2000);
+    put_all(&Cluster::new(two).unwrap(), &data).await;
+    let third = node(2);
+
+    let full = Cluster::new(ClusterConfig::new(addrs.clone())).unwrap();
+    let owned = data
+        .iter()
+        .filter(|b| full.owners(b.0)[0] == addrs[2])
+        .count();
+    assert!(
+        owned > 400,
+        "about a third of the keys move to the newcomer, got {owned}"
+    );
+    let warmed = third.wait_metric("kvcache_cluster_warmed_blocks_total", |v| v >= owned as f64);
+    assert_eq!(
+        warmed, owned as f64,
+        "exactly the blocks it owns, copied from its peers"
+    );
+    assert_eq!(third.metric("kvcache_blocks_stored"), owned as f64);
+    for n in [&first, &second, &third] {
+        assert_eq!(n.metric("kvcache_cluster_members"), 3.0);
+        assert_eq!(n.metric("kvcache_cluster_ring_version"), 1.0);
+    }
+    // A client of the full ring reads every block, the moved ones from the newcomer, every
+    // byte checked.
+    assert!(
+        get_all(&full, &data)
+            .await
+            .iter()
+            .all(|o| *o == GetOutcome::Hit)
+    );
+    let moved: Vec<BlockKey> = data
+        .iter()
+        .filter(|b| full.owners(b.0)[0] == addrs[2])
+        .map(|b| b.0)
+        .collect();
+    let direct = kvcache_client::Client::connect(kvcache_client::ClientConfig::new(&addrs[2]))
+        .await
+        .unwrap();
+    assert!(direct.exists(&moved).await.unwrap().iter().all(|p| *p));
+}

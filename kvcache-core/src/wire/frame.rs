@@ -34,13 +34,15 @@ pub enum Op {
     ShmRelease = 8,
     /// Shared memory: store blocks the client wrote into its staging window.
     ShmPut = 9,
+    /// Lists stored keys in key order, a page at a time (a joining node warms itself with it).
+    ListKeys = 10,
     /// A request failed as a whole; the control message is an `ErrorReply`.
     Error = 0x7f,
 }
 
 impl Op {
     /// Every request op, for metrics and tests.
-    pub const REQUESTS: [Op; 9] = [
+    pub const REQUESTS: [Op; 10] = [
         Op::Ping,
         Op::Put,
         Op::Get,
@@ -50,6 +52,7 @@ impl Op {
         Op::ShmGet,
         Op::ShmRelease,
         Op::ShmPut,
+        Op::ListKeys,
     ];
 
     fn from_u8(v: u8) -> Option<Op> {
@@ -63,6 +66,7 @@ impl Op {
             7 => Op::ShmGet,
             8 => Op::ShmRelease,
             9 => Op::ShmPut,
+            10 => Op::ListKeys,
             0x7f => Op::Error,
             _ => return None,
         })
@@ -80,6 +84,7 @@ impl Op {
             Op::ShmGet => "shm_get",
             Op::ShmRelease => "shm_release",
             Op::ShmPut => "shm_put",
+            Op::ListKeys => "list_keys",
             Op::Error => "error",
         }
     }

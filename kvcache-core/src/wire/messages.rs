@@ -169,6 +169,25 @@ pub struct ShmPutRequest {
     pub offsets: Vec<u64>,
 }
 
+/// `ListKeys` request: up to `limit` stored keys greater than `after` (16 bytes; empty for the
+/// first page), in ascending key order.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListKeysRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub after: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub limit: u32,
+}
+
+/// `ListKeys` reply: the page's keys, ascending; `more` when keys beyond the last remain.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListKeysReply {
+    #[prost(bytes = "vec", tag = "1")]
+    pub keys: Vec<u8>,
+    #[prost(bool, tag = "2")]
+    pub more: bool,
+}
+
 /// Why a whole request failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]

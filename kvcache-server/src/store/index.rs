@@ -112,6 +112,11 @@ impl Shard {
         self.find(key).is_some()
     }
 
+    /// Every committed key, in no particular order.
+    pub fn keys(&self) -> impl Iterator<Item = BlockKey> + '_ {
+        self.table.iter().map(|&s| self.slots[s as usize].key())
+    }
+
     /// Makes a block visible, stamped `now`. Returns false (and changes nothing) if the key is
     /// already present.
     pub fn insert(&mut self, key: BlockKey, location: Location, now: u32) -> bool {

@@ -240,6 +240,29 @@ impl Store {
         keys.iter().take_while(|k| self.contains(**k)).count()
     }
 
+    /// Up to `limit` committed keys greater than `after`, ascending, and whether more remain.
+    /// Costs one pass over the index per page (each shard locked in turn), so pages should be
+    /// large; keys committed or evicted meanwhile may or may not appear.
+    pub fn keys_after(&self, after: Option<BlockKey>, limit: usize) -> (Vec<BlockKey>, bool) {
+        // The `limit + 1` smallest keys above `after`, kept in a max-heap.
+        let mut page = std::collections::BinaryHeap::with_capacity(limit + 1);
+        for shard in self.shards.iter() {
+            let s = shard.lock();
+            for key in s.keys().filter(|k| after.is_none_or(|a| *k > a)) {
+                if page.len() <= limit {
+                    page.push(key);
+                } else if page.peek().is_some_and(|top| key < *top) {
+                    page.pop();
+                    page.push(key);
+                }
+            }
+        }
+        let mut keys = page.into_sorted_vec();
+        let more = keys.len() > limit;
+        keys.truncate(limit);
+        (keys, more)
+    }
+
     /// Step 1 of a put: reserves room for `len` bytes under `key`, evicting by policy if needed.
     pub fn allocate(self: &Arc<Self>, key: BlockKey, len: usize) -> Result<Allocation, AllocError> {
         if len == 0 {

@@ -331,3 +331,26 @@ fn eviction_takes_the_oldest_block_across_shards_not_a_recent_one() {
         "new blocks survive"
     );
 }
+
+#[test]
+fn keys_are_listed_in_order_a_page_at_a_time() {
+    let s = store_with_shards(64, PolicyKind::Lru, 4);
+    let mut keys: Vec<BlockKey> = (0..37u128).map(|i| BlockKey(i * 0x9e37_79b9 + 5)).collect();
+    for &k in &keys {
+        put(&s, k, 100).unwrap();
+    }
+    keys.sort();
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let (page, more) = s.keys_after(after, 10);
+        assert!(page.len() <= 10);
+        listed.extend_from_slice(&page);
+        after = page.last().copied();
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(listed, keys, "every key once, ascending");
+    assert_eq!(s.keys_after(keys.last().copied(), 10), (vec![], false));
+}
