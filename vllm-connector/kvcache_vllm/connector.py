@@ -102,6 +102,7 @@ class _Link:
             if self._client is None:
                 self._client = kvcache.Client(
                     self._settings.server_arg(),
+                    replicas=self._settings.replicas,
                     transport=self._settings.transport,
                     timeout_s=self._settings.timeout_s,
                 )

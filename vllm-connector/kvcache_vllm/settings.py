@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 _KNOWN_KEYS = {
     "servers",
+    "replicas",
     "transport",
     "timeout_s",
     "layout",
@@ -28,7 +29,10 @@ _KNOWN_KEYS = {
 class Settings:
     """What `kv_connector_extra_config` may set; every field has a default.
 
-    - `servers`: cache nodes, `"host:port"` or a list of them (a static cluster).
+    - `servers`: cache nodes: `"host:port"`, a list of them (a static cluster), or
+      `"etcd://host:port"` (members registered in etcd by `kvcache-server --etcd`).
+    - `replicas`: owners per block in a cluster (the nodes' `--replicas`); with 2 or more a
+      lost node costs no hits.
     - `transport`: `auto` (shared memory when the node is on this host, else TCP), `shm`, `tcp`.
     - `timeout_s`: the longest any cache call may hold the engine.
     - `layout`: the KV tensor layout (`cpu`, `flash_attn`, `flashinfer`); default by device.
@@ -40,6 +44,7 @@ class Settings:
     """
 
     servers: tuple[str, ...] = ("127.0.0.1:7400",)
+    replicas: int = 1
     transport: str = "auto"
     timeout_s: float = 2.0
     layout: str | None = None
@@ -62,6 +67,11 @@ class Settings:
         servers = tuple(str(s) for s in servers)
         if not servers:
             raise ValueError("kv_connector_extra_config.servers must name at least one node")
+        replicas = int(extra.get("replicas", cls.replicas))
+        if replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        if replicas > 1 and len(servers) == 1 and not servers[0].startswith("etcd://"):
+            raise ValueError("replicas > 1 needs a cluster: several servers or etcd://host:port")
         transport = str(extra.get("transport", cls.transport))
         if transport not in ("auto", "shm", "tcp"):
             raise ValueError(f"transport must be auto, shm or tcp, not {transport!r}")
@@ -74,6 +84,7 @@ class Settings:
             raise ValueError("timeout_s must be positive and retry_s not negative")
         return cls(
             servers=servers,
+            replicas=replicas,
             transport=transport,
             timeout_s=timeout_s,
             layout=None if layout is None else str(layout),
@@ -83,7 +94,7 @@ class Settings:
         )
 
     def server_arg(self) -> str | list[str]:
-        """What `kvcache.Client` takes: one address, or the member list of a cluster."""
+        """What `kvcache.Client` takes: one address, an etcd URL, or a cluster's member list."""
         return self.servers[0] if len(self.servers) == 1 else list(self.servers)
 
 

@@ -82,6 +82,10 @@ def test_settings_have_defaults_and_name_bad_keys() -> None:
         Settings.from_extra_config({"transport": "rdma"})
     with pytest.raises(LayoutError, match="unknown KV layout"):
         Settings.from_extra_config({"layout": "nhd"})
+    etcd = Settings.from_extra_config({"servers": "etcd://127.0.0.1:2379", "replicas": 2})
+    assert (etcd.server_arg(), etcd.replicas) == ("etcd://127.0.0.1:2379", 2)
+    with pytest.raises(ValueError, match="replicas > 1 needs a cluster"):
+        Settings.from_extra_config({"servers": "10.0.0.1:7400", "replicas": 2})
 
 
 def test_namespaces_separate_layers_ranks_loras_and_salts() -> None:
