@@ -726,3 +726,46 @@ fn sigterm_right_after_ready_is_still_a_graceful_shutdown() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_keys_pages_through_every_key_in_order_and_a_bad_cursor_is_refused() {
+    let server = ServerProcess::start(&["--memory", "64MiB"]);
+    let c = client(&server).await;
+    let mut rng = Rng(5);
+    let mut keys: Vec<BlockKey> = (0..300).map(|_| rng.key()).collect();
+    let values: Vec<Vec<u8>> = keys.iter().map(|k| content(*k, 100)).collect();
+    let batch: Vec<(BlockKey, &[u8])> = keys
+        .iter()
+        .zip(&values)
+        .map(|(k, v)| (*k, &v[..]))
+        .collect();
+    c.put_many(&batch).await.unwrap();
+    keys.sort();
+    let (mut listed, mut after) = (Vec::new(), None);
+    loop {
+        let (page, more) = c.list_keys(after, 128).await.unwrap();
+        listed.extend_from_slice(&page);
+        after = page.last().copied();
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(listed, keys, "every key once, ascending, over three pages");
+
+    // A cursor that is not one key: an error reply; the connection and the node serve on.
+    let mut s = TcpStream::connect(&server.data).unwrap();
+    let req = wire::ListKeysRequest {
+        after: vec![1; 5],
+        limit: 10,
+    }
+    .encode_to_vec();
+    s.write_all(&FrameHeader::request(Op::ListKeys, 1, req.len(), 0).encode())
+        .unwrap();
+    s.write_all(&req).unwrap();
+    let (h, control) = read_reply(&mut s).expect("an error reply");
+    assert_eq!(
+        (h.op, error_code(&control)),
+        (Op::Error, ErrorCode::Malformed)
+    );
+    assert_eq!(c.list_keys(None, 10).await.unwrap().0, keys[..10]);
+}

@@ -86,12 +86,14 @@ class _Link:
     failing, at most 30 s), so a dead or hung node costs one timeout, not one per request.
     """
 
-    def __init__(self, settings: Settings, side: str):
+    def __init__(self, settings: Settings, side: str, stats: Recorder):
         self._settings = settings
         self._side = side
+        self._stats = stats
         self._client: kvcache.Client | None = None
         self._rest_s = 0.0
         self._down_until = 0.0
+        self._cluster_seen = (0, 0)
 
     def call(self, what: str, fn):
         """`fn(client)`, or None if the cache is resting or the call failed."""
@@ -107,6 +109,7 @@ class _Link:
                     timeout_s=self._settings.timeout_s,
                 )
             result = fn(self._client)
+            self._count_cluster(self._client)
         except _CACHE_ERRORS as err:
             self._rest_s = min(max(2 * self._rest_s, self._settings.retry_s), 30.0)
             self._down_until = time.monotonic() + self._rest_s
@@ -124,10 +127,21 @@ class _Link:
             self._rest_s = 0.0
         return result
 
+    def _count_cluster(self, client: kvcache.Client) -> None:
+        """Adds the cluster client's new replica reads and failovers to the stats (a cluster
+        call masks a lost node; these counters show it)."""
+        stats = client.stats()
+        now = (int(stats.get("replica_reads", 0)), int(stats.get("failovers", 0)))
+        reads, failovers = (max(0, n - seen) for n, seen in zip(now, self._cluster_seen, strict=True))
+        self._cluster_seen = now
+        if reads or failovers:
+            self._stats.add(replica_reads=reads, failovers=failovers)
+
     def _close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
+            self._cluster_seen = (0, 0)
 
     def close(self) -> None:
         self._close()
@@ -158,8 +172,8 @@ class _SchedulerSide:
         self.namespaces = Namespaces.for_engine(self.settings, vllm_config, 0, current_platform.device_type)
         layer_names = [n for g in kv_cache_config.kv_cache_groups for n in g.layer_names]
         self.lookup_layer = max(_layer_index(n) for n in layer_names)
-        self.link = _Link(self.settings, "scheduler")
         self.stats = Recorder()
+        self.link = _Link(self.settings, "scheduler", self.stats)
         self.requests: dict[str, _Tracked] = {}
         self.pending_loads: list[BlockRun] = []
         self.pending_async: list[BlockRun] = []
@@ -281,8 +295,8 @@ class _WorkerSide:
         self.settings = Settings.from_extra_config(transfer.kv_connector_extra_config)
         self.vllm_config = vllm_config
         self.num_blocks = kv_cache_config.num_blocks
-        self.link = _Link(self.settings, "worker")
         self.stats = Recorder()
+        self.link = _Link(self.settings, "worker", self.stats)
         # One I/O thread: loads run in layer order, saves after them; the forward pass only
         # waits for a layer's load (wait_for_layer_load) and for the step's saves (wait_for_save).
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcache-io")

@@ -24,6 +24,8 @@ COUNTERS = {
     "saved_blocks": "Layer blocks saved to the cache.",
     "saved_bytes": "Bytes saved to the cache.",
     "save_failed_blocks": "Layer blocks the cache did not store (refused, node down).",
+    "replica_reads": "Blocks a cluster answered from a replica because their primary missed or was down.",
+    "failovers": "Times a cluster node failed a call and was routed around for a while.",
 }
 LATENCIES = {
     "load_seconds": "Time of one load call (one layer, or one request when loads are async).",
