@@ -23,6 +23,15 @@ ensure_packages() {
     [ ${#missing[@]} -eq 0 ] || install_packages "${missing[@]}"
 }
 
+# Installs Debian library packages that are missing (checked with dpkg, not by a command).
+ensure_libraries() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] || install_packages "${missing[@]}"
+}
+
 # Installs Debian packages.
 install_packages() {
     local missing=("$@")

@@ -2,6 +2,7 @@
 
 mod cluster;
 mod compare;
+mod disk;
 mod index_memory;
 mod systems;
 
@@ -78,6 +79,28 @@ enum Cmd {
         /// Blocks written to measure how many move on a join.
         #[arg(long, default_value_t = 20_000)]
         move_blocks: usize,
+        /// Also write the results as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+    /// Get throughput from the disk tier after a restart, against a sequential file read of
+    /// the same bytes (needs a build with `--features disk`).
+    Disk {
+        /// Directory for the tier and the comparison file (on the disk to measure).
+        #[arg(long, default_value = "/var/tmp/kvcache-bench-disk")]
+        dir: PathBuf,
+        /// The server's memory pool.
+        #[arg(long, default_value = "256MiB")]
+        memory: ByteSize,
+        /// Bytes written, and read back from disk.
+        #[arg(long, default_value = "2GiB")]
+        total: ByteSize,
+        /// Value size.
+        #[arg(long, default_value = "1MiB")]
+        value: ByteSize,
+        /// Concurrent client tasks.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
         /// Also write the results as JSON to this file.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
@@ -165,6 +188,29 @@ fn main() -> anyhow::Result<()> {
             };
             let rt = tokio::runtime::Runtime::new()?;
             let results = rt.block_on(cluster::run(&plan))?;
+            write_json(json, results)
+        }
+        Cmd::Disk {
+            dir,
+            memory,
+            total,
+            value,
+            concurrency,
+            json,
+        } => {
+            anyhow::ensure!(
+                (1..=64).contains(&concurrency) && value.0 >= 16 && total.0 >= value.0,
+                "--concurrency must be 1..=64 and --total at least one --value"
+            );
+            let plan = disk::Plan {
+                dir,
+                memory,
+                total,
+                value,
+                concurrency,
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let results = rt.block_on(disk::run(&plan))?;
             write_json(json, results)
         }
         Cmd::IndexMemory { blocks, shards } => {

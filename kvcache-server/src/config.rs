@@ -177,6 +177,16 @@ pub struct Settings {
     #[arg(long, env = "KVCACHE_WARM", value_name = "true|false")]
     pub warm: Option<bool>,
 
+    /// A disk tier under the memory pool in this directory: evicted blocks are written there
+    /// and read back on a hit, and a restart finds them again. Needs a build with the `disk`
+    /// feature [default: off].
+    #[arg(long, env = "KVCACHE_DISK", value_name = "PATH")]
+    pub disk: Option<PathBuf>,
+
+    /// Most bytes the disk tier may hold; the oldest blocks go first [default: 16GiB].
+    #[arg(long, env = "KVCACHE_DISK_CAPACITY", value_name = "SIZE")]
+    pub disk_capacity: Option<ByteSize>,
+
     /// Enables fault-injection endpoints (POST /debug/corrupt/KEY). Never in production.
     #[arg(long, hide = true)]
     #[serde(default)]
@@ -239,6 +249,8 @@ pub struct ServerConfig {
     pub shm: Option<ShmConfig>,
     /// `None` for a single node.
     pub cluster: Option<ClusterConfig>,
+    /// The disk tier: its directory and capacity in bytes.
+    pub disk: Option<(PathBuf, u64)>,
     pub listen: String,
     pub metrics_listen: Option<String>,
     pub store: StoreConfig,
@@ -291,7 +303,9 @@ impl Settings {
             etcd_ttl,
             peers,
             replicas,
-            warm
+            warm,
+            disk,
+            disk_capacity
         );
         self.enable_test_hooks |= file.enable_test_hooks;
         Ok(self)
@@ -323,8 +337,24 @@ impl Settings {
         };
         let shm = self.resolve_shm()?;
         let cluster = self.resolve_cluster()?;
+        let disk = match (&self.disk, self.disk_capacity) {
+            (None, Some(_)) => bail!("--disk-capacity only applies with --disk PATH"),
+            (None, None) => None,
+            (Some(_), _) if !cfg!(feature = "disk") => bail!(
+                "this kvcache-server was built without the disk tier: rebuild it with \
+                 `cargo build --release -p kvcache-server --features disk`"
+            ),
+            (Some(path), capacity) => {
+                let capacity = capacity.map_or(16 << 30, |c| c.0);
+                if capacity < 8 << 20 {
+                    bail!("--disk-capacity must be at least 8MiB");
+                }
+                Some((path.clone(), capacity))
+            }
+        };
         Ok(ServerConfig {
             cluster,
+            disk,
             listen: self
                 .listen
                 .clone()
@@ -562,6 +592,29 @@ mod tests {
         assert!(err(&["--peers", "nohost"]).contains("HOST:PORT"));
         assert!(err(&["--peers", "a:1", "--replicas", "0"]).contains("between 1 and 16"));
         assert!(err(&["--peers", "a:1", "--node-id", "x"]).contains("only apply with --etcd"));
+    }
+
+    #[test]
+    fn disk_flags_resolve_or_say_what_is_missing() {
+        let s = Settings::parse_from([
+            "kvcache-server",
+            "--disk",
+            "/var/kv",
+            "--disk-capacity",
+            "2GiB",
+        ]);
+        match s.resolve() {
+            Ok(cfg) => {
+                assert!(cfg!(feature = "disk"));
+                assert_eq!(cfg.disk, Some(("/var/kv".into(), 2 << 30)));
+            }
+            Err(e) => {
+                assert!(!cfg!(feature = "disk"));
+                assert!(format!("{e:#}").contains("--features disk"), "{e:#}");
+            }
+        }
+        let alone = Settings::parse_from(["kvcache-server", "--disk-capacity", "2GiB"]);
+        assert!(format!("{:#}", alone.resolve().unwrap_err()).contains("only applies with --disk"));
     }
 
     #[test]

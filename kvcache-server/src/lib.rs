@@ -11,6 +11,8 @@
 pub mod cli;
 pub mod cluster;
 pub mod config;
+#[cfg(feature = "disk")]
+pub mod disk;
 pub mod http;
 pub mod metrics;
 pub mod server;

@@ -487,6 +487,9 @@ impl Metrics {
             header(&mut out, name, kind, help);
             let _ = writeln!(out, "{name} {v}");
         }
+        if let Some(disk) = &store.lower {
+            render_disk(&mut out, disk, store.promotions);
+        }
         header(
             &mut out,
             "kvcache_connections_active",
@@ -532,6 +535,82 @@ impl Metrics {
             self.requests_timed_out.load(Relaxed)
         );
         out
+    }
+}
+
+/// The disk tier's lines (with `--disk`).
+fn render_disk(out: &mut String, d: &crate::store::TierStats, promotions: u64) {
+    let lines: [(&str, &str, &str, u64); 11] = [
+        (
+            "kvcache_disk_capacity_bytes",
+            "gauge",
+            "Bytes the disk tier may hold (--disk-capacity).",
+            d.capacity_bytes,
+        ),
+        (
+            "kvcache_disk_used_bytes",
+            "gauge",
+            "Bytes of segment files on disk.",
+            d.used_bytes,
+        ),
+        (
+            "kvcache_disk_blocks",
+            "gauge",
+            "Blocks indexed on disk.",
+            d.blocks,
+        ),
+        (
+            "kvcache_disk_demoted_blocks_total",
+            "counter",
+            "Blocks written to disk after eviction from memory.",
+            d.demoted_blocks,
+        ),
+        (
+            "kvcache_disk_demoted_bytes_total",
+            "counter",
+            "Bytes written to disk after eviction from memory.",
+            d.demoted_bytes,
+        ),
+        (
+            "kvcache_disk_hits_total",
+            "counter",
+            "Blocks read back from disk on a memory miss (disk-tier hits).",
+            d.read_blocks,
+        ),
+        (
+            "kvcache_disk_promoted_blocks_total",
+            "counter",
+            "Blocks brought back into memory from disk.",
+            promotions,
+        ),
+        (
+            "kvcache_disk_corrupt_blocks_total",
+            "counter",
+            "Blocks on disk that failed verification (dropped, read as misses).",
+            d.corrupt_blocks,
+        ),
+        (
+            "kvcache_disk_dropped_segments_total",
+            "counter",
+            "Segments deleted, oldest first, to stay within capacity.",
+            d.dropped_segments,
+        ),
+        (
+            "kvcache_disk_skipped_blocks_total",
+            "counter",
+            "Evicted blocks larger than a segment, not written.",
+            d.skipped_blocks,
+        ),
+        (
+            "kvcache_disk_errors_total",
+            "counter",
+            "Failed reads or writes of the disk tier's files or index.",
+            d.errors,
+        ),
+    ];
+    for (name, kind, help, v) in lines {
+        header(out, name, kind, help);
+        let _ = writeln!(out, "{name} {v}");
     }
 }
 

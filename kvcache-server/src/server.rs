@@ -32,6 +32,7 @@ impl RunningServer {
     /// Builds the store, binds both listeners and starts serving on the current tokio runtime.
     pub async fn start(cfg: &ServerConfig) -> anyhow::Result<Self> {
         let store = Store::new(&cfg.store).context("cannot create the memory pool")?;
+        attach_disk(&store, cfg)?;
         let metrics = Arc::new(Metrics::default());
         let data = TcpListener::bind(&cfg.listen)
             .await
@@ -204,8 +205,25 @@ impl RunningServer {
             tracing::warn!(grace = ?self.grace, "requests still running after the grace period; aborting them");
             self.tasks.abort_all();
         }
+        self.store.flush_lower();
         tracing::info!("kvcache-server stopped");
     }
+}
+
+/// Opens the disk tier (`--disk`) and puts it under the pool.
+#[cfg(feature = "disk")]
+fn attach_disk(store: &Store, cfg: &ServerConfig) -> anyhow::Result<()> {
+    if let Some((path, capacity)) = &cfg.disk {
+        let cfg = crate::disk::DiskConfig::new(path.clone(), *capacity);
+        store.attach_lower(crate::disk::DiskTier::open(cfg)?);
+    }
+    Ok(())
+}
+
+/// Without the `disk` feature, config resolution refuses `--disk`.
+#[cfg(not(feature = "disk"))]
+fn attach_disk(_store: &Store, _cfg: &ServerConfig) -> anyhow::Result<()> {
+    Ok(())
 }
 
 /// A listener the accept loop can drive: TCP for the network, Unix for shared memory.

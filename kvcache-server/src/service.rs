@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use crate::metrics::{Metrics, ProtocolError, PutRejection, Transport};
 use crate::shm::{self, ShmSession};
-use crate::store::{AllocError, CommitOutcome, Store, checksum};
+use crate::store::{AllocError, CommitOutcome, Lease, Store, checksum};
 
 /// Verified get payload gathered per vectored write: small enough to be copied from L2 after
 /// verification, large enough to amortise the syscall. Measured against 128 KiB and whole-reply
@@ -381,6 +381,35 @@ pub(crate) fn put_refused(ctx: &ServiceContext, e: AllocError) -> PutStatus {
     status
 }
 
+/// Leases every key's block, in order (`None` for a miss). Keys memory misses are brought up
+/// from the disk tier, if there is one, on a blocking thread.
+pub(crate) async fn lease_all(store: &Arc<Store>, keys: &[BlockKey]) -> Vec<Option<Lease>> {
+    let mut leases: Vec<Option<Lease>> = keys.iter().map(|&k| store.lease(k)).collect();
+    let missed: Vec<(usize, BlockKey)> = leases
+        .iter()
+        .zip(keys)
+        .enumerate()
+        .filter(|(_, (l, _))| l.is_none())
+        .map(|(i, (_, &k))| (i, k))
+        .collect();
+    if !store.has_lower() || missed.is_empty() {
+        return leases;
+    }
+    let store = Arc::clone(store);
+    let promoted = tokio::task::spawn_blocking(move || {
+        missed
+            .into_iter()
+            .map(|(i, k)| (i, store.lease_or_promote(k)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for (i, lease) in promoted {
+        leases[i] = lease;
+    }
+    leases
+}
+
 async fn handle_get<W: AsyncWrite + Unpin>(
     ctx: &ServiceContext,
     h: &FrameHeader,
@@ -391,7 +420,7 @@ async fn handle_get<W: AsyncWrite + Unpin>(
     let keys = try_outcome!(keys_of(&req.keys));
     // Step 1: lease (and verify) every block; leases are released when this function returns,
     // including when the peer disconnects while the payload is being written.
-    let leases: Vec<_> = keys.iter().map(|&k| ctx.store.lease(k)).collect();
+    let leases = lease_all(&ctx.store, &keys).await;
     let lens: Vec<u32> = leases
         .iter()
         .map(|l| l.as_ref().map_or(0, |l| l.len() as u32))
@@ -457,7 +486,7 @@ async fn handle_lookup<W: AsyncWrite + Unpin>(
         Op::Exists => {
             let req: ExistsRequest = try_outcome!(decode(h, control));
             let keys = try_outcome!(keys_of(&req.keys));
-            let present: Vec<bool> = keys.iter().map(|&k| ctx.store.contains(k)).collect();
+            let present: Vec<bool> = keys.iter().map(|&k| ctx.store.holds(k)).collect();
             ctx.metrics.blocks(
                 Op::Exists,
                 keys.len(),

@@ -287,8 +287,9 @@ async fn get<W: AsyncWrite + Unpin>(
     };
     let mut blocks = Vec::new();
     let mut bytes = 0u64;
-    for &key in &keys {
-        match ctx.store.lease(key) {
+    let leases = crate::service::lease_all(&ctx.store, &keys).await;
+    for (&key, lease) in keys.iter().zip(leases) {
+        match lease {
             Some(lease) => {
                 reply.offsets.push(lease.pool_offset());
                 reply.lens.push(lease.len() as u32);

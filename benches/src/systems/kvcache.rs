@@ -11,6 +11,11 @@ use super::{Managed, free_port, wait_listening};
 
 /// Starts `kvcache-server` as a child process of this binary (`kvcache-bench serve-kvcache`).
 pub fn start(memory: &str) -> anyhow::Result<(Managed, String)> {
+    start_with(memory, &[])
+}
+
+/// [`start`] with more server flags.
+pub fn start_with(memory: &str, extra: &[&str]) -> anyhow::Result<(Managed, String)> {
     let addr = format!("127.0.0.1:{}", free_port()?);
     let exe = std::env::current_exe()?;
     let child = Command::new(exe)
@@ -23,6 +28,7 @@ pub fn start(memory: &str) -> anyhow::Result<(Managed, String)> {
             "--memory",
             memory,
         ])
+        .args(extra)
         .env("KVCACHE_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()

@@ -110,6 +110,10 @@ pub struct StoreStats {
     pub evictions: u64,
     pub evicted_bytes: u64,
     pub checksum_failures: u64,
+    /// Blocks brought up from the lower tier.
+    pub promotions: u64,
+    /// The lower tier's, if one is attached.
+    pub lower: Option<TierStats>,
     pub index_heap_bytes: u64,
     pub locked: bool,
 }
@@ -145,6 +149,49 @@ pub struct Store {
     evictions: AtomicU64,
     evicted_bytes: AtomicU64,
     checksum_failures: AtomicU64,
+    /// The tier below memory (the disk), if attached.
+    lower: std::sync::OnceLock<Arc<dyn LowerTier>>,
+    /// Blocks brought up from the lower tier on a read.
+    promotions: AtomicU64,
+}
+
+/// A slower tier under the pool. Blocks evicted from memory go down to it (verified first), and
+/// a read that misses memory brings them back up. The tier checks what it returns: a block it
+/// cannot vouch for is a miss.
+pub trait LowerTier: Send + Sync + 'static {
+    /// Takes a copy of a verified block leaving memory. May block briefly when the tier is
+    /// behind (back-pressure on the writes that evict), or skip the block.
+    fn demote(&self, key: BlockKey, bytes: &[u8]);
+    /// The stored length of `key`, if the tier holds it.
+    fn len_of(&self, key: BlockKey) -> Option<usize>;
+    /// Reads `key` into `dst` (exactly its length) and verifies it; false for a miss or a block
+    /// that failed verification (which the tier then forgets).
+    fn read_into(&self, key: BlockKey, dst: &mut [u8]) -> bool;
+    /// Writes out what is queued; later demotions are dropped. Called on shutdown.
+    fn flush(&self);
+    /// Usage and counters, for metrics.
+    fn stats(&self) -> TierStats;
+}
+
+/// What a lower tier holds and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TierStats {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub blocks: u64,
+    /// Blocks written down after eviction from memory.
+    pub demoted_blocks: u64,
+    pub demoted_bytes: u64,
+    /// Blocks too large for the tier, not written.
+    pub skipped_blocks: u64,
+    /// Blocks read back up (hits in this tier).
+    pub read_blocks: u64,
+    /// Blocks that failed verification when read; dropped.
+    pub corrupt_blocks: u64,
+    /// Whole segments dropped to stay within capacity.
+    pub dropped_segments: u64,
+    /// Failed reads or writes of the tier's files or index.
+    pub errors: u64,
 }
 
 impl Store {
@@ -197,6 +244,8 @@ impl Store {
             evictions: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
             checksum_failures: AtomicU64::new(0),
+            lower: std::sync::OnceLock::new(),
+            promotions: AtomicU64::new(0),
         }))
     }
 
@@ -235,9 +284,76 @@ impl Store {
         self.shards[self.shard_of(key)].lock().contains(key)
     }
 
-    /// The number of leading keys of `keys` that are committed.
+    /// The number of leading keys of `keys` held in memory or the lower tier.
     pub fn prefix_match(&self, keys: &[BlockKey]) -> usize {
-        keys.iter().take_while(|k| self.contains(**k)).count()
+        keys.iter().take_while(|k| self.holds(**k)).count()
+    }
+
+    /// Whether `key` is held in memory or in the lower tier.
+    pub fn holds(&self, key: BlockKey) -> bool {
+        self.contains(key) || self.lower().is_some_and(|t| t.len_of(key).is_some())
+    }
+
+    /// Puts `tier` under the pool. Once only; false if a tier was attached already.
+    pub fn attach_lower(&self, tier: Arc<dyn LowerTier>) -> bool {
+        self.lower.set(tier).is_ok()
+    }
+
+    fn lower(&self) -> Option<&Arc<dyn LowerTier>> {
+        self.lower.get()
+    }
+
+    /// On shutdown: hands every block in memory to the lower tier (which skips those it holds
+    /// already), then has it write out its queue, so a restart finds them all.
+    pub fn flush_lower(self: &Arc<Self>) {
+        let Some(tier) = self.lower().cloned() else {
+            return;
+        };
+        let (mut after, mut written) = (None, 0);
+        loop {
+            let (keys, more) = self.keys_after(after, 4096);
+            after = keys.last().copied();
+            for key in keys {
+                if let Some(lease) = self.lease(key)
+                    && let Ok(bytes) = lease.verified_bytes()
+                {
+                    tier.demote(key, bytes);
+                    written += 1;
+                }
+            }
+            if !more {
+                break;
+            }
+        }
+        tier.flush();
+        tracing::info!(blocks = written, "memory written down to the disk tier");
+    }
+
+    /// Whether a lower tier is attached (reads that miss memory may then do disk I/O).
+    pub fn has_lower(&self) -> bool {
+        self.lower.get().is_some()
+    }
+
+    /// A lease on `key`, bringing the block up from the lower tier if memory misses it. Does
+    /// blocking I/O: call it off the async workers.
+    pub fn lease_or_promote(self: &Arc<Self>, key: BlockKey) -> Option<Lease> {
+        if let Some(lease) = self.lease(key) {
+            return Some(lease);
+        }
+        let tier = self.lower()?;
+        let len = tier.len_of(key)?;
+        match self.allocate(key, len) {
+            Ok(mut alloc) => {
+                if !tier.read_into(key, alloc.bytes_mut()) {
+                    return None; // dropped uncommitted: its pages go back
+                }
+                alloc.commit();
+                self.promotions.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(AllocError::AlreadyPresent) => {} // another reader brought it up
+            Err(_) => return None,
+        }
+        self.lease(key)
     }
 
     /// Up to `limit` committed keys greater than `after`, ascending, and whether more remain.
@@ -329,6 +445,9 @@ impl Store {
         for shard in order {
             let victim = self.shards[shard].lock().evict_one();
             if let Some((key, loc)) = victim {
+                if let Some(tier) = self.lower() {
+                    self.demote(tier.as_ref(), key, loc);
+                }
                 self.allocator.lock().free(loc.run);
                 self.evictions.fetch_add(1, Ordering::Relaxed);
                 self.evicted_bytes
@@ -338,6 +457,28 @@ impl Store {
             }
         }
         false
+    }
+
+    /// Hands an evicted block to the lower tier if it is intact (a block corrupted in memory
+    /// must not be written down with a fresh checksum). Its pages are not free yet.
+    fn demote(&self, tier: &dyn LowerTier, key: BlockKey, loc: Location) {
+        let len = loc.len as usize;
+        // SAFETY: the run was just taken from the index and is not leased (evict_one skips
+        // leased blocks) nor freed yet, so nobody writes it meanwhile.
+        let raw =
+            unsafe { std::slice::from_raw_parts(self.run_ptr(loc.run), checksum::stored_len(len)) };
+        let (data, trailer) = raw.split_at(checksum::trailer_offset(len));
+        let intact = checksum::trailer_checksum(trailer) == loc.checksum
+            && (0..checksum::chunk_count(len)).all(|i| {
+                checksum::chunk_checksum(&data[checksum::chunk_range(len, i)])
+                    == checksum::recorded(trailer, i)
+            });
+        if intact {
+            tier.demote(key, &data[..len]);
+        } else {
+            self.checksum_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%key, "an evicted block failed verification; not written to disk");
+        }
     }
 
     /// Brings usage under the low watermark once it passes the high one. One thread at a time.
@@ -417,6 +558,8 @@ impl Store {
             evictions: self.evictions.load(Ordering::Relaxed),
             evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
             checksum_failures: self.checksum_failures.load(Ordering::Relaxed),
+            promotions: self.promotions.load(Ordering::Relaxed),
+            lower: self.lower().map(|t| t.stats()),
             index_heap_bytes: heap,
             locked: self.pool.region().is_locked(),
         }

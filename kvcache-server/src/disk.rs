@@ -1,0 +1,592 @@
+//! The disk tier (`--disk PATH`, cargo feature `disk`): blocks evicted from memory are appended
+//! to segment files, RocksDB indexes them, and a read that misses memory brings them back up.
+//!
+//! Layout under PATH:
+//! - `segments/NNNNNNNNNNNNNNNN.seg`: append-only files of at most `segment_bytes`, each record
+//!   a 32-byte header (`KVD1`, the key, the length, the checksum) and the block's bytes. The
+//!   headers make a segment readable without the index.
+//! - `index/`: a RocksDB with `k<key>` → (segment, offset, length, checksum) and
+//!   `s<segment><key>` → "" (which keys a segment holds, so dropping it is one prefix scan).
+//!
+//! Eviction on disk is by whole segment, oldest first (FIFO): when a new segment would make
+//! more than `capacity / segment_bytes`, the oldest file is deleted and its keys leave the index.
+//! Large sequential writes and no per-block free space suit SSDs.
+//!
+//! Every read is checked: the bytes' xxh3 (seeded with the key) must match the index, else the
+//! entry is deleted and the read is a miss. A restart finds the index and the segments again
+//! (warm restart); index entries whose segment is gone are dropped when the tier opens.
+//!
+//! Demotion is asynchronous: the evicting thread copies the block into a bounded queue and one
+//! writer thread appends it. When the queue is full the evicting thread waits, which slows puts
+//! to the disk's pace instead of dropping blocks.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use kvcache_core::BlockKey;
+use parking_lot::Mutex;
+use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch};
+
+use crate::store::{LowerTier, TierStats};
+
+const MAGIC: [u8; 4] = *b"KVD1";
+/// Record header: magic, key (16), length (4), checksum (8).
+const HEADER: u64 = 32;
+/// Blocks waiting for the writer.
+const QUEUE: usize = 64;
+
+/// Where the tier lives and how much it may hold.
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    /// Bytes of segment files at most.
+    pub capacity: u64,
+    /// Size of one segment file; blocks larger than this are not demoted.
+    pub segment_bytes: u64,
+}
+
+impl DiskConfig {
+    /// Segments of 64 MiB, or a quarter of the capacity when that is smaller (at least 1 MiB).
+    pub fn new(path: PathBuf, capacity: u64) -> Self {
+        let segment_bytes = (capacity / 4).clamp(1 << 20, 64 << 20);
+        Self {
+            path,
+            capacity,
+            segment_bytes,
+        }
+    }
+}
+
+/// Where a block lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Loc {
+    segment: u64,
+    offset: u64,
+    len: u32,
+    checksum: u64,
+}
+
+impl Loc {
+    fn encode(&self) -> [u8; 28] {
+        let mut b = [0u8; 28];
+        b[..8].copy_from_slice(&self.segment.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16..20].copy_from_slice(&self.len.to_le_bytes());
+        b[20..].copy_from_slice(&self.checksum.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        let b: &[u8; 28] = b.try_into().ok()?;
+        Some(Self {
+            segment: u64::from_le_bytes(b[..8].try_into().ok()?),
+            offset: u64::from_le_bytes(b[8..16].try_into().ok()?),
+            len: u32::from_le_bytes(b[16..20].try_into().ok()?),
+            checksum: u64::from_le_bytes(b[20..].try_into().ok()?),
+        })
+    }
+}
+
+fn index_key(key: BlockKey) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[0] = b'k';
+    k[1..].copy_from_slice(&key.to_bytes());
+    k
+}
+
+fn segment_prefix(segment: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b's';
+    k[1..].copy_from_slice(&segment.to_be_bytes());
+    k
+}
+
+fn segment_key(segment: u64, key: BlockKey) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    k[..9].copy_from_slice(&segment_prefix(segment));
+    k[9..].copy_from_slice(&key.to_bytes());
+    k
+}
+
+fn checksum(key: BlockKey, bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(bytes, key.low64())
+}
+
+/// Counters, also reported through [`TierStats`].
+#[derive(Default)]
+struct Counters {
+    used_bytes: AtomicU64,
+    blocks: AtomicU64,
+    demoted_blocks: AtomicU64,
+    demoted_bytes: AtomicU64,
+    skipped_blocks: AtomicU64,
+    read_blocks: AtomicU64,
+    corrupt_blocks: AtomicU64,
+    dropped_segments: AtomicU64,
+    errors: AtomicU64,
+}
+
+struct Shared {
+    segments_dir: PathBuf,
+    db: DB,
+    cfg: DiskConfig,
+    max_segments: usize,
+    /// Live segments, oldest first, open for reading.
+    files: Mutex<BTreeMap<u64, Arc<File>>>,
+    /// Blocks queued for the writer: readable from here until they are indexed.
+    pending: Mutex<std::collections::HashMap<BlockKey, Arc<Vec<u8>>>>,
+    counters: Counters,
+}
+
+/// The disk tier. Attach it under a store with [`Store::attach_lower`](crate::store::Store).
+pub struct DiskTier {
+    shared: Arc<Shared>,
+    queue: Mutex<Option<mpsc::SyncSender<(BlockKey, Arc<Vec<u8>>)>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl DiskTier {
+    /// Opens (or creates) the tier at `cfg.path` and finds the blocks a previous run left.
+    pub fn open(cfg: DiskConfig) -> anyhow::Result<Arc<Self>> {
+        if cfg.capacity < 2 * cfg.segment_bytes {
+            anyhow::bail!(
+                "--disk-capacity must hold at least two segments of {} bytes",
+                cfg.segment_bytes
+            );
+        }
+        let segments_dir = cfg.path.join("segments");
+        fs::create_dir_all(&segments_dir)
+            .with_context(|| format!("cannot create {}", segments_dir.display()))?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        let index = cfg.path.join("index");
+        let db = DB::open(&opts, &index)
+            .with_context(|| format!("cannot open the disk index at {}", index.display()))?;
+        let mut files = BTreeMap::new();
+        let mut used = 0;
+        for entry in fs::read_dir(&segments_dir)? {
+            let path = entry?.path();
+            let Some(id) = segment_id(&path) else {
+                continue;
+            };
+            let file =
+                File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            used += file.metadata()?.len();
+            files.insert(id, Arc::new(file));
+        }
+        let shared = Arc::new(Shared {
+            segments_dir,
+            db,
+            max_segments: (cfg.capacity / cfg.segment_bytes) as usize,
+            cfg,
+            files: Mutex::new(files),
+            pending: Mutex::default(),
+            counters: Counters::default(),
+        });
+        shared.counters.used_bytes.store(used, Relaxed);
+        let blocks = shared.reconcile()?;
+        let next = shared
+            .files
+            .lock()
+            .keys()
+            .next_back()
+            .map_or(0, |id| id + 1);
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let writer_shared = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name("kvcache-disk".into())
+            .spawn(move || Writer::new(writer_shared, next).run(rx))?;
+        tracing::info!(
+            path = %shared.cfg.path.display(),
+            blocks,
+            used = %kvcache_core::ByteSize(used),
+            capacity = %kvcache_core::ByteSize(shared.cfg.capacity),
+            "disk tier open"
+        );
+        Ok(Arc::new(Self {
+            shared,
+            queue: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+        }))
+    }
+}
+
+/// `NNNN.seg` → NNNN.
+fn segment_id(path: &Path) -> Option<u64> {
+    let name = path.file_name()?.to_str()?;
+    u64::from_str_radix(name.strip_suffix(".seg")?, 16).ok()
+}
+
+impl Shared {
+    fn segment_path(&self, id: u64) -> PathBuf {
+        self.segments_dir.join(format!("{id:016x}.seg"))
+    }
+
+    fn lookup(&self, key: BlockKey) -> Option<Loc> {
+        match self.db.get_pinned(index_key(key)) {
+            Ok(v) => Loc::decode(&v?),
+            Err(e) => {
+                self.counters.errors.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "disk index read failed");
+                None
+            }
+        }
+    }
+
+    /// Drops index entries whose segment is gone (a crash between deleting a segment and its
+    /// entries); returns the blocks indexed.
+    fn reconcile(&self) -> anyhow::Result<u64> {
+        let live: Vec<u64> = self.files.lock().keys().copied().collect();
+        let mut stale = WriteBatch::default();
+        let mut blocks = 0;
+        for item in self
+            .db
+            .iterator(IteratorMode::From(b"k", Direction::Forward))
+        {
+            let (k, v) = item?;
+            if k.first() != Some(&b'k') {
+                break;
+            }
+            match Loc::decode(&v) {
+                Some(loc) if live.binary_search(&loc.segment).is_ok() => blocks += 1,
+                _ => stale.delete(&k),
+            }
+        }
+        for item in self
+            .db
+            .iterator(IteratorMode::From(b"s", Direction::Forward))
+        {
+            let (k, _) = item?;
+            if k.first() != Some(&b's') {
+                break;
+            }
+            let id = u64::from_be_bytes(k[1..9].try_into()?);
+            if live.binary_search(&id).is_err() {
+                stale.delete(&k);
+            }
+        }
+        if !stale.is_empty() {
+            tracing::info!(
+                entries = stale.len(),
+                "dropping disk index entries of missing segments"
+            );
+            self.db.write(stale)?;
+        }
+        self.counters.blocks.store(blocks, Relaxed);
+        Ok(blocks)
+    }
+
+    /// Deletes the oldest segment and its index entries.
+    fn drop_oldest(&self) -> anyhow::Result<()> {
+        let Some((id, file)) = self.files.lock().pop_first() else {
+            return Ok(());
+        };
+        let size = file.metadata().map_or(0, |m| m.len());
+        let prefix = segment_prefix(id);
+        let mut batch = WriteBatch::default();
+        let mut gone = 0;
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let key = BlockKey::from_slice(&k[9..]).context("bad segment entry")?;
+            // A key demoted again later lives in a newer segment: keep that entry.
+            if self.lookup(key).is_some_and(|loc| loc.segment == id) {
+                batch.delete(index_key(key));
+                gone += 1;
+            }
+        }
+        batch.delete_range(prefix, segment_prefix(id + 1));
+        self.db.write(batch)?;
+        fs::remove_file(self.segment_path(id))?;
+        self.counters.used_bytes.fetch_sub(size, Relaxed);
+        self.counters.blocks.fetch_sub(gone, Relaxed);
+        self.counters.dropped_segments.fetch_add(1, Relaxed);
+        tracing::debug!(
+            segment = id,
+            blocks = gone,
+            "disk full: dropped the oldest segment"
+        );
+        Ok(())
+    }
+}
+
+/// The writer thread's state: the segment being appended to.
+struct Writer {
+    shared: Arc<Shared>,
+    id: u64,
+    file: Option<Arc<File>>,
+    offset: u64,
+}
+
+impl Writer {
+    fn new(shared: Arc<Shared>, id: u64) -> Self {
+        Self {
+            shared,
+            id,
+            file: None,
+            offset: 0,
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<(BlockKey, Arc<Vec<u8>>)>) {
+        for (key, bytes) in rx {
+            if let Err(e) = self.append(key, &bytes) {
+                self.shared.counters.errors.fetch_add(1, Relaxed);
+                tracing::warn!(%key, error = %e, "cannot write a block to the disk tier; dropped");
+                self.file = None; // start a fresh segment next time
+            }
+            let mut pending = self.shared.pending.lock();
+            if pending.get(&key).is_some_and(|p| Arc::ptr_eq(p, &bytes)) {
+                pending.remove(&key);
+            }
+        }
+    }
+
+    fn append(&mut self, key: BlockKey, bytes: &[u8]) -> anyhow::Result<()> {
+        if self.shared.lookup(key).is_some() {
+            return Ok(()); // still on disk from an earlier demotion
+        }
+        let record = HEADER + bytes.len() as u64;
+        if self.file.is_none() || self.offset + record > self.shared.cfg.segment_bytes {
+            self.roll()?;
+        }
+        let file = self.file.as_ref().expect("rolled");
+        let sum = checksum(key, bytes);
+        let mut header = [0u8; HEADER as usize];
+        header[..4].copy_from_slice(&MAGIC);
+        header[4..20].copy_from_slice(&key.to_bytes());
+        header[20..24].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+        header[24..].copy_from_slice(&sum.to_le_bytes());
+        file.write_all_at(&header, self.offset)?;
+        file.write_all_at(bytes, self.offset + HEADER)?;
+        let loc = Loc {
+            segment: self.id,
+            offset: self.offset + HEADER,
+            len: bytes.len() as u32,
+            checksum: sum,
+        };
+        let mut batch = WriteBatch::default();
+        batch.put(index_key(key), loc.encode());
+        batch.put(segment_key(self.id, key), []);
+        self.shared.db.write(batch)?;
+        self.offset += record;
+        let c = &self.shared.counters;
+        c.used_bytes.fetch_add(record, Relaxed);
+        c.blocks.fetch_add(1, Relaxed);
+        c.demoted_blocks.fetch_add(1, Relaxed);
+        c.demoted_bytes.fetch_add(bytes.len() as u64, Relaxed);
+        Ok(())
+    }
+
+    /// Starts a new segment, dropping the oldest ones beyond the capacity.
+    fn roll(&mut self) -> anyhow::Result<()> {
+        if self.file.is_some() {
+            self.id += 1;
+        }
+        while self.shared.files.lock().len() >= self.shared.max_segments {
+            self.shared.drop_oldest()?;
+        }
+        let path = self.shared.segment_path(self.id);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let file = Arc::new(file);
+        self.shared.files.lock().insert(self.id, Arc::clone(&file));
+        (self.file, self.offset) = (Some(file), 0);
+        Ok(())
+    }
+}
+
+impl LowerTier for DiskTier {
+    fn demote(&self, key: BlockKey, bytes: &[u8]) {
+        if HEADER + bytes.len() as u64 > self.shared.cfg.segment_bytes {
+            self.shared.counters.skipped_blocks.fetch_add(1, Relaxed);
+            return;
+        }
+        let queue = self.queue.lock().clone();
+        if let Some(tx) = queue {
+            if self.shared.pending.lock().contains_key(&key) {
+                return;
+            }
+            let bytes = Arc::new(bytes.to_vec());
+            self.shared.pending.lock().insert(key, Arc::clone(&bytes));
+            // Blocks while the writer is QUEUE blocks behind: back-pressure, not loss.
+            let _ = tx.send((key, bytes));
+        }
+    }
+
+    fn len_of(&self, key: BlockKey) -> Option<usize> {
+        if let Some(p) = self.shared.pending.lock().get(&key) {
+            return Some(p.len());
+        }
+        let loc = self.shared.lookup(key)?;
+        self.shared
+            .files
+            .lock()
+            .contains_key(&loc.segment)
+            .then_some(loc.len as usize)
+    }
+
+    fn read_into(&self, key: BlockKey, dst: &mut [u8]) -> bool {
+        let shared = &self.shared;
+        if let Some(p) = shared.pending.lock().get(&key).cloned() {
+            if p.len() != dst.len() {
+                return false;
+            }
+            dst.copy_from_slice(&p);
+            shared.counters.read_blocks.fetch_add(1, Relaxed);
+            return true;
+        }
+        let Some(loc) = shared.lookup(key) else {
+            return false;
+        };
+        // The segment may be dropped meanwhile; the open handle still reads its bytes.
+        let Some(file) = shared.files.lock().get(&loc.segment).cloned() else {
+            return false;
+        };
+        let ok = loc.len as usize == dst.len()
+            && file.read_exact_at(dst, loc.offset).is_ok()
+            && checksum(key, dst) == loc.checksum;
+        if ok {
+            shared.counters.read_blocks.fetch_add(1, Relaxed);
+        } else {
+            shared.counters.corrupt_blocks.fetch_add(1, Relaxed);
+            tracing::warn!(%key, segment = loc.segment, "a block on disk failed verification; dropped, read as a miss");
+            let _ = shared.db.delete(index_key(key));
+        }
+        ok
+    }
+
+    fn flush(&self) {
+        drop(self.queue.lock().take());
+        if let Some(writer) = self.writer.lock().take() {
+            let _ = writer.join();
+        }
+        if let Err(e) = self.shared.db.flush() {
+            tracing::warn!(error = %e, "cannot flush the disk index");
+        }
+    }
+
+    fn stats(&self) -> TierStats {
+        let c = &self.shared.counters;
+        TierStats {
+            capacity_bytes: self.shared.cfg.capacity,
+            used_bytes: c.used_bytes.load(Relaxed),
+            blocks: c.blocks.load(Relaxed),
+            demoted_blocks: c.demoted_blocks.load(Relaxed),
+            demoted_bytes: c.demoted_bytes.load(Relaxed),
+            skipped_blocks: c.skipped_blocks.load(Relaxed),
+            read_blocks: c.read_blocks.load(Relaxed),
+            corrupt_blocks: c.corrupt_blocks.load(Relaxed),
+            dropped_segments: c.dropped_segments.load(Relaxed),
+            errors: c.errors.load(Relaxed),
+        }
+    }
+}
+
+impl Drop for DiskTier {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kvcache-disk-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn bytes(key: BlockKey, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (key.low64() as usize + i * 7) as u8)
+            .collect()
+    }
+
+    fn read(t: &DiskTier, key: BlockKey) -> Option<Vec<u8>> {
+        let mut buf = vec![0; t.len_of(key)?];
+        t.read_into(key, &mut buf).then_some(buf)
+    }
+
+    #[test]
+    fn blocks_survive_a_reopen_and_a_corrupt_one_is_a_miss() {
+        let d = dir("reopen");
+        let cfg = DiskConfig::new(d.clone(), 16 << 20);
+        let keys: Vec<BlockKey> = (1..=50).map(|i| BlockKey(i * 1_000_003)).collect();
+        {
+            let t = DiskTier::open(cfg.clone()).unwrap();
+            for &k in &keys {
+                t.demote(k, &bytes(k, 10_000));
+            }
+            t.flush();
+            assert_eq!(t.stats().blocks, 50);
+        }
+        let t = DiskTier::open(cfg).unwrap();
+        for &k in &keys {
+            assert_eq!(read(&t, k), Some(bytes(k, 10_000)), "{k} after reopening");
+        }
+        assert_eq!(read(&t, BlockKey(7)), None);
+        // Flip a byte of one block on disk: its read fails verification and it is forgotten.
+        let loc = t.shared.lookup(keys[3]).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(t.shared.segment_path(loc.segment))
+            .unwrap();
+        f.write_all_at(&[0xff ^ bytes(keys[3], 1)[0]], loc.offset)
+            .unwrap();
+        assert_eq!(read(&t, keys[3]), None);
+        assert_eq!(t.len_of(keys[3]), None);
+        assert_eq!(t.stats().corrupt_blocks, 1);
+        drop(t);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_full_disk_drops_whole_segments_oldest_first() {
+        let d = dir("full");
+        // 4 segments of 1 MiB; 300 blocks of 40 KiB is about 12 MiB.
+        let t = DiskTier::open(DiskConfig::new(d.clone(), 4 << 20)).unwrap();
+        let keys: Vec<BlockKey> = (1..=300).map(|i| BlockKey(i * 7919)).collect();
+        for &k in &keys {
+            t.demote(k, &bytes(k, 40 << 10));
+        }
+        t.flush();
+        let s = t.stats();
+        assert!(s.used_bytes <= 4 << 20, "{s:?}");
+        assert!(s.dropped_segments >= 8, "{s:?}");
+        let held: Vec<bool> = keys.iter().map(|&k| read(&t, k).is_some()).collect();
+        let first_held = held.iter().position(|h| *h).unwrap();
+        assert!(
+            held[first_held..].iter().all(|h| *h),
+            "the newest blocks stay, in one run"
+        );
+        assert_eq!(s.blocks as usize, keys.len() - first_held);
+        for &k in &keys[first_held..] {
+            assert_eq!(read(&t, k), Some(bytes(k, 40 << 10)));
+        }
+        // A block bigger than a segment is not written at all.
+        t.demote(BlockKey(1), &[0; 2 << 20]);
+        assert_eq!(t.stats().skipped_blocks, 1);
+        drop(t);
+        fs::remove_dir_all(d).unwrap();
+    }
+}

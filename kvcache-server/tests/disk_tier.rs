@@ -1,0 +1,103 @@
+//! The disk tier (`--disk`, cargo feature `disk`) in a real server process: blocks beyond the
+//! memory pool are read back from disk, every byte checked, and again after a restart.
+#![cfg(feature = "disk")]
+
+mod common;
+
+use common::{ServerProcess, content};
+use kvcache_client::{Client, ClientConfig, Transport};
+use kvcache_core::BlockKey;
+
+const BLOCK: usize = 256 << 10;
+const BLOCKS: u128 = 400; // 100 MiB through a 32 MiB pool
+
+async fn client(server: &ServerProcess) -> Client {
+    let mut cfg = ClientConfig::new(&server.data);
+    cfg.transport = Transport::Tcp;
+    Client::connect(cfg).await.unwrap()
+}
+
+/// Reads every block, checks its bytes, and returns how many were hits.
+async fn read_all(c: &Client, keys: &[BlockKey]) -> usize {
+    let mut hits = 0;
+    for chunk in keys.chunks(8) {
+        for (k, v) in chunk.iter().zip(c.get_many(chunk).await.unwrap()) {
+            if let Some(v) = v {
+                assert_eq!(v, content(*k, BLOCK), "wrong bytes for {k}");
+                hits += 1;
+            }
+        }
+    }
+    hits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_beyond_memory_come_back_from_disk_and_survive_a_restart() {
+    let dir = std::env::temp_dir().join(format!("kvcache-disk-tier-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let args = [
+        "--memory",
+        "32MiB",
+        "--disk",
+        dir.to_str().unwrap(),
+        "--disk-capacity",
+        "512MiB",
+    ];
+    let keys: Vec<BlockKey> = (1..=BLOCKS)
+        .map(|i| BlockKey(i * 0x9e37_79b9_7f4a_7c15))
+        .collect();
+    let mut server = ServerProcess::start(&args);
+    let c = client(&server).await;
+    for chunk in keys.chunks(8) {
+        let values: Vec<Vec<u8>> = chunk.iter().map(|k| content(*k, BLOCK)).collect();
+        let batch: Vec<(BlockKey, &[u8])> = chunk
+            .iter()
+            .zip(&values)
+            .map(|(k, v)| (*k, &v[..]))
+            .collect();
+        c.put_many(&batch).await.unwrap();
+    }
+    assert!(
+        server.metric("kvcache_blocks_stored") < 130.0,
+        "most blocks left memory"
+    );
+    // Every block is still held: the first ones come back from disk.
+    assert!(c.exists(&keys).await.unwrap().iter().all(|p| *p));
+    assert_eq!(
+        read_all(&c, &keys).await,
+        keys.len(),
+        "every block, every byte"
+    );
+    let disk_hits = server.metric("kvcache_disk_hits_total");
+    assert!(disk_hits >= 250.0, "read from disk: {disk_hits}");
+    assert_eq!(server.metric("kvcache_disk_corrupt_blocks_total"), 0.0);
+
+    // A restart with an empty pool finds every block on disk: those still in memory were
+    // written down at shutdown.
+    assert!(server.terminate().success());
+    drop(c);
+    server = ServerProcess::start(&args);
+    let c = client(&server).await;
+    assert_eq!(server.metric("kvcache_blocks_stored"), 0.0);
+    assert_eq!(server.metric("kvcache_disk_blocks"), keys.len() as f64);
+    assert_eq!(
+        read_all(&c, &keys).await,
+        keys.len(),
+        "after a restart, every byte"
+    );
+    assert_eq!(c.prefix_match(&keys[..10]).await.unwrap(), 10);
+    drop(server);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn disk_capacity_without_a_disk_is_refused_clearly() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcache-server"))
+        .args(["--disk-capacity", "1GiB", "--metrics-listen", "off"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--disk-capacity only applies with --disk")
+    );
+}

@@ -1,0 +1,130 @@
+//! GPU memory through the CUDA driver (cargo feature `cuda`): cudarc loads `libcuda.so` at run
+//! time, so the build needs no toolkit and a machine without a driver gets [`CudaError::NoDriver`]
+//! from every entry point, never a panic.
+//!
+//! The staged path: device memory is copied to pinned (page-locked) host memory on a stream,
+//! and from there into the cache, and back the same way. GPU-direct (registering device memory
+//! with the RDMA device) comes with the RDMA data path.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
+
+/// Why a CUDA call could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("no CUDA driver on this machine (libcuda.so was not found)")]
+    NoDriver,
+    #[error("no CUDA device {ordinal}: the driver reports {count} device(s)")]
+    NoDevice { ordinal: usize, count: i32 },
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error("copy of {src} bytes into {dst} bytes")]
+    SizeMismatch { src: usize, dst: usize },
+}
+
+/// Whether a CUDA driver library is present (checked before any other call, which would
+/// otherwise panic inside cudarc).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to load the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// One GPU and a stream of its own for copies.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`.
+    pub fn open(ordinal: usize) -> Result<Self, CudaError> {
+        if !driver_present() {
+            return Err(CudaError::NoDriver);
+        }
+        let count = CudaContext::device_count()?;
+        if ordinal >= count.max(0) as usize {
+            return Err(CudaError::NoDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.new_stream()?;
+        Ok(Self { ctx, stream })
+    }
+
+    /// Zeroed device memory.
+    pub fn alloc(&self, len: usize) -> Result<CudaSlice<u8>, CudaError> {
+        Ok(self.stream.alloc_zeros::<u8>(len)?)
+    }
+
+    /// Pinned host memory for staging, registered with the driver (so copies are DMA).
+    pub fn pinned(&self, len: usize) -> Result<PinnedHostSlice<u8>, CudaError> {
+        // SAFETY: the memory is zeroed right after allocation.
+        let mut p = unsafe { self.ctx.alloc_pinned::<u8>(len)? };
+        p.as_mut_slice()?.fill(0);
+        Ok(p)
+    }
+
+    /// Host → device, asynchronous on this GPU's stream.
+    pub fn upload(&self, src: &[u8], dst: &mut CudaSlice<u8>) -> Result<(), CudaError> {
+        if src.len() != dst.len() {
+            return Err(CudaError::SizeMismatch {
+                src: src.len(),
+                dst: dst.len(),
+            });
+        }
+        Ok(self.stream.memcpy_htod(src, dst)?)
+    }
+
+    /// Device → host, asynchronous on this GPU's stream.
+    pub fn download(&self, src: &CudaSlice<u8>, dst: &mut [u8]) -> Result<(), CudaError> {
+        if src.len() != dst.len() {
+            return Err(CudaError::SizeMismatch {
+                src: src.len(),
+                dst: dst.len(),
+            });
+        }
+        Ok(self.stream.memcpy_dtoh(src, dst)?)
+    }
+
+    /// Waits for this GPU's copies.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        Ok(self.stream.synchronize()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_driver_opening_is_an_error_not_a_panic() {
+        if driver_present() {
+            eprintln!("skipped: a CUDA driver is present (the GPU tests cover it)");
+            return;
+        }
+        let err = Gpu::open(0).err().expect("no driver");
+        assert!(err.to_string().contains("no CUDA driver"), "{err}");
+    }
+
+    #[test]
+    fn bytes_go_to_the_gpu_and_back_through_pinned_memory() {
+        if !driver_present() {
+            eprintln!("skipped: no CUDA driver (libcuda.so) on this machine");
+            return;
+        }
+        let gpu = Gpu::open(0).unwrap();
+        let data: Vec<u8> = (0..(8 << 20)).map(|i| (i * 31 % 251) as u8).collect();
+        let mut staged = gpu.pinned(data.len()).unwrap();
+        staged.as_mut_slice().unwrap().copy_from_slice(&data);
+        let mut dev = gpu.alloc(data.len()).unwrap();
+        gpu.upload(staged.as_slice().unwrap(), &mut dev).unwrap();
+        let mut back = gpu.pinned(data.len()).unwrap();
+        gpu.download(&dev, back.as_mut_slice().unwrap()).unwrap();
+        gpu.synchronize().unwrap();
+        assert!(back.as_slice().unwrap() == &data[..]);
+        assert!(matches!(
+            gpu.upload(&data[1..], &mut dev),
+            Err(CudaError::SizeMismatch { .. })
+        ));
+    }
+}
