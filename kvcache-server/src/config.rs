@@ -603,15 +603,12 @@ mod tests {
             "--disk-capacity",
             "2GiB",
         ]);
-        match s.resolve() {
-            Ok(cfg) => {
-                assert!(cfg!(feature = "disk"));
-                assert_eq!(cfg.disk, Some(("/var/kv".into(), 2 << 30)));
-            }
-            Err(e) => {
-                assert!(!cfg!(feature = "disk"));
-                assert!(format!("{e:#}").contains("--features disk"), "{e:#}");
-            }
+        let resolved = s.resolve();
+        if cfg!(feature = "disk") {
+            assert_eq!(resolved.unwrap().disk, Some(("/var/kv".into(), 2 << 30)));
+        } else {
+            let e = resolved.unwrap_err();
+            assert!(format!("{e:#}").contains("--features disk"), "{e:#}");
         }
         let alone = Settings::parse_from(["kvcache-server", "--disk-capacity", "2GiB"]);
         assert!(format!("{:#}", alone.resolve().unwrap_err()).contains("only applies with --disk"));

@@ -145,10 +145,13 @@ struct Shared {
     counters: Counters,
 }
 
+/// A block on its way to the writer thread.
+type Queued = (BlockKey, Arc<Vec<u8>>);
+
 /// The disk tier. Attach it under a store with [`Store::attach_lower`](crate::store::Store).
 pub struct DiskTier {
     shared: Arc<Shared>,
-    queue: Mutex<Option<mpsc::SyncSender<(BlockKey, Arc<Vec<u8>>)>>>,
+    queue: Mutex<Option<mpsc::SyncSender<Queued>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -340,7 +343,7 @@ impl Writer {
         }
     }
 
-    fn run(mut self, rx: mpsc::Receiver<(BlockKey, Arc<Vec<u8>>)>) {
+    fn run(mut self, rx: mpsc::Receiver<Queued>) {
         for (key, bytes) in rx {
             if let Err(e) = self.append(key, &bytes) {
                 self.shared.counters.errors.fetch_add(1, Relaxed);
@@ -392,7 +395,9 @@ impl Writer {
 
     /// Starts a new segment, dropping the oldest ones beyond the capacity.
     fn roll(&mut self) -> anyhow::Result<()> {
-        if self.file.is_some() {
+        // Never reopen a segment that holds indexed blocks (after a write error the file is
+        // dropped, but its id stays taken).
+        if self.file.is_some() || self.shared.files.lock().contains_key(&self.id) {
             self.id += 1;
         }
         while self.shared.files.lock().len() >= self.shared.max_segments {
