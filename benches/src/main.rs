@@ -155,8 +155,7 @@ fn main() -> anyhow::Result<()> {
                 rounds,
                 memory,
             };
-            let rt = tokio::runtime::Runtime::new()?;
-            let rows = rt.block_on(compare::run(&plan))?;
+            let rows = block_on(compare::run(&plan))?;
             println!("{}", compare::report(&rows));
             write_json(json, serde_json::to_value(&rows)?)
         }
@@ -186,8 +185,7 @@ fn main() -> anyhow::Result<()> {
                 seconds,
                 move_blocks,
             };
-            let rt = tokio::runtime::Runtime::new()?;
-            let results = rt.block_on(cluster::run(&plan))?;
+            let results = block_on(cluster::run(&plan))?;
             write_json(json, results)
         }
         Cmd::Disk {
@@ -209,8 +207,7 @@ fn main() -> anyhow::Result<()> {
                 value,
                 concurrency,
             };
-            let rt = tokio::runtime::Runtime::new()?;
-            let results = rt.block_on(disk::run(&plan))?;
+            let results = block_on(disk::run(&plan))?;
             write_json(json, results)
         }
         Cmd::IndexMemory { blocks, shards } => {
@@ -230,6 +227,11 @@ fn main() -> anyhow::Result<()> {
         Cmd::ServeKvcache(settings) => kvcache_server::cli::run(*settings),
         Cmd::ServeCeiling { listen } => systems::ceiling::serve(&listen),
     }
+}
+
+/// Runs one benchmark's async part on a fresh multi-threaded runtime.
+fn block_on<T>(f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Runtime::new()?.block_on(f)
 }
 
 fn check_seconds(seconds: f64) -> anyhow::Result<()> {

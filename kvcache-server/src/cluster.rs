@@ -181,7 +181,7 @@ impl NodeView {
                 .filter(|&k| !store.contains(k) && cluster.owners(k).contains(&self.me))
                 .collect();
             for batch in mine.chunks(WARM_BATCH) {
-                if store.stats().used_bytes >= self.warm_until {
+                if store.used_bytes() >= self.warm_until {
                     tracing::info!(peer, "warming stopped at the pool's low watermark");
                     return Ok(());
                 }

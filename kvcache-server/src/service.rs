@@ -385,6 +385,9 @@ pub(crate) fn put_refused(ctx: &ServiceContext, e: AllocError) -> PutStatus {
 /// from the disk tier, if there is one, on a blocking thread.
 pub(crate) async fn lease_all(store: &Arc<Store>, keys: &[BlockKey]) -> Vec<Option<Lease>> {
     let mut leases: Vec<Option<Lease>> = keys.iter().map(|&k| store.lease(k)).collect();
+    if !store.has_lower() {
+        return leases;
+    }
     let missed: Vec<(usize, BlockKey)> = leases
         .iter()
         .zip(keys)
@@ -392,7 +395,7 @@ pub(crate) async fn lease_all(store: &Arc<Store>, keys: &[BlockKey]) -> Vec<Opti
         .filter(|(_, (l, _))| l.is_none())
         .map(|(i, (_, &k))| (i, k))
         .collect();
-    if !store.has_lower() || missed.is_empty() {
+    if missed.is_empty() {
         return leases;
     }
     let store = Arc::clone(store);

@@ -109,7 +109,8 @@ class _Link:
                     timeout_s=self._settings.timeout_s,
                 )
             result = fn(self._client)
-            self._count_cluster(self._client)
+            if self._settings.is_cluster():
+                self._count_cluster(self._client)
         except _CACHE_ERRORS as err:
             self._rest_s = min(max(2 * self._rest_s, self._settings.retry_s), 30.0)
             self._down_until = time.monotonic() + self._rest_s

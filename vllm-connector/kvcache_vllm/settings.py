@@ -70,7 +70,7 @@ class Settings:
         replicas = int(extra.get("replicas", cls.replicas))
         if replicas < 1:
             raise ValueError("replicas must be at least 1")
-        if replicas > 1 and len(servers) == 1 and not servers[0].startswith("etcd://"):
+        if replicas > 1 and not cls(servers=servers).is_cluster():
             raise ValueError("replicas > 1 needs a cluster: several servers or etcd://host:port")
         transport = str(extra.get("transport", cls.transport))
         if transport not in ("auto", "shm", "tcp"):
@@ -92,6 +92,10 @@ class Settings:
             load_async=bool(extra.get("load_async", False)),
             retry_s=retry_s,
         )
+
+    def is_cluster(self) -> bool:
+        """Whether the client is a cluster's (several members, or members from etcd)."""
+        return len(self.servers) > 1 or self.servers[0].startswith("etcd://")
 
     def server_arg(self) -> str | list[str]:
         """What `kvcache.Client` takes: one address, an etcd URL, or a cluster's member list."""

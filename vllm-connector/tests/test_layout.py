@@ -83,7 +83,8 @@ def test_settings_have_defaults_and_name_bad_keys() -> None:
     with pytest.raises(LayoutError, match="unknown KV layout"):
         Settings.from_extra_config({"layout": "nhd"})
     etcd = Settings.from_extra_config({"servers": "etcd://127.0.0.1:2379", "replicas": 2})
-    assert (etcd.server_arg(), etcd.replicas) == ("etcd://127.0.0.1:2379", 2)
+    assert (etcd.server_arg(), etcd.replicas, etcd.is_cluster()) == ("etcd://127.0.0.1:2379", 2, True)
+    assert not Settings.from_extra_config(None).is_cluster()
     with pytest.raises(ValueError, match="replicas > 1 needs a cluster"):
         Settings.from_extra_config({"servers": "10.0.0.1:7400", "replicas": 2})
 

@@ -249,6 +249,11 @@ impl Store {
         }))
     }
 
+    /// Pool bytes allocated to blocks (committed or being written).
+    pub fn used_bytes(&self) -> u64 {
+        self.allocator.lock().used() as u64 * self.page_size
+    }
+
     /// Pool size in bytes.
     pub fn capacity(&self) -> u64 {
         self.pool.region().len() as u64
@@ -331,7 +336,7 @@ impl Store {
 
     /// Whether a lower tier is attached (reads that miss memory may then do disk I/O).
     pub fn has_lower(&self) -> bool {
-        self.lower.get().is_some()
+        self.lower().is_some()
     }
 
     /// A lease on `key`, bringing the block up from the lower tier if memory misses it. Does
@@ -467,14 +472,11 @@ impl Store {
         // leased blocks) nor freed yet, so nobody writes it meanwhile.
         let raw =
             unsafe { std::slice::from_raw_parts(self.run_ptr(loc.run), checksum::stored_len(len)) };
-        let (data, trailer) = raw.split_at(checksum::trailer_offset(len));
+        let trailer = &raw[checksum::trailer_offset(len)..];
         let intact = checksum::trailer_checksum(trailer) == loc.checksum
-            && (0..checksum::chunk_count(len)).all(|i| {
-                checksum::chunk_checksum(&data[checksum::chunk_range(len, i)])
-                    == checksum::recorded(trailer, i)
-            });
+            && (0..checksum::chunk_count(len)).all(|i| chunk_intact(raw, len, i));
         if intact {
-            tier.demote(key, &data[..len]);
+            tier.demote(key, &raw[..len]);
         } else {
             self.checksum_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%key, "an evicted block failed verification; not written to disk");
@@ -552,7 +554,7 @@ impl Store {
         }
         StoreStats {
             capacity_bytes: self.capacity(),
-            used_bytes: self.allocator.lock().used() as u64 * self.page_size,
+            used_bytes: self.used_bytes(),
             blocks,
             active_leases: leases,
             evictions: self.evictions.load(Ordering::Relaxed),
@@ -753,11 +755,10 @@ impl Lease {
 
     /// Chunk `i`, verified just now. On a mismatch the block is dropped from the index.
     pub fn verified_chunk(&self, i: usize) -> Result<&[u8], Corrupt> {
-        let chunk = &self.raw()[checksum::chunk_range(self.len(), i)];
-        if checksum::chunk_checksum(chunk) != checksum::recorded(self.trailer(), i) {
+        if !chunk_intact(self.raw(), self.len(), i) {
             return Err(self.corrupt());
         }
-        Ok(chunk)
+        Ok(&self.raw()[checksum::chunk_range(self.len(), i)])
     }
 
     /// The whole block, every chunk verified.
@@ -776,6 +777,13 @@ impl Drop for Lease {
             self.store.allocator.lock().free(run);
         }
     }
+}
+
+/// Whether chunk `i` of a stored block (`raw`: its data then its trailer) matches the checksum
+/// its trailer records.
+fn chunk_intact(raw: &[u8], len: usize, i: usize) -> bool {
+    let trailer = &raw[checksum::trailer_offset(len)..];
+    checksum::chunk_checksum(&raw[checksum::chunk_range(len, i)]) == checksum::recorded(trailer, i)
 }
 
 #[cfg(test)]
