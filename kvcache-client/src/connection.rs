@@ -30,6 +30,9 @@ pub(crate) struct Connection {
     next_id: u32,
     /// Set on a shared-memory connection.
     pub(crate) shm: Option<Attached>,
+    /// Set on an RDMA connection (TCP for control, one-sided verbs for bytes).
+    #[cfg(feature = "rdma")]
+    pub(crate) rdma: Option<crate::rdma::Attached>,
 }
 
 /// The byte stream under a connection.
@@ -115,6 +118,8 @@ impl Connection {
             stream: Stream::Tcp(stream),
             next_id: 0,
             shm: None,
+            #[cfg(feature = "rdma")]
+            rdma: None,
         })
     }
 
@@ -137,6 +142,8 @@ impl Connection {
             stream: Stream::Unix(stream),
             next_id: 1,
             shm: Some(attached),
+            #[cfg(feature = "rdma")]
+            rdma: None,
         })
     }
 

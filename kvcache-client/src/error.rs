@@ -24,6 +24,8 @@ pub enum ClientError {
     InvalidArgument(String),
     #[error("shared memory unavailable: {0}")]
     ShmUnavailable(String),
+    #[error("RDMA unavailable: {0}")]
+    RdmaUnavailable(String),
     #[error("cannot read the cluster membership: {0}")]
     Membership(String),
 }

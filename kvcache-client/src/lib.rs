@@ -22,6 +22,8 @@
 mod cluster;
 mod connection;
 mod error;
+#[cfg(feature = "rdma")]
+mod rdma;
 mod shm;
 
 use std::sync::{Arc, Mutex};
@@ -131,6 +133,8 @@ pub enum Transport {
     Auto,
     /// Shared memory or fail.
     Shm,
+    /// One-sided RDMA or fail (a build with the `rdma` feature and a device at both ends).
+    Rdma,
     /// TCP only.
     Tcp,
 }
@@ -141,9 +145,10 @@ impl std::str::FromStr for Transport {
         match s {
             "auto" => Ok(Self::Auto),
             "shm" => Ok(Self::Shm),
+            "rdma" => Ok(Self::Rdma),
             "tcp" => Ok(Self::Tcp),
             other => Err(ClientError::InvalidArgument(format!(
-                "transport must be \"auto\", \"shm\" or \"tcp\", not {other:?}"
+                "transport must be \"auto\", \"shm\", \"rdma\" or \"tcp\", not {other:?}"
             ))),
         }
     }
@@ -197,6 +202,9 @@ struct Inner {
     shm_pool: Mutex<Option<Arc<shm::ShmPool>>>,
     /// Why `Transport::Auto` settled for TCP.
     shm_fallback: Option<String>,
+    /// Set when this client moves bytes over RDMA.
+    #[cfg(feature = "rdma")]
+    rdma: Option<Arc<rdma::Shared>>,
 }
 
 impl Inner {
@@ -240,7 +248,9 @@ impl Client {
         let mut shm_path = None;
         let mut shm_pool = None;
         let mut shm_fallback = None;
-        if cfg.transport != Transport::Tcp {
+        #[cfg(feature = "rdma")]
+        let mut rdma_shared = None;
+        if matches!(cfg.transport, Transport::Auto | Transport::Shm) {
             match Self::try_shm(&cfg, &ping).await {
                 Ok(shm_conn) => {
                     shm_pool = shm_conn.shm.as_ref().map(|a| Arc::clone(&a.pool));
@@ -249,9 +259,26 @@ impl Client {
                     tracing::debug!(node = %cfg.addr, socket = %ping.shm_socket, "kvcache: using shared memory");
                 }
                 Err(e) if cfg.transport == Transport::Shm => return Err(e),
+                Err(e) => shm_fallback = Some(e.to_string()),
+            }
+        }
+        if shm_path.is_none() && matches!(cfg.transport, Transport::Auto | Transport::Rdma) {
+            match Self::try_rdma(&cfg, &ping, &mut conn).await {
+                #[cfg(feature = "rdma")]
+                Ok(shared) => {
+                    tracing::debug!(node = %cfg.addr, device = shared.device_name(), "kvcache: using RDMA");
+                    rdma_shared = Some(shared);
+                    shm_fallback = None;
+                }
+                Err(e) if cfg.transport == Transport::Rdma => return Err(e),
                 Err(e) => {
-                    tracing::info!(node = %cfg.addr, reason = %e, "kvcache: shared memory unavailable; using TCP");
-                    shm_fallback = Some(e.to_string());
+                    let why = match shm_fallback.take() {
+                        Some(shm) => format!("{shm}; {e}"),
+                        None => e.to_string(),
+                    };
+                    // The one line that says why bytes go over TCP.
+                    tracing::info!(node = %cfg.addr, reason = %why, "kvcache: using TCP");
+                    shm_fallback = Some(why);
                 }
             }
         }
@@ -262,6 +289,8 @@ impl Client {
             shm_path,
             shm_pool: Mutex::new(shm_pool),
             shm_fallback,
+            #[cfg(feature = "rdma")]
+            rdma: rdma_shared,
             cfg,
         };
         Ok(Self {
@@ -288,13 +317,90 @@ impl Client {
         }
     }
 
-    /// Why this client uses TCP although shared memory was allowed (`Transport::Auto`).
+    /// Sets up RDMA on `conn` (a fresh TCP connection), or says why not.
+    #[cfg(feature = "rdma")]
+    async fn try_rdma(
+        cfg: &ClientConfig,
+        ping: &PingReply,
+        conn: &mut Connection,
+    ) -> Result<Arc<rdma::Shared>, ClientError> {
+        if ping.rdma_device.is_empty() {
+            return Err(ClientError::RdmaUnavailable(
+                "the node serves no RDMA (its log says why)".into(),
+            ));
+        }
+        let here = rdma::Shared::open().map_err(|why| {
+            ClientError::RdmaUnavailable(format!("this host has no RDMA device ({why})"))
+        })?;
+        let attach = rdma::attach(conn, &here, cfg.shm_staging_bytes, cfg.timeout);
+        let attached = tokio::time::timeout(cfg.timeout, attach)
+            .await
+            .map_err(|_| ClientError::RdmaUnavailable("connecting queue pairs timed out".into()))?
+            .map_err(|e| match e {
+                ClientError::RdmaUnavailable(_) => e,
+                other => ClientError::RdmaUnavailable(other.to_string()),
+            })?;
+        conn.rdma = Some(attached);
+        Ok(here)
+    }
+
+    /// Without the `rdma` feature, says so when RDMA could have been used.
+    #[cfg(not(feature = "rdma"))]
+    async fn try_rdma(
+        _cfg: &ClientConfig,
+        ping: &PingReply,
+        _conn: &mut Connection,
+    ) -> Result<std::convert::Infallible, ClientError> {
+        Err(ClientError::RdmaUnavailable(
+            if ping.rdma_device.is_empty() {
+                "the node serves no RDMA".into()
+            } else {
+                format!(
+                    "the node offers RDMA ({}) but this client was built without the `rdma` feature",
+                    ping.rdma_device
+                )
+            },
+        ))
+    }
+
+    /// Registers `len` bytes at `addr` (e.g. a KV cache tensor) with this client's RDMA
+    /// device, once: gets then land straight in that memory and puts read straight from it.
+    /// Does nothing (and succeeds) when the client does not use RDMA.
+    ///
+    /// # Safety
+    /// The memory must stay mapped until [`Client::unregister_memory`] or the client is dropped.
+    pub unsafe fn register_memory(&self, addr: usize, len: usize) -> Result<(), ClientError> {
+        #[cfg(feature = "rdma")]
+        if let Some(shared) = &self.inner.rdma {
+            // SAFETY: upheld by the caller.
+            return unsafe { shared.register(addr, len) };
+        }
+        let _ = (addr, len);
+        Ok(())
+    }
+
+    /// Drops the registration made at `addr`; false if there was none.
+    pub fn unregister_memory(&self, addr: usize) -> bool {
+        #[cfg(feature = "rdma")]
+        if let Some(shared) = &self.inner.rdma {
+            return shared.unregister(addr);
+        }
+        let _ = addr;
+        false
+    }
+
+    /// Why this client uses TCP although shared memory or RDMA was allowed
+    /// (`Transport::Auto`): one reason per transport.
     pub fn shm_fallback_reason(&self) -> Option<&str> {
         self.inner.shm_fallback.as_deref()
     }
 
-    /// `"shm"` if this client moves bytes through shared memory, else `"tcp"`.
+    /// `"shm"`, `"rdma"` or `"tcp"`: how this client moves bytes.
     pub fn transport(&self) -> &'static str {
+        #[cfg(feature = "rdma")]
+        if self.inner.rdma.is_some() {
+            return "rdma";
+        }
         if self.inner.shm_path.is_some() {
             "shm"
         } else {
@@ -327,12 +433,25 @@ impl Client {
                 *self.inner.pool_slot() = conn.shm.as_ref().map(|a| Arc::clone(&a.pool));
                 conn
             }
-            None => Connection::open(&self.inner.cfg.addr).await?,
+            None => self.open_tcp().await?,
         };
         Ok(Checkout {
             conn,
             _permit: permit,
         })
+    }
+
+    /// A fresh TCP connection, with RDMA set up on it when this client uses RDMA.
+    async fn open_tcp(&self) -> Result<Connection, ClientError> {
+        #[allow(unused_mut)]
+        let mut conn = Connection::open(&self.inner.cfg.addr).await?;
+        #[cfg(feature = "rdma")]
+        if let Some(shared) = &self.inner.rdma {
+            let cfg = &self.inner.cfg;
+            let attached = rdma::attach(&mut conn, shared, cfg.shm_staging_bytes, cfg.timeout);
+            conn.rdma = Some(attached.await?);
+        }
+        Ok(conn)
     }
 
     fn checkin(&self, c: Checkout) {
@@ -385,6 +504,10 @@ impl Client {
         if self.inner.shm_path.is_some() {
             return with_conn!(self, "put", |c| put_shm(c, keys, values, &lens).await);
         }
+        #[cfg(feature = "rdma")]
+        if self.inner.rdma.is_some() {
+            return with_conn!(self, "put", |c| rdma::put(c, keys, values, &lens).await);
+        }
         let mut statuses = Vec::with_capacity(keys.len());
         let mut start = 0;
         while start < keys.len() {
@@ -429,6 +552,10 @@ impl Client {
                 if c.shm.is_some() {
                     return get_shm_vecs(c, chunk).await;
                 }
+                #[cfg(feature = "rdma")]
+                if c.rdma.is_some() {
+                    return rdma::get_vecs(c, chunk).await;
+                }
                 let lens = c.call_get(&req, chunk.len()).await?;
                 let mut values = Vec::with_capacity(lens.len());
                 for len in lens {
@@ -461,6 +588,10 @@ impl Client {
             let got = with_conn!(self, "get", chunk.len() + 1, |c| {
                 if c.shm.is_some() {
                     return get_shm_into(c, chunk, dst).await;
+                }
+                #[cfg(feature = "rdma")]
+                if c.rdma.is_some() {
+                    return rdma::get_into(c, chunk, dst).await;
                 }
                 let lens = c.call_get(&req, chunk.len()).await?;
                 let mut outcomes = Vec::with_capacity(lens.len());

@@ -153,27 +153,39 @@ impl ShmPool {
         let src = unsafe {
             std::slice::from_raw_parts(self.view.base().add(offset as usize), stored as usize)
         };
-        // Check a private copy of the trailer, so the checks below use what was verified.
-        let trailer = src[checksum::trailer_offset(len)..].to_vec();
-        if checksum::trailer_checksum(&trailer) != trailer_sum {
+        copy_verified_from(src, len, trailer_sum, dst)
+    }
+}
+
+/// Copies a block of `len` data bytes from `src` (the block as stored: data, then trailer)
+/// into `dst`, checking the trailer against `trailer_sum` and every chunk as it lands; false
+/// if any check fails (what landed must then not be used). Shared memory copies straight out
+/// of the node's pool; RDMA out of the buffer its READ landed in.
+pub(crate) fn copy_verified_from(
+    src: &[u8],
+    len: usize,
+    trailer_sum: u64,
+    dst: &mut [&mut [u8]],
+) -> Result<bool, ClientError> {
+    // Check a private copy of the trailer, so the checks below use what was verified.
+    let trailer = src[checksum::trailer_offset(len)..checksum::stored_len(len)].to_vec();
+    if checksum::trailer_checksum(&trailer) != trailer_sum {
+        return Ok(false);
+    }
+    let mut out = Scatter::new(dst);
+    if out.capacity() != len {
+        return Err(ClientError::InvalidArgument(format!(
+            "destination holds {} bytes for a {len}-byte block",
+            out.capacity()
+        )));
+    }
+    for i in 0..checksum::chunk_count(len) {
+        let landed = checksum::copy_chunk_checked(&src[checksum::chunk_range(len, i)], &mut out);
+        if landed != Some(checksum::recorded(&trailer, i)) {
             return Ok(false);
         }
-        let mut out = Scatter::new(dst);
-        if out.capacity() != len {
-            return Err(ClientError::InvalidArgument(format!(
-                "destination holds {} bytes for a {len}-byte block",
-                out.capacity()
-            )));
-        }
-        for i in 0..checksum::chunk_count(len) {
-            let landed =
-                checksum::copy_chunk_checked(&src[checksum::chunk_range(len, i)], &mut out);
-            if landed != Some(checksum::recorded(&trailer, i)) {
-                return Ok(false);
-            }
-        }
-        Ok(true)
     }
+    Ok(true)
 }
 
 /// Where each block of a put went in the staging window.
@@ -210,7 +222,7 @@ impl Staging {
     }
 }
 
-fn aligned_end(at: usize, len: u64) -> usize {
+pub(crate) fn aligned_end(at: usize, len: u64) -> usize {
     (at + len as usize).next_multiple_of(64)
 }
 

@@ -187,6 +187,13 @@ pub struct Settings {
     #[arg(long, env = "KVCACHE_DISK_CAPACITY", value_name = "SIZE")]
     pub disk_capacity: Option<ByteSize>,
 
+    /// One-sided RDMA for clients on other hosts: `auto` uses the first RDMA device with an
+    /// active port and says at start why not when there is none; `off` never does. Needs a
+    /// build with the `rdma` feature. RDMA connections use --shm-lease-timeout and
+    /// --shm-max-staging too [default: auto].
+    #[arg(long, env = "KVCACHE_RDMA", value_name = "auto|off")]
+    pub rdma: Option<String>,
+
     /// Enables fault-injection endpoints (POST /debug/corrupt/KEY). Never in production.
     #[arg(long, hide = true)]
     #[serde(default)]
@@ -207,6 +214,13 @@ pub struct ShmConfig {
     pub socket: ShmSocket,
     /// Permission bits of the socket file.
     pub mode: u32,
+    pub lease_timeout: Duration,
+    pub max_staging: u64,
+}
+
+/// Leases and staging windows of RDMA connections (the shared-memory flags set both).
+#[derive(Clone, Debug)]
+pub struct RdmaConfig {
     pub lease_timeout: Duration,
     pub max_staging: u64,
 }
@@ -251,6 +265,8 @@ pub struct ServerConfig {
     pub cluster: Option<ClusterConfig>,
     /// The disk tier: its directory and capacity in bytes.
     pub disk: Option<(PathBuf, u64)>,
+    /// `None` with `--rdma off`; else RDMA is served when this build and host can.
+    pub rdma: Option<RdmaConfig>,
     pub listen: String,
     pub metrics_listen: Option<String>,
     pub store: StoreConfig,
@@ -305,7 +321,8 @@ impl Settings {
             replicas,
             warm,
             disk,
-            disk_capacity
+            disk_capacity,
+            rdma
         );
         self.enable_test_hooks |= file.enable_test_hooks;
         Ok(self)
@@ -352,9 +369,21 @@ impl Settings {
                 Some((path.clone(), capacity))
             }
         };
+        let rdma = match self.rdma.as_deref() {
+            None | Some("auto") => {
+                let (lease_timeout, max_staging) = self.lease_and_staging()?;
+                Some(RdmaConfig {
+                    lease_timeout,
+                    max_staging,
+                })
+            }
+            Some("off") => None,
+            Some(other) => bail!("--rdma must be `auto` or `off`, got {other:?}"),
+        };
         Ok(ServerConfig {
             cluster,
             disk,
+            rdma,
             listen: self
                 .listen
                 .clone()
@@ -461,6 +490,17 @@ impl Settings {
                     "--shm-mode must be octal permission bits like 600 or 660, got {mode_text:?}"
                 )
             })?;
+        let (lease_timeout, max_staging) = self.lease_and_staging()?;
+        Ok(Some(ShmConfig {
+            socket,
+            mode,
+            lease_timeout,
+            max_staging,
+        }))
+    }
+
+    /// `--shm-lease-timeout` and `--shm-max-staging`, checked.
+    fn lease_and_staging(&self) -> anyhow::Result<(Duration, u64)> {
         let lease = self.shm_lease_timeout.unwrap_or(30.0);
         if !(0.001..=86_400.0).contains(&lease) {
             bail!("--shm-lease-timeout must be between 0.001 and 86400 seconds");
@@ -469,12 +509,7 @@ impl Settings {
         if max_staging < 4096 {
             bail!("--shm-max-staging must be at least 4KiB");
         }
-        Ok(Some(ShmConfig {
-            socket,
-            mode,
-            lease_timeout: Duration::from_secs_f64(lease),
-            max_staging,
-        }))
+        Ok((Duration::from_secs_f64(lease), max_staging))
     }
 }
 

@@ -3,6 +3,8 @@
 //! - [`store`]: the memory pool, index, eviction and leases (transport-independent);
 //! - [`service`]: the data plane speaking the kvcache frame protocol (TCP and Unix socket);
 //! - [`shm`]: the shared-memory transport for clients on the same host;
+//! - [`rdma`]: one-sided RDMA for clients on other hosts (feature `rdma`; refused clearly
+//!   without it);
 //! - [`metrics`] and [`http`]: Prometheus text and health on a separate listener;
 //! - [`config`]: command line, environment and TOML configuration;
 //! - [`server`]: wires it together, runs until shutdown;
@@ -15,6 +17,7 @@ pub mod config;
 pub mod disk;
 pub mod http;
 pub mod metrics;
+pub mod rdma;
 pub mod server;
 pub mod service;
 pub mod shm;

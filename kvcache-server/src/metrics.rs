@@ -86,8 +86,8 @@ pub struct Metrics {
     requested_blocks: [AtomicU64; OPS],
     hit_blocks: [AtomicU64; OPS],
     latency: [Histogram; OPS],
-    bytes_in: [AtomicU64; 2],
-    bytes_out: [AtomicU64; 2],
+    bytes_in: [AtomicU64; 3],
+    bytes_out: [AtomicU64; 3],
     shm_leases_revoked: AtomicU64,
     shm_suspects: [AtomicU64; 2],
     put_rejected: [AtomicU64; 3],
@@ -109,6 +109,8 @@ pub struct Metrics {
 pub enum Transport {
     Tcp = 0,
     Shm = 1,
+    /// One-sided RDMA: the node counts what its leases and staging reads cover.
+    Rdma = 2,
 }
 
 /// Why a put of one block was refused, for `kvcache_put_rejected_blocks_total`.
@@ -292,7 +294,7 @@ impl Metrics {
             "counter",
             "Payload bytes received.",
         );
-        for (via, c) in ["tcp", "shm"].iter().zip(&self.bytes_in) {
+        for (via, c) in ["tcp", "shm", "rdma"].iter().zip(&self.bytes_in) {
             let _ = writeln!(
                 out,
                 "kvcache_bytes_received_total{{transport=\"{via}\"}} {}",
@@ -305,7 +307,7 @@ impl Metrics {
             "counter",
             "Payload bytes sent.",
         );
-        for (via, c) in ["tcp", "shm"].iter().zip(&self.bytes_out) {
+        for (via, c) in ["tcp", "shm", "rdma"].iter().zip(&self.bytes_out) {
             let _ = writeln!(
                 out,
                 "kvcache_bytes_sent_total{{transport=\"{via}\"}} {}",

@@ -98,6 +98,7 @@ impl RunningServer {
             request_timeout: cfg.request_timeout,
             shm_socket: shm_socket.as_ref().map(|p| p.display().to_string()),
             host_id,
+            rdma: crate::rdma::RdmaState::start(cfg.rdma.as_ref(), &store),
         });
         // TCP and Unix-socket connections share one limit.
         let slots = Arc::new(Semaphore::new(cfg.max_connections));

@@ -43,6 +43,8 @@ pub struct ServiceContext {
     pub shm_socket: Option<String>,
     /// This host's identity, advertised by `Ping` (see `kvcache_transport::shm::host_id`).
     pub host_id: String,
+    /// RDMA for clients on other hosts, or why not.
+    pub rdma: crate::rdma::RdmaState,
 }
 
 /// True at most once per second: events a network peer can trigger at will (bad frames,
@@ -82,14 +84,15 @@ pub async fn serve_connection(
     serve_stream(&ctx, rd, wr, peer, shutdown, None).await;
 }
 
-/// The request loop of one connection; `session` enables the shared-memory ops.
+/// The request loop of one connection; `session` enables the shared-memory ops (an RDMA
+/// connection gets one from its `RdmaConnect`).
 pub(crate) async fn serve_stream<R, W>(
-    ctx: &ServiceContext,
+    ctx: &Arc<ServiceContext>,
     mut rd: R,
     mut wr: W,
     peer: &str,
     mut shutdown: watch::Receiver<bool>,
-    session: Option<&ShmSession>,
+    mut session: Option<Arc<ShmSession>>,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -103,7 +106,7 @@ pub(crate) async fn serve_stream<R, W>(
         let flow = match header {
             Ok(h) => match tokio::time::timeout(
                 ctx.request_timeout,
-                handle_request(ctx, h, &mut rd, &mut wr, session),
+                handle_request(ctx, h, &mut rd, &mut wr, &mut session),
             )
             .await
             {
@@ -224,11 +227,11 @@ where
 }
 
 async fn handle_request<R, W>(
-    ctx: &ServiceContext,
+    ctx: &Arc<ServiceContext>,
     h: FrameHeader,
     rd: &mut R,
     wr: &mut W,
-    session: Option<&ShmSession>,
+    session: &mut Option<Arc<ShmSession>>,
 ) -> ConnResult<Flow>
 where
     R: AsyncRead + Unpin,
@@ -261,10 +264,11 @@ where
         Op::ShmGet | Op::ShmPut | Op::ShmRelease => match session {
             Some(session) => shm::handle(ctx, session, &h, &control, wr).await,
             None => Ok(Outcome::Refused(format!(
-                "{} is served only on the node's shared-memory socket",
+                "{} is served only on the node's shared-memory socket or after rdma_connect",
                 h.op.name()
             ))),
         },
+        Op::RdmaConnect => crate::rdma::connect(ctx, &h, &control, wr, session).await,
         Op::ShmAttach => Ok(Outcome::Refused(
             "shm_attach must be the first request on the shared-memory socket".into(),
         )),
@@ -483,6 +487,7 @@ async fn handle_lookup<W: AsyncWrite + Unpin>(
                 max_control: ctx.limits.max_control,
                 shm_socket: ctx.shm_socket.clone().unwrap_or_default(),
                 host_id: ctx.host_id.clone(),
+                rdma_device: ctx.rdma.device_name().unwrap_or_default().to_string(),
             };
             send_reply(wr, Op::Ping, h.request_id, &reply).await?;
         }

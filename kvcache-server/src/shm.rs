@@ -62,11 +62,15 @@ pub struct ShmServe {
     pub pool_id: String,
 }
 
-/// One attached client: its staging window and the leases it holds.
+/// One attached client: its staging window and the leases it holds. RDMA connections hold one
+/// too (their staging window registered with the device, the pool read through the device).
 pub struct ShmSession {
+    /// What must go before the staging window (an RDMA queue pair and registration).
+    _keep: Option<Box<dyn Send + Sync>>,
     staging: ShmRegion,
     leases: Mutex<LeaseTable>,
     lease_timeout: Duration,
+    transport: Transport,
 }
 
 #[derive(Default)]
@@ -81,6 +85,23 @@ struct LeaseBatch {
 }
 
 impl ShmSession {
+    pub(crate) fn new(staging: ShmRegion, lease_timeout: Duration, transport: Transport) -> Self {
+        Self {
+            _keep: None,
+            staging,
+            leases: Mutex::new(LeaseTable::default()),
+            lease_timeout,
+            transport,
+        }
+    }
+
+    /// Keeps `what` alive exactly as long as the session, and dropped before its window.
+    #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+    pub(crate) fn keep(mut self, what: Box<dyn Send + Sync>) -> Self {
+        self._keep = Some(what);
+        self
+    }
+
     /// Revokes every lease batch past its deadline; returns the blocks released.
     fn expire(&self, now: Instant) -> usize {
         let mut table = self.leases.lock();
@@ -174,11 +195,19 @@ pub async fn serve_unix(
             }
         };
     tracing::debug!(%peer, staging = session.staging.len(), "shared-memory client attached");
-    let reaper = tokio::spawn(reap(Arc::downgrade(&session), Arc::clone(&ctx)));
+    let reaper = spawn_reaper(&session, &ctx);
     let (rd, wr) = stream.split();
-    service::serve_stream(&ctx, rd, wr, &peer, shutdown, Some(&session)).await;
+    service::serve_stream(&ctx, rd, wr, &peer, shutdown, Some(session)).await;
     reaper.abort();
     // Dropping the session releases every lease the client still held.
+}
+
+/// Starts revoking the session's expired leases; abort the task when the connection ends.
+pub(crate) fn spawn_reaper(
+    session: &Arc<ShmSession>,
+    ctx: &Arc<ServiceContext>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(reap(Arc::downgrade(session), Arc::clone(ctx)))
 }
 
 /// Revokes expired leases of one session until it ends. Leases expire between one and one and
@@ -242,11 +271,11 @@ async fn attach(
         })
         .await?;
     stream.write_all(&frame[sent..]).await?;
-    Ok(ShmSession {
+    Ok(ShmSession::new(
         staging,
-        leases: Mutex::new(LeaseTable::default()),
-        lease_timeout: serve.lease_timeout,
-    })
+        serve.lease_timeout,
+        Transport::Shm,
+    ))
 }
 
 /// Serves one shared-memory op of an attached connection.
@@ -305,7 +334,7 @@ async fn get<W: AsyncWrite + Unpin>(
         }
     }
     ctx.metrics.blocks(Op::ShmGet, keys.len(), blocks.len());
-    ctx.metrics.bytes_out(Transport::Shm, bytes);
+    ctx.metrics.bytes_out(session.transport, bytes);
     if !blocks.is_empty() {
         let mut table = session.leases.lock();
         table.next_id += 1;
@@ -406,7 +435,7 @@ async fn put<W: AsyncWrite + Unpin>(
         };
         statuses.push(status as i32);
     }
-    ctx.metrics.bytes_in(Transport::Shm, bytes);
+    ctx.metrics.bytes_in(session.transport, bytes);
     send_reply(wr, Op::ShmPut, h.request_id, &PutReply { statuses }).await?;
     Ok(Outcome::Done)
 }

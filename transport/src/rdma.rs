@@ -8,12 +8,16 @@
 //! split into work requests by [`scatter_plan`]; completions map to outcomes by
 //! [`completion_outcome`], and any failure is a miss, never wrong bytes.
 //!
-//! Why `ibverbs` (0.9) over `rdma-sys` (0.3): it is maintained, builds against Debian's
-//! rdma-core 44 headers, and gives safe device, context and protection-domain handles; the
-//! one-sided verbs it does not wrap go through its re-exported `ffi` module. `rdma-sys` is
-//! raw bindings only and was last released in 2023.
+//! The verbs themselves ([`verbs`], feature `rdma`) sit on `ibverbs-sys`, the bindings of the
+//! maintained `ibverbs` project, generated against Debian's rdma-core headers. Not on the
+//! `ibverbs` crate: it registers only memory it allocates itself and wraps only two-sided
+//! SEND/RECV, while we register the node's existing pool and post one-sided READ/WRITE. Not
+//! on `rdma-sys`: the same kind of raw bindings, last released in 2023.
 
 use std::fmt;
+
+#[cfg(feature = "rdma")]
+pub mod verbs;
 
 /// What this process can do with RDMA.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,28 +40,16 @@ impl fmt::Display for Availability {
     }
 }
 
-/// Finds the first RDMA device that opens.
+/// Finds the first RDMA device that opens with an active port.
 #[cfg(feature = "rdma")]
 pub fn probe() -> Availability {
-    // With no device (or no kernel support) this is Err(ENOSYS), not an empty list.
-    let list = match ibverbs::devices() {
-        Ok(list) => list,
-        Err(e) => return Availability::NoDevice(format!("listing devices: {e}")),
-    };
-    if list.is_empty() {
-        return Availability::NoDevice("the device list is empty".into());
+    match verbs::Device::open() {
+        Ok(dev) => Availability::Device {
+            name: dev.name().to_string(),
+        },
+        Err(verbs::VerbsError::NoDevice(why)) => Availability::NoDevice(why),
+        Err(e) => Availability::NoDevice(e.to_string()),
     }
-    let mut last = String::new();
-    for dev in list.iter() {
-        let name = dev
-            .name()
-            .map_or_else(|| "?".into(), |n| n.to_string_lossy().into_owned());
-        match dev.open() {
-            Ok(_) => return Availability::Device { name },
-            Err(e) => last = format!("{name}: {e}"),
-        }
-    }
-    Availability::NoDevice(format!("no device opens; last: {last}"))
 }
 
 /// Without the `rdma` feature there is never a device.
@@ -199,11 +191,12 @@ impl RemoteRegion {
     }
 }
 
-/// A local piece of a transfer: `len` bytes at `addr` (registered memory).
+/// A local piece of a transfer: `len` bytes at `addr`, in the registration `lkey` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sge {
     pub addr: u64,
     pub len: u32,
+    pub lkey: u32,
 }
 
 /// One work request: a contiguous remote range to or from up to `max_sge` local pieces.
@@ -224,12 +217,13 @@ impl WorkRequest {
 }
 
 /// Splits one block that lies contiguously at `remote_offset` into work requests over the
-/// local `segments` (a block lands in its many KV segments): each request carries at most
+/// local `segments`, each `(addr, len, lkey)` (a block lands in its many KV segments, each
+/// in whichever registration holds it): each request carries at most
 /// `max_sge` pieces and `max_msg` bytes; a segment larger than that is split. Empty segments
 /// are skipped.
 pub fn scatter_plan(
     remote_offset: u64,
-    segments: &[(u64, u64)],
+    segments: &[(u64, u64, u32)],
     max_sge: usize,
     max_msg: u32,
 ) -> Result<Vec<WorkRequest>, RdmaError> {
@@ -245,7 +239,7 @@ pub fn scatter_plan(
         sges: Vec::new(),
     };
     let mut current_len = 0u64;
-    for &(addr, len) in segments {
+    for &(addr, len, lkey) in segments {
         let mut done = 0u64;
         while done < len {
             let room = max_msg as u64 - current_len;
@@ -253,6 +247,7 @@ pub fn scatter_plan(
             current.sges.push(Sge {
                 addr: addr + done,
                 len: piece as u32,
+                lkey,
             });
             (done, current_len, offset) = (done + piece, current_len + piece, offset + piece);
             if current.sges.len() == max_sge || current_len == max_msg as u64 {
@@ -376,12 +371,13 @@ mod tests {
     #[test]
     fn a_block_is_split_into_work_requests_that_cover_every_segment_in_order() {
         // A block of 4 KV segments (K and V of two heads), 3 of 4096 bytes and one of 10000.
+        // Each segment in its own registration (lkey 1..=5).
         let segs = [
-            (0x1000, 4096),
-            (0x9000, 4096),
-            (0x20000, 0),
-            (0x30000, 10000),
-            (0x50000, 4096),
+            (0x1000, 4096, 1),
+            (0x9000, 4096, 2),
+            (0x20000, 0, 3),
+            (0x30000, 10000, 4),
+            (0x50000, 4096, 5),
         ];
         let plan = scatter_plan(1 << 20, &segs, 2, 8192).unwrap();
         // Every byte once, in order, remote offsets contiguous.
@@ -391,17 +387,17 @@ mod tests {
             assert_eq!(wr.remote_offset, offset);
             assert!(wr.sges.len() <= 2 && wr.len() <= 8192, "{wr:?}");
             offset += wr.len();
-            flat.extend(wr.sges.iter().map(|s| (s.addr, s.len as u64)));
+            flat.extend(wr.sges.iter().map(|s| (s.addr, s.len as u64, s.lkey)));
         }
         assert_eq!(offset - (1 << 20), 4096 * 3 + 10000);
-        let mut merged: Vec<(u64, u64)> = Vec::new();
-        for (a, l) in flat {
+        let mut merged: Vec<(u64, u64, u32)> = Vec::new();
+        for (a, l, k) in flat {
             match merged.last_mut() {
-                Some((pa, pl)) if *pa + *pl == a => *pl += l,
-                _ => merged.push((a, l)),
+                Some((pa, pl, pk)) if *pa + *pl == a && *pk == k => *pl += l,
+                _ => merged.push((a, l, k)),
             }
         }
-        let nonempty: Vec<(u64, u64)> = segs.iter().copied().filter(|s| s.1 > 0).collect();
+        let nonempty: Vec<(u64, u64, u32)> = segs.iter().copied().filter(|s| s.1 > 0).collect();
         assert_eq!(merged, nonempty);
         assert!(scatter_plan(0, &segs, 0, 1).is_err());
         assert_eq!(scatter_plan(0, &[], 4, 4096).unwrap(), vec![]);

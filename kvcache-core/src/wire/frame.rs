@@ -36,13 +36,17 @@ pub enum Op {
     ShmPut = 9,
     /// Lists stored keys in key order, a page at a time (a joining node warms itself with it).
     ListKeys = 10,
+    /// RDMA (TCP connections): exchange queue-pair endpoints and registered regions; then the
+    /// connection serves `ShmGet`, `ShmRelease` and `ShmPut` with bytes moved by one-sided
+    /// READs from the pool and WRITEs into the connection's staging window.
+    RdmaConnect = 11,
     /// A request failed as a whole; the control message is an `ErrorReply`.
     Error = 0x7f,
 }
 
 impl Op {
     /// Every request op, for metrics and tests.
-    pub const REQUESTS: [Op; 10] = [
+    pub const REQUESTS: [Op; 11] = [
         Op::Ping,
         Op::Put,
         Op::Get,
@@ -53,6 +57,7 @@ impl Op {
         Op::ShmRelease,
         Op::ShmPut,
         Op::ListKeys,
+        Op::RdmaConnect,
     ];
 
     fn from_u8(v: u8) -> Option<Op> {
@@ -67,6 +72,7 @@ impl Op {
             8 => Op::ShmRelease,
             9 => Op::ShmPut,
             10 => Op::ListKeys,
+            11 => Op::RdmaConnect,
             0x7f => Op::Error,
             _ => return None,
         })
@@ -85,6 +91,7 @@ impl Op {
             Op::ShmRelease => "shm_release",
             Op::ShmPut => "shm_put",
             Op::ListKeys => "list_keys",
+            Op::RdmaConnect => "rdma_connect",
             Op::Error => "error",
         }
     }

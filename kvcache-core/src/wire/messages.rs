@@ -27,6 +27,9 @@ pub struct PingReply {
     /// try shared memory.
     #[prost(string, tag = "6")]
     pub host_id: String,
+    /// The node's RDMA device; empty when it has none (or was built without RDMA).
+    #[prost(string, tag = "7")]
+    pub rdma_device: String,
 }
 
 /// `Put` request: `keys[i]` has `lens[i]` bytes; the payload is the blocks back to back.
@@ -124,6 +127,31 @@ pub struct ShmAttachReply {
     /// Unique per pool: two connections that report the same value share one pool.
     #[prost(string, tag = "4")]
     pub pool_id: String,
+}
+
+/// `RdmaConnect` request: the client's queue pair and the staging window it wants for puts.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RdmaConnectRequest {
+    /// `kvcache_transport::rdma::QpEndpoint`, encoded.
+    #[prost(bytes = "vec", tag = "1")]
+    pub endpoint: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub staging_bytes: u64,
+}
+
+/// `RdmaConnect` reply: the node's queue pair (already connected to the client's), its pool
+/// (remote read only) and this connection's staging window (remote write only).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RdmaConnectReply {
+    #[prost(bytes = "vec", tag = "1")]
+    pub endpoint: Vec<u8>,
+    /// `kvcache_transport::rdma::RemoteRegion`, encoded.
+    #[prost(bytes = "vec", tag = "2")]
+    pub pool: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub staging: Vec<u8>,
+    #[prost(uint32, tag = "4")]
+    pub lease_timeout_ms: u32,
 }
 
 /// `ShmGet` request: lease these blocks.

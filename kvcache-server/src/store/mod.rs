@@ -259,6 +259,11 @@ impl Store {
         self.pool.region().len() as u64
     }
 
+    /// The pool's memory (to register with an RDMA device).
+    pub fn pool_region(&self) -> &dyn MemoryRegion {
+        self.pool.region()
+    }
+
     /// The pool's shared memory file, if the pool is shared.
     pub fn shared_pool(&self) -> Option<&ShmRegion> {
         match &self.pool {

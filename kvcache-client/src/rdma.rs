@@ -1,0 +1,474 @@
+//! The client side of RDMA (feature `rdma`): one queue pair per TCP connection, set up by
+//! `RdmaConnect`; gets lease blocks with `ShmGet` and READ them; puts WRITE blocks into the
+//! connection's staging window at the node and send `ShmPut`.
+//!
+//! Memory the caller registered ([`crate::Client::register_memory`], e.g. the engine's KV
+//! tensors, once) is used in place: a block's READ scatters straight into its KV segments
+//! and its checksums are checked there; a put's WRITE gathers straight from them. Any other
+//! memory goes through the connection's registered landing buffer, from which a get is
+//! verify-copied (the same fused copy and check as shared memory) and into which a put is
+//! staged. Either way a block that fails a check is a miss, and a failed transfer drops the
+//! connection.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use kvcache_core::BlockKey;
+use kvcache_core::checksum;
+use kvcache_core::wire::{
+    self, Op, PutReply, RdmaConnectReply, RdmaConnectRequest, ShmGetReply, ShmPutRequest,
+};
+use kvcache_transport::rdma::verbs::{Device, Direction, Link, Registration};
+use kvcache_transport::rdma::{QpEndpoint, RemoteRegion, WorkRequest, scatter_plan};
+use kvcache_transport::{HostRegion, LockMode, MemoryRegion};
+
+use crate::connection::Connection;
+use crate::shm::{aligned_end, copy_verified_from};
+use crate::{ClientError, GetOutcome};
+
+/// What every RDMA connection of one client shares: the device and the caller's registrations.
+pub(crate) struct Shared {
+    device: Arc<Device>,
+    registered: RwLock<Vec<Registration>>,
+}
+
+impl Shared {
+    pub(crate) fn open() -> Result<Arc<Shared>, String> {
+        let device = Device::open().map_err(|e| e.to_string())?;
+        Ok(Arc::new(Shared {
+            device,
+            registered: RwLock::new(Vec::new()),
+        }))
+    }
+
+    pub(crate) fn device_name(&self) -> &str {
+        self.device.name()
+    }
+
+    /// # Safety
+    /// The memory must stay mapped until [`Shared::unregister`] or the client is dropped.
+    pub(crate) unsafe fn register(&self, addr: usize, len: usize) -> Result<(), ClientError> {
+        // SAFETY: upheld by the caller.
+        let reg = unsafe { self.device.register(addr as *mut u8, len, false, false) }
+            .map_err(|e| ClientError::InvalidArgument(format!("cannot register memory: {e}")))?;
+        self.regs_mut().push(reg);
+        Ok(())
+    }
+
+    /// Drops the registration that starts at `addr`; false if there is none.
+    pub(crate) fn unregister(&self, addr: usize) -> bool {
+        let mut regs = self.regs_mut();
+        let before = regs.len();
+        regs.retain(|r| r.remote().addr != addr as u64);
+        regs.len() != before
+    }
+
+    fn regs_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Registration>> {
+        self.registered.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lkey of the registration holding `[addr, addr + len)`.
+    fn lkey_of(&self, addr: u64, len: u64) -> Option<u32> {
+        let regs = self.registered.read().unwrap_or_else(|e| e.into_inner());
+        regs.iter()
+            .find(|r| r.contains(addr, len))
+            .map(|r| r.lkey())
+    }
+
+    /// Every segment with its lkey, if all lie in registered memory.
+    fn registered_segments(&self, segs: &[(u64, u64)]) -> Option<Vec<(u64, u64, u32)>> {
+        segs.iter()
+            .map(|&(a, l)| self.lkey_of(a, l).map(|k| (a, l, k)))
+            .collect()
+    }
+}
+
+/// One connection's RDMA state.
+pub(crate) struct Attached {
+    shared: Arc<Shared>,
+    link: Link,
+    pool: RemoteRegion,
+    staging: RemoteRegion,
+    /// Registered local memory for gets into (and puts from) unregistered memory.
+    landing: Registration,
+    landing_mem: HostRegion,
+    timeout: Duration,
+}
+
+/// Sends `RdmaConnect` on a fresh TCP connection and connects the queue pairs.
+pub(crate) async fn attach(
+    conn: &mut Connection,
+    shared: &Arc<Shared>,
+    staging_bytes: u64,
+    timeout: Duration,
+) -> Result<Attached, ClientError> {
+    let fail = |e: &dyn std::fmt::Display| ClientError::RdmaUnavailable(e.to_string());
+    let mut link = Link::new(&shared.device).map_err(|e| fail(&e))?;
+    let req = RdmaConnectRequest {
+        endpoint: link.endpoint().encode().to_vec(),
+        staging_bytes,
+    };
+    let reply: RdmaConnectReply = conn.call_simple(Op::RdmaConnect, &req).await?;
+    let proto = |e: kvcache_transport::rdma::RdmaError| ClientError::Protocol(e.to_string());
+    let node = QpEndpoint::decode(&reply.endpoint).map_err(proto)?;
+    let pool = RemoteRegion::decode(&reply.pool).map_err(proto)?;
+    let staging = RemoteRegion::decode(&reply.staging).map_err(proto)?;
+    link.connect(&node).map_err(|e| fail(&e))?;
+    let landing_mem =
+        HostRegion::new(staging.len.max(4096) as usize, LockMode::Off).map_err(|e| fail(&e))?;
+    // SAFETY: `landing_mem` lives in the same struct and is dropped after the registration
+    // (field order).
+    let landing = unsafe {
+        shared
+            .device
+            .register(landing_mem.base(), landing_mem.len(), false, false)
+    }
+    .map_err(|e| fail(&e))?;
+    Ok(Attached {
+        shared: Arc::clone(shared),
+        link,
+        pool,
+        staging,
+        landing,
+        landing_mem,
+        timeout,
+    })
+}
+
+impl Attached {
+    async fn run(&mut self, dir: Direction, plan: &[WorkRequest]) -> Result<(), ClientError> {
+        let remote = match dir {
+            Direction::Read => self.pool,
+            Direction::Write => self.staging,
+        };
+        // SAFETY: every piece lies in a live registration: the landing buffer (ours) or the
+        // caller's memory, which `get_into`/`put` borrow for the whole call.
+        let done = unsafe { self.link.transfer(dir, plan, &remote, self.timeout) }.await;
+        done.map_err(|e| {
+            if e.breaks_link() {
+                ClientError::Io(std::io::Error::other(format!("RDMA: {e}")))
+            } else {
+                ClientError::Protocol(format!("RDMA: {e}"))
+            }
+        })
+    }
+
+    fn limits(&self) -> (usize, u32) {
+        self.shared.device.limits()
+    }
+
+    fn landing_at(&self, at: usize) -> u64 {
+        self.landing_mem.base() as u64 + at as u64
+    }
+}
+
+/// A get into caller segments: lease, READ, verify, release.
+pub(crate) async fn get_into(
+    c: &mut Connection,
+    keys: &[BlockKey],
+    dst: &mut [Vec<&mut [u8]>],
+) -> Result<Vec<GetOutcome>, ClientError> {
+    let reply = c.shm_lease(keys).await?;
+    let result = read_leased(c, &reply, dst).await;
+    release(c, keys, &reply, result).await
+}
+
+/// A get into fresh buffers, sized from the lease.
+pub(crate) async fn get_vecs(
+    c: &mut Connection,
+    keys: &[BlockKey],
+) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+    let reply = c.shm_lease(keys).await?;
+    let mut bufs: Vec<Vec<u8>> = reply.lens.iter().map(|&l| vec![0u8; l as usize]).collect();
+    let result = {
+        let mut dst: Vec<Vec<&mut [u8]>> = bufs.iter_mut().map(|b| vec![&mut b[..]]).collect();
+        read_leased(c, &reply, &mut dst).await
+    };
+    let outcomes = release(c, keys, &reply, result).await?;
+    Ok(outcomes
+        .into_iter()
+        .zip(bufs)
+        .map(|(o, b)| (o == GetOutcome::Hit).then_some(b))
+        .collect())
+}
+
+/// Ends the lease whatever happened (never left to the timeout when we can help it), naming
+/// the blocks that failed their checks.
+async fn release(
+    c: &mut Connection,
+    keys: &[BlockKey],
+    reply: &ShmGetReply,
+    result: Result<Vec<GetOutcome>, ClientError>,
+) -> Result<Vec<GetOutcome>, ClientError> {
+    let suspect: Vec<BlockKey> = match &result {
+        Ok(outcomes) => outcomes
+            .iter()
+            .zip(keys)
+            .zip(&reply.lens)
+            .filter(|((o, _), len)| **len > 0 && **o == GetOutcome::Miss)
+            .map(|((_, k), _)| *k)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let released = c.shm_release(reply.lease_id, &suspect).await;
+    let outcomes = result?;
+    released?;
+    if !suspect.is_empty() {
+        tracing::warn!(
+            blocks = suspect.len(),
+            "kvcache: blocks read over RDMA failed verification; reported as misses"
+        );
+    }
+    Ok(outcomes)
+}
+
+async fn read_leased(
+    c: &mut Connection,
+    reply: &ShmGetReply,
+    dst: &mut [Vec<&mut [u8]>],
+) -> Result<Vec<GetOutcome>, ClientError> {
+    let a = c.rdma.as_mut().expect("an RDMA connection");
+    let (max_sge, max_msg) = a.limits();
+    let mut outcomes = vec![GetOutcome::Miss; dst.len()];
+    // Blocks to read: (index, where the stored bytes land in the landing buffer, or None
+    // when they land straight in registered segments, with only the trailer landing).
+    let mut i = 0;
+    while i < dst.len() {
+        let mut plan = Vec::new();
+        let mut batch: Vec<(usize, usize, bool)> = Vec::new();
+        let mut at = 0usize;
+        while i < dst.len() {
+            let len = reply.lens[i] as usize;
+            let expected: usize = dst[i].iter().map(|s| s.len()).sum();
+            if len == 0 {
+                i += 1;
+                continue;
+            }
+            if len != expected {
+                outcomes[i] = GetOutcome::WrongSize {
+                    stored: len,
+                    expected,
+                };
+                i += 1;
+                continue;
+            }
+            let stored = checksum::stored_len(len);
+            let off = reply.offsets[i];
+            if !a.pool.covers(off, stored as u64) {
+                return Err(ClientError::Protocol(format!(
+                    "block of {len} bytes at offset {off} lies outside the node's pool"
+                )));
+            }
+            let segs: Vec<(u64, u64)> = dst[i]
+                .iter()
+                .map(|s| (s.as_ptr() as u64, s.len() as u64))
+                .collect();
+            let direct = a.shared.registered_segments(&segs);
+            let need = if direct.is_some() {
+                stored - checksum::trailer_offset(len)
+            } else {
+                stored
+            };
+            if at + need > a.landing_mem.len() {
+                if batch.is_empty() {
+                    return Err(ClientError::InvalidArgument(format!(
+                        "a {len}-byte block does not fit the {}-byte RDMA landing buffer; raise shm_staging_bytes",
+                        a.landing_mem.len()
+                    )));
+                }
+                break;
+            }
+            let lkey = a.landing.lkey();
+            let plan_of = |off: u64, segs: &[(u64, u64, u32)]| {
+                scatter_plan(off, segs, max_sge, max_msg)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))
+            };
+            let pieces = match &direct {
+                Some(segs) => {
+                    let trailer_off = off + checksum::trailer_offset(len) as u64;
+                    let mut p = plan_of(off, segs)?;
+                    p.extend(plan_of(
+                        trailer_off,
+                        &[(a.landing_at(at), need as u64, lkey)],
+                    )?);
+                    p
+                }
+                None => plan_of(off, &[(a.landing_at(at), stored as u64, lkey)])?,
+            };
+            plan.extend(pieces);
+            batch.push((i, at, direct.is_some()));
+            at = aligned_end(at, need as u64);
+            i += 1;
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        a.run(Direction::Read, &plan).await?;
+        for (i, at, direct) in batch {
+            let len = reply.lens[i] as usize;
+            let sum = reply.trailer_checksums[i];
+            let base = a.landing_mem.base();
+            let ok = if direct {
+                let trailer_len = checksum::stored_len(len) - checksum::trailer_offset(len);
+                // SAFETY: the trailer landed at `at` in our buffer (the READ completed).
+                let trailer = unsafe { std::slice::from_raw_parts(base.add(at), trailer_len) };
+                scattered_intact(&dst[i], len, trailer, sum)
+            } else {
+                // SAFETY: the block landed at `at` (the READ completed); nothing else writes
+                // the landing buffer while this connection is checked out.
+                let src =
+                    unsafe { std::slice::from_raw_parts(base.add(at), checksum::stored_len(len)) };
+                copy_verified_from(src, len, sum, &mut dst[i])?
+            };
+            outcomes[i] = if ok {
+                GetOutcome::Hit
+            } else {
+                GetOutcome::Miss
+            };
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Whether a block that landed across `segs` matches its trailer (checked against the
+/// node's `trailer_sum` first).
+fn scattered_intact(segs: &[&mut [u8]], len: usize, trailer: &[u8], trailer_sum: u64) -> bool {
+    if checksum::trailer_checksum(trailer) != trailer_sum {
+        return false;
+    }
+    let mut gather = Vec::new();
+    let (mut seg, mut off) = (0usize, 0usize);
+    for i in 0..checksum::chunk_count(len) {
+        let want = checksum::chunk_range(len, i).len();
+        // The chunk in place when one segment holds it, else gathered.
+        let sum = if segs[seg].len() - off >= want {
+            let s = checksum::chunk_checksum(&segs[seg][off..off + want]);
+            off += want;
+            s
+        } else {
+            gather.clear();
+            while gather.len() < want {
+                let take = (segs[seg].len() - off).min(want - gather.len());
+                gather.extend_from_slice(&segs[seg][off..off + take]);
+                off += take;
+                if off == segs[seg].len() && gather.len() < want {
+                    (seg, off) = (seg + 1, 0);
+                }
+            }
+            checksum::chunk_checksum(&gather)
+        };
+        if sum != checksum::recorded(trailer, i) {
+            return false;
+        }
+        if off == segs[seg].len() && seg + 1 < segs.len() {
+            (seg, off) = (seg + 1, 0);
+        }
+    }
+    true
+}
+
+/// A put: WRITE blocks into the node's staging window (straight from registered memory, else
+/// through the landing buffer), then `ShmPut`, as many blocks at a time as the window holds.
+pub(crate) async fn put(
+    c: &mut Connection,
+    keys: &[BlockKey],
+    values: &[&[&[u8]]],
+    lens: &[u64],
+) -> Result<Vec<wire::PutStatus>, ClientError> {
+    let mut statuses = Vec::with_capacity(keys.len());
+    let mut start = 0;
+    while start < keys.len() {
+        let a = c.rdma.as_mut().expect("an RDMA connection");
+        let (max_sge, max_msg) = a.limits();
+        let window = a.staging.len.min(a.landing_mem.len() as u64) as usize;
+        let n = crate::shm::fits(&lens[start..], window);
+        if n == 0 {
+            return Err(ClientError::InvalidArgument(format!(
+                "block {start} has {} bytes, more than the {window}-byte RDMA staging window; raise shm_staging_bytes",
+                lens[start]
+            )));
+        }
+        let end = start + n;
+        let mut plan = Vec::new();
+        let mut offsets = Vec::with_capacity(n);
+        let mut at = 0usize;
+        for (segs, &len) in values[start..end].iter().zip(&lens[start..end]) {
+            offsets.push(at as u64);
+            let spans: Vec<(u64, u64)> = segs
+                .iter()
+                .map(|s| (s.as_ptr() as u64, s.len() as u64))
+                .collect();
+            let pieces = match a.shared.registered_segments(&spans) {
+                Some(direct) => direct,
+                None => {
+                    let mut w = at;
+                    for s in segs.iter() {
+                        // SAFETY: `fits` keeps every block inside the landing buffer, which
+                        // only this checked-out connection writes.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                s.as_ptr(),
+                                a.landing_mem.base().add(w),
+                                s.len(),
+                            )
+                        };
+                        w += s.len();
+                    }
+                    vec![(a.landing_at(at), len, a.landing.lkey())]
+                }
+            };
+            plan.extend(
+                scatter_plan(at as u64, &pieces, max_sge, max_msg)
+                    .map_err(|e| ClientError::Protocol(e.to_string()))?,
+            );
+            at = aligned_end(at, len);
+        }
+        a.run(Direction::Write, &plan).await?;
+        let req = ShmPutRequest {
+            keys: wire::encode_keys(&keys[start..end]),
+            lens: lens[start..end].iter().map(|&l| l as u32).collect(),
+            offsets,
+        };
+        let reply: PutReply = c.call_simple(Op::ShmPut, &req).await?;
+        statuses.extend(crate::put_statuses(reply, n)?);
+        start = end;
+    }
+    Ok(statuses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_scattered_over_ragged_segments_verifies_in_place() {
+        let len = checksum::CHUNK * 2 + 1000;
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+        let mut trailer = vec![0u8; checksum::stored_len(len) - checksum::trailer_offset(len)];
+        for i in 0..checksum::chunk_count(len) {
+            let sum = checksum::chunk_checksum(&data[checksum::chunk_range(len, i)]);
+            checksum::record(&mut trailer, i, sum);
+        }
+        let sum = checksum::trailer_checksum(&trailer);
+        // Cuts inside the first chunk, on the chunk boundary, and inside the last chunk.
+        let mut buf = data.clone();
+        let cuts = [0, 5000, checksum::CHUNK, checksum::CHUNK * 2 + 10, len];
+        let mut rest = &mut buf[..];
+        let mut segs: Vec<&mut [u8]> = Vec::new();
+        for w in cuts.windows(2) {
+            let (a, b) = std::mem::take(&mut rest).split_at_mut(w[1] - w[0]);
+            segs.push(a);
+            rest = b;
+        }
+        assert!(scattered_intact(&segs, len, &trailer, sum));
+        assert!(
+            !scattered_intact(&segs, len, &trailer, sum ^ 1),
+            "wrong trailer sum"
+        );
+        segs[3][2] ^= 1;
+        assert!(
+            !scattered_intact(&segs, len, &trailer, sum),
+            "a flipped byte"
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! RDMA negotiation against the real server binary over loopback. Without a device (this
+//! machine: no RDMA in the kernel) or without the `rdma` feature, the node says so in `Ping`,
+//! refuses `RdmaConnect` with the reason and keeps serving the connection, and clients fall
+//! back to TCP naming why, or fail clearly when they asked for RDMA only. With a device, the
+//! data path test moves real blocks with one-sided verbs; without one it says what it skipped.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+
+use common::{ServerProcess, content};
+use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, Transport};
+use kvcache_core::BlockKey;
+use kvcache_core::wire::{self, ErrorReply, FrameHeader, Op, PingReply, RdmaConnectRequest};
+use kvcache_transport::rdma::{self, Availability, QpEndpoint};
+use prost::Message;
+
+fn has_device() -> Option<String> {
+    match rdma::probe() {
+        Availability::Device { name } => Some(name),
+        _ => None,
+    }
+}
+
+/// Sends one request on a raw socket and reads its reply frame.
+fn call(s: &mut TcpStream, op: Op, id: u32, req: &impl Message) -> (FrameHeader, Vec<u8>) {
+    let control = req.encode_to_vec();
+    let mut frame = FrameHeader::request(op, id, control.len(), 0)
+        .encode()
+        .to_vec();
+    frame.extend_from_slice(&control);
+    s.write_all(&frame).unwrap();
+    let mut head = [0u8; wire::HEADER_LEN];
+    std::io::Read::read_exact(s, &mut head).unwrap();
+    let h = FrameHeader::decode(&head, &wire::FrameLimits::default()).unwrap();
+    let mut body = vec![0u8; h.control_len as usize];
+    std::io::Read::read_exact(s, &mut body).unwrap();
+    (h, body)
+}
+
+fn endpoint() -> Vec<u8> {
+    QpEndpoint {
+        qpn: 0x42,
+        psn: 7,
+        lid: 1,
+        gid: [0; 16],
+        mtu: 3,
+    }
+    .encode()
+    .to_vec()
+}
+
+/// `RdmaConnect` on a node that serves no RDMA: an error naming why; the connection goes on.
+fn refused_with(server: &ServerProcess, expect: &str) {
+    let mut s = TcpStream::connect(&server.data).unwrap();
+    let (h, body) = call(&mut s, Op::Ping, 1, &wire::PingRequest {});
+    assert!(h.reply);
+    let ping = PingReply::decode(body.as_slice()).unwrap();
+    assert_eq!(ping.rdma_device, "", "no device, so none advertised");
+    let req = RdmaConnectRequest {
+        endpoint: endpoint(),
+        staging_bytes: 1 << 20,
+    };
+    let (h, body) = call(&mut s, Op::RdmaConnect, 2, &req);
+    assert_eq!(h.op, Op::Error);
+    let err = ErrorReply::decode(body.as_slice()).unwrap();
+    assert!(
+        err.message.contains("serves no RDMA") && err.message.contains(expect),
+        "{}",
+        err.message
+    );
+    // The shared-memory ops stay refused on this connection, and it still serves.
+    let (h, body) = call(
+        &mut s,
+        Op::ShmGet,
+        3,
+        &wire::ShmGetRequest { keys: vec![0; 16] },
+    );
+    assert_eq!(h.op, Op::Error);
+    let err = ErrorReply::decode(body.as_slice()).unwrap();
+    assert!(err.message.contains("rdma_connect"), "{}", err.message);
+    let (h, _) = call(&mut s, Op::Ping, 4, &wire::PingRequest {});
+    assert!(h.reply && h.op == Op::Ping);
+}
+
+#[test]
+fn a_node_without_rdma_refuses_rdma_connect_with_the_reason_and_keeps_serving() {
+    if let Some(name) = has_device() {
+        eprintln!("skipped: this host has an RDMA device ({name}); see the data-path test");
+        return;
+    }
+    let server = ServerProcess::start(&["--memory", "64MiB", "--shm-socket", "off"]);
+    let why = if cfg!(feature = "rdma") {
+        "no RDMA device"
+    } else {
+        "built without the `rdma` feature"
+    };
+    refused_with(&server, why);
+    let off = ServerProcess::start(&["--memory", "64MiB", "--rdma", "off"]);
+    refused_with(&off, "turned off with --rdma off");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_fall_back_to_tcp_naming_why_or_fail_when_rdma_was_required() {
+    if has_device().is_some() {
+        eprintln!("skipped: this host has an RDMA device; see the data-path test");
+        return;
+    }
+    let server = ServerProcess::start(&["--memory", "64MiB", "--shm-socket", "off"]);
+    let mut cfg = ClientConfig::new(server.data.clone());
+    cfg.transport = Transport::Rdma;
+    match Client::connect(cfg.clone()).await {
+        Err(ClientError::RdmaUnavailable(why)) => {
+            assert!(why.contains("serves no RDMA"), "{why}")
+        }
+        Err(other) => panic!("expected RdmaUnavailable, got {other}"),
+        Ok(c) => panic!("connected over {} without a device", c.transport()),
+    }
+    cfg.transport = Transport::Auto;
+    let c = Client::connect(cfg).await.unwrap();
+    assert_eq!(c.transport(), "tcp");
+    let why = c.shm_fallback_reason().expect("a reason for TCP");
+    assert!(
+        why.contains("shared memory off") && why.contains("RDMA"),
+        "one line names both reasons: {why}"
+    );
+    let value = content(BlockKey(9), 300_000);
+    c.put(BlockKey(9), &value).await.unwrap();
+    assert_eq!(
+        c.get(BlockKey(9)).await.unwrap().as_deref(),
+        Some(&value[..])
+    );
+}
+
+/// The data path, where a device exists: puts and gets over one-sided verbs, into registered
+/// and unregistered memory, every byte checked; the node's RDMA byte counters move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_move_over_rdma_into_registered_and_plain_memory() {
+    let Some(name) = has_device() else {
+        eprintln!(
+            "skipped: the RDMA data path needs a device: {}",
+            rdma::probe()
+        );
+        return;
+    };
+    eprintln!("RDMA device {name}");
+    let server = ServerProcess::start(&["--memory", "256MiB", "--shm-socket", "off"]);
+    let mut cfg = ClientConfig::new(server.data.clone());
+    cfg.transport = Transport::Rdma;
+    let c = Client::connect(cfg).await.expect("RDMA connect");
+    assert_eq!(c.transport(), "rdma");
+    let keys: Vec<BlockKey> = (1..=64u128).map(BlockKey).collect();
+    let values: Vec<Vec<u8>> = keys.iter().map(|&k| content(k, 256 << 10)).collect();
+    let blocks: Vec<(BlockKey, &[u8])> = keys
+        .iter()
+        .zip(&values)
+        .map(|(&k, v)| (k, &v[..]))
+        .collect();
+    for s in c.put_many(&blocks).await.unwrap() {
+        assert_eq!(s, wire::PutStatus::Stored);
+    }
+    // Plain memory: through the landing buffer.
+    for (k, v) in keys.iter().zip(&values) {
+        assert_eq!(c.get(*k).await.unwrap().as_deref(), Some(&v[..]));
+    }
+    // Registered memory, each block scattered over 4 segments.
+    let mut arena = vec![0u8; 64 * (256 << 10)];
+    // SAFETY: `arena` outlives the registration (unregistered below).
+    unsafe { c.register_memory(arena.as_mut_ptr() as usize, arena.len()) }.unwrap();
+    {
+        let mut dst: Vec<Vec<&mut [u8]>> = arena
+            .chunks_mut(256 << 10)
+            .map(|b| b.chunks_mut(64 << 10).collect())
+            .collect();
+        let out = c.get_many_into(&keys, &mut dst).await.unwrap();
+        assert!(out.iter().all(|o| *o == GetOutcome::Hit), "{out:?}");
+    }
+    for (got, want) in arena.chunks(256 << 10).zip(&values) {
+        assert!(
+            got == &want[..],
+            "a block read into registered memory differs"
+        );
+    }
+    assert!(c.unregister_memory(arena.as_ptr() as usize));
+    assert!(
+        server.metric("kvcache_bytes_sent_total{transport=\"rdma\"}") >= (128 * (256 << 10)) as f64
+    );
+}
