@@ -9,6 +9,7 @@ vLLM creates the connector twice, in different processes that share nothing in m
 - the **worker side** (one per GPU/CPU worker) knows the KV tensors: loads land straight in
   them through `get_many_into`, saves leave layer by layer through `put_many` from an I/O
   thread while the next layer computes, and failed loads are reported so vLLM recomputes.
+  KV tensors in device memory (CUDA) are staged through pinned host memory (`staging.py`).
 
 Every layer's block is its own cache entry (see `settings.Namespaces`). The scheduler asks
 about the last layer's keys: saves go out in layer order, so the last layer arriving means the
@@ -35,6 +36,7 @@ import kvcache
 
 from .layout import BlockLayout, LayoutError
 from .settings import Namespaces, Settings
+from .staging import Staging
 from .stats import KVCacheConnectorPromMetrics, KVCacheConnectorStats, Recorder
 
 if TYPE_CHECKING:
@@ -307,6 +309,7 @@ class _WorkerSide:
         self.saves: list[Future] = []
         self.async_loads: dict[str, Future] = {}
         self.failed_blocks: set[int] = set()
+        self.staging: Staging | None = None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -326,13 +329,25 @@ class _WorkerSide:
                     "kv_connector_extra_config.layout to this backend's layout"
                 )
             self.layers[name] = _Layer(name, _layer_index(name), BlockLayout.of(tensor, spec, self.num_blocks))
+        host = first.device.type == "cpu"
+        staging = self.settings.staging
+        if not host and staging == "never":
+            raise ValueError(
+                f"KV tensors on {first.device} are not host memory; kv_connector_extra_config.staging "
+                "must be auto or always"
+            )
+        if staging == "always" or (staging == "auto" and not host):
+            self.staging = Staging(first.device)
+            for tensor in kv_caches.values():
+                self.staging.add_tensor(tensor)
         block_bytes = next(iter(self.layers.values())).layout.block_bytes
         logger.info(
-            "kvcache worker: %d layers, layout %s, %d bytes per layer block, servers=%s",
+            "kvcache worker: %d layers, layout %s, %d bytes per layer block, servers=%s, %s",
             len(self.layers),
             spec.name,
             block_bytes,
             ",".join(self.settings.servers),
+            "staged through pinned host memory" if self.staging else "straight into the KV tensors",
         )
 
     # -- loads ---------------------------------------------------------------------------------
@@ -355,11 +370,15 @@ class _WorkerSide:
             keys += k
             segments += s
         started = time.perf_counter()
+        staging = self.staging
+        into = segments if staging is None else staging.host_segments(segments)
         try:
-            hits = self.link.call("load", lambda c: c.get_many_into(keys, segments))
+            hits = self.link.call("load", lambda c: c.get_many_into(keys, into))
         except ValueError as err:
             logger.error("kvcache worker: a stored block has the wrong size (%s)", err)
             hits = None
+        if staging is not None and hits:
+            staging.to_device(segments, into, hits)
         self.stats.observe("load_seconds", time.perf_counter() - started)
         hits = hits or [False] * len(keys)
         # Mark the first block that failed on any layer, and every later block of its run.
@@ -396,10 +415,14 @@ class _WorkerSide:
 
     # -- saves ---------------------------------------------------------------------------------
 
-    def _save(self, layer: _Layer, runs: list[BlockRun]) -> None:
+    def _save(self, layer: _Layer, runs: list[BlockRun], computed: Any = None) -> None:
         keys, segments = self._plan(layer, runs)
         started = time.perf_counter()
-        stored = self.link.call("save", lambda c: c.put_many(keys, segments))
+        source = segments
+        if self.staging is not None:
+            source = self.staging.host_segments(segments)
+            self.staging.from_device(segments, source, computed)
+        stored = self.link.call("save", lambda c: c.put_many(keys, source))
         self.stats.observe("save_seconds", time.perf_counter() - started)
         stored = stored or [False] * len(keys)
         saved = sum(stored)
@@ -409,7 +432,8 @@ class _WorkerSide:
     def save_kv_layer(self, layer_name: str, meta: KVCacheConnectorMetadata) -> None:
         layer = self.layers.get(layer_name)
         if meta.saves and layer is not None:
-            self.saves.append(self.io.submit(self._save, layer, meta.saves))
+            computed = self.staging.mark() if self.staging is not None else None
+            self.saves.append(self.io.submit(self._save, layer, meta.saves, computed))
 
     def wait_for_save(self) -> None:
         self._drain_loads()

@@ -22,6 +22,7 @@ _KNOWN_KEYS = {
     "model_id",
     "load_async",
     "retry_s",
+    "staging",
 }
 
 
@@ -33,12 +34,17 @@ class Settings:
       `"etcd://host:port"` (members registered in etcd by `kvcache-server --etcd`).
     - `replicas`: owners per block in a cluster (the nodes' `--replicas`); with 2 or more a
       lost node costs no hits.
-    - `transport`: `auto` (shared memory when the node is on this host, else TCP), `shm`, `tcp`.
+    - `transport`: `auto` (shared memory when the node is on this host, then RDMA when both
+      ends have a device and the client was built with it, else TCP), `shm`, `rdma`, `tcp`.
     - `timeout_s`: the longest any cache call may hold the engine.
     - `layout`: the KV tensor layout (`cpu`, `flash_attn`, `flashinfer`); default by device.
     - `model_id`: the model identity in block keys; default vLLM's `model` argument. Set it when
       instances load the same weights from different paths.
     - `load_async`: load between engine steps (the request waits) instead of inside the step.
+    - `staging`: how blocks reach KV tensors that are not in host memory (CUDA): `auto` stages
+      them through pinned host memory with copies on a side stream; `always` stages host
+      tensors too (the same code path, testable without a GPU); `never` hands the tensors'
+      own addresses to the client (host memory only).
     - `retry_s`: after a failed call, the cache is treated as empty for this long (doubling up
       to 30 s while it keeps failing), so a dead node costs one timeout, not one per request.
     """
@@ -51,6 +57,7 @@ class Settings:
     model_id: str | None = None
     load_async: bool = False
     retry_s: float = 1.0
+    staging: str = "auto"
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> Settings:
@@ -73,8 +80,11 @@ class Settings:
         if replicas > 1 and not cls(servers=servers).is_cluster():
             raise ValueError("replicas > 1 needs a cluster: several servers or etcd://host:port")
         transport = str(extra.get("transport", cls.transport))
-        if transport not in ("auto", "shm", "tcp"):
-            raise ValueError(f"transport must be auto, shm or tcp, not {transport!r}")
+        if transport not in ("auto", "shm", "rdma", "tcp"):
+            raise ValueError(f"transport must be auto, shm, rdma or tcp, not {transport!r}")
+        staging = str(extra.get("staging", cls.staging))
+        if staging not in ("auto", "always", "never"):
+            raise ValueError(f"staging must be auto, always or never, not {staging!r}")
         layout = extra.get("layout")
         if layout is not None:
             layout_spec(str(layout))
@@ -91,6 +101,7 @@ class Settings:
             model_id=extra.get("model_id"),
             load_async=bool(extra.get("load_async", False)),
             retry_s=retry_s,
+            staging=staging,
         )
 
     def is_cluster(self) -> bool:

@@ -59,6 +59,25 @@ def test_outputs_equal_without_and_with_the_cache_and_a_second_instance_loads(
         assert out["num_cached_tokens"] >= loadable_tokens(prompt), out
 
 
+def test_staged_loads_and_saves_give_the_same_outputs(server: Server, tiny_model: Path, tmp_path: Path) -> None:
+    """The staging path CUDA engines take (a buffer between the client and the KV tensors),
+    forced on host tensors: what one instance saves through it, another loads through it."""
+    baseline = run_engine(tmp_path, tiny_model, PROMPTS, None)
+    first = run_engine(tmp_path, tiny_model, PROMPTS, kv_config(server, staging="always"))
+    assert_same_outputs(first, baseline)
+    full_blocks = len(PROMPTS[0]) // BLOCK_SIZE + len(PROMPTS[1]) // BLOCK_SIZE
+    assert server.metric("kvcache_blocks_stored") == full_blocks * LAYERS
+    # Stored through the buffer, loaded straight: the bytes are the engine's own.
+    second = run_engine(tmp_path, tiny_model, PROMPTS, kv_config(server))
+    assert_same_outputs(second, baseline)
+    assert all(out["num_cached_tokens"] >= loadable_tokens(p) for p, out in zip(PROMPTS, second, strict=True))
+    # And loaded through the buffer.
+    third = run_engine(tmp_path, tiny_model, PROMPTS, kv_config(server, staging="always"))
+    assert_same_outputs(third, baseline)
+    for prompt, out in zip(PROMPTS, third, strict=True):
+        assert out["num_cached_tokens"] >= loadable_tokens(prompt), out
+
+
 def test_async_loads_give_the_same_outputs(server: Server, tiny_model: Path, tmp_path: Path) -> None:
     """Requests that load asynchronously wait a step, so a batch mixes them differently from a
     run without the cache, and bf16 sums differ in the last digits with the batch's makeup.

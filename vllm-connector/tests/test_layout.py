@@ -78,8 +78,13 @@ def test_settings_have_defaults_and_name_bad_keys() -> None:
     assert Settings.from_extra_config({"servers": ["a:1", "b:2"]}).server_arg() == ["a:1", "b:2"]
     with pytest.raises(ValueError, match=r"unknown kv_connector_extra_config keys .*\['server'\]"):
         Settings.from_extra_config({"server": "x:1"})
-    with pytest.raises(ValueError, match="transport must be auto, shm or tcp"):
-        Settings.from_extra_config({"transport": "rdma"})
+    with pytest.raises(ValueError, match="transport must be auto, shm, rdma or tcp"):
+        Settings.from_extra_config({"transport": "ib"})
+    assert Settings.from_extra_config({"transport": "rdma"}).transport == "rdma"
+    assert Settings.from_extra_config(None).staging == "auto"
+    assert Settings.from_extra_config({"staging": "always"}).staging == "always"
+    with pytest.raises(ValueError, match="staging must be auto, always or never"):
+        Settings.from_extra_config({"staging": "pinned"})
     with pytest.raises(LayoutError, match="unknown KV layout"):
         Settings.from_extra_config({"layout": "nhd"})
     etcd = Settings.from_extra_config({"servers": "etcd://127.0.0.1:2379", "replicas": 2})
