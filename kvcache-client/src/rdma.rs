@@ -312,7 +312,7 @@ async fn read_leased(
                 let trailer_len = checksum::stored_len(len) - checksum::trailer_offset(len);
                 // SAFETY: the trailer landed at `at` in our buffer (the READ completed).
                 let trailer = unsafe { std::slice::from_raw_parts(base.add(at), trailer_len) };
-                scattered_intact(&dst[i], len, trailer, sum)
+                checksum::scattered_intact(&dst[i], len, trailer, sum)
             } else {
                 // SAFETY: the block landed at `at` (the READ completed); nothing else writes
                 // the landing buffer while this connection is checked out.
@@ -328,43 +328,6 @@ async fn read_leased(
         }
     }
     Ok(outcomes)
-}
-
-/// Whether a block that landed across `segs` matches its trailer (checked against the
-/// node's `trailer_sum` first).
-fn scattered_intact(segs: &[&mut [u8]], len: usize, trailer: &[u8], trailer_sum: u64) -> bool {
-    if checksum::trailer_checksum(trailer) != trailer_sum {
-        return false;
-    }
-    let mut gather = Vec::new();
-    let (mut seg, mut off) = (0usize, 0usize);
-    for i in 0..checksum::chunk_count(len) {
-        let want = checksum::chunk_range(len, i).len();
-        // The chunk in place when one segment holds it, else gathered.
-        let sum = if segs[seg].len() - off >= want {
-            let s = checksum::chunk_checksum(&segs[seg][off..off + want]);
-            off += want;
-            s
-        } else {
-            gather.clear();
-            while gather.len() < want {
-                let take = (segs[seg].len() - off).min(want - gather.len());
-                gather.extend_from_slice(&segs[seg][off..off + take]);
-                off += take;
-                if off == segs[seg].len() && gather.len() < want {
-                    (seg, off) = (seg + 1, 0);
-                }
-            }
-            checksum::chunk_checksum(&gather)
-        };
-        if sum != checksum::recorded(trailer, i) {
-            return false;
-        }
-        if off == segs[seg].len() && seg + 1 < segs.len() {
-            (seg, off) = (seg + 1, 0);
-        }
-    }
-    true
 }
 
 /// A put: WRITE blocks into the node's staging window (straight from registered memory, else
@@ -434,41 +397,4 @@ pub(crate) async fn put(
         start = end;
     }
     Ok(statuses)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_block_scattered_over_ragged_segments_verifies_in_place() {
-        let len = checksum::CHUNK * 2 + 1000;
-        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
-        let mut trailer = vec![0u8; checksum::stored_len(len) - checksum::trailer_offset(len)];
-        for i in 0..checksum::chunk_count(len) {
-            let sum = checksum::chunk_checksum(&data[checksum::chunk_range(len, i)]);
-            checksum::record(&mut trailer, i, sum);
-        }
-        let sum = checksum::trailer_checksum(&trailer);
-        // Cuts inside the first chunk, on the chunk boundary, and inside the last chunk.
-        let mut buf = data.clone();
-        let cuts = [0, 5000, checksum::CHUNK, checksum::CHUNK * 2 + 10, len];
-        let mut rest = &mut buf[..];
-        let mut segs: Vec<&mut [u8]> = Vec::new();
-        for w in cuts.windows(2) {
-            let (a, b) = std::mem::take(&mut rest).split_at_mut(w[1] - w[0]);
-            segs.push(a);
-            rest = b;
-        }
-        assert!(scattered_intact(&segs, len, &trailer, sum));
-        assert!(
-            !scattered_intact(&segs, len, &trailer, sum ^ 1),
-            "wrong trailer sum"
-        );
-        segs[3][2] ^= 1;
-        assert!(
-            !scattered_intact(&segs, len, &trailer, sum),
-            "a flipped byte"
-        );
-    }
 }

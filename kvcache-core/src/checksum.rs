@@ -139,9 +139,83 @@ pub fn record(trailer: &mut [u8], i: usize, sum: u64) {
     trailer[i * 8..i * 8 + 8].copy_from_slice(&sum.to_le_bytes());
 }
 
+/// Whether a block of `len` bytes that landed across `segs` (an RDMA READ straight into KV
+/// segments) matches `trailer`, itself checked against the index's `trailer_sum` first. Each
+/// chunk is hashed in place where one segment holds it, else gathered first.
+pub fn scattered_intact(segs: &[&mut [u8]], len: usize, trailer: &[u8], trailer_sum: u64) -> bool {
+    if trailer_checksum(trailer) != trailer_sum {
+        return false;
+    }
+    let mut gather = Vec::new();
+    let (mut seg, mut off) = (0usize, 0usize);
+    for i in 0..chunk_count(len) {
+        let want = chunk_range(len, i).len();
+        // The chunk in place when one segment holds it, else gathered.
+        let sum = if segs[seg].len() - off >= want {
+            let s = chunk_checksum(&segs[seg][off..off + want]);
+            off += want;
+            s
+        } else {
+            gather.clear();
+            while gather.len() < want {
+                let take = (segs[seg].len() - off).min(want - gather.len());
+                gather.extend_from_slice(&segs[seg][off..off + take]);
+                off += take;
+                if off == segs[seg].len() && gather.len() < want {
+                    (seg, off) = (seg + 1, 0);
+                }
+            }
+            chunk_checksum(&gather)
+        };
+        if sum != recorded(trailer, i) {
+            return false;
+        }
+        if off == segs[seg].len() && seg + 1 < segs.len() {
+            (seg, off) = (seg + 1, 0);
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `buf` cut at `cuts` (ascending, from 0 to its length) into segments.
+    fn cut<'a>(buf: &'a mut [u8], cuts: &[usize]) -> Vec<&'a mut [u8]> {
+        let mut rest = buf;
+        let mut segs = Vec::new();
+        for w in cuts.windows(2) {
+            let (a, b) = std::mem::take(&mut rest).split_at_mut(w[1] - w[0]);
+            segs.push(a);
+            rest = b;
+        }
+        segs
+    }
+
+    #[test]
+    fn a_block_scattered_over_ragged_segments_verifies_in_place() {
+        let len = CHUNK * 2 + 1000;
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+        let mut trailer = vec![0u8; stored_len(len) - trailer_offset(len)];
+        for i in 0..chunk_count(len) {
+            record(&mut trailer, i, chunk_checksum(&data[chunk_range(len, i)]));
+        }
+        let sum = trailer_checksum(&trailer);
+        // Cuts inside the first chunk, on a chunk boundary, and inside the last chunk.
+        let mut buf = data.clone();
+        let mut segs = cut(&mut buf, &[0, 5000, CHUNK, CHUNK * 2 + 10, len]);
+        assert!(scattered_intact(&segs, len, &trailer, sum));
+        assert!(
+            !scattered_intact(&segs, len, &trailer, sum ^ 1),
+            "wrong trailer sum"
+        );
+        segs[3][2] ^= 1;
+        assert!(
+            !scattered_intact(&segs, len, &trailer, sum),
+            "a flipped byte"
+        );
+    }
 
     #[test]
     fn scattered_copy_lands_every_byte_and_hashes_like_the_stored_checksum() {
@@ -151,13 +225,7 @@ mod tests {
             let mut cuts = [0, len / 3, (len / 3 + 1).min(len), len * 5 / 7, len];
             cuts.sort();
             let mut buf = vec![0u8; len];
-            let mut rest = &mut buf[..];
-            let mut segs: Vec<&mut [u8]> = Vec::new();
-            for w in cuts.windows(2) {
-                let (a, b) = std::mem::take(&mut rest).split_at_mut(w[1] - w[0]);
-                segs.push(a);
-                rest = b;
-            }
+            let mut segs = cut(&mut buf, &cuts);
             let mut sc = Scatter::new(&mut segs);
             assert_eq!(sc.capacity(), len);
             assert_eq!(
