@@ -50,6 +50,7 @@ fn to_py(e: ClientError) -> PyErr {
         ClientError::Server { .. }
         | ClientError::Protocol(_)
         | ClientError::ShmUnavailable(_)
+        | ClientError::RdmaUnavailable(_)
         | ClientError::Membership(_) => KvcacheError::new_err(e.to_string()),
     }
 }

@@ -38,8 +38,9 @@ class Client:
 
         `transport`: "auto" (default) uses shared memory when the node runs on this host and its
         socket admits us (gets copy straight from the node's pool into your buffers, every
-        chunk checksummed as it lands), else TCP, logging why on the `kvcache` logger; "shm"
-        raises KvcacheError instead of falling back; "tcp" never uses shared memory.
+        chunk checksummed as it lands), then RDMA when the module was built with the `rdma`
+        feature and both ends have a device, else TCP, logging why on the `kvcache` logger;
+        "shm" and "rdma" raise KvcacheError instead of falling back; "tcp" never does either.
         `stats()["transport"]` says which one a single-node client uses."""
 
     def put(self, key: bytes, value: Buffer) -> bool:
