@@ -715,26 +715,47 @@ async fn put_shm(
     let mut start = 0;
     while start < keys.len() {
         let staging = &mut c.shm.as_mut().expect("shared-memory connection").staging;
-        let n = shm::fits(&lens[start..], staging.len());
-        if n == 0 {
-            return Err(ClientError::InvalidArgument(format!(
-                "block {start} has {} bytes, more than the {}-byte shared-memory staging window; raise shm_staging_bytes",
-                lens[start],
-                staging.len()
-            )));
-        }
-        let end = start + n;
+        let end = start + staged_batch(lens, start, staging.len(), "shared-memory")?;
         let staged = staging.stage(&values[start..end], &lens[start..end]);
-        let req = ShmPutRequest {
-            keys: encode_keys(&keys[start..end]),
-            lens: lens[start..end].iter().map(|&l| l as u32).collect(),
-            offsets: staged.offsets,
-        };
-        let reply: PutReply = c.call_simple(Op::ShmPut, &req).await?;
-        statuses.extend(put_statuses(reply, n)?);
+        statuses
+            .extend(commit_staged(c, &keys[start..end], &lens[start..end], staged.offsets).await?);
         start = end;
     }
     Ok(statuses)
+}
+
+/// How many blocks from `start` fit a staging window of `window` bytes; an error naming the
+/// block if not even that one does.
+pub(crate) fn staged_batch(
+    lens: &[u64],
+    start: usize,
+    window: usize,
+    what: &str,
+) -> Result<usize, ClientError> {
+    match shm::fits(&lens[start..], window) {
+        0 => Err(ClientError::InvalidArgument(format!(
+            "block {start} has {} bytes, more than the {window}-byte {what} staging window; raise shm_staging_bytes",
+            lens[start]
+        ))),
+        n => Ok(n),
+    }
+}
+
+/// `ShmPut`: stores the blocks the client placed at `offsets` in its staging window (shared
+/// memory or, over RDMA, the node's window it wrote).
+pub(crate) async fn commit_staged(
+    c: &mut Connection,
+    keys: &[BlockKey],
+    lens: &[u64],
+    offsets: Vec<u64>,
+) -> Result<Vec<PutStatus>, ClientError> {
+    let req = ShmPutRequest {
+        keys: encode_keys(keys),
+        lens: lens.iter().map(|&l| l as u32).collect(),
+        offsets,
+    };
+    let reply: PutReply = c.call_simple(Op::ShmPut, &req).await?;
+    put_statuses(reply, keys.len())
 }
 
 /// A get over shared memory into caller segments: lease, copy with verification, release.

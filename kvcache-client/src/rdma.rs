@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use kvcache_core::BlockKey;
 use kvcache_core::checksum;
-use kvcache_core::wire::{
-    self, Op, PutReply, RdmaConnectReply, RdmaConnectRequest, ShmGetReply, ShmPutRequest,
-};
+use kvcache_core::wire::{self, Op, RdmaConnectReply, RdmaConnectRequest, ShmGetReply};
 use kvcache_transport::rdma::verbs::{Device, Direction, Link, Registration};
 use kvcache_transport::rdma::{QpEndpoint, RemoteRegion, WorkRequest, scatter_plan};
 use kvcache_transport::{HostRegion, LockMode, MemoryRegion};
@@ -67,18 +65,15 @@ impl Shared {
         self.registered.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The lkey of the registration holding `[addr, addr + len)`.
-    fn lkey_of(&self, addr: u64, len: u64) -> Option<u32> {
-        let regs = self.registered.read().unwrap_or_else(|e| e.into_inner());
-        regs.iter()
-            .find(|r| r.contains(addr, len))
-            .map(|r| r.lkey())
-    }
-
-    /// Every segment with its lkey, if all lie in registered memory.
+    /// Every segment with the lkey of the registration holding it, if all lie in registered
+    /// memory (one lock for the whole block).
     fn registered_segments(&self, segs: &[(u64, u64)]) -> Option<Vec<(u64, u64, u32)>> {
+        let regs = self.registered.read().unwrap_or_else(|e| e.into_inner());
         segs.iter()
-            .map(|&(a, l)| self.lkey_of(a, l).map(|k| (a, l, k)))
+            .map(|&(a, l)| {
+                let reg = regs.iter().find(|r| r.contains(a, l))?;
+                Some((a, l, reg.lkey()))
+            })
             .collect()
     }
 }
@@ -344,13 +339,7 @@ pub(crate) async fn put(
         let a = c.rdma.as_mut().expect("an RDMA connection");
         let (max_sge, max_msg) = a.limits();
         let window = a.staging.len.min(a.landing_mem.len() as u64) as usize;
-        let n = crate::shm::fits(&lens[start..], window);
-        if n == 0 {
-            return Err(ClientError::InvalidArgument(format!(
-                "block {start} has {} bytes, more than the {window}-byte RDMA staging window; raise shm_staging_bytes",
-                lens[start]
-            )));
-        }
+        let n = crate::staged_batch(lens, start, window, "RDMA")?;
         let end = start + n;
         let mut plan = Vec::new();
         let mut offsets = Vec::with_capacity(n);
@@ -387,13 +376,8 @@ pub(crate) async fn put(
             at = aligned_end(at, len);
         }
         a.run(Direction::Write, &plan).await?;
-        let req = ShmPutRequest {
-            keys: wire::encode_keys(&keys[start..end]),
-            lens: lens[start..end].iter().map(|&l| l as u32).collect(),
-            offsets,
-        };
-        let reply: PutReply = c.call_simple(Op::ShmPut, &req).await?;
-        statuses.extend(crate::put_statuses(reply, n)?);
+        statuses
+            .extend(crate::commit_staged(c, &keys[start..end], &lens[start..end], offsets).await?);
         start = end;
     }
     Ok(statuses)

@@ -36,6 +36,9 @@ use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch};
 
 use crate::store::{LowerTier, TierStats};
 
+/// A RocksDB key and value.
+type IndexEntry = (Box<[u8]>, Box<[u8]>);
+
 const MAGIC: [u8; 4] = *b"KVD1";
 /// Record header: magic, key (16), length (4), checksum (8).
 const HEADER: u64 = 32;
@@ -243,33 +246,31 @@ impl Shared {
         }
     }
 
+    /// The index entries whose keys start with `prefix`, in key order; an error ends the scan.
+    fn scan<'a>(
+        &'a self,
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = Result<IndexEntry, rocksdb::Error>> + 'a {
+        self.db
+            .iterator(IteratorMode::From(prefix, Direction::Forward))
+            .take_while(move |item| !matches!(item, Ok((k, _)) if !k.starts_with(prefix)))
+    }
+
     /// Drops index entries whose segment is gone (a crash between deleting a segment and its
     /// entries); returns the blocks indexed.
     fn reconcile(&self) -> anyhow::Result<u64> {
         let live: Vec<u64> = self.files.lock().keys().copied().collect();
         let mut stale = WriteBatch::default();
         let mut blocks = 0;
-        for item in self
-            .db
-            .iterator(IteratorMode::From(b"k", Direction::Forward))
-        {
+        for item in self.scan(b"k") {
             let (k, v) = item?;
-            if k.first() != Some(&b'k') {
-                break;
-            }
             match Loc::decode(&v) {
                 Some(loc) if live.binary_search(&loc.segment).is_ok() => blocks += 1,
                 _ => stale.delete(&k),
             }
         }
-        for item in self
-            .db
-            .iterator(IteratorMode::From(b"s", Direction::Forward))
-        {
+        for item in self.scan(b"s") {
             let (k, _) = item?;
-            if k.first() != Some(&b's') {
-                break;
-            }
             let id = u64::from_be_bytes(k[1..9].try_into()?);
             if live.binary_search(&id).is_err() {
                 stale.delete(&k);
@@ -295,14 +296,8 @@ impl Shared {
         let prefix = segment_prefix(id);
         let mut batch = WriteBatch::default();
         let mut gone = 0;
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&prefix, Direction::Forward))
-        {
+        for item in self.scan(&prefix) {
             let (k, _) = item?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
             let key = BlockKey::from_slice(&k[9..]).context("bad segment entry")?;
             // A key demoted again later lives in a newer segment: keep that entry.
             if self.lookup(key).is_some_and(|loc| loc.segment == id) {

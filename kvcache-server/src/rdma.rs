@@ -110,10 +110,10 @@ mod on {
 
     use anyhow::Context;
     use kvcache_core::wire::{FrameHeader, Op, RdmaConnectReply, RdmaConnectRequest};
+    use kvcache_transport::MemoryRegion;
     use kvcache_transport::rdma::QpEndpoint;
     use kvcache_transport::rdma::verbs::{Device, Link, Registration};
     use kvcache_transport::tcp::FrameReadError;
-    use kvcache_transport::{LockMode, MemoryRegion, ShmRegion};
     use tokio::io::AsyncWrite;
 
     use crate::config::RdmaConfig;
@@ -121,9 +121,6 @@ mod on {
     use crate::service::{Outcome, ServiceContext, decode, send_reply, try_outcome};
     use crate::shm::{self, ShmSession};
     use crate::store::Store;
-
-    /// Staging windows are whole pages.
-    const STAGING_ALIGN: u64 = 4096;
 
     pub struct RdmaServe {
         pub(super) device: Arc<Device>,
@@ -169,13 +166,10 @@ mod on {
             Ok(ep) => ep,
             Err(e) => return Ok(Outcome::Refused(e.to_string())),
         };
-        let staging_len = req
-            .staging_bytes
-            .clamp(STAGING_ALIGN, serve.max_staging)
-            .next_multiple_of(STAGING_ALIGN);
-        let built = (|| -> anyhow::Result<(ShmSession, RdmaConnectReply)> {
+        let built = (|| -> anyhow::Result<(ShmSession, RdmaConnectReply, usize)> {
             let staging =
-                ShmRegion::new("kvcache-rdma-staging", staging_len as usize, LockMode::Off)?;
+                shm::staging_window("kvcache-rdma-staging", req.staging_bytes, serve.max_staging)?;
+            let granted = staging.len();
             // SAFETY: the registration is kept in the session and dropped before the window.
             let staging_mr = unsafe {
                 serve
@@ -196,9 +190,9 @@ mod on {
             };
             let s =
                 ShmSession::new(staging, serve.lease_timeout, Transport::Rdma).keep(Box::new(held));
-            Ok((s, reply))
+            Ok((s, reply, granted))
         })();
-        let (new, reply) = match built {
+        let (new, reply, granted) = match built {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot set up an RDMA connection");
@@ -212,11 +206,7 @@ mod on {
         drop(shm::spawn_reaper(&new, ctx));
         *session = Some(new);
         send_reply(wr, Op::RdmaConnect, h.request_id, &reply).await?;
-        tracing::debug!(
-            qpn = client.qpn,
-            staging = staging_len,
-            "RDMA client connected"
-        );
+        tracing::debug!(qpn = client.qpn, staging = granted, "RDMA client connected");
         Ok(Outcome::Done)
     }
 }

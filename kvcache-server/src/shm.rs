@@ -245,14 +245,10 @@ async fn attach(
     }
     let control = tcp::read_control(stream, h.control_len).await?;
     let req = ShmAttachRequest::decode(control.as_slice()).context("undecodable shm_attach")?;
-    let staging_len = req
-        .staging_bytes
-        .clamp(STAGING_ALIGN, serve.max_staging)
-        .next_multiple_of(STAGING_ALIGN);
-    let staging = ShmRegion::new("kvcache-staging", staging_len as usize, LockMode::Off)?;
+    let staging = staging_window("kvcache-staging", req.staging_bytes, serve.max_staging)?;
     let reply = ShmAttachReply {
         pool_bytes: serve.pool_bytes,
-        staging_bytes: staging_len,
+        staging_bytes: staging.len() as u64,
         lease_timeout_ms: serve.lease_timeout.as_millis().min(u32::MAX as u128) as u32,
         pool_id: serve.pool_id.clone(),
     }
@@ -276,6 +272,15 @@ async fn attach(
         serve.lease_timeout,
         Transport::Shm,
     ))
+}
+
+/// A connection's staging window: what the client asked for, within a page and `max`, in
+/// whole pages (shared memory and RDMA connections alike).
+pub(crate) fn staging_window(name: &str, asked: u64, max: u64) -> anyhow::Result<ShmRegion> {
+    let len = asked
+        .clamp(STAGING_ALIGN, max)
+        .next_multiple_of(STAGING_ALIGN);
+    Ok(ShmRegion::new(name, len as usize, LockMode::Off)?)
 }
 
 /// Serves one shared-memory op of an attached connection.

@@ -537,6 +537,13 @@ impl Link {
         result
     }
 
+    /// The provider's fast-path verbs (post, poll, arm): the inline functions of verbs.h call
+    /// them through the context, which bindgen cannot wrap.
+    fn ops(&self) -> &ffi::ibv_context_ops {
+        // SAFETY: the device's context outlives the link (the link holds the device).
+        unsafe { &(*self.device.ctx).ops }
+    }
+
     /// Posts one round as a chain, only its last request signaled (RC completes in order);
     /// returns that request's id.
     fn post(
@@ -589,15 +596,13 @@ impl Link {
         last.send_flags = ffi::ibv_send_flags::IBV_SEND_SIGNALED.0;
         let last_id = last.wr_id;
         let mut bad: *mut ffi::ibv_send_wr = ptr::null_mut();
+        let post = self
+            .ops()
+            .post_send
+            .expect("every verbs provider implements post_send");
         // SAFETY: `qp` is live; the chain and its scatter lists outlive the call (the device
         // copies work requests when they are posted).
-        let rc = unsafe {
-            let ops = &(*(*self.qp).context).ops;
-            let post = ops
-                .post_send
-                .expect("every verbs provider implements post_send");
-            post(self.qp, wrs.as_mut_ptr(), &mut bad)
-        };
+        let rc = unsafe { post(self.qp, wrs.as_mut_ptr(), &mut bad) };
         check("ibv_post_send", rc)?;
         Ok(last_id)
     }
@@ -622,14 +627,12 @@ impl Link {
                 continue;
             }
             // Arm, then poll once more: a completion that landed before arming sends no event.
+            let notify = self
+                .ops()
+                .req_notify_cq
+                .expect("every verbs provider implements req_notify_cq");
             // SAFETY: `cq` is live.
-            check("ibv_req_notify_cq", unsafe {
-                let ops = &(*(*self.cq).context).ops;
-                let notify = ops
-                    .req_notify_cq
-                    .expect("every verbs provider implements req_notify_cq");
-                notify(self.cq, 0)
-            })?;
+            check("ibv_req_notify_cq", unsafe { notify(self.cq, 0) })?;
             if self.poll(wr_id)? {
                 return Ok(());
             }
@@ -661,15 +664,13 @@ impl Link {
         // SAFETY: `ibv_wc` is plain data; all-zero is a valid value.
         let mut wcs: [ffi::ibv_wc; 16] = unsafe { std::mem::zeroed() };
         let mut seen = false;
+        let poll = self
+            .ops()
+            .poll_cq
+            .expect("every verbs provider implements poll_cq");
         loop {
             // SAFETY: `cq` is live; `wcs` has room for 16 completions.
-            let n = unsafe {
-                let ops = &(*(*self.cq).context).ops;
-                let poll = ops
-                    .poll_cq
-                    .expect("every verbs provider implements poll_cq");
-                poll(self.cq, wcs.len() as i32, wcs.as_mut_ptr())
-            };
+            let n = unsafe { poll(self.cq, wcs.len() as i32, wcs.as_mut_ptr()) };
             if n < 0 {
                 return Err(VerbsError::Call {
                     call: "ibv_poll_cq",
