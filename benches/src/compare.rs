@@ -46,6 +46,8 @@ pub struct Plan {
     pub concurrency: Vec<usize>,
     /// `put`, `get` or both.
     pub ops: Vec<String>,
+    /// Values per get call (puts always store one value per call).
+    pub batches: Vec<usize>,
     /// Measured seconds per row and system, split into `rounds` interleaved slices.
     pub seconds: f64,
     pub rounds: usize,
@@ -60,6 +62,8 @@ pub struct Row {
     pub op: &'static str,
     pub value_bytes: u64,
     pub concurrency: usize,
+    /// Values per call (gets; 1 for puts). Throughput counts values; latency is per call.
+    pub batch: usize,
     pub ops_per_s: f64,
     pub gb_per_s: f64,
     pub p50_us: f64,
@@ -109,15 +113,30 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
     for &size in &plan.sizes {
         let size_b = size.0 as usize;
         for &conc in &plan.concurrency {
-            for op in ["put", "get"]
+            let rows_here = ["put", "get"]
                 .into_iter()
                 .filter(|op| plan.ops.iter().any(|o| o == op))
-            {
+                .flat_map(|op| {
+                    let batches = if op == "get" {
+                        &plan.batches[..]
+                    } else {
+                        &[1][..]
+                    };
+                    batches.iter().map(move |&b| (op, b))
+                });
+            for (op, batch) in rows_here {
+                let shape = Shape {
+                    op,
+                    size: size_b,
+                    conc,
+                    batch,
+                };
+                let label = shape.label();
                 let mut working_sets = Vec::new();
                 for (system, _, addr) in &running {
-                    let ws = prepare(*system, addr, &memcpy, op, size_b, conc, plan, &keys)
+                    let ws = prepare(*system, addr, &memcpy, &shape, plan, &keys)
                         .await
-                        .with_context(|| format!("{} {op} {size} x{conc}: setup", system.name()))?;
+                        .with_context(|| format!("{} {label}: setup", system.name()))?;
                     working_sets.push(Arc::new(ws));
                 }
                 // Connections are opened once per row and kept across its slices, so no system
@@ -139,20 +158,19 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                         let (lat, span) = measure_slice(
                             system,
                             &mut conns[j],
-                            op,
-                            size_b,
+                            &shape,
                             slice,
                             &working_sets[j],
                             &keys,
                         )
                         .await
-                        .with_context(|| format!("{} {op} {size} x{conc}", system.name()))?;
+                        .with_context(|| format!("{} {label}", system.name()))?;
                         tallies[j].lat_ns.extend(lat);
                         tallies[j].span += span;
                     }
                 }
                 for ((system, _, _), tally) in running.iter().zip(tallies) {
-                    let row = summarize(system.name(), op, size_b, conc, tally);
+                    let row = summarize(system.name(), &shape, tally);
                     eprintln!("{}", format_row(&row));
                     rows.push(row);
                 }
@@ -183,26 +201,49 @@ async fn connect(
     })
 }
 
+/// What one row measures.
+struct Shape {
+    op: &'static str,
+    size: usize,
+    conc: usize,
+    /// Values per call.
+    batch: usize,
+}
+
+impl Shape {
+    fn label(&self) -> String {
+        let batch = match self.batch {
+            1 => String::new(),
+            b => format!(" b{b}"),
+        };
+        format!(
+            "{} {} x{}{batch}",
+            self.op,
+            ByteSize(self.size as u64),
+            self.conc
+        )
+    }
+}
+
 /// Resets the system and, for gets, writes the working set the row will read: as many
-/// distinct values as fit in a quarter of the memory budget (at least one per client, at most
-/// 256), so reads come from DRAM, not from a CPU cache.
-#[allow(clippy::too_many_arguments)]
+/// distinct values as fit in a quarter of the memory budget (at least one per value in flight,
+/// at most 256 unless more are in flight), so reads come from DRAM, not from a CPU cache.
 async fn prepare(
     system: SystemKind,
     addr: &str,
     memcpy: &Arc<systems::memcpy::MemcpyStore>,
-    op: &str,
-    size: usize,
-    conc: usize,
+    shape: &Shape,
     plan: &Plan,
     keys: &AtomicU64,
 ) -> anyhow::Result<Vec<u64>> {
     let mut c = connect(system, addr, memcpy).await?;
     c.reset().await?;
-    if op != "get" {
+    if shape.op != "get" {
         return Ok(Vec::new());
     }
-    let n = ((plan.memory.0 as usize / 4) / size).clamp(conc, 256);
+    let size = shape.size;
+    let in_flight = shape.conc * shape.batch;
+    let n = ((plan.memory.0 as usize / 4) / size).clamp(in_flight, in_flight.max(256));
     let first = keys.fetch_add(n as u64, Ordering::Relaxed);
     let mut v = vec![0u8; size];
     for k in first..first + n as u64 {
@@ -218,20 +259,21 @@ async fn prepare(
 async fn measure_slice(
     system: SystemKind,
     conns: &mut Vec<Conn>,
-    op: &'static str,
-    size: usize,
+    shape: &Shape,
     slice: Duration,
     working_set: &Arc<Vec<u64>>,
     keys: &Arc<AtomicU64>,
 ) -> anyhow::Result<(Vec<u64>, Duration)> {
     let warmup = (slice / 4).min(Duration::from_millis(100));
+    let (op, size, batch) = (shape.op, shape.size, shape.batch);
     let conc = conns.len();
     let mut tasks = Vec::new();
     for (t, mut conn) in conns.drain(..).enumerate() {
         let keys = Arc::clone(keys);
         let ws = Arc::clone(working_set);
         tasks.push(tokio::spawn(async move {
-            let mut buf = vec![0u8; size];
+            let mut bufs = vec![vec![0u8; size]; batch];
+            let mut batch_keys = vec![0u64; batch];
             let mut lat_ns: Vec<u64> = Vec::with_capacity(1 << 14);
             let begin = Instant::now();
             let (warm_end, end) = (begin + warmup, begin + warmup + slice);
@@ -247,13 +289,18 @@ async fn measure_slice(
                 let t0 = Instant::now();
                 if op == "put" {
                     let k = keys.fetch_add(1, Ordering::Relaxed);
-                    stamp(&mut buf, k);
-                    conn.put(k, &buf).await?;
+                    stamp(&mut bufs[0], k);
+                    conn.put(k, &bufs[0]).await?;
                 } else {
-                    let k = ws[(t + i as usize * conc) % ws.len()];
-                    conn.get(k, &mut buf).await?;
+                    // Task t reads values t, t + conc, ...; a batch takes the next `batch` of them.
+                    for (j, k) in batch_keys.iter_mut().enumerate() {
+                        *k = ws[(t + (i as usize * batch + j) * conc) % ws.len()];
+                    }
+                    conn.get(&batch_keys, &mut bufs).await?;
                     if system != SystemKind::TcpCeiling {
-                        check_stamp(&buf, k)?;
+                        for (b, &k) in bufs.iter().zip(&batch_keys) {
+                            check_stamp(b, k)?;
+                        }
                     }
                 }
                 if measured_start.is_some() {
@@ -275,27 +322,23 @@ async fn measure_slice(
     Ok((lat, span))
 }
 
-fn summarize(
-    system: &'static str,
-    op: &'static str,
-    size: usize,
-    conc: usize,
-    mut t: Tally,
-) -> Row {
+fn summarize(system: &'static str, shape: &Shape, mut t: Tally) -> Row {
     t.lat_ns.sort_unstable();
     let lat = &t.lat_ns;
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
             .copied()
     };
-    let ops_per_s = lat.len() as f64 / t.span.as_secs_f64().max(1e-9);
+    // Each latency is one call of `batch` values.
+    let ops_per_s = (lat.len() * shape.batch) as f64 / t.span.as_secs_f64().max(1e-9);
     Row {
         system,
-        op,
-        value_bytes: size as u64,
-        concurrency: conc,
+        op: shape.op,
+        value_bytes: shape.size as u64,
+        concurrency: shape.conc,
+        batch: shape.batch,
         ops_per_s,
-        gb_per_s: ops_per_s * size as f64 / 1e9,
+        gb_per_s: ops_per_s * shape.size as f64 / 1e9,
         p50_us: pct(0.50).unwrap_or(0) as f64 / 1e3,
         p99_us: pct(0.99).unwrap_or(0) as f64 / 1e3,
     }
@@ -303,11 +346,12 @@ fn summarize(
 
 fn format_row(r: &Row) -> String {
     format!(
-        "{:<14} {:<4} {:>8} x{:<3} {:>10.0} ops/s {:>7.2} GB/s  p50 {:>9.1} us  p99 {:>9.1} us",
+        "{:<14} {:<4} {:>8} x{:<3} b{:<3} {:>10.0} ops/s {:>7.2} GB/s  p50 {:>9.1} us  p99 {:>9.1} us",
         r.system,
         r.op,
         ByteSize(r.value_bytes).to_string(),
         r.concurrency,
+        r.batch,
         r.ops_per_s,
         r.gb_per_s,
         r.p50_us,
@@ -319,7 +363,7 @@ fn format_row(r: &Row) -> String {
 pub fn report(rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str(
-        "system         op       size conc       ops/s    GB/s        p50            p99\n",
+        "system         op       size conc batch       ops/s    GB/s   p50 per call   p99 per call\n",
     );
     for r in rows {
         out.push_str(&format_row(r));
@@ -342,15 +386,17 @@ pub fn report(rows: &[Row]) -> String {
                             && p.op == r.op
                             && p.value_bytes == r.value_bytes
                             && p.concurrency == r.concurrency
+                            && p.batch == r.batch
                     })
                     .map(|p| format!("{:.2}x", r.ops_per_s / p.ops_per_s))
                     .unwrap_or_else(|| "-".into())
             };
             out.push_str(&format!(
-                "  {:<4} {:>8} x{:<3} vs {} {:>7}   vs {} {:>7}\n",
+                "  {:<4} {:>8} x{:<3} b{:<3} vs {} {:>7}   vs {} {:>7}\n",
                 r.op,
                 ByteSize(r.value_bytes).to_string(),
                 r.concurrency,
+                r.batch,
                 peers[0],
                 peer(peers[0]),
                 peers[1],

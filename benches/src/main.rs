@@ -43,6 +43,11 @@ enum Cmd {
         /// Operations to measure.
         #[arg(long, value_delimiter = ',', default_value = "put,get", value_parser = ["put", "get"])]
         ops: Vec<String>,
+        /// Values per get call: one request for all of them where the system has one
+        /// (kvcache's get_many_into, Redis MGET), as the vLLM connector loads a request's
+        /// blocks. Throughput counts values, latency is per call. Puts store one value a call.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        batch: Vec<usize>,
         /// Systems to measure.
         #[arg(
             long,
@@ -133,11 +138,16 @@ fn main() -> anyhow::Result<()> {
             sizes,
             concurrency,
             ops,
+            batch,
             systems,
             memory,
             json,
         } => {
             check_seconds(seconds)?;
+            anyhow::ensure!(
+                batch.iter().all(|&b| (1..=64).contains(&b)),
+                "--batch must be 1..=64"
+            );
             anyhow::ensure!(
                 concurrency.iter().all(|&c| (1..=64).contains(&c)),
                 "--concurrency must be 1..=64"
@@ -151,6 +161,7 @@ fn main() -> anyhow::Result<()> {
                 sizes,
                 concurrency,
                 ops,
+                batches: batch,
                 seconds,
                 rounds,
                 memory,

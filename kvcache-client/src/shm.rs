@@ -179,8 +179,14 @@ pub(crate) fn copy_verified_from(
             out.capacity()
         )));
     }
-    for i in 0..checksum::chunk_count(len) {
-        let landed = checksum::copy_chunk_checked(&src[checksum::chunk_range(len, i)], &mut out);
+    let chunks = checksum::chunk_count(len);
+    for i in 0..chunks {
+        let next = match i + 1 < chunks {
+            true => &src[checksum::chunk_range(len, i + 1)],
+            false => &[],
+        };
+        let landed =
+            checksum::copy_chunk_checked(&src[checksum::chunk_range(len, i)], next, &mut out);
         if landed != Some(checksum::recorded(&trailer, i)) {
             return Ok(false);
         }

@@ -109,17 +109,18 @@ impl<'a, 'b> Scatter<'a, 'b> {
 /// to [`chunk_checksum`] of `src` unless `src` changed under the copy). The copy and the hash
 /// are one pass over `src` ([`chunk_hash::copy_and_hash`]); a chunk that spans destination
 /// segments goes through a private bounce buffer, so what is scattered is still exactly what
-/// was hashed. `None` if `dst` is too short.
-pub fn copy_chunk_checked(src: &[u8], dst: &mut Scatter<'_, '_>) -> Option<u64> {
+/// was hashed. `next` is the chunk to be copied after this one (or nothing), prefetched as
+/// this one ends. `None` if `dst` is too short.
+pub fn copy_chunk_checked(src: &[u8], next: &[u8], dst: &mut Scatter<'_, '_>) -> Option<u64> {
     if let Some(d) = dst.contiguous(src.len()) {
-        return Some(chunk_hash::copy_and_hash(src, d));
+        return Some(chunk_hash::copy_and_hash_before(src, d, next));
     }
     thread_local! {
         static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     BOUNCE.with_borrow_mut(|bounce| {
         bounce.resize(src.len(), 0);
-        let sum = chunk_hash::copy_and_hash(src, bounce);
+        let sum = chunk_hash::copy_and_hash_before(src, bounce, next);
         dst.copy_from(bounce).then_some(sum)
     })
 }
@@ -229,7 +230,7 @@ mod tests {
             let mut sc = Scatter::new(&mut segs);
             assert_eq!(sc.capacity(), len);
             assert_eq!(
-                copy_chunk_checked(&src, &mut sc),
+                copy_chunk_checked(&src, &[], &mut sc),
                 Some(chunk_checksum(&src))
             );
             assert_eq!(buf, src, "len {len}");
@@ -241,7 +242,10 @@ mod tests {
         let src = vec![7u8; 5000];
         let mut small = vec![0u8; 4999];
         let mut segs = [&mut small[..]];
-        assert_eq!(copy_chunk_checked(&src, &mut Scatter::new(&mut segs)), None);
+        assert_eq!(
+            copy_chunk_checked(&src, &[], &mut Scatter::new(&mut segs)),
+            None
+        );
     }
 
     #[test]

@@ -53,27 +53,33 @@ const INIT: [u64; LANES] = [
 
 /// Checksum of `data`.
 pub fn hash(data: &[u8]) -> u64 {
-    run::<false>(data, None)
+    run::<false>(data, None, &[])
 }
 
 /// Copies `src` into `dst` (of equal length) and returns the checksum of the bytes as they
 /// were loaded, which are exactly the bytes stored: what lands in `dst` is what was checked.
 pub fn copy_and_hash(src: &[u8], dst: &mut [u8]) -> u64 {
-    assert_eq!(src.len(), dst.len(), "copy_and_hash needs equal lengths");
-    run::<true>(src, Some(dst))
+    copy_and_hash_before(src, dst, &[])
 }
 
-fn run<const COPY: bool>(src: &[u8], dst: Option<&mut [u8]>) -> u64 {
-    run_with(src, dst, stripes::<COPY>)
+/// [`copy_and_hash`] of one piece of a longer read, where `next` is what will be read next:
+/// the loop's prefetches run on into it, so the next call does not start on cold lines.
+pub fn copy_and_hash_before(src: &[u8], dst: &mut [u8], next: &[u8]) -> u64 {
+    assert_eq!(src.len(), dst.len(), "copy_and_hash needs equal lengths");
+    run::<true>(src, Some(dst), next)
+}
+
+fn run<const COPY: bool>(src: &[u8], dst: Option<&mut [u8]>, next: &[u8]) -> u64 {
+    run_with(src, dst, next, stripes::<COPY>)
 }
 
 /// The whole digest, with `stripes` running the loop over the whole stripes.
-fn run_with(src: &[u8], mut dst: Option<&mut [u8]>, stripes: StripeLoop) -> u64 {
+fn run_with(src: &[u8], mut dst: Option<&mut [u8]>, next: &[u8], stripes: StripeLoop) -> u64 {
     let mut acc = INIT;
     let full = src.len() / STRIPE;
     let body = full * STRIPE;
     let dst_body = dst.as_deref_mut().map(|d| &mut d[..body]);
-    stripes(&mut acc, &src[..body], dst_body);
+    stripes(&mut acc, &src[..body], dst_body, next);
     // The last partial stripe, zero-padded; its keys follow on from the stripes before it.
     let tail = &src[body..];
     if !tail.is_empty() {
@@ -87,8 +93,9 @@ fn run_with(src: &[u8], mut dst: Option<&mut [u8]>, stripes: StripeLoop) -> u64 
     finish(&acc, src.len())
 }
 
-/// Runs over whole stripes (`src.len()` a multiple of 64), copying into `dst` if given.
-type StripeLoop = fn(&mut [u64; LANES], &[u8], Option<&mut [u8]>);
+/// Runs over whole stripes (`src.len()` a multiple of 64), copying into `dst` if given; it
+/// may prefetch `next`, which is read next.
+type StripeLoop = fn(&mut [u64; LANES], &[u8], Option<&mut [u8]>, &[u8]);
 
 fn finish(acc: &[u64; LANES], len: usize) -> u64 {
     let k = &KEYS[LANES * (STRIPES_PER_BLOCK + 1)..];
@@ -127,7 +134,7 @@ fn scramble_scalar(acc: &mut [u64; LANES]) {
     all(target_arch = "x86_64", target_feature = "avx2", not(test)),
     allow(dead_code)
 )]
-fn stripes_scalar(acc: &mut [u64; LANES], src: &[u8], dst: Option<&mut [u8]>) {
+fn stripes_scalar(acc: &mut [u64; LANES], src: &[u8], dst: Option<&mut [u8]>, _next: &[u8]) {
     if let Some(d) = dst {
         d.copy_from_slice(src);
     }
@@ -141,12 +148,22 @@ fn stripes_scalar(acc: &mut [u64; LANES], src: &[u8], dst: Option<&mut [u8]>) {
 }
 
 #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
-fn stripes<const COPY: bool>(acc: &mut [u64; LANES], src: &[u8], dst: Option<&mut [u8]>) {
-    stripes_scalar(acc, src, dst)
+fn stripes<const COPY: bool>(
+    acc: &mut [u64; LANES],
+    src: &[u8],
+    dst: Option<&mut [u8]>,
+    next: &[u8],
+) {
+    stripes_scalar(acc, src, dst, next)
 }
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-fn stripes<const COPY: bool>(acc: &mut [u64; LANES], src: &[u8], dst: Option<&mut [u8]>) {
+fn stripes<const COPY: bool>(
+    acc: &mut [u64; LANES],
+    src: &[u8],
+    dst: Option<&mut [u8]>,
+    next: &[u8],
+) {
     use std::arch::x86_64::*;
     debug_assert_eq!(src.len() % STRIPE, 0);
     let dst_ptr = dst.map_or(std::ptr::null_mut(), |d| {
@@ -166,12 +183,17 @@ fn stripes<const COPY: bool>(acc: &mut [u64; LANES], src: &[u8], dst: Option<&mu
         let s = src.as_ptr();
         for i in 0..n {
             let index = i % STRIPES_PER_BLOCK;
-            if index == 0 && i + PREFETCH_BLOCKS * STRIPES_PER_BLOCK < n {
+            if index == 0 {
                 // Ask for one block, PREFETCH_BLOCKS ahead, at each block start: loads stay
-                // ahead of the loop without flooding the line-fill buffers all at once.
-                let ahead = s.add((i + PREFETCH_BLOCKS * STRIPES_PER_BLOCK) * STRIPE);
-                for line in 0..STRIPES_PER_BLOCK {
-                    _mm_prefetch(ahead.add(line * STRIPE).cast(), _MM_HINT_T0);
+                // ahead of the loop without flooding the line-fill buffers all at once. Near
+                // the end the block ahead lies in `next`.
+                let at = (i + PREFETCH_BLOCKS * STRIPES_PER_BLOCK) * STRIPE;
+                let ahead = match at.checked_sub(src.len()) {
+                    None => &src[at..],
+                    Some(past) => next.get(past..).unwrap_or_default(),
+                };
+                for line in (0..ahead.len().min(STRIPES_PER_BLOCK * STRIPE)).step_by(STRIPE) {
+                    _mm_prefetch(ahead.as_ptr().add(line).cast(), _MM_HINT_T0);
                 }
             }
             let p = s.add(i * STRIPE);
@@ -224,7 +246,7 @@ fn scramble_avx2(
 /// The digest through the scalar loop, to test the vector one against it.
 #[cfg(test)]
 fn reference(data: &[u8]) -> u64 {
-    run_with(data, None, stripes_scalar)
+    run_with(data, None, &[], stripes_scalar)
 }
 
 #[cfg(test)]
@@ -254,6 +276,17 @@ mod tests {
             assert_eq!(dst, src, "len {len}");
             assert_eq!(h, hash(&src), "len {len}");
             assert_eq!(h, reference(&src), "len {len}");
+        }
+    }
+
+    #[test]
+    fn prefetching_into_the_next_piece_changes_nothing() {
+        let src = bytes(40_000, 3);
+        for next_len in [0, 1, 700, 9000, 40_000] {
+            let next = bytes(next_len, 4);
+            let mut dst = vec![0u8; src.len()];
+            assert_eq!(copy_and_hash_before(&src, &mut dst, &next), hash(&src));
+            assert_eq!(dst, src, "next {next_len}");
         }
     }
 

@@ -95,7 +95,9 @@ pub async fn skip_payload<R: AsyncRead + Unpin>(
     r: &mut R,
     mut len: u64,
 ) -> Result<(), FrameReadError> {
-    let mut scratch = [0u8; 64 * 1024];
+    // On the heap: a 64 KiB array here would sit in the state of every future that may call
+    // this (a client's get), and be copied each time such a future moves.
+    let mut scratch = vec![0u8; len.min(64 * 1024) as usize];
     while len > 0 {
         let want = len.min(scratch.len() as u64) as usize;
         r.read_exact(&mut scratch[..want])

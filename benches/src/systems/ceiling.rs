@@ -103,9 +103,17 @@ impl CeilingConn {
         Ok(())
     }
 
-    pub async fn get(&mut self, key: u64, buf: &mut [u8]) -> anyhow::Result<()> {
-        self.s.write_all(&Self::head(b'G', buf.len(), key)).await?;
-        self.s.read_exact(buf).await?;
+    /// Writes every request, then reads every value.
+    pub async fn get(&mut self, keys: &[u64], bufs: &mut [Vec<u8>]) -> anyhow::Result<()> {
+        let heads: Vec<[u8; 9]> = keys
+            .iter()
+            .zip(bufs.iter())
+            .map(|(&k, b)| Self::head(b'G', b.len(), k))
+            .collect();
+        self.s.write_all(&heads.concat()).await?;
+        for b in bufs.iter_mut() {
+            self.s.read_exact(b).await?;
+        }
         Ok(())
     }
 }

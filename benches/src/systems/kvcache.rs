@@ -60,14 +60,13 @@ impl KvConn {
         }
     }
 
-    pub async fn get(&mut self, key: u64, buf: &mut [u8]) -> anyhow::Result<()> {
-        let out = self
-            .client
-            .get_many_into(&[BlockKey(key as u128)], &mut [vec![buf]])
-            .await?;
-        match out[0] {
-            GetOutcome::Hit => Ok(()),
-            other => bail!("get of key {key}: {other:?}"),
+    pub async fn get(&mut self, keys: &[u64], bufs: &mut [Vec<u8>]) -> anyhow::Result<()> {
+        let ks: Vec<BlockKey> = keys.iter().map(|&k| BlockKey(k as u128)).collect();
+        let mut dst: Vec<Vec<&mut [u8]>> = bufs.iter_mut().map(|b| vec![&mut b[..]]).collect();
+        let out = self.client.get_many_into(&ks, &mut dst).await?;
+        match out.iter().position(|o| *o != GetOutcome::Hit) {
+            None => Ok(()),
+            Some(i) => bail!("get of key {}: {:?}", keys[i], out[i]),
         }
     }
 }

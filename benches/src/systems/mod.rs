@@ -59,15 +59,20 @@ impl Conn {
         }
     }
 
-    /// Reads `key`'s value into `buf` (which has the value's exact length).
-    pub async fn get(&mut self, key: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+    /// Reads the values of `keys` into `bufs` (each the value's exact length) in one batch:
+    /// one request for all keys where the system has one (kvcache `get_many_into`, Redis
+    /// `MGET`), the requests written back to back for the TCP ceiling, copies in a row for
+    /// memcpy.
+    pub async fn get(&mut self, keys: &[u64], bufs: &mut [Vec<u8>]) -> anyhow::Result<()> {
         bounded("get", async {
             match self {
-                Conn::Kvcache(c) => c.get(key, buf).await,
-                Conn::Redis(c) => c.get(key, buf).await,
-                Conn::Ceiling(c) => c.get(key, buf).await,
+                Conn::Kvcache(c) => c.get(keys, bufs).await,
+                Conn::Redis(c) => c.get(keys, bufs).await,
+                Conn::Ceiling(c) => c.get(keys, bufs).await,
                 Conn::Memcpy(c) => {
-                    c.get(key, buf);
+                    for (&k, b) in keys.iter().zip(bufs.iter_mut()) {
+                        c.get(k, b);
+                    }
                     tokio::task::yield_now().await;
                     Ok(())
                 }

@@ -92,21 +92,36 @@ impl RedisConn {
         Ok(())
     }
 
-    pub async fn get(&mut self, key: u64, buf: &mut [u8]) -> anyhow::Result<()> {
-        let key = key.to_string();
-        let req = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+    /// `MGET` of every key, each value read straight into its buffer.
+    pub async fn get(&mut self, keys: &[u64], bufs: &mut [Vec<u8>]) -> anyhow::Result<()> {
+        let mut req = format!("*{}\r\n$4\r\nMGET\r\n", keys.len() + 1);
+        for k in keys {
+            let k = k.to_string();
+            req.push_str(&format!("${}\r\n{k}\r\n", k.len()));
+        }
         self.wr.write_all(req.as_bytes()).await?;
+        let count = self.reply_len(b'*').await?;
+        if count != keys.len() as i64 {
+            bail!("redis MGET answered {count} values for {} keys", keys.len());
+        }
+        for (key, buf) in keys.iter().zip(bufs.iter_mut()) {
+            let len = self.reply_len(b'$').await?;
+            if len != buf.len() as i64 {
+                bail!("redis GET {key}: {len} bytes, expected {}", buf.len());
+            }
+            self.rd.read_exact(buf).await?;
+            let mut crlf = [0u8; 2];
+            self.rd.read_exact(&mut crlf).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads a `<kind><number>` reply line (`*` array length, `$` bulk length).
+    async fn reply_len(&mut self, kind: u8) -> anyhow::Result<i64> {
         let line = self.read_line().await?;
-        let len: i64 = std::str::from_utf8(line.strip_prefix(b"$").unwrap_or(b"x"))
+        std::str::from_utf8(line.strip_prefix(&[kind]).unwrap_or(b"x"))
             .ok()
             .and_then(|s| s.parse().ok())
-            .with_context(|| format!("unexpected redis reply {}", String::from_utf8_lossy(line)))?;
-        if len != buf.len() as i64 {
-            bail!("redis GET {key}: {len} bytes, expected {}", buf.len());
-        }
-        self.rd.read_exact(buf).await?;
-        let mut crlf = [0u8; 2];
-        self.rd.read_exact(&mut crlf).await?;
-        Ok(())
+            .with_context(|| format!("unexpected redis reply {}", String::from_utf8_lossy(line)))
     }
 }
