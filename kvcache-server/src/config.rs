@@ -187,6 +187,16 @@ pub struct Settings {
     #[arg(long, env = "KVCACHE_DISK_CAPACITY", value_name = "SIZE")]
     pub disk_capacity: Option<ByteSize>,
 
+    /// A GPU tier of this much device memory under the memory pool (and above --disk):
+    /// evicted blocks are copied to the GPU and copied back, checked, on a hit. Needs a build
+    /// with the `cuda` feature and a CUDA driver [default: off].
+    #[arg(long, env = "KVCACHE_GPU_TIER", value_name = "SIZE")]
+    pub gpu_tier: Option<ByteSize>,
+
+    /// Which GPU holds the GPU tier [default: 0].
+    #[arg(long, env = "KVCACHE_GPU_DEVICE", value_name = "N")]
+    pub gpu_device: Option<usize>,
+
     /// One-sided RDMA for clients on other hosts: `auto` uses the first RDMA device with an
     /// active port and says at start why not when there is none; `off` never does. Needs a
     /// build with the `rdma` feature. RDMA connections use --shm-lease-timeout and
@@ -265,6 +275,8 @@ pub struct ServerConfig {
     pub cluster: Option<ClusterConfig>,
     /// The disk tier: its directory and capacity in bytes.
     pub disk: Option<(PathBuf, u64)>,
+    /// The GPU tier: its device and size in bytes.
+    pub gpu_tier: Option<(usize, u64)>,
     /// `None` with `--rdma off`; else RDMA is served when this build and host can.
     pub rdma: Option<RdmaConfig>,
     pub listen: String,
@@ -322,6 +334,8 @@ impl Settings {
             warm,
             disk,
             disk_capacity,
+            gpu_tier,
+            gpu_device,
             rdma
         );
         self.enable_test_hooks |= file.enable_test_hooks;
@@ -369,6 +383,20 @@ impl Settings {
                 Some((path.clone(), capacity))
             }
         };
+        let gpu_tier = match (self.gpu_tier, self.gpu_device) {
+            (None, Some(_)) => bail!("--gpu-device only applies with --gpu-tier SIZE"),
+            (None, None) => None,
+            (Some(_), _) if !cfg!(feature = "cuda") => bail!(
+                "this kvcache-server was built without the GPU tier: rebuild it with \
+                 `cargo build --release -p kvcache-server --features cuda`"
+            ),
+            (Some(size), device) => {
+                if size.0 < 8 << 20 {
+                    bail!("--gpu-tier must be at least 8MiB");
+                }
+                Some((device.unwrap_or(0), size.0))
+            }
+        };
         let rdma = match self.rdma.as_deref() {
             None | Some("auto") => {
                 let (lease_timeout, max_staging) = self.lease_and_staging()?;
@@ -383,6 +411,7 @@ impl Settings {
         Ok(ServerConfig {
             cluster,
             disk,
+            gpu_tier,
             rdma,
             listen: self
                 .listen
@@ -627,6 +656,26 @@ mod tests {
         assert!(err(&["--peers", "nohost"]).contains("HOST:PORT"));
         assert!(err(&["--peers", "a:1", "--replicas", "0"]).contains("between 1 and 16"));
         assert!(err(&["--peers", "a:1", "--node-id", "x"]).contains("only apply with --etcd"));
+    }
+
+    #[test]
+    fn gpu_tier_flags_resolve_or_say_what_is_missing() {
+        let s = Settings::parse_from(["kvcache-server", "--gpu-tier", "1GiB", "--gpu-device", "1"]);
+        let resolved = s.resolve();
+        if cfg!(feature = "cuda") {
+            assert_eq!(resolved.unwrap().gpu_tier, Some((1, 1 << 30)));
+        } else {
+            let e = resolved.unwrap_err();
+            assert!(format!("{e:#}").contains("--features cuda"), "{e:#}");
+        }
+        let alone = Settings::parse_from(["kvcache-server", "--gpu-device", "0"]);
+        assert!(
+            format!("{:#}", alone.resolve().unwrap_err()).contains("only applies with --gpu-tier")
+        );
+        if cfg!(feature = "cuda") {
+            let small = Settings::parse_from(["kvcache-server", "--gpu-tier", "1MiB"]);
+            assert!(format!("{:#}", small.resolve().unwrap_err()).contains("at least 8MiB"));
+        }
     }
 
     #[test]

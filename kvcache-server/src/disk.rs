@@ -34,7 +34,7 @@ use kvcache_core::BlockKey;
 use parking_lot::Mutex;
 use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch};
 
-use crate::store::{LowerTier, TierStats};
+use crate::store::{LowerTier, TierStats, tier_checksum as checksum};
 
 /// A RocksDB key and value.
 type IndexEntry = (Box<[u8]>, Box<[u8]>);
@@ -116,10 +116,6 @@ fn segment_key(segment: u64, key: BlockKey) -> [u8; 25] {
     k[..9].copy_from_slice(&segment_prefix(segment));
     k[9..].copy_from_slice(&key.to_bytes());
     k
-}
-
-fn checksum(key: BlockKey, bytes: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(bytes, key.low64())
 }
 
 /// Counters, also reported through [`TierStats`].
@@ -483,9 +479,10 @@ impl LowerTier for DiskTier {
         }
     }
 
-    fn stats(&self) -> TierStats {
+    fn stats(&self) -> Vec<TierStats> {
         let c = &self.shared.counters;
-        TierStats {
+        vec![TierStats {
+            name: "disk",
             capacity_bytes: self.shared.cfg.capacity,
             used_bytes: c.used_bytes.load(Relaxed),
             blocks: c.blocks.load(Relaxed),
@@ -496,7 +493,7 @@ impl LowerTier for DiskTier {
             corrupt_blocks: c.corrupt_blocks.load(Relaxed),
             dropped_segments: c.dropped_segments.load(Relaxed),
             errors: c.errors.load(Relaxed),
-        }
+        }]
     }
 }
 
@@ -538,7 +535,7 @@ mod tests {
                 t.demote(k, &bytes(k, 10_000));
             }
             t.flush();
-            assert_eq!(t.stats().blocks, 50);
+            assert_eq!(t.stats()[0].blocks, 50);
         }
         let t = DiskTier::open(cfg).unwrap();
         for &k in &keys {
@@ -555,7 +552,7 @@ mod tests {
             .unwrap();
         assert_eq!(read(&t, keys[3]), None);
         assert_eq!(t.len_of(keys[3]), None);
-        assert_eq!(t.stats().corrupt_blocks, 1);
+        assert_eq!(t.stats()[0].corrupt_blocks, 1);
         drop(t);
         fs::remove_dir_all(d).unwrap();
     }
@@ -570,7 +567,7 @@ mod tests {
             t.demote(k, &bytes(k, 40 << 10));
         }
         t.flush();
-        let s = t.stats();
+        let s = t.stats().remove(0);
         assert!(s.used_bytes <= 4 << 20, "{s:?}");
         assert!(s.dropped_segments >= 8, "{s:?}");
         let held: Vec<bool> = keys.iter().map(|&k| read(&t, k).is_some()).collect();
@@ -585,7 +582,7 @@ mod tests {
         }
         // A block bigger than a segment is not written at all.
         t.demote(BlockKey(1), &[0; 2 << 20]);
-        assert_eq!(t.stats().skipped_blocks, 1);
+        assert_eq!(t.stats()[0].skipped_blocks, 1);
         drop(t);
         fs::remove_dir_all(d).unwrap();
     }

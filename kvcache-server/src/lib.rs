@@ -2,6 +2,7 @@
 //!
 //! - [`store`]: the memory pool, index, eviction and leases (transport-independent);
 //! - [`service`]: the data plane speaking the kvcache frame protocol (TCP and Unix socket);
+//! - `disk` and `gpu`: the tiers under the pool (features `disk` and `cuda`);
 //! - [`shm`]: the shared-memory transport for clients on the same host;
 //! - [`rdma`]: one-sided RDMA for clients on other hosts (feature `rdma`; refused clearly
 //!   without it);
@@ -15,6 +16,8 @@ pub mod cluster;
 pub mod config;
 #[cfg(feature = "disk")]
 pub mod disk;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod http;
 pub mod metrics;
 pub mod rdma;

@@ -489,8 +489,8 @@ impl Metrics {
             header(&mut out, name, kind, help);
             let _ = writeln!(out, "{name} {v}");
         }
-        if let Some(disk) = &store.lower {
-            render_disk(&mut out, disk, store.promotions);
+        for (i, tier) in store.lower.iter().enumerate() {
+            render_tier(&mut out, tier, (i == 0).then_some(store.promotions));
         }
         header(
             &mut out,
@@ -541,77 +541,85 @@ impl Metrics {
 }
 
 /// The disk tier's lines (with `--disk`).
-fn render_disk(out: &mut String, d: &crate::store::TierStats, promotions: u64) {
-    let lines: [(&str, &str, &str, u64); 11] = [
+/// One lower tier's metrics, named after it (`kvcache_disk_*`, `kvcache_gpu_*`). Promotions
+/// into memory are counted on the top tier.
+fn render_tier(out: &mut String, t: &crate::store::TierStats, promotions: Option<u64>) {
+    let tier = t.name;
+    let mut lines: Vec<(&str, &str, String, u64)> = vec![
         (
-            "kvcache_disk_capacity_bytes",
+            "capacity_bytes",
             "gauge",
-            "Bytes the disk tier may hold (--disk-capacity).",
-            d.capacity_bytes,
+            format!("Bytes the {tier} tier may hold."),
+            t.capacity_bytes,
         ),
         (
-            "kvcache_disk_used_bytes",
+            "used_bytes",
             "gauge",
-            "Bytes of segment files on disk.",
-            d.used_bytes,
+            format!("Bytes the {tier} tier holds."),
+            t.used_bytes,
         ),
         (
-            "kvcache_disk_blocks",
+            "blocks",
             "gauge",
-            "Blocks indexed on disk.",
-            d.blocks,
+            format!("Blocks in the {tier} tier."),
+            t.blocks,
         ),
         (
-            "kvcache_disk_demoted_blocks_total",
+            "demoted_blocks_total",
             "counter",
-            "Blocks written to disk after eviction from memory.",
-            d.demoted_blocks,
+            format!("Blocks written to the {tier} tier after eviction from the tier above."),
+            t.demoted_blocks,
         ),
         (
-            "kvcache_disk_demoted_bytes_total",
+            "demoted_bytes_total",
             "counter",
-            "Bytes written to disk after eviction from memory.",
-            d.demoted_bytes,
+            format!("Bytes written to the {tier} tier after eviction from the tier above."),
+            t.demoted_bytes,
         ),
         (
-            "kvcache_disk_hits_total",
+            "hits_total",
             "counter",
-            "Blocks read back from disk on a memory miss (disk-tier hits).",
-            d.read_blocks,
+            format!("Blocks read back from the {tier} tier on a miss above ({tier}-tier hits)."),
+            t.read_blocks,
         ),
         (
-            "kvcache_disk_promoted_blocks_total",
+            "corrupt_blocks_total",
             "counter",
-            "Blocks brought back into memory from disk.",
-            promotions,
+            format!(
+                "Blocks in the {tier} tier that failed verification (dropped, read as misses)."
+            ),
+            t.corrupt_blocks,
         ),
         (
-            "kvcache_disk_corrupt_blocks_total",
+            "dropped_segments_total",
             "counter",
-            "Blocks on disk that failed verification (dropped, read as misses).",
-            d.corrupt_blocks,
+            format!("Segments of the {tier} tier deleted, oldest first, to stay within capacity."),
+            t.dropped_segments,
         ),
         (
-            "kvcache_disk_dropped_segments_total",
+            "skipped_blocks_total",
             "counter",
-            "Segments deleted, oldest first, to stay within capacity.",
-            d.dropped_segments,
+            format!("Evicted blocks too large for the {tier} tier, not written to it."),
+            t.skipped_blocks,
         ),
         (
-            "kvcache_disk_skipped_blocks_total",
+            "errors_total",
             "counter",
-            "Evicted blocks larger than a segment, not written.",
-            d.skipped_blocks,
-        ),
-        (
-            "kvcache_disk_errors_total",
-            "counter",
-            "Failed reads or writes of the disk tier's files or index.",
-            d.errors,
+            format!("Failed reads or writes of the {tier} tier."),
+            t.errors,
         ),
     ];
-    for (name, kind, help, v) in lines {
-        header(out, name, kind, help);
+    if let Some(p) = promotions {
+        lines.push((
+            "promoted_blocks_total",
+            "counter",
+            format!("Blocks brought back into memory from the {tier} tier or those under it."),
+            p,
+        ));
+    }
+    for (suffix, kind, help, v) in lines {
+        let name = format!("kvcache_{tier}_{suffix}");
+        header(out, &name, kind, &help);
         let _ = writeln!(out, "{name} {v}");
     }
 }

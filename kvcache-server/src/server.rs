@@ -32,7 +32,9 @@ impl RunningServer {
     /// Builds the store, binds both listeners and starts serving on the current tokio runtime.
     pub async fn start(cfg: &ServerConfig) -> anyhow::Result<Self> {
         let store = Store::new(&cfg.store).context("cannot create the memory pool")?;
-        attach_disk(&store, cfg)?;
+        if let Some(tier) = lower_tiers(cfg)? {
+            store.attach_lower(tier);
+        }
         let metrics = Arc::new(Metrics::default());
         let data = TcpListener::bind(&cfg.listen)
             .await
@@ -211,20 +213,47 @@ impl RunningServer {
     }
 }
 
-/// Opens the disk tier (`--disk`) and puts it under the pool.
-#[cfg(feature = "disk")]
-fn attach_disk(store: &Store, cfg: &ServerConfig) -> anyhow::Result<()> {
-    if let Some((path, capacity)) = &cfg.disk {
-        let cfg = crate::disk::DiskConfig::new(path.clone(), *capacity);
-        store.attach_lower(crate::disk::DiskTier::open(cfg)?);
-    }
-    Ok(())
+/// Opens the tiers under the pool, top down: the GPU tier (`--gpu-tier`) over the disk tier
+/// (`--disk`). Config resolution refuses either flag in a build without its feature.
+fn lower_tiers(cfg: &ServerConfig) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
+    let disk = open_disk(cfg)?;
+    open_gpu(cfg, disk)
 }
 
-/// Without the `disk` feature, config resolution refuses `--disk`.
+#[cfg(feature = "disk")]
+fn open_disk(cfg: &ServerConfig) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
+    let Some((path, capacity)) = &cfg.disk else {
+        return Ok(None);
+    };
+    let cfg = crate::disk::DiskConfig::new(path.clone(), *capacity);
+    Ok(Some(crate::disk::DiskTier::open(cfg)?))
+}
+
 #[cfg(not(feature = "disk"))]
-fn attach_disk(_store: &Store, _cfg: &ServerConfig) -> anyhow::Result<()> {
-    Ok(())
+fn open_disk(_cfg: &ServerConfig) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
+    Ok(None)
+}
+
+#[cfg(feature = "cuda")]
+fn open_gpu(
+    cfg: &ServerConfig,
+    below: Option<Arc<dyn crate::store::LowerTier>>,
+) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
+    let Some((device, bytes)) = cfg.gpu_tier else {
+        return Ok(below);
+    };
+    let mem = crate::gpu::DeviceMemory::open(device, bytes as usize)
+        .with_context(|| format!("--gpu-tier: cannot allocate {bytes} bytes on GPU {device}"))?;
+    tracing::info!(device, size = %kvcache_core::ByteSize(bytes), "GPU tier open");
+    Ok(Some(crate::gpu::GpuTier::new(mem, below)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_gpu(
+    _cfg: &ServerConfig,
+    below: Option<Arc<dyn crate::store::LowerTier>>,
+) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
+    Ok(below)
 }
 
 /// A listener the accept loop can drive: TCP for the network, Unix for shared memory.

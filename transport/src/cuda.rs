@@ -10,6 +10,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
 
+/// Bytes on a GPU.
+pub type DeviceBuffer = CudaSlice<u8>;
+
 /// Why a CUDA call could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -21,6 +24,12 @@ pub enum CudaError {
     Driver(#[from] cudarc::driver::DriverError),
     #[error("copy of {src} bytes into {dst} bytes")]
     SizeMismatch { src: usize, dst: usize },
+    #[error("{len} bytes at offset {offset} lie outside a {size}-byte device buffer")]
+    OutOfBounds {
+        offset: usize,
+        len: usize,
+        size: usize,
+    },
 }
 
 /// Whether a CUDA driver library is present (checked before any other call, which would
@@ -86,9 +95,38 @@ impl Gpu {
         Ok(self.stream.memcpy_dtoh(src, dst)?)
     }
 
+    /// Host → device, into `dst` at `offset`, asynchronous on this GPU's stream.
+    pub fn upload_at(
+        &self,
+        src: &[u8],
+        dst: &mut DeviceBuffer,
+        offset: usize,
+    ) -> Result<(), CudaError> {
+        let range = in_bounds(offset, src.len(), dst.len())?;
+        Ok(self.stream.memcpy_htod(src, &mut dst.slice_mut(range))?)
+    }
+
+    /// Device → host, from `src` at `offset`, asynchronous on this GPU's stream.
+    pub fn download_at(
+        &self,
+        src: &DeviceBuffer,
+        offset: usize,
+        dst: &mut [u8],
+    ) -> Result<(), CudaError> {
+        let range = in_bounds(offset, dst.len(), src.len())?;
+        Ok(self.stream.memcpy_dtoh(&src.slice(range), dst)?)
+    }
+
     /// Waits for this GPU's copies.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         Ok(self.stream.synchronize()?)
+    }
+}
+
+fn in_bounds(offset: usize, len: usize, size: usize) -> Result<std::ops::Range<usize>, CudaError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(offset..end),
+        _ => Err(CudaError::OutOfBounds { offset, len, size }),
     }
 }
 
@@ -125,6 +163,16 @@ mod tests {
         assert!(matches!(
             gpu.upload(&data[1..], &mut dev),
             Err(CudaError::SizeMismatch { .. })
+        ));
+        // Pieces at offsets, as the GPU tier writes them.
+        gpu.upload_at(&data[..4096], &mut dev, 1 << 20).unwrap();
+        let mut piece = vec![0u8; 4096];
+        gpu.download_at(&dev, 1 << 20, &mut piece).unwrap();
+        gpu.synchronize().unwrap();
+        assert_eq!(piece, data[..4096]);
+        assert!(matches!(
+            gpu.download_at(&dev, data.len() - 10, &mut piece),
+            Err(CudaError::OutOfBounds { .. })
         ));
     }
 }

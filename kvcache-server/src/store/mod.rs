@@ -112,8 +112,8 @@ pub struct StoreStats {
     pub checksum_failures: u64,
     /// Blocks brought up from the lower tier.
     pub promotions: u64,
-    /// The lower tier's, if one is attached.
-    pub lower: Option<TierStats>,
+    /// The lower tiers', top down (GPU, disk); empty if none is attached.
+    pub lower: Vec<TierStats>,
     pub index_heap_bytes: u64,
     pub locked: bool,
 }
@@ -169,13 +169,21 @@ pub trait LowerTier: Send + Sync + 'static {
     fn read_into(&self, key: BlockKey, dst: &mut [u8]) -> bool;
     /// Writes out what is queued; later demotions are dropped. Called on shutdown.
     fn flush(&self);
-    /// Usage and counters, for metrics.
-    fn stats(&self) -> TierStats;
+    /// Usage and counters, for metrics: this tier's, then those of the tiers under it.
+    fn stats(&self) -> Vec<TierStats>;
+}
+
+/// The checksum a lower tier keeps for a block: xxh3 of its bytes, seeded with its key, so a
+/// block read back under another key fails too.
+pub fn tier_checksum(key: BlockKey, bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(bytes, key.low64())
 }
 
 /// What a lower tier holds and did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TierStats {
+    /// `gpu` or `disk`: names the tier's metrics.
+    pub name: &'static str,
     pub capacity_bytes: u64,
     pub used_bytes: u64,
     pub blocks: u64,
@@ -566,7 +574,7 @@ impl Store {
             evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
             checksum_failures: self.checksum_failures.load(Ordering::Relaxed),
             promotions: self.promotions.load(Ordering::Relaxed),
-            lower: self.lower().map(|t| t.stats()),
+            lower: self.lower().map(|t| t.stats()).unwrap_or_default(),
             index_heap_bytes: heap,
             locked: self.pool.region().is_locked(),
         }
