@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ServerProcess, content};
+use common::{ServerProcess, put_blocks, read_blocks};
 use kvcache_client::{Client, ClientConfig, Transport};
 use kvcache_core::BlockKey;
 
@@ -19,16 +19,7 @@ async fn client(server: &ServerProcess) -> Client {
 
 /// Reads every block, checks its bytes, and returns how many were hits.
 async fn read_all(c: &Client, keys: &[BlockKey]) -> usize {
-    let mut hits = 0;
-    for chunk in keys.chunks(8) {
-        for (k, v) in chunk.iter().zip(c.get_many(chunk).await.unwrap()) {
-            if let Some(v) = v {
-                assert_eq!(v, content(*k, BLOCK), "wrong bytes for {k}");
-                hits += 1;
-            }
-        }
-    }
-    hits
+    read_blocks(c, keys, BLOCK).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,15 +39,7 @@ async fn blocks_beyond_memory_come_back_from_disk_and_survive_a_restart() {
         .collect();
     let mut server = ServerProcess::start(&args);
     let c = client(&server).await;
-    for chunk in keys.chunks(8) {
-        let values: Vec<Vec<u8>> = chunk.iter().map(|k| content(*k, BLOCK)).collect();
-        let batch: Vec<(BlockKey, &[u8])> = chunk
-            .iter()
-            .zip(&values)
-            .map(|(k, v)| (*k, &v[..]))
-            .collect();
-        c.put_many(&batch).await.unwrap();
-    }
+    put_blocks(&c, &keys, BLOCK).await;
     assert!(
         server.metric("kvcache_blocks_stored") < 130.0,
         "most blocks left memory"

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{ServerProcess, content};
+use common::{ServerProcess, content, put_blocks, read_blocks};
 use kvcache_client::{Client, ClientConfig, GetOutcome, Transport};
 use kvcache_core::BlockKey;
 use kvcache_transport::cuda::{Gpu, driver_present};
@@ -112,24 +112,9 @@ async fn blocks_beyond_memory_come_back_from_the_gpu_tier() {
     let server = ServerProcess::start(&["--memory", "32MiB", "--gpu-tier", "256MiB"]);
     let c = client(&server, Transport::Tcp).await;
     let keys: Vec<BlockKey> = (1..=400u128).map(|i| BlockKey(i << 32)).collect();
-    for chunk in keys.chunks(8) {
-        let values: Vec<Vec<u8>> = chunk.iter().map(|k| content(*k, BLOCK)).collect();
-        let batch: Vec<(BlockKey, &[u8])> = chunk
-            .iter()
-            .zip(&values)
-            .map(|(k, v)| (*k, &v[..]))
-            .collect();
-        c.put_many(&batch).await.unwrap();
-    }
+    put_blocks(&c, &keys, BLOCK).await;
     // 100 MiB through a 32 MiB pool: most blocks now live on the GPU only.
-    let mut hits = 0;
-    for chunk in keys.chunks(8) {
-        for (k, v) in chunk.iter().zip(c.get_many(chunk).await.unwrap()) {
-            let v = v.unwrap_or_else(|| panic!("{k} lost"));
-            assert_eq!(v, content(*k, BLOCK), "wrong bytes for {k}");
-            hits += 1;
-        }
-    }
+    let hits = read_blocks(&c, &keys, BLOCK).await;
     assert_eq!(hits, keys.len());
     assert!(server.metric("kvcache_gpu_hits_total") > 0.0);
     assert_eq!(server.metric("kvcache_gpu_corrupt_blocks_total"), 0.0);

@@ -194,6 +194,34 @@ pub async fn put_all(c: &Cluster, blocks: &[(BlockKey, usize)]) {
     }
 }
 
+/// Stores `content(key, len)` under every key through one node's client, 8 keys a call.
+pub async fn put_blocks(c: &kvcache_client::Client, keys: &[BlockKey], len: usize) {
+    for chunk in keys.chunks(8) {
+        let values: Vec<Vec<u8>> = chunk.iter().map(|k| content(*k, len)).collect();
+        let batch: Vec<(BlockKey, &[u8])> = chunk
+            .iter()
+            .zip(&values)
+            .map(|(k, v)| (*k, &v[..]))
+            .collect();
+        c.put_many(&batch).await.unwrap();
+    }
+}
+
+/// Reads every key back through one node's client, 8 keys a call, checks every hit's bytes
+/// against `content(key, len)`, and returns how many were hits.
+pub async fn read_blocks(c: &kvcache_client::Client, keys: &[BlockKey], len: usize) -> usize {
+    let mut hits = 0;
+    for chunk in keys.chunks(8) {
+        for (k, v) in chunk.iter().zip(c.get_many(chunk).await.unwrap()) {
+            if let Some(v) = v {
+                assert_eq!(v, content(*k, len), "wrong bytes for {k}");
+                hits += 1;
+            }
+        }
+    }
+    hits
+}
+
 /// Reads every block back into fresh buffers; returns the outcomes and checks every hit's bytes.
 pub async fn get_all(c: &Cluster, blocks: &[(BlockKey, usize)]) -> Vec<GetOutcome> {
     let mut out = Vec::new();
