@@ -181,9 +181,10 @@ pub(crate) fn copy_verified_from(
     }
     let chunks = checksum::chunk_count(len);
     for i in 0..chunks {
-        let next = match i + 1 < chunks {
-            true => &src[checksum::chunk_range(len, i + 1)],
-            false => &[],
+        let next = if i + 1 < chunks {
+            &src[checksum::chunk_range(len, i + 1)]
+        } else {
+            &[]
         };
         let landed =
             checksum::copy_chunk_checked(&src[checksum::chunk_range(len, i)], next, &mut out);

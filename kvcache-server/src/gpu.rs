@@ -113,10 +113,15 @@ impl<M: TierMemory> Log<M> {
     }
 
     fn pop_oldest(&mut self) -> (BlockKey, Rec) {
-        let (key, rec) = self.order.pop_front().expect("a block to evict");
+        self.remove_at(0).expect("a block to evict")
+    }
+
+    /// Forgets the block at position `pos` of the insertion order.
+    fn remove_at(&mut self, pos: usize) -> Option<(BlockKey, Rec)> {
+        let (key, rec) = self.order.remove(pos)?;
         self.index.remove(&key);
         self.used -= rec.len;
-        (key, rec)
+        Some((key, rec))
     }
 }
 
@@ -175,10 +180,9 @@ impl<M: TierMemory> GpuTier<M> {
         if !ok {
             self.counters.corrupt_blocks.fetch_add(1, Relaxed);
             tracing::warn!(%key, "a block in the GPU tier failed verification; dropped, read as a miss");
+            // Absent when the block was read on its way out (already evicted).
             if let Some(pos) = log.order.iter().position(|(k, _)| *k == key) {
-                log.order.remove(pos);
-                log.index.remove(&key);
-                log.used -= rec.len;
+                log.remove_at(pos);
             }
         }
         ok
