@@ -2,6 +2,7 @@
 
 mod cluster;
 mod compare;
+mod cuda;
 mod disk;
 mod index_memory;
 mod systems;
@@ -106,6 +107,35 @@ enum Cmd {
         /// Concurrent client tasks.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        /// Also write the results as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+    /// KV blocks saved from GPU memory into the cache and loaded back, against plain cuMemcpy
+    /// of the same slices in the same run (needs a build with `--features cuda` and a GPU).
+    Cuda {
+        /// Bytes of KV on the device (rounded down to whole blocks).
+        #[arg(long, default_value = "1GiB")]
+        total: ByteSize,
+        /// One block's slice in one KV tensor (vLLM: tokens per block × heads × head size ×
+        /// dtype bytes).
+        #[arg(long, default_value = "64KiB")]
+        segment: ByteSize,
+        /// KV tensors, so slices per block (layers × 2 for K and V).
+        #[arg(long, default_value_t = 32)]
+        segments: usize,
+        /// Blocks per put/get call, as the connector batches a request's blocks.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Rounds, each measuring every path once; the figures sum them.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Move blocks over TCP instead of shared memory.
+        #[arg(long)]
+        tcp: bool,
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
         /// Also write the results as JSON to this file.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
@@ -219,6 +249,36 @@ fn main() -> anyhow::Result<()> {
                 concurrency,
             };
             let results = block_on(disk::run(&plan))?;
+            write_json(json, results)
+        }
+        Cmd::Cuda {
+            total,
+            segment,
+            segments,
+            batch,
+            rounds,
+            tcp,
+            device,
+            json,
+        } => {
+            anyhow::ensure!(
+                (1..=64).contains(&batch) && (1..=1024).contains(&segments) && rounds > 0,
+                "--batch must be 1..=64, --segments 1..=1024 and --rounds at least 1"
+            );
+            anyhow::ensure!(
+                segment.0 >= 16 && segment.0 <= 64 << 20,
+                "--segment must be 16B..=64MiB"
+            );
+            let plan = cuda::Plan {
+                total,
+                segment,
+                segments,
+                batch,
+                rounds,
+                tcp,
+                device,
+            };
+            let results = block_on(cuda::run(&plan))?;
             write_json(json, results)
         }
         Cmd::IndexMemory { blocks, shards } => {

@@ -90,3 +90,42 @@ fn index_memory_stays_under_100_bytes_per_block() {
         "one line per eviction policy: {text}"
     );
 }
+
+/// On a GPU the benchmark runs and checks every byte; elsewhere it refuses, naming what is
+/// missing (the feature, or the driver).
+#[test]
+fn cuda_runs_on_a_gpu_and_otherwise_names_what_is_missing() {
+    let out_json = std::env::temp_dir().join(format!("kvcache-cuda-{}.json", std::process::id()));
+    let out = bench()
+        .args(["cuda", "--total", "64MiB", "--rounds", "1", "--json"])
+        .arg(&out_json)
+        .output()
+        .expect("run kvcache-bench");
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !cfg!(feature = "cuda") {
+        assert!(!out.status.success());
+        assert!(err.contains("without the `cuda` feature"), "{err}");
+        return;
+    }
+    #[cfg(feature = "cuda")]
+    if !kvcache_transport::cuda::driver_present() {
+        eprintln!("skipped the GPU run: no CUDA driver (libcuda.so); checking the refusal");
+        assert!(!out.status.success());
+        assert!(err.contains("no CUDA driver"), "{err}");
+        return;
+    }
+    assert!(out.status.success(), "{err}");
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&out_json).unwrap()).unwrap();
+    let r = &doc["results"];
+    assert_eq!(r["verified"], true);
+    for field in [
+        "save_gbps",
+        "load_gbps",
+        "cumemcpy_dtoh_slices_gbps",
+        "cumemcpy_htod_slices_gbps",
+    ] {
+        assert!(r[field].as_f64().unwrap() > 0.0, "{field} = {}", r[field]);
+    }
+    std::fs::remove_file(out_json).unwrap();
+}

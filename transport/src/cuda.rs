@@ -60,6 +60,16 @@ impl Gpu {
         Ok(Self { ctx, stream })
     }
 
+    /// The device's name, as the driver reports it.
+    pub fn name(&self) -> Result<String, CudaError> {
+        Ok(self.ctx.name()?)
+    }
+
+    /// Zeroes `buf`, asynchronously on this GPU's stream.
+    pub fn zero(&self, buf: &mut DeviceBuffer) -> Result<(), CudaError> {
+        Ok(self.stream.memset_zeros(buf)?)
+    }
+
     /// Zeroed device memory.
     pub fn alloc(&self, len: usize) -> Result<CudaSlice<u8>, CudaError> {
         Ok(self.stream.alloc_zeros::<u8>(len)?)
