@@ -3,12 +3,14 @@
 //! from every entry point, never a panic.
 //!
 //! The staged path: device memory is copied to pinned (page-locked) host memory on a stream,
-//! and from there into the cache, and back the same way. GPU-direct (registering device memory
-//! with the RDMA device) comes with the RDMA data path.
+//! and from there into the cache, and back the same way. For GPU-direct RDMA the driver exports
+//! device memory as a dmabuf ([`Gpu::export_dmabuf`]), which `rdma::gpudirect` registers with
+//! the RDMA device.
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice, sys};
 
 /// Bytes on a GPU.
 pub type DeviceBuffer = CudaSlice<u8>;
@@ -63,6 +65,58 @@ impl Gpu {
     /// The device's name, as the driver reports it.
     pub fn name(&self) -> Result<String, CudaError> {
         Ok(self.ctx.name()?)
+    }
+
+    /// The device address of `buf` (unified with host addresses: no host pointer has it).
+    pub fn address(&self, buf: &DeviceBuffer) -> u64 {
+        buf.device_ptr(&self.stream).0
+    }
+
+    /// Whether the driver can export this device's memory as a dmabuf (CUDA 11.7+ with the
+    /// open kernel modules), which is how GPU-direct RDMA registers it.
+    pub fn supports_dmabuf(&self) -> Result<bool, CudaError> {
+        let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED;
+        Ok(self.ctx.attribute(attr)? != 0)
+    }
+
+    /// Exports `len` bytes of device memory at `addr` as a dmabuf file descriptor. Both must be
+    /// multiples of the host page size and lie in one allocation.
+    pub fn export_dmabuf(&self, addr: u64, len: usize) -> Result<OwnedFd, CudaError> {
+        self.ctx.bind_to_thread()?;
+        let mut fd: i32 = -1;
+        // SAFETY: the driver writes one int; the range is checked by the driver.
+        unsafe {
+            sys::cuMemGetHandleForAddressRange(
+                (&mut fd as *mut i32).cast(),
+                addr,
+                len,
+                sys::CUmemRangeHandleType::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+                0,
+            )
+        }
+        .result()?;
+        // SAFETY: on success the driver handed us a new descriptor, which we now own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Page-locks existing host memory (e.g. the server's pool) with the driver, so copies
+    /// between it and the device are DMA rather than staged by the driver.
+    ///
+    /// # Safety
+    /// The memory must stay mapped until [`HostRegistration`] is dropped.
+    pub unsafe fn register_host(
+        &self,
+        addr: *mut u8,
+        len: usize,
+    ) -> Result<HostRegistration, CudaError> {
+        self.ctx.bind_to_thread()?;
+        // SAFETY: upheld by the caller.
+        unsafe { sys::cuMemHostRegister_v2(addr.cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE) }
+            .result()?;
+        Ok(HostRegistration {
+            ctx: Arc::clone(&self.ctx),
+            addr,
+        })
     }
 
     /// Zeroes `buf`, asynchronously on this GPU's stream.
@@ -130,6 +184,30 @@ impl Gpu {
     /// Waits for this GPU's copies.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         Ok(self.stream.synchronize()?)
+    }
+}
+
+/// Host memory page-locked with the driver; unregistered on drop.
+pub struct HostRegistration {
+    ctx: Arc<CudaContext>,
+    addr: *mut u8,
+}
+
+// SAFETY: the registration is a handle the driver keeps per context; dropping it from any
+// thread (with the context bound) is allowed.
+unsafe impl Send for HostRegistration {}
+unsafe impl Sync for HostRegistration {}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        let rc = self
+            .ctx
+            .bind_to_thread()
+            // SAFETY: registered once in `register_host`, unregistered once here.
+            .and_then(|()| unsafe { sys::cuMemHostUnregister(self.addr.cast()) }.result());
+        if let Err(e) = rc {
+            tracing::warn!(error = %e, "cuMemHostUnregister failed");
+        }
     }
 }
 

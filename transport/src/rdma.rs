@@ -16,6 +16,7 @@
 
 use std::fmt;
 
+pub mod gpudirect;
 #[cfg(feature = "rdma")]
 pub mod verbs;
 

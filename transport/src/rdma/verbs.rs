@@ -220,24 +220,64 @@ impl Device {
         remote_read: bool,
         remote_write: bool,
     ) -> Result<Registration, VerbsError> {
-        let mut access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
-        if remote_read {
-            access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ;
-        }
-        if remote_write {
-            access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
-        }
-        let mr = unsafe { ffi::ibv_reg_mr(self.pd, addr as *mut c_void, len, access.0 as i32) };
+        let access = access_flags(remote_read, remote_write);
+        let mr = unsafe { ffi::ibv_reg_mr(self.pd, addr as *mut c_void, len, access) };
+        self.registration("ibv_reg_mr", mr, addr as u64, len)
+    }
+
+    /// Registers `len` bytes at `offset` in a dmabuf (`fd`: device memory the GPU driver
+    /// exported), addressed in work requests as `iova` onwards (the GPU virtual address, so
+    /// segments name device memory as they name host memory). The registration holds its own
+    /// reference to the dmabuf; `fd` may be closed afterwards.
+    ///
+    /// # Safety
+    /// The exported memory must stay allocated for as long as the registration lives.
+    pub unsafe fn register_dmabuf(
+        self: &Arc<Self>,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        iova: u64,
+        remote_read: bool,
+        remote_write: bool,
+    ) -> Result<Registration, VerbsError> {
+        use std::os::fd::AsRawFd;
+        let access = access_flags(remote_read, remote_write);
+        // SAFETY: upheld by the caller; the library validates the range against the dmabuf.
+        let mr =
+            unsafe { ffi::ibv_reg_dmabuf_mr(self.pd, offset, len, iova, fd.as_raw_fd(), access) };
+        self.registration("ibv_reg_dmabuf_mr", mr, iova, len)
+    }
+
+    fn registration(
+        self: &Arc<Self>,
+        call: &'static str,
+        mr: *mut ffi::ibv_mr,
+        addr: u64,
+        len: usize,
+    ) -> Result<Registration, VerbsError> {
         if mr.is_null() {
-            return Err(last_os("ibv_reg_mr"));
+            return Err(last_os(call));
         }
         Ok(Registration {
             _device: Arc::clone(self),
             mr,
-            addr: addr as u64,
+            addr,
             len: len as u64,
         })
     }
+}
+
+/// Local write access (a READ lands here), plus the remote access asked for.
+fn access_flags(remote_read: bool, remote_write: bool) -> i32 {
+    let mut access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
+    if remote_read {
+        access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ;
+    }
+    if remote_write {
+        access |= ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
+    }
+    access.0 as i32
 }
 
 impl Drop for Device {
