@@ -239,12 +239,16 @@ impl Connection {
     }
 
     /// `ShmGet`: leases `keys` and returns where each lies in the pool (length 0 for a miss).
+    /// With `verify` the node checks every block before answering (for bytes the client
+    /// cannot check where they land).
     pub(crate) async fn shm_lease(
         &mut self,
         keys: &[kvcache_core::BlockKey],
+        verify: bool,
     ) -> Result<ShmGetReply, ClientError> {
         let req = ShmGetRequest {
             keys: kvcache_core::wire::encode_keys(keys),
+            verify,
         };
         let reply: ShmGetReply = self.call_simple(Op::ShmGet, &req).await?;
         let n = keys.len();

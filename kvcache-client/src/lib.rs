@@ -818,7 +818,7 @@ struct ShmLeased<'k> {
 
 impl<'k> ShmLeased<'k> {
     async fn take(c: &mut Connection, keys: &'k [BlockKey]) -> Result<Self, ClientError> {
-        let reply = c.shm_lease(keys).await?;
+        let reply = c.shm_lease(keys, false).await?;
         let pool = Arc::clone(&c.shm.as_ref().expect("shared-memory connection").pool);
         Ok(Self {
             keys,

@@ -163,7 +163,7 @@ pub(crate) async fn get_into(
     keys: &[BlockKey],
     dst: &mut [Vec<&mut [u8]>],
 ) -> Result<Vec<GetOutcome>, ClientError> {
-    let reply = c.shm_lease(keys).await?;
+    let reply = c.shm_lease(keys, false).await?;
     let result = read_leased(c, &reply, dst).await;
     release(c, keys, &reply, result).await
 }
@@ -173,7 +173,7 @@ pub(crate) async fn get_vecs(
     c: &mut Connection,
     keys: &[BlockKey],
 ) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
-    let reply = c.shm_lease(keys).await?;
+    let reply = c.shm_lease(keys, false).await?;
     let mut bufs: Vec<Vec<u8>> = reply.lens.iter().map(|&l| vec![0u8; l as usize]).collect();
     let result = {
         let mut dst: Vec<Vec<&mut [u8]>> = bufs.iter_mut().map(|b| vec![&mut b[..]]).collect();

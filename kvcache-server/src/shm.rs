@@ -321,7 +321,10 @@ async fn get<W: AsyncWrite + Unpin>(
     };
     let mut blocks = Vec::new();
     let mut bytes = 0u64;
-    let leases = crate::service::lease_all(&ctx.store, &keys).await;
+    let mut leases = crate::service::lease_all(&ctx.store, &keys).await;
+    if req.verify {
+        keep_intact(&mut leases);
+    }
     for (&key, lease) in keys.iter().zip(leases) {
         match lease {
             Some(lease) => {
@@ -352,6 +355,15 @@ async fn get<W: AsyncWrite + Unpin>(
     }
     send_reply(wr, Op::ShmGet, h.request_id, &reply).await?;
     Ok(Outcome::Done)
+}
+
+/// Turns every leased block that fails its checks into a miss (the store drops it).
+fn keep_intact(leases: &mut [Option<Lease>]) {
+    for slot in leases {
+        if slot.as_ref().is_some_and(|l| l.verified_bytes().is_err()) {
+            *slot = None;
+        }
+    }
 }
 
 /// Ends a lease (one-way: nothing is sent back). Suspect blocks are verified by the node
@@ -443,4 +455,43 @@ async fn put<W: AsyncWrite + Unpin>(
     ctx.metrics.bytes_in(session.transport, bytes);
     send_reply(wr, Op::ShmPut, h.request_id, &PutReply { statuses }).await?;
     Ok(Outcome::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kvcache_core::BlockKey;
+    use kvcache_transport::LockMode;
+
+    use super::keep_intact;
+    use crate::store::{Store, StoreConfig};
+
+    #[test]
+    fn a_verified_lease_turns_a_corrupt_block_into_a_miss_and_keeps_the_rest() {
+        let store = Store::new(&StoreConfig {
+            capacity: 1 << 20,
+            lock: LockMode::Off,
+            ..StoreConfig::default()
+        })
+        .unwrap();
+        for k in 1..=3u128 {
+            let mut a = store.allocate(BlockKey(k), 200_000).unwrap();
+            a.bytes_mut().fill(k as u8);
+            a.commit();
+        }
+        assert!(store.corrupt_block_for_test(BlockKey(2)));
+        let mut leases: Vec<_> = (1..=4u128).map(|k| store.lease(BlockKey(k))).collect();
+        assert!(
+            leases[1].is_some(),
+            "the trailer is intact: the plain lease succeeds"
+        );
+        keep_intact(&mut leases);
+        let held: Vec<bool> = leases.iter().map(Option::is_some).collect();
+        assert_eq!(held, [true, false, true, false]);
+        drop(leases);
+        assert!(!store.contains(BlockKey(2)), "the corrupt block is dropped");
+        assert_eq!(store.stats().checksum_failures, 1);
+        assert!(Arc::strong_count(&store) >= 1);
+    }
 }

@@ -75,7 +75,10 @@ fn refused_with(server: &ServerProcess, expect: &str) {
         &mut s,
         Op::ShmGet,
         3,
-        &wire::ShmGetRequest { keys: vec![0; 16] },
+        &wire::ShmGetRequest {
+            keys: vec![0; 16],
+            verify: false,
+        },
     );
     assert_eq!(h.op, Op::Error);
     let err = ErrorReply::decode(body.as_slice()).unwrap();

@@ -72,8 +72,14 @@ impl RawShm {
     }
 
     fn lease(&mut self, keys: &[BlockKey]) -> ShmGetReply {
+        self.lease_checked(keys, false)
+    }
+
+    /// `ShmGet`, with the node checking every block first when `verify` is set.
+    fn lease_checked(&mut self, keys: &[BlockKey], verify: bool) -> ShmGetReply {
         let req = ShmGetRequest {
             keys: wire::encode_keys(keys),
+            verify,
         };
         let (h, control) = self.request(Op::ShmGet, &req).expect("shm_get reply");
         assert_eq!(
@@ -255,6 +261,31 @@ async fn a_corrupted_block_read_through_shared_memory_is_a_miss_and_is_dropped()
     assert_eq!(c.exists(&[BlockKey(10)]).await.unwrap(), [false]);
 }
 
+/// A reader that cannot check bytes where they land (RDMA READs into GPU memory) asks the
+/// node to check them before it leases them: a corrupt block is a miss from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_lease_answers_a_corrupt_block_as_a_miss() {
+    let server = ServerProcess::start(&["--memory", "64MiB", "--enable-test-hooks"]);
+    let c = client_with(&server, Transport::Tcp).await.unwrap();
+    let good = content(BlockKey(20), 300_000);
+    for k in [20, 21] {
+        c.put(BlockKey(k), &good).await.unwrap();
+    }
+    let (status, _) = server.http("POST", &format!("/debug/corrupt/{}", BlockKey(20)));
+    assert_eq!(status, 200);
+    let mut raw = RawShm::attach(&server, 1 << 20);
+    // A plain lease hands out the corrupt block: its trailer is intact, the reader checks.
+    let plain = raw.lease(&[BlockKey(20)]);
+    assert_eq!(plain.lens, [300_000]);
+    let checked = raw.lease_checked(&[BlockKey(20), BlockKey(21)], true);
+    assert_eq!(checked.lens, [0, 300_000], "the corrupt block is a miss");
+    assert_eq!(server.metric("kvcache_checksum_failures_total"), 1.0);
+    assert_eq!(
+        c.exists(&[BlockKey(20), BlockKey(21)]).await.unwrap(),
+        [false, true]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_dies_holding_leases_frees_them_and_the_blocks_can_be_evicted() {
     let server = ServerProcess::start(&["--memory", "8MiB"]);
@@ -392,6 +423,7 @@ async fn bad_shared_memory_requests_are_refused_and_the_node_keeps_serving() {
     let mut t = std::net::TcpStream::connect(&server.data).unwrap();
     let req = ShmGetRequest {
         keys: wire::encode_keys(&[BlockKey(1)]),
+        verify: false,
     }
     .encode_to_vec();
     let mut frame = FrameHeader::request(Op::ShmGet, 1, req.len(), 0)

@@ -159,6 +159,12 @@ pub struct RdmaConnectReply {
 pub struct ShmGetRequest {
     #[prost(bytes = "vec", tag = "1")]
     pub keys: Vec<u8>,
+    /// The node checks every chunk of each block before it answers, and a block that fails is
+    /// dropped and answered as a miss. For readers that cannot check the bytes where they land
+    /// (RDMA READs into GPU memory): the block is intact when leased and stays unchanged while
+    /// the lease holds.
+    #[prost(bool, tag = "2")]
+    pub verify: bool,
 }
 
 /// `ShmGet` reply: per key its place in the pool (`lens[i]` = 0 for a miss) and the checksum of
