@@ -91,6 +91,10 @@ macro_rules! with_conn {
     }};
 }
 
+/// A span of GPU memory: a device address (as `cuMemAlloc` or `torch.Tensor.data_ptr()` give
+/// it) and a length in bytes.
+pub type DeviceSpan = (u64, u64);
+
 /// Client settings.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -377,6 +381,90 @@ impl Client {
         }
         let _ = (addr, len);
         Ok(())
+    }
+
+    /// Registers `len` bytes of `gpu`'s memory at device address `addr` (e.g. a KV cache
+    /// tensor) for GPU-direct RDMA, once: [`Client::get_many_into_gpu`] then READs blocks
+    /// straight into it and [`Client::put_many_from_gpu`] WRITEs them straight from it.
+    /// Returns how it was registered (dmabuf, else NVIDIA's peer-memory module). Fails, saying
+    /// why, when this client does not use RDMA or the stack cannot register GPU memory: then
+    /// stage through pinned host memory.
+    ///
+    /// # Safety
+    /// The memory must stay allocated until [`Client::unregister_memory`] or the client is
+    /// dropped.
+    #[cfg(all(feature = "rdma", feature = "cuda"))]
+    pub unsafe fn register_gpu_memory(
+        &self,
+        gpu: &kvcache_transport::cuda::Gpu,
+        addr: u64,
+        len: usize,
+    ) -> Result<kvcache_transport::rdma::gpudirect::Method, ClientError> {
+        let Some(shared) = &self.inner.rdma else {
+            return Err(self.no_gpu_direct());
+        };
+        // SAFETY: upheld by the caller.
+        unsafe { shared.register_gpu(gpu, addr, len) }
+    }
+
+    /// Fetches blocks straight into GPU memory registered with
+    /// [`Client::register_gpu_memory`] (GPU-direct RDMA): `dst[i]` lists key i's destination
+    /// spans (device address, length), filled in order. The node checks each block as it leases
+    /// it, since this process cannot read GPU memory to check it. Without an RDMA connection
+    /// this is an error that says to stage through pinned host memory.
+    pub async fn get_many_into_gpu(
+        &self,
+        keys: &[BlockKey],
+        dst: &[Vec<DeviceSpan>],
+    ) -> Result<Vec<GetOutcome>, ClientError> {
+        error::same_len(keys.len(), dst.len(), "destinations")?;
+        #[cfg(feature = "rdma")]
+        if self.inner.rdma.is_some() {
+            let mut out = Vec::with_capacity(keys.len());
+            let max_keys = self.inner.cfg.max_get_keys;
+            for (chunk, dst) in keys.chunks(max_keys).zip(dst.chunks(max_keys)) {
+                let got = with_conn!(self, "get", |c| rdma::get_into_gpu(c, chunk, dst).await)?;
+                out.extend(got);
+            }
+            return Ok(out);
+        }
+        Err(self.no_gpu_direct())
+    }
+
+    /// Stores blocks straight from GPU memory registered with [`Client::register_gpu_memory`]
+    /// (GPU-direct RDMA): `src[i]` lists key i's spans (device address, length), gathered in
+    /// order. Without an RDMA connection this is an error that says to stage through pinned
+    /// host memory.
+    pub async fn put_many_from_gpu(
+        &self,
+        keys: &[BlockKey],
+        src: &[Vec<DeviceSpan>],
+    ) -> Result<Vec<PutStatus>, ClientError> {
+        error::same_len(keys.len(), src.len(), "sources")?;
+        let lens: Vec<u64> = src.iter().map(|s| s.iter().map(|s| s.1).sum()).collect();
+        if let Some(i) = lens
+            .iter()
+            .position(|&l| l == 0 || l > self.inner.max_payload as u64)
+        {
+            return Err(ClientError::InvalidArgument(format!(
+                "block {i} has {} bytes; blocks must be 1 byte to {} bytes",
+                lens[i], self.inner.max_payload
+            )));
+        }
+        #[cfg(feature = "rdma")]
+        if self.inner.rdma.is_some() {
+            return with_conn!(self, "put", |c| rdma::put_from_gpu(c, keys, src, &lens)
+                .await);
+        }
+        Err(self.no_gpu_direct())
+    }
+
+    fn no_gpu_direct(&self) -> ClientError {
+        ClientError::InvalidArgument(format!(
+            "GPU-direct needs an RDMA connection to the node, and this client uses {}; \
+             stage GPU memory through pinned host memory",
+            self.transport()
+        ))
     }
 
     /// Drops the registration made at `addr`; false if there was none.

@@ -28,6 +28,9 @@ use crate::{ClientError, GetOutcome};
 pub(crate) struct Shared {
     device: Arc<Device>,
     registered: RwLock<Vec<Registration>>,
+    /// GPU memory registered for GPU-direct: READs land there and WRITEs leave from there,
+    /// but this process cannot read it, so its blocks are checked by the node.
+    gpu: RwLock<Vec<Registration>>,
 }
 
 impl Shared {
@@ -36,6 +39,7 @@ impl Shared {
         Ok(Arc::new(Shared {
             device,
             registered: RwLock::new(Vec::new()),
+            gpu: RwLock::new(Vec::new()),
         }))
     }
 
@@ -53,29 +57,76 @@ impl Shared {
         Ok(())
     }
 
-    /// Drops the registration that starts at `addr`; false if there is none.
+    /// Registers GPU memory for GPU-direct RDMA (dmabuf, else peer memory).
+    ///
+    /// # Safety
+    /// The memory must stay allocated until [`Shared::unregister`] or the client is dropped.
+    #[cfg(feature = "cuda")]
+    pub(crate) unsafe fn register_gpu(
+        &self,
+        gpu: &kvcache_transport::cuda::Gpu,
+        addr: u64,
+        len: usize,
+    ) -> Result<kvcache_transport::rdma::gpudirect::Method, ClientError> {
+        use kvcache_transport::rdma::gpudirect;
+        // SAFETY: upheld by the caller.
+        let (reg, method) =
+            unsafe { gpudirect::register(&self.device, gpu, addr, len, false, false) }
+                .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
+        write(&self.gpu).push(reg);
+        Ok(method)
+    }
+
+    /// Drops the registration (host or GPU memory) that starts at `addr`; false if there is
+    /// none.
     pub(crate) fn unregister(&self, addr: usize) -> bool {
-        let mut regs = self.regs_mut();
-        let before = regs.len();
-        regs.retain(|r| r.remote().addr != addr as u64);
-        regs.len() != before
+        [&self.registered, &self.gpu].into_iter().any(|list| {
+            let mut regs = write(list);
+            let before = regs.len();
+            regs.retain(|r| r.remote().addr != addr as u64);
+            regs.len() != before
+        })
     }
 
     fn regs_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Registration>> {
-        self.registered.write().unwrap_or_else(|e| e.into_inner())
+        write(&self.registered)
     }
 
     /// Every segment with the lkey of the registration holding it, if all lie in registered
-    /// memory (one lock for the whole block).
+    /// host memory (one lock for the whole block).
     fn registered_segments(&self, segs: &[(u64, u64)]) -> Option<Vec<(u64, u64, u32)>> {
-        let regs = self.registered.read().unwrap_or_else(|e| e.into_inner());
-        segs.iter()
-            .map(|&(a, l)| {
-                let reg = regs.iter().find(|r| r.contains(a, l))?;
-                Some((a, l, reg.lkey()))
-            })
-            .collect()
+        in_registrations(&self.registered, segs)
     }
+
+    /// As [`Shared::registered_segments`], for GPU memory registered for GPU-direct.
+    fn gpu_segments(&self, segs: &[(u64, u64)]) -> Option<Vec<(u64, u64, u32)>> {
+        in_registrations(&self.gpu, segs)
+    }
+}
+
+fn write(list: &RwLock<Vec<Registration>>) -> std::sync::RwLockWriteGuard<'_, Vec<Registration>> {
+    list.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn in_registrations(
+    list: &RwLock<Vec<Registration>>,
+    segs: &[(u64, u64)],
+) -> Option<Vec<(u64, u64, u32)>> {
+    let regs = list.read().unwrap_or_else(|e| e.into_inner());
+    segs.iter()
+        .map(|&(a, l)| {
+            let reg = regs.iter().find(|r| r.contains(a, l))?;
+            Some((a, l, reg.lkey()))
+        })
+        .collect()
+}
+
+/// Why GPU memory cannot be used in place: the error for a block outside GPU registrations.
+fn not_gpu_registered(block: usize) -> ClientError {
+    ClientError::InvalidArgument(format!(
+        "block {block}'s GPU memory is not registered for GPU-direct RDMA \
+         (Client::register_gpu_memory); stage it through pinned host memory"
+    ))
 }
 
 /// One connection's RDMA state.
@@ -185,6 +236,94 @@ pub(crate) async fn get_vecs(
         .zip(bufs)
         .map(|(o, b)| (o == GetOutcome::Hit).then_some(b))
         .collect())
+}
+
+/// A get straight into GPU memory (GPU-direct): the node checks every block as it leases
+/// it (this process cannot read GPU memory to check it), the READ scatters the data into the
+/// block's device spans and its trailer into the landing buffer, and the trailer is checked
+/// against the lease, which proves the READ took the leased block. Leased blocks do not change.
+pub(crate) async fn get_into_gpu(
+    c: &mut Connection,
+    keys: &[BlockKey],
+    dst: &[Vec<(u64, u64)>],
+) -> Result<Vec<GetOutcome>, ClientError> {
+    let reply = c.shm_lease(keys, true).await?;
+    let result = read_into_gpu(c, &reply, dst).await;
+    release(c, keys, &reply, result).await
+}
+
+async fn read_into_gpu(
+    c: &mut Connection,
+    reply: &ShmGetReply,
+    dst: &[Vec<(u64, u64)>],
+) -> Result<Vec<GetOutcome>, ClientError> {
+    let a = c.rdma.as_mut().expect("an RDMA connection");
+    let (max_sge, max_msg) = a.limits();
+    let mut outcomes = vec![GetOutcome::Miss; dst.len()];
+    let mut plan = Vec::new();
+    // (block, where its trailer lands in the landing buffer)
+    let mut trailers = Vec::new();
+    let mut at = 0usize;
+    for (i, spans) in dst.iter().enumerate() {
+        let len = reply.lens[i] as usize;
+        let expected: usize = spans.iter().map(|s| s.1 as usize).sum();
+        if len == 0 {
+            continue;
+        }
+        if len != expected {
+            outcomes[i] = GetOutcome::WrongSize {
+                stored: len,
+                expected,
+            };
+            continue;
+        }
+        let off = reply.offsets[i];
+        let trailer_len = checksum::stored_len(len) - checksum::trailer_offset(len);
+        if !a.pool.covers(off, checksum::stored_len(len) as u64) {
+            return Err(ClientError::Protocol(format!(
+                "block of {len} bytes at offset {off} lies outside the node's pool"
+            )));
+        }
+        if at + trailer_len > a.landing_mem.len() {
+            return Err(ClientError::InvalidArgument(format!(
+                "the checksum trailers of {} blocks overflow the {}-byte RDMA landing buffer; \
+                 get fewer blocks a call or raise shm_staging_bytes",
+                dst.len(),
+                a.landing_mem.len()
+            )));
+        }
+        let segs = a
+            .shared
+            .gpu_segments(spans)
+            .ok_or_else(|| not_gpu_registered(i))?;
+        let plan_of = |off: u64, segs: &[(u64, u64, u32)]| {
+            scatter_plan(off, segs, max_sge, max_msg)
+                .map_err(|e| ClientError::Protocol(e.to_string()))
+        };
+        plan.extend(plan_of(off, &segs)?);
+        let trailer_off = off + checksum::trailer_offset(len) as u64;
+        let landing = [(a.landing_at(at), trailer_len as u64, a.landing.lkey())];
+        plan.extend(plan_of(trailer_off, &landing)?);
+        trailers.push((i, at));
+        at = aligned_end(at, trailer_len as u64);
+    }
+    if trailers.is_empty() {
+        return Ok(outcomes);
+    }
+    a.run(Direction::Read, &plan).await?;
+    for (i, at) in trailers {
+        let len = reply.lens[i] as usize;
+        let trailer_len = checksum::stored_len(len) - checksum::trailer_offset(len);
+        // SAFETY: the trailer landed at `at` in our buffer (the READ completed).
+        let trailer =
+            unsafe { std::slice::from_raw_parts(a.landing_mem.base().add(at), trailer_len) };
+        outcomes[i] = if checksum::trailer_checksum(trailer) == reply.trailer_checksums[i] {
+            GetOutcome::Hit
+        } else {
+            GetOutcome::Miss
+        };
+    }
+    Ok(outcomes)
 }
 
 /// Ends the lease whatever happened (never left to the timeout when we can help it), naming
@@ -333,6 +472,53 @@ pub(crate) async fn put(
     values: &[&[&[u8]]],
     lens: &[u64],
 ) -> Result<Vec<wire::PutStatus>, ClientError> {
+    put_with(c, keys, lens, |a, i, at| {
+        let segs = values[i];
+        let spans: Vec<(u64, u64)> = segs
+            .iter()
+            .map(|s| (s.as_ptr() as u64, s.len() as u64))
+            .collect();
+        if let Some(direct) = a.shared.registered_segments(&spans) {
+            return Ok(direct);
+        }
+        let mut w = at;
+        for s in segs.iter() {
+            // SAFETY: `staged_batch` keeps every block inside the landing buffer, which only
+            // this checked-out connection writes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(s.as_ptr(), a.landing_mem.base().add(w), s.len())
+            };
+            w += s.len();
+        }
+        Ok(vec![(a.landing_at(at), lens[i], a.landing.lkey())])
+    })
+    .await
+}
+
+/// A put straight from GPU memory (GPU-direct): the WRITE gathers each block from its device
+/// spans into the node's staging window, and the node checksums it as it commits.
+pub(crate) async fn put_from_gpu(
+    c: &mut Connection,
+    keys: &[BlockKey],
+    src: &[Vec<(u64, u64)>],
+    lens: &[u64],
+) -> Result<Vec<wire::PutStatus>, ClientError> {
+    put_with(c, keys, lens, |a, i, _| {
+        a.shared
+            .gpu_segments(&src[i])
+            .ok_or_else(|| not_gpu_registered(i))
+    })
+    .await
+}
+
+/// The put loop: `pieces(a, i, at)` says where block `i`'s bytes come from, as registered
+/// segments, given the landing-buffer offset `at` it may stage them at.
+async fn put_with(
+    c: &mut Connection,
+    keys: &[BlockKey],
+    lens: &[u64],
+    mut pieces: impl FnMut(&Attached, usize, usize) -> Result<Vec<(u64, u64, u32)>, ClientError>,
+) -> Result<Vec<wire::PutStatus>, ClientError> {
     let mut statuses = Vec::with_capacity(keys.len());
     let mut start = 0;
     while start < keys.len() {
@@ -344,31 +530,9 @@ pub(crate) async fn put(
         let mut plan = Vec::new();
         let mut offsets = Vec::with_capacity(n);
         let mut at = 0usize;
-        for (segs, &len) in values[start..end].iter().zip(&lens[start..end]) {
+        for (i, &len) in (start..end).zip(&lens[start..end]) {
             offsets.push(at as u64);
-            let spans: Vec<(u64, u64)> = segs
-                .iter()
-                .map(|s| (s.as_ptr() as u64, s.len() as u64))
-                .collect();
-            let pieces = match a.shared.registered_segments(&spans) {
-                Some(direct) => direct,
-                None => {
-                    let mut w = at;
-                    for s in segs.iter() {
-                        // SAFETY: `fits` keeps every block inside the landing buffer, which
-                        // only this checked-out connection writes.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                s.as_ptr(),
-                                a.landing_mem.base().add(w),
-                                s.len(),
-                            )
-                        };
-                        w += s.len();
-                    }
-                    vec![(a.landing_at(at), len, a.landing.lkey())]
-                }
-            };
+            let pieces = pieces(a, i, at)?;
             plan.extend(
                 scatter_plan(at as u64, &pieces, max_sge, max_msg)
                     .map_err(|e| ClientError::Protocol(e.to_string()))?,

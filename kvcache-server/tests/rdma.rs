@@ -134,6 +134,24 @@ async fn clients_fall_back_to_tcp_naming_why_or_fail_when_rdma_was_required() {
         c.get(BlockKey(9)).await.unwrap().as_deref(),
         Some(&value[..])
     );
+    // GPU-direct needs RDMA: without it the GPU calls say so and name the way out.
+    let spans = [vec![(0x7f00_0000_0000u64, 300_000u64)]];
+    for err in [
+        c.get_many_into_gpu(&[BlockKey(9)], &spans)
+            .await
+            .unwrap_err(),
+        c.put_many_from_gpu(&[BlockKey(10)], &spans)
+            .await
+            .unwrap_err(),
+    ] {
+        let why = err.to_string();
+        assert!(
+            why.contains("needs an RDMA connection") && why.contains("uses tcp"),
+            "{why}"
+        );
+        assert!(why.contains("pinned host memory"), "{why}");
+    }
+    assert_eq!(c.exists(&[BlockKey(10)]).await.unwrap(), [false]);
 }
 
 /// The data path, where a device exists: puts and gets over one-sided verbs, into registered
@@ -189,4 +207,92 @@ async fn blocks_move_over_rdma_into_registered_and_plain_memory() {
     assert!(
         server.metric("kvcache_bytes_sent_total{transport=\"rdma\"}") >= (128 * (256 << 10)) as f64
     );
+}
+
+/// GPU-direct, where a GPU and an RDMA device exist: KV-shaped blocks WRITE straight from GPU
+/// memory into the node and READ straight back into other GPU memory, every byte compared.
+#[cfg(all(feature = "rdma", feature = "cuda"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_move_between_gpu_memory_and_the_node_with_gpu_direct() {
+    use kvcache_transport::cuda::{Gpu, driver_present};
+    let Some(name) = has_device() else {
+        eprintln!(
+            "skipped: GPU-direct needs an RDMA device: {}",
+            rdma::probe()
+        );
+        return;
+    };
+    if !driver_present() {
+        eprintln!("skipped: GPU-direct needs a GPU: no CUDA driver (libcuda.so) on this machine");
+        return;
+    }
+    let gpu = Gpu::open(0).unwrap();
+    let server = ServerProcess::start(&["--memory", "256MiB", "--shm-socket", "off"]);
+    let mut cfg = ClientConfig::new(server.data.clone());
+    cfg.transport = Transport::Rdma;
+    let c = Client::connect(cfg).await.expect("RDMA connect");
+    // 32 blocks of 16 segments × 16 KiB, the segments strided through one "KV tensor".
+    const BLOCKS: usize = 32;
+    const SEGS: usize = 16;
+    const SEG: usize = 16 << 10;
+    let host: Vec<u8> = content(BlockKey(77), BLOCKS * SEGS * SEG);
+    let mut src = gpu.alloc(host.len()).unwrap();
+    gpu.upload(&host, &mut src).unwrap();
+    let dst = gpu.alloc(host.len()).unwrap();
+    gpu.synchronize().unwrap();
+    for buf in [&src, &dst] {
+        // SAFETY: both buffers outlive the client's registrations (the client drops first).
+        match unsafe { c.register_gpu_memory(&gpu, gpu.address(buf), host.len()) } {
+            Ok(method) => eprintln!("RDMA device {name}: GPU memory registered by {method}"),
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        }
+    }
+    // Segment s of block b lies at (s * BLOCKS + b) * SEG: layer-major, as vLLM lays out KV.
+    let spans = |base: u64| -> Vec<Vec<(u64, u64)>> {
+        (0..BLOCKS)
+            .map(|b| {
+                (0..SEGS)
+                    .map(|s| (base + ((s * BLOCKS + b) * SEG) as u64, SEG as u64))
+                    .collect()
+            })
+            .collect()
+    };
+    let keys: Vec<BlockKey> = (0..BLOCKS as u128)
+        .map(|b| BlockKey(0x6d << 64 | b))
+        .collect();
+    let stored = c
+        .put_many_from_gpu(&keys, &spans(gpu.address(&src)))
+        .await
+        .unwrap();
+    assert!(
+        stored.iter().all(|s| *s == wire::PutStatus::Stored),
+        "{stored:?}"
+    );
+    let got = c
+        .get_many_into_gpu(&keys, &spans(gpu.address(&dst)))
+        .await
+        .unwrap();
+    assert!(got.iter().all(|o| *o == GetOutcome::Hit), "{got:?}");
+    let mut back = vec![0u8; host.len()];
+    gpu.download(&dst, &mut back).unwrap();
+    gpu.synchronize().unwrap();
+    assert!(
+        back == host,
+        "bytes changed between GPU memory and the node"
+    );
+    // A TCP client sees the same blocks, byte for byte, as the GPU held them.
+    let tcp = {
+        let mut cfg = ClientConfig::new(server.data.clone());
+        cfg.transport = Transport::Tcp;
+        Client::connect(cfg).await.unwrap()
+    };
+    let first = tcp.get(keys[0]).await.unwrap().unwrap();
+    let want: Vec<u8> = (0..SEGS)
+        .flat_map(|s| host[s * BLOCKS * SEG..][..SEG].iter().copied())
+        .collect();
+    assert!(first == want);
+    drop(c);
 }
