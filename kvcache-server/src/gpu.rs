@@ -46,6 +46,11 @@ impl DeviceMemory {
         let buf = gpu.alloc(bytes)?;
         Ok(Self { gpu, buf })
     }
+
+    /// The GPU the memory is on.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
 }
 
 impl TierMemory for DeviceMemory {

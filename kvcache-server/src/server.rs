@@ -32,7 +32,7 @@ impl RunningServer {
     /// Builds the store, binds both listeners and starts serving on the current tokio runtime.
     pub async fn start(cfg: &ServerConfig) -> anyhow::Result<Self> {
         let store = Store::new(&cfg.store).context("cannot create the memory pool")?;
-        if let Some(tier) = lower_tiers(cfg)? {
+        if let Some(tier) = lower_tiers(cfg, &store)? {
             store.attach_lower(tier);
         }
         let metrics = Arc::new(Metrics::default());
@@ -215,9 +215,12 @@ impl RunningServer {
 
 /// Opens the tiers under the pool, top down: the GPU tier (`--gpu-tier`) over the disk tier
 /// (`--disk`). Config resolution refuses either flag in a build without its feature.
-fn lower_tiers(cfg: &ServerConfig) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
+fn lower_tiers(
+    cfg: &ServerConfig,
+    store: &Store,
+) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
     let disk = open_disk(cfg)?;
-    open_gpu(cfg, disk)
+    open_gpu(cfg, store, disk)
 }
 
 #[cfg(feature = "disk")]
@@ -237,6 +240,7 @@ fn open_disk(_cfg: &ServerConfig) -> anyhow::Result<Option<Arc<dyn crate::store:
 #[cfg(feature = "cuda")]
 fn open_gpu(
     cfg: &ServerConfig,
+    store: &Store,
     below: Option<Arc<dyn crate::store::LowerTier>>,
 ) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
     let Some((device, bytes)) = cfg.gpu_tier else {
@@ -245,12 +249,27 @@ fn open_gpu(
     let mem = crate::gpu::DeviceMemory::open(device, bytes as usize)
         .with_context(|| format!("--gpu-tier: cannot allocate {bytes} bytes on GPU {device}"))?;
     tracing::info!(device, size = %kvcache_core::ByteSize(bytes), "GPU tier open");
+    // Page-lock the pool with the driver so copies to and from the GPU are plain DMA; without
+    // it they still work, staged by the driver.
+    let pool = store.pool_region();
+    // SAFETY: the store holds the registration and drops it before it unmaps the pool.
+    match unsafe { mem.gpu().register_host(pool.base(), pool.len()) } {
+        Ok(pin) => {
+            store.pin_pool(Box::new(pin));
+            tracing::info!("GPU tier copies are DMA: the pool is registered with the CUDA driver");
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "GPU tier copies go through the driver's staging: the pool could not be registered"
+        ),
+    }
     Ok(Some(crate::gpu::GpuTier::new(mem, below)))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn open_gpu(
     _cfg: &ServerConfig,
+    _store: &Store,
     below: Option<Arc<dyn crate::store::LowerTier>>,
 ) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
     Ok(below)

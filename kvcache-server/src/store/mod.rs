@@ -136,6 +136,10 @@ impl Pool {
 
 /// The block store. Shared as `Arc<Store>`; every method is safe to call concurrently.
 pub struct Store {
+    /// Keeps the pool registered with a device driver (the GPU tier's `cuMemHostRegister`).
+    /// Declared before `pool`, so it is dropped, and the registration undone, before the pool
+    /// is unmapped.
+    pool_pin: std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>,
     pool: Pool,
     page_size: u64,
     allocator: Mutex<PageAllocator>,
@@ -253,6 +257,7 @@ impl Store {
             evicted_bytes: AtomicU64::new(0),
             checksum_failures: AtomicU64::new(0),
             lower: std::sync::OnceLock::new(),
+            pool_pin: std::sync::OnceLock::new(),
             promotions: AtomicU64::new(0),
         }))
     }
@@ -315,6 +320,12 @@ impl Store {
     /// Puts `tier` under the pool. Once only; false if a tier was attached already.
     pub fn attach_lower(&self, tier: Arc<dyn LowerTier>) -> bool {
         self.lower.set(tier).is_ok()
+    }
+
+    /// Holds `pin` (a registration of the pool's memory with a driver) until the store is
+    /// dropped, undoing it before the pool is unmapped. False if one is held already.
+    pub fn pin_pool(&self, pin: Box<dyn std::any::Any + Send + Sync>) -> bool {
+        self.pool_pin.set(pin).is_ok()
     }
 
     fn lower(&self) -> Option<&Arc<dyn LowerTier>> {
