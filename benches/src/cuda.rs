@@ -19,15 +19,51 @@
 
 use kvcache_core::ByteSize;
 
-/// What to measure.
+/// What to measure (the subcommand's flags).
+#[derive(clap::Args)]
 pub struct Plan {
+    /// Bytes of KV on the device (rounded down to whole blocks).
+    #[arg(long, default_value = "1GiB")]
     pub total: ByteSize,
+    /// One block's slice in one KV tensor (vLLM: tokens per block × heads × head size ×
+    /// dtype bytes).
+    #[arg(long, default_value = "64KiB")]
     pub segment: ByteSize,
+    /// KV tensors, so slices per block (layers × 2 for K and V).
+    #[arg(long, default_value_t = 32)]
     pub segments: usize,
+    /// Blocks per put/get call, as the connector batches a request's blocks.
+    #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Rounds, each measuring every path once; the figures sum them.
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Move blocks over TCP instead of shared memory.
+    #[arg(long)]
     pub tcp: bool,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
     pub device: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<std::path::PathBuf>,
+}
+
+impl Plan {
+    /// Refuses flags out of range.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=64).contains(&self.batch)
+                && (1..=1024).contains(&self.segments)
+                && self.rounds > 0,
+            "--batch must be 1..=64, --segments 1..=1024 and --rounds at least 1"
+        );
+        anyhow::ensure!(
+            self.segment.0 >= 16 && self.segment.0 <= 64 << 20,
+            "--segment must be 16B..=64MiB"
+        );
+        Ok(())
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -107,16 +143,12 @@ mod with_cuda {
         }
     }
 
-    /// Distinct bytes for tensor `t`: no two slices alike, so a misplaced one is caught.
+    /// Distinct bytes for tensor `t`: every 8-byte word names its tensor and offset, so a
+    /// slice that lands in the wrong place or tensor is caught.
     fn pattern(t: usize, len: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd);
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            v.extend_from_slice(&x.to_le_bytes());
-        }
+        let mut v: Vec<u8> = (0..len.div_ceil(8) as u64)
+            .flat_map(|w| ((t as u64) << 48 | w).to_le_bytes())
+            .collect();
         v.truncate(len);
         v
     }

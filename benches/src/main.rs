@@ -113,33 +113,7 @@ enum Cmd {
     },
     /// KV blocks saved from GPU memory into the cache and loaded back, against plain cuMemcpy
     /// of the same slices in the same run (needs a build with `--features cuda` and a GPU).
-    Cuda {
-        /// Bytes of KV on the device (rounded down to whole blocks).
-        #[arg(long, default_value = "1GiB")]
-        total: ByteSize,
-        /// One block's slice in one KV tensor (vLLM: tokens per block × heads × head size ×
-        /// dtype bytes).
-        #[arg(long, default_value = "64KiB")]
-        segment: ByteSize,
-        /// KV tensors, so slices per block (layers × 2 for K and V).
-        #[arg(long, default_value_t = 32)]
-        segments: usize,
-        /// Blocks per put/get call, as the connector batches a request's blocks.
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        /// Rounds, each measuring every path once; the figures sum them.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// Move blocks over TCP instead of shared memory.
-        #[arg(long)]
-        tcp: bool,
-        /// CUDA device ordinal.
-        #[arg(long, default_value_t = 0)]
-        device: usize,
-        /// Also write the results as JSON to this file.
-        #[arg(long, value_name = "FILE")]
-        json: Option<PathBuf>,
-    },
+    Cuda(cuda::Plan),
     /// Heap bytes per indexed block in the server's index.
     IndexMemory {
         /// Blocks to index.
@@ -251,35 +225,10 @@ fn main() -> anyhow::Result<()> {
             let results = block_on(disk::run(&plan))?;
             write_json(json, results)
         }
-        Cmd::Cuda {
-            total,
-            segment,
-            segments,
-            batch,
-            rounds,
-            tcp,
-            device,
-            json,
-        } => {
-            anyhow::ensure!(
-                (1..=64).contains(&batch) && (1..=1024).contains(&segments) && rounds > 0,
-                "--batch must be 1..=64, --segments 1..=1024 and --rounds at least 1"
-            );
-            anyhow::ensure!(
-                segment.0 >= 16 && segment.0 <= 64 << 20,
-                "--segment must be 16B..=64MiB"
-            );
-            let plan = cuda::Plan {
-                total,
-                segment,
-                segments,
-                batch,
-                rounds,
-                tcp,
-                device,
-            };
+        Cmd::Cuda(plan) => {
+            plan.check()?;
             let results = block_on(cuda::run(&plan))?;
-            write_json(json, results)
+            write_json(plan.json, results)
         }
         Cmd::IndexMemory { blocks, shards } => {
             anyhow::ensure!(

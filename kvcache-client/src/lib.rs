@@ -442,21 +442,25 @@ impl Client {
     ) -> Result<Vec<PutStatus>, ClientError> {
         error::same_len(keys.len(), src.len(), "sources")?;
         let lens: Vec<u64> = src.iter().map(|s| s.iter().map(|s| s.1).sum()).collect();
-        if let Some(i) = lens
-            .iter()
-            .position(|&l| l == 0 || l > self.inner.max_payload as u64)
-        {
-            return Err(ClientError::InvalidArgument(format!(
-                "block {i} has {} bytes; blocks must be 1 byte to {} bytes",
-                lens[i], self.inner.max_payload
-            )));
-        }
+        self.check_lens(&lens)?;
         #[cfg(feature = "rdma")]
         if self.inner.rdma.is_some() {
             return with_conn!(self, "put", |c| rdma::put_from_gpu(c, keys, src, &lens)
                 .await);
         }
         Err(self.no_gpu_direct())
+    }
+
+    /// Refuses empty blocks and blocks over the node's frame limit, naming the first.
+    fn check_lens(&self, lens: &[u64]) -> Result<(), ClientError> {
+        let max = self.inner.max_payload as u64;
+        match lens.iter().position(|&l| l == 0 || l > max) {
+            Some(i) => Err(ClientError::InvalidArgument(format!(
+                "block {i} has {} bytes; blocks must be 1 byte to {max} bytes",
+                lens[i]
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn no_gpu_direct(&self) -> ClientError {
@@ -580,15 +584,7 @@ impl Client {
             .iter()
             .map(|segs| segs.iter().map(|s| s.len() as u64).sum())
             .collect();
-        if let Some(i) = lens
-            .iter()
-            .position(|&l| l == 0 || l > self.inner.max_payload as u64)
-        {
-            return Err(ClientError::InvalidArgument(format!(
-                "block {i} has {} bytes; blocks must be 1 byte to {} bytes",
-                lens[i], self.inner.max_payload
-            )));
-        }
+        self.check_lens(&lens)?;
         if self.inner.shm_path.is_some() {
             return with_conn!(self, "put", |c| put_shm(c, keys, values, &lens).await);
         }

@@ -151,6 +151,12 @@ async fn clients_fall_back_to_tcp_naming_why_or_fail_when_rdma_was_required() {
         );
         assert!(why.contains("pinned host memory"), "{why}");
     }
+    // Sizes are checked first, the same way for host and GPU memory.
+    let empty = c.put_many_from_gpu(&[BlockKey(10)], &[vec![]]).await;
+    let host_empty = c.put(BlockKey(10), &[]).await;
+    for err in [empty.unwrap_err(), host_empty.unwrap_err()] {
+        assert!(err.to_string().contains("block 0 has 0 bytes"), "{err}");
+    }
     assert_eq!(c.exists(&[BlockKey(10)]).await.unwrap(), [false]);
 }
 
