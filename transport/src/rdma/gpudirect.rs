@@ -74,7 +74,7 @@ mod registration {
 
     use super::{Method, methods, page_span, peer_memory_loaded};
     use crate::cuda::{CudaError, Gpu};
-    use crate::rdma::verbs::{Device, Registration, VerbsError};
+    use crate::rdma::verbs::{Device, Registration};
 
     /// Why device memory could not be registered for GPU-direct RDMA.
     #[derive(Debug, thiserror::Error)]
@@ -102,18 +102,30 @@ mod registration {
     ) -> Result<(Registration, Method), GpuDirectError> {
         let ways = methods(gpu.supports_dmabuf()?, peer_memory_loaded())
             .map_err(GpuDirectError::Unavailable)?;
+        let (read, write) = (remote_read, remote_write);
         let mut failures = Vec::new();
         for way in ways {
             let done = match way {
-                // SAFETY: upheld by the caller.
-                Method::DmaBuf => unsafe {
-                    by_dmabuf(device, gpu, addr, len, remote_read, remote_write)
-                },
-                // SAFETY: upheld by the caller; the peer-memory module pins the GPU pages.
-                Method::PeerMemory => {
-                    unsafe { device.register(addr as *mut u8, len, remote_read, remote_write) }
-                        .map_err(|e| e.to_string())
+                Method::DmaBuf => {
+                    // SAFETY: sysconf has no preconditions.
+                    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+                    page_span(addr, len as u64, page)
+                        .ok_or_else(|| "the range wraps the address space".to_string())
+                        .and_then(|(start, span, offset)| {
+                            let fd = gpu
+                                .export_dmabuf(start, span as usize)
+                                .map_err(|e| e.to_string())?;
+                            // SAFETY: upheld by the caller; the registration keeps its own
+                            // reference to the dmabuf, so `fd` may close after this.
+                            unsafe {
+                                device.register_dmabuf(fd.as_fd(), offset, len, addr, read, write)
+                            }
+                            .map_err(|e| e.to_string())
+                        })
                 }
+                // SAFETY: upheld by the caller; the peer-memory module pins the GPU pages.
+                Method::PeerMemory => unsafe { device.register(addr as *mut u8, len, read, write) }
+                    .map_err(|e| e.to_string()),
             };
             match done {
                 Ok(reg) => {
@@ -124,29 +136,6 @@ mod registration {
             }
         }
         Err(GpuDirectError::Failed(failures.join("; ")))
-    }
-
-    /// # Safety
-    /// As [`register`].
-    unsafe fn by_dmabuf(
-        device: &Arc<Device>,
-        gpu: &Gpu,
-        addr: u64,
-        len: usize,
-        remote_read: bool,
-        remote_write: bool,
-    ) -> Result<Registration, String> {
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-        let (start, span, offset) =
-            page_span(addr, len as u64, page).ok_or("the range wraps the address space")?;
-        let fd = gpu
-            .export_dmabuf(start, span as usize)
-            .map_err(|e| e.to_string())?;
-        // SAFETY: upheld by the caller; the registration keeps its own reference to the dmabuf,
-        // so `fd` closes when this returns.
-        unsafe { device.register_dmabuf(fd.as_fd(), offset, len, addr, remote_read, remote_write) }
-            .map_err(|e: VerbsError| e.to_string())
     }
 }
 
