@@ -247,12 +247,53 @@ impl Client {
         Ok((keys, segs, self.client()?))
     }
 
+    /// The single-node client GPU-direct runs on.
+    fn gpu_node(&self) -> PyResult<RustClient> {
+        match self.client()? {
+            Backend::Node(c) => Ok(c),
+            Backend::Cluster(_) => Err(KvcacheError::new_err(
+                "GPU-direct needs a client of one node, not a cluster; stage GPU memory through \
+                 pinned host memory",
+            )),
+        }
+    }
+
     fn client(&self) -> PyResult<Backend> {
         let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         guard
             .clone()
             .ok_or_else(|| KvcacheError::new_err("the client is closed"))
     }
+}
+
+#[cfg(all(feature = "rdma", feature = "cuda"))]
+fn register_gpu(node: &RustClient, device: usize, addr: u64, length: usize) -> PyResult<String> {
+    let stage = |why: String| {
+        KvcacheError::new_err(format!(
+            "no GPU-direct: {why}; stage GPU memory through pinned host memory"
+        ))
+    };
+    if node.transport() != "rdma" {
+        return Err(stage(format!(
+            "this client uses {}, not RDMA",
+            node.transport()
+        )));
+    }
+    let gpu = kvcache_transport::cuda::Gpu::open(device).map_err(|e| stage(e.to_string()))?;
+    // SAFETY: the caller promises the memory stays allocated while the client lives
+    // (documented; the connector registers the engine's KV tensors, which do).
+    let method = unsafe { node.register_gpu_memory(&gpu, addr, length) }
+        .map_err(|e| KvcacheError::new_err(e.to_string()))?;
+    Ok(method.to_string())
+}
+
+#[cfg(not(all(feature = "rdma", feature = "cuda")))]
+fn register_gpu(node: &RustClient, _device: usize, _addr: u64, _length: usize) -> PyResult<String> {
+    Err(KvcacheError::new_err(format!(
+        "this kvcache module was built without GPU-direct (the `rdma` and `cuda` features; \
+         this client uses {}); stage GPU memory through pinned host memory",
+        node.transport()
+    )))
 }
 
 /// Logs through Python's `logging` (logger `kvcache`), where Python users look.
@@ -476,6 +517,68 @@ impl Client {
             }
         }
         Ok(hits)
+    }
+
+    /// Registers `length` bytes of GPU memory at device address `addr` on CUDA device
+    /// `device` (a KV tensor: `tensor.data_ptr()`, `tensor.nbytes`) for GPU-direct RDMA, once.
+    /// Returns how it was registered (`"dmabuf"` or peer memory). Raises KvcacheError saying
+    /// why when it cannot be: this module was built without the `rdma` and `cuda` features,
+    /// the client talks to a cluster or does not use RDMA, or the stack cannot register GPU
+    /// memory. Then stage through pinned host memory.
+    fn register_gpu_memory(&self, device: usize, addr: u64, length: usize) -> PyResult<String> {
+        let node = self.gpu_node()?;
+        register_gpu(&node, device, addr, length)
+    }
+
+    /// Fetches blocks straight into GPU memory registered with `register_gpu_memory`:
+    /// `segments[i]` lists key i's `(device address, length)` destinations. The node checks
+    /// every block as it leases it. Returns, per key, True for a hit and False for a miss.
+    fn get_many_into_gpu(
+        &self,
+        py: Python<'_>,
+        keys: Vec<Vec<u8>>,
+        segments: Vec<Vec<(u64, u64)>>,
+    ) -> PyResult<Vec<bool>> {
+        let keys = keys_of(keys)?;
+        let node = self.gpu_node()?;
+        let outcomes = block(py, node.get_many_into_gpu(&keys, &segments)).map_err(to_py)?;
+        self.counters.gets.fetch_add(keys.len() as u64, Relaxed);
+        let mut hits = Vec::with_capacity(outcomes.len());
+        for (i, o) in outcomes.into_iter().enumerate() {
+            match o {
+                GetOutcome::Hit => {
+                    let bytes: u64 = segments[i].iter().map(|s| s.1).sum();
+                    self.counters.get_hits.fetch_add(1, Relaxed);
+                    self.counters.get_bytes.fetch_add(bytes, Relaxed);
+                    hits.push(true);
+                }
+                GetOutcome::Miss => hits.push(false),
+                GetOutcome::WrongSize { stored, expected } => {
+                    return Err(PyValueError::new_err(format!(
+                        "keys[{i}] is stored with {stored} bytes but its segments hold {expected}"
+                    )));
+                }
+            }
+        }
+        Ok(hits)
+    }
+
+    /// Stores blocks straight from GPU memory registered with `register_gpu_memory`:
+    /// `segments[i]` lists key i's `(device address, length)` pieces in order. Returns, per
+    /// key, whether it is stored.
+    fn put_many_from_gpu(
+        &self,
+        py: Python<'_>,
+        keys: Vec<Vec<u8>>,
+        segments: Vec<Vec<(u64, u64)>>,
+    ) -> PyResult<Vec<bool>> {
+        let keys = keys_of(keys)?;
+        let node = self.gpu_node()?;
+        let statuses = block(py, node.put_many_from_gpu(&keys, &segments)).map_err(to_py)?;
+        let bytes: u64 = segments.iter().flatten().map(|s| s.1).sum();
+        self.counters.puts.fetch_add(keys.len() as u64, Relaxed);
+        self.counters.put_bytes.fetch_add(bytes, Relaxed);
+        Ok(statuses.into_iter().map(stored).collect())
     }
 
     /// What this client did, and what the node says about itself.

@@ -74,6 +74,22 @@ def test_a_corrupted_block_is_a_miss_through_shared_memory(server: Server) -> No
 
 
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_gpu_direct_without_rdma_raises_saying_to_stage(server: Server, transport: str) -> None:
+    c = kvcache.Client(server.data, transport=transport)
+    with pytest.raises(kvcache.KvcacheError, match="stage GPU memory through pinned host memory"):
+        c.register_gpu_memory(0, 0x7F00_0000_0000, 1 << 20)
+    spans = [[(0x7F00_0000_0000, 4096)]]
+    with pytest.raises(ValueError, match=f"needs an RDMA connection.*uses {transport}"):
+        c.get_many_into_gpu([key(70)], spans)
+    with pytest.raises(ValueError, match="needs an RDMA connection"):
+        c.put_many_from_gpu([key(70)], spans)
+    assert c.exists([key(70)]) == [False]
+    cluster = kvcache.Client([server.data], transport=transport)
+    with pytest.raises(kvcache.KvcacheError, match="not a cluster"):
+        cluster.register_gpu_memory(0, 0x7F00_0000_0000, 1 << 20)
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_zero_copy_put_many_and_get_many_into_numpy(server: Server, transport: str) -> None:
     c = kvcache.Client(server.data, transport=transport)
     # Eight "layers" of KV, each (blocks, 1024) float16: one block's bytes are spread over all

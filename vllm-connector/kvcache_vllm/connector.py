@@ -88,10 +88,11 @@ class _Link:
     failing, at most 30 s), so a dead or hung node costs one timeout, not one per request.
     """
 
-    def __init__(self, settings: Settings, side: str, stats: Recorder):
+    def __init__(self, settings: Settings, side: str, stats: Recorder, on_connect=None):
         self._settings = settings
         self._side = side
         self._stats = stats
+        self._on_connect = on_connect
         self._client: kvcache.Client | None = None
         self._rest_s = 0.0
         self._down_until = 0.0
@@ -110,6 +111,8 @@ class _Link:
                     transport=self._settings.transport,
                     timeout_s=self._settings.timeout_s,
                 )
+                if self._on_connect is not None:
+                    self._on_connect(self._client)
             result = fn(self._client)
             if self._settings.is_cluster():
                 self._count_cluster(self._client)
@@ -299,7 +302,7 @@ class _WorkerSide:
         self.vllm_config = vllm_config
         self.num_blocks = kv_cache_config.num_blocks
         self.stats = Recorder()
-        self.link = _Link(self.settings, "worker", self.stats)
+        self.link = _Link(self.settings, "worker", self.stats, on_connect=self._connected)
         # One I/O thread: loads run in layer order, saves after them; the forward pass only
         # waits for a layer's load (wait_for_layer_load) and for the step's saves (wait_for_save).
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcache-io")
@@ -310,6 +313,34 @@ class _WorkerSide:
         self.async_loads: dict[str, Future] = {}
         self.failed_blocks: set[int] = set()
         self.staging: Staging | None = None
+        # CUDA KV tensors to register for GPU-direct RDMA on every new client (staging auto),
+        # and whether the current client moves blocks that way.
+        self.gpu_tensors: list[torch.Tensor] = []
+        self.gpu_direct = False
+        self.gpu_direct_logged = False
+
+    def _connected(self, client: kvcache.Client) -> None:
+        """Registers the KV tensors for GPU-direct on a new client; stages if that fails."""
+        self.gpu_direct = False
+        if not self.gpu_tensors:
+            return
+        storages = {t.untyped_storage().data_ptr(): t for t in self.gpu_tensors}
+        try:
+            methods = {
+                client.register_gpu_memory(t.device.index or 0, ptr, t.untyped_storage().nbytes())
+                for ptr, t in storages.items()
+            }
+        except (kvcache.KvcacheError, ValueError) as err:
+            if not self.gpu_direct_logged:
+                logger.info("kvcache worker: no GPU-direct (%s); staging through pinned host memory", err)
+                self.gpu_direct_logged = True
+            return
+        self.gpu_direct = True
+        logger.info(
+            "kvcache worker: GPU-direct RDMA, %d KV allocations registered (%s)",
+            len(storages),
+            ", ".join(sorted(methods)),
+        )
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -340,6 +371,8 @@ class _WorkerSide:
             self.staging = Staging(first.device)
             for tensor in kv_caches.values():
                 self.staging.add_tensor(tensor)
+        if staging == "auto" and first.device.type == "cuda":
+            self.gpu_tensors = list(kv_caches.values())
         block_bytes = next(iter(self.layers.values())).layout.block_bytes
         logger.info(
             "kvcache worker: %d layers, layout %s, %d bytes per layer block, servers=%s, %s",
@@ -370,15 +403,11 @@ class _WorkerSide:
             keys += k
             segments += s
         started = time.perf_counter()
-        staging = self.staging
-        into = segments if staging is None else staging.host_segments(segments)
         try:
-            hits = self.link.call("load", lambda c: c.get_many_into(keys, into))
+            hits = self.link.call("load", lambda c: self._fetch(c, keys, segments))
         except ValueError as err:
             logger.error("kvcache worker: a stored block has the wrong size (%s)", err)
             hits = None
-        if staging is not None and hits:
-            staging.to_device(segments, into, hits)
         self.stats.observe("load_seconds", time.perf_counter() - started)
         hits = hits or [False] * len(keys)
         # Mark the first block that failed on any layer, and every later block of its run.
@@ -395,6 +424,17 @@ class _WorkerSide:
         failed = len(keys) - loaded
         loaded_bytes = sum(length for hit, segs in zip(hits, segments, strict=True) if hit for _, length in segs)
         self.stats.add(loaded_blocks=loaded, loaded_bytes=loaded_bytes, load_failed_blocks=failed)
+
+    def _fetch(self, client: kvcache.Client, keys: list[bytes], segments: list) -> list[bool]:
+        """Loads into the KV tensors: GPU-direct, straight into host tensors, or staged."""
+        if self.gpu_direct:
+            return client.get_many_into_gpu(keys, segments)
+        staging = self.staging
+        into = segments if staging is None else staging.host_segments(segments)
+        hits = client.get_many_into(keys, into)
+        if staging is not None and any(hits):
+            staging.to_device(segments, into, hits)
+        return hits
 
     def start_load_kv(self, meta: KVCacheConnectorMetadata) -> None:
         if meta.loads:
@@ -418,16 +458,25 @@ class _WorkerSide:
     def _save(self, layer: _Layer, runs: list[BlockRun], computed: Any = None) -> None:
         keys, segments = self._plan(layer, runs)
         started = time.perf_counter()
-        source = segments
-        if self.staging is not None:
-            source = self.staging.host_segments(segments)
-            self.staging.from_device(segments, source, computed)
-        stored = self.link.call("save", lambda c: c.put_many(keys, source))
+        stored = self.link.call("save", lambda c: self._store(c, keys, segments, computed))
         self.stats.observe("save_seconds", time.perf_counter() - started)
         stored = stored or [False] * len(keys)
         saved = sum(stored)
         saved_bytes = sum(length for ok, segs in zip(stored, segments, strict=True) if ok for _, length in segs)
         self.stats.add(saved_blocks=saved, saved_bytes=saved_bytes, save_failed_blocks=len(keys) - saved)
+
+    def _store(self, client: kvcache.Client, keys: list[bytes], segments: list, computed: Any) -> list[bool]:
+        """Saves from the KV tensors once the step computed them: GPU-direct, from host
+        tensors, or staged."""
+        if self.gpu_direct:
+            if computed is not None:
+                computed.synchronize()
+            return client.put_many_from_gpu(keys, segments)
+        source = segments
+        if self.staging is not None:
+            source = self.staging.host_segments(segments)
+            self.staging.from_device(segments, source, computed)
+        return client.put_many(keys, source)
 
     def save_kv_layer(self, layer_name: str, meta: KVCacheConnectorMetadata) -> None:
         layer = self.layers.get(layer_name)

@@ -41,10 +41,12 @@ class Settings:
     - `model_id`: the model identity in block keys; default vLLM's `model` argument. Set it when
       instances load the same weights from different paths.
     - `load_async`: load between engine steps (the request waits) instead of inside the step.
-    - `staging`: how blocks reach KV tensors that are not in host memory (CUDA): `auto` stages
-      them through pinned host memory with copies on a side stream; `always` stages host
-      tensors too (the same code path, testable without a GPU); `never` hands the tensors'
-      own addresses to the client (host memory only).
+    - `staging`: how blocks reach KV tensors that are not in host memory (CUDA): `auto` moves
+      them with GPU-direct RDMA when the client uses RDMA to a single node and the `kvcache`
+      module was built with it (features `rdma` and `cuda`), and otherwise stages them through
+      pinned host memory with copies on a side stream; `always` stages, host tensors too (the
+      same code path, testable without a GPU); `never` hands the tensors' own addresses to the
+      client (host memory only).
     - `retry_s`: after a failed call, the cache is treated as empty for this long (doubling up
       to 30 s while it keeps failing), so a dead node costs one timeout, not one per request.
     """

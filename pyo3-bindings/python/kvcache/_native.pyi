@@ -77,6 +77,26 @@ class Client:
         destination holds unspecified bytes: recompute it. In a cluster, `prefer` is asked
         before the ring owners (see `put_many`)."""
 
+    def register_gpu_memory(self, device: int, addr: int, length: int) -> str:
+        """Registers `length` bytes of GPU memory at device address `addr` on CUDA device
+        `device` (a KV tensor: `tensor.data_ptr()`, `tensor.nbytes`) for GPU-direct RDMA, once.
+        The memory must stay allocated while the client lives. Returns how it was registered
+        (`"dmabuf"` or peer memory). Raises KvcacheError saying why when it cannot be: the
+        module was built without the `rdma` and `cuda` features, the client talks to a cluster
+        or does not use RDMA, or the stack cannot register GPU memory; then stage through
+        pinned host memory."""
+
+    def get_many_into_gpu(self, keys: Sequence[bytes], segments: Sequence[Sequence[Segment]]) -> list[bool]:
+        """Fetches blocks straight into GPU memory registered with `register_gpu_memory`:
+        `segments[i]` lists key i's `(device address, length)` destinations. The node checks
+        every block as it leases it. Returns, per key, True for a hit and False for a miss.
+        Without an RDMA connection raises ValueError saying to stage."""
+
+    def put_many_from_gpu(self, keys: Sequence[bytes], segments: Sequence[Sequence[Segment]]) -> list[bool]:
+        """Stores blocks straight from GPU memory registered with `register_gpu_memory`.
+        Returns, per key, whether it is stored. Without an RDMA connection raises ValueError
+        saying to stage."""
+
     def stats(self) -> dict[str, int | float | str]:
         """This client's counters and what the node reports about itself."""
 
