@@ -247,6 +247,29 @@ impl Client {
         Ok((keys, segs, self.client()?))
     }
 
+    /// Counts a zero-copy get's outcomes (`bytes(i)`: key i's length) and turns them into
+    /// hits; a block of the wrong size is a ValueError.
+    fn hits(&self, outcomes: Vec<GetOutcome>, bytes: impl Fn(usize) -> u64) -> PyResult<Vec<bool>> {
+        self.counters.gets.fetch_add(outcomes.len() as u64, Relaxed);
+        let mut hits = Vec::with_capacity(outcomes.len());
+        for (i, o) in outcomes.into_iter().enumerate() {
+            match o {
+                GetOutcome::Hit => {
+                    self.counters.get_hits.fetch_add(1, Relaxed);
+                    self.counters.get_bytes.fetch_add(bytes(i), Relaxed);
+                    hits.push(true);
+                }
+                GetOutcome::Miss => hits.push(false),
+                GetOutcome::WrongSize { stored, expected } => {
+                    return Err(PyValueError::new_err(format!(
+                        "keys[{i}] is stored with {stored} bytes but its segments hold {expected}"
+                    )));
+                }
+            }
+        }
+        Ok(hits)
+    }
+
     /// The single-node client GPU-direct runs on.
     fn gpu_node(&self) -> PyResult<RustClient> {
         match self.client()? {
@@ -497,26 +520,7 @@ impl Client {
             client.get_many_into(&keys, &mut views, prefer.as_deref()),
         )
         .map_err(to_py)?;
-        self.counters.gets.fetch_add(keys.len() as u64, Relaxed);
-        let mut hits = Vec::with_capacity(outcomes.len());
-        for (i, o) in outcomes.into_iter().enumerate() {
-            match o {
-                GetOutcome::Hit => {
-                    self.counters.get_hits.fetch_add(1, Relaxed);
-                    self.counters
-                        .get_bytes
-                        .fetch_add(segs.len(i) as u64, Relaxed);
-                    hits.push(true);
-                }
-                GetOutcome::Miss => hits.push(false),
-                GetOutcome::WrongSize { stored, expected } => {
-                    return Err(PyValueError::new_err(format!(
-                        "keys[{i}] is stored with {stored} bytes but its segments hold {expected}"
-                    )));
-                }
-            }
-        }
-        Ok(hits)
+        self.hits(outcomes, |i| segs.len(i) as u64)
     }
 
     /// Registers `length` bytes of GPU memory at device address `addr` on CUDA device
@@ -542,25 +546,7 @@ impl Client {
         let keys = keys_of(keys)?;
         let node = self.gpu_node()?;
         let outcomes = block(py, node.get_many_into_gpu(&keys, &segments)).map_err(to_py)?;
-        self.counters.gets.fetch_add(keys.len() as u64, Relaxed);
-        let mut hits = Vec::with_capacity(outcomes.len());
-        for (i, o) in outcomes.into_iter().enumerate() {
-            match o {
-                GetOutcome::Hit => {
-                    let bytes: u64 = segments[i].iter().map(|s| s.1).sum();
-                    self.counters.get_hits.fetch_add(1, Relaxed);
-                    self.counters.get_bytes.fetch_add(bytes, Relaxed);
-                    hits.push(true);
-                }
-                GetOutcome::Miss => hits.push(false),
-                GetOutcome::WrongSize { stored, expected } => {
-                    return Err(PyValueError::new_err(format!(
-                        "keys[{i}] is stored with {stored} bytes but its segments hold {expected}"
-                    )));
-                }
-            }
-        }
-        Ok(hits)
+        self.hits(outcomes, |i| segments[i].iter().map(|s| s.1).sum())
     }
 
     /// Stores blocks straight from GPU memory registered with `register_gpu_memory`:
