@@ -206,6 +206,51 @@ impl Attached {
     fn landing_at(&self, at: usize) -> u64 {
         self.landing_mem.base() as u64 + at as u64
     }
+
+    /// `len` bytes of the landing buffer at `at`.
+    ///
+    /// # Safety
+    /// A completed READ put them there; nothing else writes the landing buffer while this
+    /// connection is checked out.
+    unsafe fn landed(&self, at: usize, len: usize) -> &[u8] {
+        // SAFETY: upheld by the caller; `at + len` lies inside the buffer (planned so).
+        unsafe { std::slice::from_raw_parts(self.landing_mem.base().add(at), len) }
+    }
+
+    /// Work requests moving `segs` (registered memory) to or from the remote region at `off`.
+    fn plan(&self, off: u64, segs: &[(u64, u64, u32)]) -> Result<Vec<WorkRequest>, ClientError> {
+        let (max_sge, max_msg) = self.limits();
+        scatter_plan(off, segs, max_sge, max_msg).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Lease entry `i`, to be read into `expected` bytes: its length and offset in the pool, or
+    /// None when there is nothing to read (a miss, or a size mismatch recorded in `outcomes`).
+    /// A block outside the pool is a protocol error.
+    fn leased_block(
+        &self,
+        reply: &ShmGetReply,
+        i: usize,
+        expected: usize,
+        outcomes: &mut [GetOutcome],
+    ) -> Result<Option<(usize, u64)>, ClientError> {
+        let (len, off) = (reply.lens[i] as usize, reply.offsets[i]);
+        if len == 0 {
+            return Ok(None);
+        }
+        if len != expected {
+            outcomes[i] = GetOutcome::WrongSize {
+                stored: len,
+                expected,
+            };
+            return Ok(None);
+        }
+        if !self.pool.covers(off, checksum::stored_len(len) as u64) {
+            return Err(ClientError::Protocol(format!(
+                "block of {len} bytes at offset {off} lies outside the node's pool"
+            )));
+        }
+        Ok(Some((len, off)))
+    }
 }
 
 /// A get into caller segments: lease, READ, verify, release.
@@ -258,32 +303,17 @@ async fn read_into_gpu(
     dst: &[Vec<(u64, u64)>],
 ) -> Result<Vec<GetOutcome>, ClientError> {
     let a = c.rdma.as_mut().expect("an RDMA connection");
-    let (max_sge, max_msg) = a.limits();
     let mut outcomes = vec![GetOutcome::Miss; dst.len()];
     let mut plan = Vec::new();
     // (block, where its trailer lands in the landing buffer)
     let mut trailers = Vec::new();
     let mut at = 0usize;
     for (i, spans) in dst.iter().enumerate() {
-        let len = reply.lens[i] as usize;
         let expected: usize = spans.iter().map(|s| s.1 as usize).sum();
-        if len == 0 {
+        let Some((len, off)) = a.leased_block(reply, i, expected, &mut outcomes)? else {
             continue;
-        }
-        if len != expected {
-            outcomes[i] = GetOutcome::WrongSize {
-                stored: len,
-                expected,
-            };
-            continue;
-        }
-        let off = reply.offsets[i];
-        let trailer_len = checksum::stored_len(len) - checksum::trailer_offset(len);
-        if !a.pool.covers(off, checksum::stored_len(len) as u64) {
-            return Err(ClientError::Protocol(format!(
-                "block of {len} bytes at offset {off} lies outside the node's pool"
-            )));
-        }
+        };
+        let trailer_len = checksum::trailer_len(len);
         if at + trailer_len > a.landing_mem.len() {
             return Err(ClientError::InvalidArgument(format!(
                 "the checksum trailers of {} blocks overflow the {}-byte RDMA landing buffer; \
@@ -296,14 +326,10 @@ async fn read_into_gpu(
             .shared
             .gpu_segments(spans)
             .ok_or_else(|| not_gpu_registered(i))?;
-        let plan_of = |off: u64, segs: &[(u64, u64, u32)]| {
-            scatter_plan(off, segs, max_sge, max_msg)
-                .map_err(|e| ClientError::Protocol(e.to_string()))
-        };
-        plan.extend(plan_of(off, &segs)?);
+        plan.extend(a.plan(off, &segs)?);
         let trailer_off = off + checksum::trailer_offset(len) as u64;
         let landing = [(a.landing_at(at), trailer_len as u64, a.landing.lkey())];
-        plan.extend(plan_of(trailer_off, &landing)?);
+        plan.extend(a.plan(trailer_off, &landing)?);
         trailers.push((i, at));
         at = aligned_end(at, trailer_len as u64);
     }
@@ -312,11 +338,8 @@ async fn read_into_gpu(
     }
     a.run(Direction::Read, &plan).await?;
     for (i, at) in trailers {
-        let len = reply.lens[i] as usize;
-        let trailer_len = checksum::stored_len(len) - checksum::trailer_offset(len);
-        // SAFETY: the trailer landed at `at` in our buffer (the READ completed).
-        let trailer =
-            unsafe { std::slice::from_raw_parts(a.landing_mem.base().add(at), trailer_len) };
+        // SAFETY: the READ completed.
+        let trailer = unsafe { a.landed(at, checksum::trailer_len(reply.lens[i] as usize)) };
         outcomes[i] = if checksum::trailer_checksum(trailer) == reply.trailer_checksums[i] {
             GetOutcome::Hit
         } else {
@@ -362,46 +385,29 @@ async fn read_leased(
     dst: &mut [Vec<&mut [u8]>],
 ) -> Result<Vec<GetOutcome>, ClientError> {
     let a = c.rdma.as_mut().expect("an RDMA connection");
-    let (max_sge, max_msg) = a.limits();
     let mut outcomes = vec![GetOutcome::Miss; dst.len()];
-    // Blocks to read: (index, where the stored bytes land in the landing buffer, or None
-    // when they land straight in registered segments, with only the trailer landing).
     let mut i = 0;
     while i < dst.len() {
         let mut plan = Vec::new();
+        // Blocks to read: (index, where they land in the landing buffer, whether the data
+        // lands straight in registered segments with only the trailer landing).
         let mut batch: Vec<(usize, usize, bool)> = Vec::new();
         let mut at = 0usize;
         while i < dst.len() {
-            let len = reply.lens[i] as usize;
             let expected: usize = dst[i].iter().map(|s| s.len()).sum();
-            if len == 0 {
+            let Some((len, off)) = a.leased_block(reply, i, expected, &mut outcomes)? else {
                 i += 1;
                 continue;
-            }
-            if len != expected {
-                outcomes[i] = GetOutcome::WrongSize {
-                    stored: len,
-                    expected,
-                };
-                i += 1;
-                continue;
-            }
-            let stored = checksum::stored_len(len);
-            let off = reply.offsets[i];
-            if !a.pool.covers(off, stored as u64) {
-                return Err(ClientError::Protocol(format!(
-                    "block of {len} bytes at offset {off} lies outside the node's pool"
-                )));
-            }
+            };
             let segs: Vec<(u64, u64)> = dst[i]
                 .iter()
                 .map(|s| (s.as_ptr() as u64, s.len() as u64))
                 .collect();
             let direct = a.shared.registered_segments(&segs);
             let need = if direct.is_some() {
-                stored - checksum::trailer_offset(len)
+                checksum::trailer_len(len)
             } else {
-                stored
+                checksum::stored_len(len)
             };
             if at + need > a.landing_mem.len() {
                 if batch.is_empty() {
@@ -412,24 +418,15 @@ async fn read_leased(
                 }
                 break;
             }
-            let lkey = a.landing.lkey();
-            let plan_of = |off: u64, segs: &[(u64, u64, u32)]| {
-                scatter_plan(off, segs, max_sge, max_msg)
-                    .map_err(|e| ClientError::Protocol(e.to_string()))
-            };
-            let pieces = match &direct {
+            let landing = [(a.landing_at(at), need as u64, a.landing.lkey())];
+            match &direct {
                 Some(segs) => {
+                    plan.extend(a.plan(off, segs)?);
                     let trailer_off = off + checksum::trailer_offset(len) as u64;
-                    let mut p = plan_of(off, segs)?;
-                    p.extend(plan_of(
-                        trailer_off,
-                        &[(a.landing_at(at), need as u64, lkey)],
-                    )?);
-                    p
+                    plan.extend(a.plan(trailer_off, &landing)?);
                 }
-                None => plan_of(off, &[(a.landing_at(at), stored as u64, lkey)])?,
-            };
-            plan.extend(pieces);
+                None => plan.extend(a.plan(off, &landing)?),
+            }
             batch.push((i, at, direct.is_some()));
             at = aligned_end(at, need as u64);
             i += 1;
@@ -441,17 +438,13 @@ async fn read_leased(
         for (i, at, direct) in batch {
             let len = reply.lens[i] as usize;
             let sum = reply.trailer_checksums[i];
-            let base = a.landing_mem.base();
             let ok = if direct {
-                let trailer_len = checksum::stored_len(len) - checksum::trailer_offset(len);
-                // SAFETY: the trailer landed at `at` in our buffer (the READ completed).
-                let trailer = unsafe { std::slice::from_raw_parts(base.add(at), trailer_len) };
+                // SAFETY: the READ completed.
+                let trailer = unsafe { a.landed(at, checksum::trailer_len(len)) };
                 checksum::scattered_intact(&dst[i], len, trailer, sum)
             } else {
-                // SAFETY: the block landed at `at` (the READ completed); nothing else writes
-                // the landing buffer while this connection is checked out.
-                let src =
-                    unsafe { std::slice::from_raw_parts(base.add(at), checksum::stored_len(len)) };
+                // SAFETY: the READ completed.
+                let src = unsafe { a.landed(at, checksum::stored_len(len)) };
                 copy_verified_from(src, len, sum, &mut dst[i])?
             };
             outcomes[i] = if ok {
@@ -523,7 +516,6 @@ async fn put_with(
     let mut start = 0;
     while start < keys.len() {
         let a = c.rdma.as_mut().expect("an RDMA connection");
-        let (max_sge, max_msg) = a.limits();
         let window = a.staging.len.min(a.landing_mem.len() as u64) as usize;
         let n = crate::staged_batch(lens, start, window, "RDMA")?;
         let end = start + n;
@@ -532,11 +524,7 @@ async fn put_with(
         let mut at = 0usize;
         for (i, &len) in (start..end).zip(&lens[start..end]) {
             offsets.push(at as u64);
-            let pieces = pieces(a, i, at)?;
-            plan.extend(
-                scatter_plan(at as u64, &pieces, max_sge, max_msg)
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?,
-            );
+            plan.extend(a.plan(at as u64, &pieces(a, i, at)?)?);
             at = aligned_end(at, len);
         }
         a.run(Direction::Write, &plan).await?;

@@ -29,9 +29,14 @@ pub fn trailer_offset(len: usize) -> usize {
     len.next_multiple_of(8)
 }
 
+/// Bytes of the trailer of a block of `len` data bytes: one checksum per chunk.
+pub fn trailer_len(len: usize) -> usize {
+    8 * chunk_count(len)
+}
+
 /// Bytes a block of `len` data bytes occupies in the pool, trailer included.
 pub fn stored_len(len: usize) -> usize {
-    trailer_offset(len) + 8 * chunk_count(len)
+    trailer_offset(len) + trailer_len(len)
 }
 
 /// Range of chunk `i` within the data.
@@ -198,7 +203,7 @@ mod tests {
     fn a_block_scattered_over_ragged_segments_verifies_in_place() {
         let len = CHUNK * 2 + 1000;
         let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
-        let mut trailer = vec![0u8; stored_len(len) - trailer_offset(len)];
+        let mut trailer = vec![0u8; trailer_len(len)];
         for i in 0..chunk_count(len) {
             record(&mut trailer, i, chunk_checksum(&data[chunk_range(len, i)]));
         }
