@@ -540,7 +540,6 @@ impl Metrics {
     }
 }
 
-/// The disk tier's lines (with `--disk`).
 /// One lower tier's metrics, named after it (`kvcache_disk_*`, `kvcache_gpu_*`). Promotions
 /// into memory are counted on the top tier.
 fn render_tier(out: &mut String, t: &crate::store::TierStats, promotions: Option<u64>) {

@@ -129,11 +129,7 @@ impl QpEndpoint {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, RdmaError> {
-        let b: &[u8; Self::LEN] = b.try_into().map_err(|_| RdmaError::BadLength {
-            what: "a queue-pair endpoint",
-            got: b.len(),
-            want: Self::LEN,
-        })?;
+        let b: &[u8; Self::LEN] = exactly(b, "a queue-pair endpoint")?;
         let ep = Self {
             qpn: u32::from_le_bytes(b[..4].try_into().expect("4 bytes")),
             psn: u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")),
@@ -157,6 +153,15 @@ impl QpEndpoint {
     }
 }
 
+/// `b` as exactly `N` bytes, or the error naming `what` was malformed.
+fn exactly<'a, const N: usize>(b: &'a [u8], what: &'static str) -> Result<&'a [u8; N], RdmaError> {
+    b.try_into().map_err(|_| RdmaError::BadLength {
+        what,
+        got: b.len(),
+        want: N,
+    })
+}
+
 impl RemoteRegion {
     pub const LEN: usize = 8 + 8 + 4;
 
@@ -169,11 +174,7 @@ impl RemoteRegion {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, RdmaError> {
-        let b: &[u8; Self::LEN] = b.try_into().map_err(|_| RdmaError::BadLength {
-            what: "a remote region",
-            got: b.len(),
-            want: Self::LEN,
-        })?;
+        let b: &[u8; Self::LEN] = exactly(b, "a remote region")?;
         let r = Self {
             addr: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
             len: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),

@@ -355,7 +355,7 @@ impl Store {
             }
         }
         tier.flush();
-        tracing::info!(blocks = written, "memory written down to the disk tier");
+        tracing::info!(blocks = written, "memory written down to the tier below");
     }
 
     /// Whether a lower tier is attached (reads that miss memory may then do disk I/O).
@@ -503,7 +503,7 @@ impl Store {
             tier.demote(key, &raw[..len]);
         } else {
             self.checksum_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%key, "an evicted block failed verification; not written to disk");
+            tracing::warn!(%key, "an evicted block failed verification; not written down to the tier below");
         }
     }
 
