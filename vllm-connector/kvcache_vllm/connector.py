@@ -9,7 +9,8 @@ vLLM creates the connector twice, in different processes that share nothing in m
 - the **worker side** (one per GPU/CPU worker) knows the KV tensors: loads land straight in
   them through `get_many_into`, saves leave layer by layer through `put_many` from an I/O
   thread while the next layer computes, and failed loads are reported so vLLM recomputes.
-  KV tensors in device memory (CUDA) are staged through pinned host memory (`staging.py`).
+  KV tensors in device memory (CUDA) move GPU-direct over RDMA where the client can register
+  them, and are otherwise staged through pinned host memory (`staging.py`).
 
 Every layer's block is its own cache entry (see `settings.Namespaces`). The scheduler asks
 about the last layer's keys: saves go out in layer order, so the last layer arriving means the
