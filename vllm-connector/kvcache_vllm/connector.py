@@ -17,10 +17,17 @@ about the last layer's keys: saves go out in layer order, so the last layer arri
 block was saved whole. A block that is missing or fails verification on any layer is a load
 error for that block and every later block of the request; vLLM recomputes from there when
 `kv_load_failure_policy` is `recompute`.
+
+The scheduler computes the engine's model identity (`identity.py`: weights, dtype,
+quantization, HF config, KV cache dtype) and each request's LoRA identity, and sends them to
+the workers in the metadata, so both sides key blocks from one computation. Models with more
+than one KV-cache group (hybrid attention) are refused at start. Requests whose KV does not
+follow from their token ids alone (multimodal inputs, prompt embeddings) bypass the cache.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +42,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 import kvcache
 
+from .fingerprint import FileDigests
+from .identity import check_kv_scales, lora_identity, model_identity
 from .layout import BlockLayout, LayoutError
 from .settings import Namespaces, Settings
 from .staging import Staging
@@ -74,6 +83,50 @@ class KVCacheConnectorMetadata(KVConnectorMetadata):
     loads: list[BlockRun] = field(default_factory=list)
     async_loads: list[BlockRun] = field(default_factory=list)
     saves: list[BlockRun] = field(default_factory=list)
+    # The engine's model identity (`identity.model_identity`), computed once by the scheduler.
+    model: str = ""
+
+
+def _refuse_unsupported_kv_cache(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> None:
+    """Raises ValueError unless the KV cache is one group of full attention: block ids of one
+    group would land in the wrong blocks of another (hybrid models), and other attention kinds
+    free or reuse blocks the connector would save or load into."""
+    if kv_cache_config is None:
+        return
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) == 1:
+        spec = groups[0].kv_cache_spec
+        if type(spec) is FullAttentionSpec and not spec.non_causal:
+            return
+    described = "; ".join(
+        f"group {i}: {type(g.kv_cache_spec).__name__}"
+        f"{' (non-causal)' if getattr(g.kv_cache_spec, 'non_causal', False) else ''}"
+        f", {len(g.layer_names)} layers ({', '.join(g.layer_names[:2])}{', ...' if len(g.layer_names) > 2 else ''})"
+        for i, g in enumerate(groups)
+    )
+    raise ValueError(
+        f"kvcache: model {vllm_config.model_config.model!r} has {len(groups)} KV-cache group(s): {described}. "
+        "KVCacheConnector supports exactly one group of causal full attention (FullAttentionSpec); "
+        "hybrid (sliding-window, Mamba, ...) and other attention kinds are not supported yet. "
+        "Serve this model without --kv-transfer-config."
+    )
+
+
+def _client_takes_token() -> bool | None:
+    """Whether this `kvcache` module's Client takes `token=`; None if it cannot tell."""
+    try:
+        params = inspect.signature(kvcache.Client).parameters
+    except (TypeError, ValueError):
+        return None
+    return "token" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+_NO_TOKEN_SUPPORT = (
+    "kv_connector_extra_config sets a token, but the installed kvcache module's Client takes no "
+    "token= keyword: install a kvcache module with authentication (pip install ./pyo3-bindings)"
+)
 
 
 def _layer_index(name: str) -> int:
@@ -90,6 +143,8 @@ class _Link:
     """
 
     def __init__(self, settings: Settings, side: str, stats: Recorder, on_connect=None):
+        if settings.token is not None and _client_takes_token() is False:
+            raise ValueError(_NO_TOKEN_SUPPORT)
         self._settings = settings
         self._side = side
         self._stats = stats
@@ -106,12 +161,7 @@ class _Link:
             return None
         try:
             if self._client is None:
-                self._client = kvcache.Client(
-                    self._settings.server_arg(),
-                    replicas=self._settings.replicas,
-                    transport=self._settings.transport,
-                    timeout_s=self._settings.timeout_s,
-                )
+                self._client = self._connect()
                 if self._on_connect is not None:
                     self._on_connect(self._client)
             result = fn(self._client)
@@ -133,6 +183,23 @@ class _Link:
             logger.info("kvcache %s: the cache answers again", self._side)
             self._rest_s = 0.0
         return result
+
+    def _connect(self) -> kvcache.Client:
+        settings = self._settings
+        kwargs: dict[str, Any] = {
+            "replicas": settings.replicas,
+            "transport": settings.transport,
+            "timeout_s": settings.timeout_s,
+        }
+        if settings.token is not None:
+            # Only when set: a module without authentication has no such keyword.
+            kwargs["token"] = settings.token
+        try:
+            return kvcache.Client(settings.server_arg(), **kwargs)
+        except TypeError as err:
+            if settings.token is not None and "token" in str(err):
+                raise ValueError(_NO_TOKEN_SUPPORT) from err
+            raise
 
     def _count_cluster(self, client: kvcache.Client) -> None:
         """Adds the cluster client's new replica reads and failovers to the stats (a cluster
@@ -176,7 +243,16 @@ class _SchedulerSide:
         self.saves_enabled = transfer.kv_role in ("kv_both", "kv_producer")
         from vllm.platforms import current_platform
 
-        self.namespaces = Namespaces.for_engine(self.settings, vllm_config, 0, current_platform.device_type)
+        self.vllm_config = vllm_config
+        self.digests = FileDigests()
+        self.model = model_identity(vllm_config, self.settings.model_id, self.digests)
+        self.namespaces = Namespaces.for_engine(
+            self.settings, vllm_config, 0, current_platform.device_type, model=self.model
+        )
+        # Why requests were not cached, each said once per process (a bounded set), and the
+        # requests now bypassing (counted once each, though vLLM may ask again).
+        self.bypass_said: set[str] = set()
+        self.bypassed: set[str] = set()
         layer_names = [n for g in kv_cache_config.kv_cache_groups for n in g.layer_names]
         self.lookup_layer = max(_layer_index(n) for n in layer_names)
         self.stats = Recorder()
@@ -192,24 +268,58 @@ class _SchedulerSide:
                 transfer.kv_load_failure_policy,
             )
         logger.info(
-            "kvcache scheduler: servers=%s transport=%s layout=%s block_size=%d role=%s",
+            "kvcache scheduler: servers=%s transport=%s layout=%s block_size=%d role=%s model identity %s",
             ",".join(self.settings.servers),
             self.settings.transport,
             self.namespaces.layout.name,
             self.block_size,
             transfer.kv_role,
+            self.model,
         )
 
+    def _bypass(self, request: Request) -> tuple[bool, str | None]:
+        """Whether `request` bypasses the cache (saying why once), and its LoRA identity."""
+        reason = None
+        if request.mm_features:
+            reason = (
+                "requests with multimodal inputs bypass the cache (no lookups, loads or saves): "
+                "their placeholder tokens do not say which image or audio they stand for, and "
+                "multimodal keys are not tested yet"
+            )
+        elif request.prompt_embeds is not None:
+            reason = "requests with prompt embeddings bypass the cache: their token ids are placeholders"
+        lora = None
+        if reason is None and request.lora_request is not None:
+            lora = lora_identity(request.lora_request, self.vllm_config, self.digests)
+            if lora is None:
+                reason = (
+                    f"requests with LoRA adapter {request.lora_request.lora_name!r} bypass the cache: its "
+                    f"files ({request.lora_request.lora_path}) are not on this machine to fingerprint"
+                )
+        if reason is None:
+            return False, lora
+        if request.request_id not in self.bypassed:
+            self.bypassed.add(request.request_id)
+            self.stats.add(bypassed_requests=1)
+        if reason not in self.bypass_said and len(self.bypass_said) < 64:
+            self.bypass_said.add(reason)
+            logger.info("kvcache scheduler: %s; counted in bypassed_requests", reason)
+        return True, None
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int):
+        bypass, lora = self._bypass(request)
+        if bypass:
+            # Untracked: no load is planned and no block is queued for saving.
+            return 0, False
         prompt = list(request.prompt_token_ids or [])
-        lora = request.lora_request.lora_name if request.lora_request else None
         tracked = _Tracked(prompt, lora, request.cache_salt)
         tracked.local_blocks = num_computed_tokens // self.block_size
         tracked.saved_blocks = tracked.local_blocks
         self.requests[request.request_id] = tracked
         # vLLM must compute at least the prompt's last token itself.
         loadable = (len(prompt) - 1) // self.block_size if prompt else 0
-        if not self.loads_enabled or loadable <= tracked.local_blocks:
+        skip_reading = getattr(request, "skip_reading_prefix_cache", False)
+        if not self.loads_enabled or loadable <= tracked.local_blocks or skip_reading:
             return 0, False
         keys = self.namespaces.keys(self.lookup_layer, prompt[: loadable * self.block_size], lora, request.cache_salt)
         hit = self.link.call("lookup", lambda c: c.prefix_match(keys[tracked.local_blocks :]))
@@ -239,7 +349,7 @@ class _SchedulerSide:
         self.stats.add(hit_tokens=num_external_tokens)
 
     def build_connector_meta(self, out: SchedulerOutput) -> KVCacheConnectorMetadata:
-        meta = KVCacheConnectorMetadata(loads=self.pending_loads, async_loads=self.pending_async)
+        meta = KVCacheConnectorMetadata(loads=self.pending_loads, async_loads=self.pending_async, model=self.model)
         self.pending_loads, self.pending_async = [], []
         if not self.saves_enabled:
             return meta
@@ -283,6 +393,7 @@ class _SchedulerSide:
 
     def request_finished(self, request: Request, block_ids: list[int]):
         self.requests.pop(request.request_id, None)
+        self.bypassed.discard(request.request_id)
         return False, None
 
     def shutdown(self) -> None:
@@ -347,8 +458,9 @@ class _WorkerSide:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
         first = next(iter(kv_caches.values()))
+        # The model identity comes with each step's metadata (`_for_model`).
         self.namespaces = Namespaces.for_engine(
-            self.settings, self.vllm_config, get_tensor_model_parallel_rank(), first.device.type
+            self.settings, self.vllm_config, get_tensor_model_parallel_rank(), first.device.type, model=""
         )
         ns = self.namespaces
         spec = ns.layout
@@ -386,21 +498,28 @@ class _WorkerSide:
 
     # -- loads ---------------------------------------------------------------------------------
 
-    def _plan(self, layer: _Layer, runs: list[BlockRun]):
+    def _for_model(self, model: str) -> Namespaces:
+        """This rank's namespaces for the model identity the scheduler sent."""
+        assert self.namespaces is not None and model, "metadata without a model identity"
+        if self.namespaces.model != model:
+            self.namespaces = self.namespaces.with_model(model)
+        return self.namespaces
+
+    def _plan(self, layer: _Layer, runs: list[BlockRun], model: str):
         """Keys and destination runs of `layer` for the blocks in `runs`."""
-        assert self.namespaces is not None
+        namespaces = self._for_model(model)
         keys, segments = [], []
         for run in runs:
-            chain = self.namespaces.keys(layer.index, run.tokens, run.lora, run.salt)
+            chain = namespaces.keys(layer.index, run.tokens, run.lora, run.salt)
             keys.extend(chain[run.start : run.start + len(run.block_ids)])
             segments.extend(layer.layout.segments(b) for b in run.block_ids)
         return keys, segments
 
-    def _load(self, layers: list[_Layer], runs: list[BlockRun]) -> None:
+    def _load(self, layers: list[_Layer], runs: list[BlockRun], model: str) -> None:
         """Loads `runs` into `layers` in one call; records every block that did not land."""
         keys, segments = [], []
         for layer in layers:
-            k, s = self._plan(layer, runs)
+            k, s = self._plan(layer, runs, model)
             keys += k
             segments += s
         started = time.perf_counter()
@@ -440,9 +559,9 @@ class _WorkerSide:
     def start_load_kv(self, meta: KVCacheConnectorMetadata) -> None:
         if meta.loads:
             for layer in self.layers.values():
-                self.layer_loads[layer.name] = self.io.submit(self._load, [layer], meta.loads)
+                self.layer_loads[layer.name] = self.io.submit(self._load, [layer], meta.loads, meta.model)
         for run in meta.async_loads:
-            self.async_loads[run.req_id] = self.io.submit(self._load, list(self.layers.values()), [run])
+            self.async_loads[run.req_id] = self.io.submit(self._load, list(self.layers.values()), [run], meta.model)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         future = self.layer_loads.pop(layer_name, None)
@@ -456,8 +575,8 @@ class _WorkerSide:
 
     # -- saves ---------------------------------------------------------------------------------
 
-    def _save(self, layer: _Layer, runs: list[BlockRun], computed: Any = None) -> None:
-        keys, segments = self._plan(layer, runs)
+    def _save(self, layer: _Layer, runs: list[BlockRun], model: str, computed: Any = None) -> None:
+        keys, segments = self._plan(layer, runs, model)
         started = time.perf_counter()
         stored = self.link.call("save", lambda c: self._store(c, keys, segments, computed))
         self.stats.observe("save_seconds", time.perf_counter() - started)
@@ -483,7 +602,7 @@ class _WorkerSide:
         layer = self.layers.get(layer_name)
         if meta.saves and layer is not None:
             computed = self.staging.mark() if self.staging is not None else None
-            self.saves.append(self.io.submit(self._save, layer, meta.saves, computed))
+            self.saves.append(self.io.submit(self._save, layer, meta.saves, meta.model, computed))
 
     def wait_for_save(self) -> None:
         self._drain_loads()
@@ -529,6 +648,8 @@ class KVCacheConnector(KVConnectorBase_V1):
         kv_cache_config: KVCacheConfig | None = None,
     ):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        _refuse_unsupported_kv_cache(vllm_config, kv_cache_config)
+        check_kv_scales(vllm_config)
         self._scheduler: _SchedulerSide | None = None
         self._worker: _WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:

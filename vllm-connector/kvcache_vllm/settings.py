@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kvcache
@@ -23,6 +24,8 @@ _KNOWN_KEYS = {
     "load_async",
     "retry_s",
     "staging",
+    "token",
+    "token_file",
 }
 
 
@@ -38,8 +41,10 @@ class Settings:
       ends have a device and the client was built with it, else TCP), `shm`, `rdma`, `tcp`.
     - `timeout_s`: the longest any cache call may hold the engine.
     - `layout`: the KV tensor layout (`cpu`, `flash_attn`, `flashinfer`); default by device.
-    - `model_id`: the model identity in block keys; default vLLM's `model` argument. Set it when
-      instances load the same weights from different paths.
+    - `model_id`: vouches for the weights: block keys name it instead of the weight files'
+      content fingerprint (see `identity.py`). Set it when the weights are not on this machine
+      as files (streamed from object storage), e.g. to `org/model@<commit>`. Everything else
+      that changes KV bytes (dtype, quantization, HF config, KV cache dtype) still counts.
     - `load_async`: load between engine steps (the request waits) instead of inside the step.
     - `staging`: how blocks reach KV tensors that are not in host memory (CUDA): `auto` moves
       them with GPU-direct RDMA when the client uses RDMA to a single node and the `kvcache`
@@ -49,6 +54,9 @@ class Settings:
       client (host memory only).
     - `retry_s`: after a failed call, the cache is treated as empty for this long (doubling up
       to 30 s while it keeps failing), so a dead node costs one timeout, not one per request.
+    - `token` / `token_file`: the credential the client presents to nodes started with
+      `--auth`; `token_file` names a file whose stripped content is the token. At most one of
+      them. Without either, the `kvcache` module reads `KVCACHE_TOKEN` from the environment.
     """
 
     servers: tuple[str, ...] = ("127.0.0.1:7400",)
@@ -60,6 +68,8 @@ class Settings:
     load_async: bool = False
     retry_s: float = 1.0
     staging: str = "auto"
+    token: str | None = field(default=None, repr=False)
+    token_file: str | None = None
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> Settings:
@@ -94,6 +104,7 @@ class Settings:
         retry_s = float(extra.get("retry_s", cls.retry_s))
         if timeout_s <= 0 or retry_s < 0:
             raise ValueError("timeout_s must be positive and retry_s not negative")
+        token, token_file = _token(extra)
         return cls(
             servers=servers,
             replicas=replicas,
@@ -104,6 +115,8 @@ class Settings:
             load_async=bool(extra.get("load_async", False)),
             retry_s=retry_s,
             staging=staging,
+            token=token,
+            token_file=token_file,
         )
 
     def is_cluster(self) -> bool:
@@ -113,6 +126,24 @@ class Settings:
     def server_arg(self) -> str | list[str]:
         """What `kvcache.Client` takes: one address, an etcd URL, or a cluster's member list."""
         return self.servers[0] if len(self.servers) == 1 else list(self.servers)
+
+
+def _token(extra: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The token from `token` or `token_file` (read now, so a bad file fails at start)."""
+    token, token_file = extra.get("token"), extra.get("token_file")
+    if token is not None and token_file is not None:
+        raise ValueError("kv_connector_extra_config: set token or token_file, not both")
+    if token_file is not None:
+        try:
+            token = Path(str(token_file)).read_text().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"kv_connector_extra_config.token_file {str(token_file)!r} cannot be read: {err}") from err
+        if not token:
+            raise ValueError(f"kv_connector_extra_config.token_file {str(token_file)!r} is empty")
+        return token, str(token_file)
+    if token is not None and (not isinstance(token, str) or not token):
+        raise ValueError("kv_connector_extra_config.token must be a non-empty string")
+    return token, None
 
 
 def kv_dtype_name(vllm_config: VllmConfig) -> str:
@@ -128,7 +159,9 @@ class Namespaces:
 
     Every attention layer has its own namespace, so a layer's block is a cache entry of its own
     and saves can leave layer by layer. The layout string names the layout, the per-rank KV head
-    count and head size, and the layer, so two engines share blocks only when their bytes agree.
+    count and head size, and the layer; `model` is the engine's model identity string and
+    `lora` a request's adapter identity string (`identity.py`), so two engines share blocks
+    only when their bytes agree.
     """
 
     def __init__(
@@ -143,23 +176,26 @@ class Namespaces:
         tp_size: int = 1,
         tp_rank: int = 0,
     ):
+        self.model = model
+        self.kv_dtype = kv_dtype
         self.block_size = block_size
         self.layout = layout_spec(layout)
         self.num_kv_heads = num_kv_heads
         self.head_size = head_size
-        self._model = model
-        self._kv_dtype = kv_dtype
-        self._tp_size = tp_size
-        self._tp_rank = tp_rank
+        self.tp_size = tp_size
+        self.tp_rank = tp_rank
         self._layout_prefix = f"vllm/{layout}/kv_heads={num_kv_heads}/head_size={head_size}"
 
     @classmethod
-    def for_engine(cls, settings: Settings, vllm_config: VllmConfig, tp_rank: int, device: str) -> Namespaces:
-        """The namespaces of `tp_rank` in the engine `vllm_config` describes."""
+    def for_engine(
+        cls, settings: Settings, vllm_config: VllmConfig, tp_rank: int, device: str, *, model: str
+    ) -> Namespaces:
+        """The namespaces of `tp_rank` in the engine `vllm_config` describes, whose model
+        identity is `model` (`identity.model_identity`)."""
         model_config = vllm_config.model_config
         parallel_config = vllm_config.parallel_config
         return cls(
-            model=settings.model_id or str(model_config.model),
+            model=model,
             kv_dtype=kv_dtype_name(vllm_config),
             block_size=vllm_config.cache_config.block_size,
             layout=settings.layout or default_layout_name(device),
@@ -169,16 +205,29 @@ class Namespaces:
             tp_rank=tp_rank,
         )
 
+    def with_model(self, model: str) -> Namespaces:
+        """The same namespaces for another model identity."""
+        return Namespaces(
+            model=model,
+            kv_dtype=self.kv_dtype,
+            block_size=self.block_size,
+            layout=self.layout.name,
+            num_kv_heads=self.num_kv_heads,
+            head_size=self.head_size,
+            tp_size=self.tp_size,
+            tp_rank=self.tp_rank,
+        )
+
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one instance per process)
     def get(self, layer: int, lora: str | None = None, salt: str | None = None) -> bytes:
         """The namespace id of `layer` for a request with this LoRA adapter and cache salt."""
         return kvcache.namespace_id(
-            self._model,
-            self._kv_dtype,
+            self.model,
+            self.kv_dtype,
             self.block_size,
             layout=f"{self._layout_prefix}/layer={layer}",
-            tp_world_size=self._tp_size,
-            tp_rank=self._tp_rank,
+            tp_world_size=self.tp_size,
+            tp_rank=self.tp_rank,
             lora=lora,
             salt=salt,
         )

@@ -26,6 +26,10 @@ COUNTERS = {
     "save_failed_blocks": "Layer blocks the cache did not store (refused, node down).",
     "replica_reads": "Blocks a cluster answered from a replica because their primary missed or was down.",
     "failovers": "Times a cluster node failed a call and was routed around for a while.",
+    "bypassed_requests": (
+        "Requests the cache left alone (no lookup, load or save): multimodal inputs, prompt "
+        "embeddings, or a LoRA adapter whose files are not on this machine."
+    ),
 }
 LATENCIES = {
     "load_seconds": "Time of one load call (one layer, or one request when loads are async).",

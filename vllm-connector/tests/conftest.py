@@ -17,6 +17,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests never use the network; vLLM configs built in this process read local files only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "pyo3-bindings" / "tests"))
@@ -100,6 +104,15 @@ def run_engine(
     if proc.returncode != 0:
         raise AssertionError(f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return json.loads(out_path.read_text())[-1]
+
+
+def engine_config(model: Path | str, **engine_args: object):
+    """The real `VllmConfig` of an engine as engine_run.py starts it, built without starting one
+    (no model load, no workers)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = dict(model=str(model), max_model_len=2048, enforce_eager=True, dtype="bfloat16", seed=0)
+    return EngineArgs(**(args | engine_args), enable_prefix_caching=True).create_engine_config()  # type: ignore[arg-type]
 
 
 def make_prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:

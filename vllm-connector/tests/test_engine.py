@@ -15,12 +15,14 @@ import kvcache
 from conftest import (
     BLOCK_SIZE,
     assert_same_outputs,
+    engine_config,
     kv_config,
     loadable_tokens,
     make_prompts,
     run_engine,
 )
-from kvcache_vllm.settings import Namespaces
+from kvcache_vllm.identity import model_identity
+from kvcache_vllm.settings import Namespaces, Settings
 from kvserver import Server
 
 # Two full blocks and a partial one; exactly two blocks (the last token's block is computed);
@@ -32,15 +34,12 @@ LAYER_BLOCK_BYTES = 2 * BLOCK_SIZE * 2 * 64 * 2  # kv heads x tokens x (K,V) x h
 
 
 def namespaces(model: Path) -> Namespaces:
-    """The tiny model's namespaces, as the connector derives them from vLLM's config."""
-    return Namespaces(
-        model=str(model),
-        kv_dtype="bfloat16",
-        block_size=BLOCK_SIZE,
-        layout="cpu",
-        num_kv_heads=2,
-        head_size=64,
-    )
+    """The tiny model's namespaces, derived as the connector does from a real vLLM config of the
+    engine that engine_run.py starts."""
+    config = engine_config(model)
+    ns = Namespaces.for_engine(Settings(), config, 0, "cpu", model=model_identity(config))
+    assert (ns.kv_dtype, ns.block_size, ns.num_kv_heads, ns.head_size) == ("bfloat16", BLOCK_SIZE, 2, 64)
+    return ns
 
 
 def test_outputs_equal_without_and_with_the_cache_and_a_second_instance_loads(

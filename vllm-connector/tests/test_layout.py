@@ -114,3 +114,22 @@ def test_namespaces_separate_layers_ranks_loras_and_salts() -> None:
     tokens = list(range(300))
     assert base.keys(0, tokens, None, None) != base.keys(1, tokens, None, None)
     assert len(base.keys(0, tokens, None, None)) == 2
+
+
+def test_a_token_comes_from_token_or_token_file_and_bad_files_fail_at_start(tmp_path) -> None:
+    assert Settings.from_extra_config(None).token is None
+    s = Settings.from_extra_config({"token": "secret-1"})
+    assert s.token == "secret-1" and "secret-1" not in repr(s)
+    token_file = tmp_path / "token"
+    token_file.write_text("  secret-2\n")
+    from_file = Settings.from_extra_config({"token_file": str(token_file)})
+    assert (from_file.token, from_file.token_file) == ("secret-2", str(token_file))
+    with pytest.raises(ValueError, match="set token or token_file, not both"):
+        Settings.from_extra_config({"token": "a", "token_file": str(token_file)})
+    with pytest.raises(ValueError, match=r"token_file '.*missing' cannot be read: .*No such file"):
+        Settings.from_extra_config({"token_file": str(tmp_path / "missing")})
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="token_file '.*empty' is empty"):
+        Settings.from_extra_config({"token_file": str(tmp_path / "empty")})
+    with pytest.raises(ValueError, match="token must be a non-empty string"):
+        Settings.from_extra_config({"token": ""})
