@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use kvcache_core::wire::{
-    ErrorCode, ErrorReply, FrameHeader, FrameLimits, GetReply, GetRequest, Op, ShmGetReply,
-    ShmGetRequest, ShmReleaseRequest,
+    ErrorCode, ErrorReply, FrameHeader, FrameLimits, GetReply, GetRequest, HelloReply,
+    HelloRequest, Op, ShmGetReply, ShmGetRequest, ShmReleaseRequest,
 };
 use kvcache_transport::tcp::{self, FrameReadError};
 use prost::Message;
@@ -105,15 +105,69 @@ pub(crate) fn decode_reply<M: Message + Default>(control: &[u8]) -> Result<M, Cl
     M::decode(control).map_err(|e| ClientError::Protocol(format!("undecodable reply: {e}")))
 }
 
+/// What this client calls itself in a node's logs.
+const CLIENT_NAME: &str = concat!("kvcache-client/", env!("CARGO_PKG_VERSION"));
+
+/// Presents `token` as the connection's first frame (request id 0). A node that does not know
+/// it answers `Unauthenticated` and closes the connection.
+pub(crate) async fn hello<S>(stream: &mut S, token: &str) -> Result<HelloReply, ClientError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let req = HelloRequest {
+        token: token.to_string(),
+        client: CLIENT_NAME.to_string(),
+    }
+    .encode_to_vec();
+    tcp::write_frame(
+        stream,
+        &FrameHeader::request(Op::Hello, 0, req.len(), 0),
+        &req,
+        &[],
+    )
+    .await?;
+    let reply = tcp::read_header(stream, &REPLY_LIMITS)
+        .await
+        .map_err(|e| match e {
+            // A node from before authentication existed closes on the unknown op.
+            FrameReadError::Closed | FrameReadError::Truncated => ClientError::Protocol(
+                "the node closed the connection on hello: it may predate authentication; \
+                 upgrade it or connect without a token"
+                    .into(),
+            ),
+            other => read_err(other),
+        })?;
+    let control = tcp::read_control(stream, reply.control_len)
+        .await
+        .map_err(read_err)?;
+    if reply.op == Op::Error {
+        let err: ErrorReply = decode_reply(&control)?;
+        return Err(ClientError::Server {
+            code: ErrorCode::try_from(err.code).unwrap_or(ErrorCode::Unknown),
+            message: err.message,
+        });
+    }
+    if !reply.reply || reply.op != Op::Hello {
+        return Err(ClientError::Protocol(format!(
+            "expected a reply to hello, got {:?}",
+            reply.op
+        )));
+    }
+    decode_reply(&control)
+}
+
 impl Connection {
-    pub(crate) async fn open(addr: &str) -> Result<Self, ClientError> {
-        let stream = TcpStream::connect(addr)
+    pub(crate) async fn open(addr: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        let mut stream = TcpStream::connect(addr)
             .await
             .map_err(|source| ClientError::Connect {
                 addr: addr.to_string(),
                 source,
             })?;
         tcp::tune(&stream)?;
+        if let Some(token) = token {
+            hello(&mut stream, token).await?;
+        }
         Ok(Self {
             stream: Stream::Tcp(stream),
             next_id: 0,
@@ -129,6 +183,7 @@ impl Connection {
         path: &str,
         staging_bytes: u64,
         known: Option<Arc<ShmPool>>,
+        token: Option<&str>,
     ) -> Result<Self, ClientError> {
         let mut stream =
             UnixStream::connect(path)
@@ -137,6 +192,9 @@ impl Connection {
                     addr: path.to_string(),
                     source,
                 })?;
+        if let Some(token) = token {
+            hello(&mut stream, token).await?;
+        }
         let attached = shm::attach(&mut stream, staging_bytes, known).await?;
         Ok(Self {
             stream: Stream::Unix(stream),

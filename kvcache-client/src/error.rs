@@ -39,6 +39,18 @@ impl ClientError {
             Self::Connect { .. } | Self::Timeout { .. } | Self::Io(_)
         )
     }
+
+    /// True when the node refused this client's credentials: no token where one is needed,
+    /// a token it does not know, or one removed since.
+    pub fn is_unauthenticated(&self) -> bool {
+        matches!(
+            self,
+            Self::Server {
+                code: ErrorCode::Unauthenticated,
+                ..
+            }
+        )
+    }
 }
 
 /// Checks that a batch names as many `what` as keys.

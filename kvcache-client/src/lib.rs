@@ -111,6 +111,9 @@ pub struct ClientConfig {
     /// Staging window asked for per shared-memory connection; puts larger than it are split,
     /// and a single block must fit in it.
     pub shm_staging_bytes: u64,
+    /// A tenant's token for a node started with `--auth`, presented first on every
+    /// connection. `None` sends none (a node without `--auth` needs none).
+    pub token: Option<String>,
 }
 
 impl ClientConfig {
@@ -124,6 +127,7 @@ impl ClientConfig {
             max_get_keys: 64,
             transport: Transport::Auto,
             shm_staging_bytes: 64 << 20,
+            token: None,
         }
     }
 }
@@ -236,7 +240,8 @@ impl Client {
                 "max_connections and max_get_keys must be positive".into(),
             ));
         }
-        let mut conn = tokio::time::timeout(cfg.timeout, Connection::open(&cfg.addr))
+        let token = cfg.token.as_deref();
+        let mut conn = tokio::time::timeout(cfg.timeout, Connection::open(&cfg.addr, token))
             .await
             .map_err(|_| ClientError::Timeout {
                 op: "connect",
@@ -307,7 +312,12 @@ impl Client {
         if let Some(why) = shm::unavailable_reason(ping) {
             return Err(ClientError::ShmUnavailable(why));
         }
-        let open = Connection::open_shm(&ping.shm_socket, cfg.shm_staging_bytes, None);
+        let open = Connection::open_shm(
+            &ping.shm_socket,
+            cfg.shm_staging_bytes,
+            None,
+            cfg.token.as_deref(),
+        );
         match tokio::time::timeout(cfg.timeout, open).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => Err(ClientError::ShmUnavailable(format!(
@@ -520,8 +530,10 @@ impl Client {
         let conn = match &self.inner.shm_path {
             Some(path) => {
                 let known = self.inner.pool_slot().clone();
+                let cfg = &self.inner.cfg;
                 let conn =
-                    Connection::open_shm(path, self.inner.cfg.shm_staging_bytes, known).await?;
+                    Connection::open_shm(path, cfg.shm_staging_bytes, known, cfg.token.as_deref())
+                        .await?;
                 *self.inner.pool_slot() = conn.shm.as_ref().map(|a| Arc::clone(&a.pool));
                 conn
             }
@@ -535,11 +547,11 @@ impl Client {
 
     /// A fresh TCP connection, with RDMA set up on it when this client uses RDMA.
     async fn open_tcp(&self) -> Result<Connection, ClientError> {
+        let cfg = &self.inner.cfg;
         #[allow(unused_mut)]
-        let mut conn = Connection::open(&self.inner.cfg.addr).await?;
+        let mut conn = Connection::open(&cfg.addr, cfg.token.as_deref()).await?;
         #[cfg(feature = "rdma")]
         if let Some(shared) = &self.inner.rdma {
-            let cfg = &self.inner.cfg;
             let attached = rdma::attach(&mut conn, shared, cfg.shm_staging_bytes, cfg.timeout);
             conn.rdma = Some(attached.await?);
         }

@@ -135,10 +135,17 @@ fn scramble_scalar(acc: &mut [u64; LANES]) {
     allow(dead_code)
 )]
 fn stripes_scalar(acc: &mut [u64; LANES], src: &[u8], dst: Option<&mut [u8]>, _next: &[u8]) {
-    if let Some(d) = dst {
-        d.copy_from_slice(src);
-    }
-    for (i, stripe) in src.chunks_exact(STRIPE).enumerate() {
+    // With a destination, hash the copy, not the source: another process may rewrite the
+    // source (a revoked lease, a client's staging window) between the two passes, and the
+    // checksum must describe exactly the bytes that landed.
+    let hashed: &[u8] = match dst {
+        Some(d) => {
+            d.copy_from_slice(src);
+            d
+        }
+        None => src,
+    };
+    for (i, stripe) in hashed.chunks_exact(STRIPE).enumerate() {
         let index = i % STRIPES_PER_BLOCK;
         accumulate_scalar(acc, stripe, index);
         if index == STRIPES_PER_BLOCK - 1 {

@@ -20,6 +20,7 @@ use kvcache_transport::etcd::{Etcd, EtcdError, MEMBERS_PREFIX};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::auth::Auth;
 use crate::config::{ClusterConfig, Membership};
 use crate::metrics::Metrics;
 use crate::store::{CommitOutcome, Store, StoreConfig};
@@ -39,6 +40,7 @@ pub fn start(
     store: &Arc<Store>,
     metrics: &Arc<Metrics>,
     store_cfg: &StoreConfig,
+    auth: &Arc<Auth>,
     tasks: &mut JoinSet<()>,
     shutdown: &watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -67,6 +69,7 @@ pub fn start(
         replicas: cfg.replicas,
         warm: cfg.warm,
         warm_until: (store_cfg.capacity as f64 * store_cfg.low_watermark) as u64,
+        auth: Arc::clone(auth),
     };
     tasks.spawn(view.run(Arc::clone(store), Arc::clone(metrics), shutdown.clone()));
     Ok(())
@@ -81,6 +84,9 @@ struct NodeView {
     warm: bool,
     /// Warming stops when the pool holds this many bytes: it never evicts to make room.
     warm_until: u64,
+    /// With `--auth`, warming lists and copies keys as the auth file's first admin tenant
+    /// (peers share the file); without one it is skipped.
+    auth: Arc<Auth>,
 }
 
 impl NodeView {
@@ -137,12 +143,19 @@ impl NodeView {
         store: &Arc<Store>,
         metrics: &Metrics,
     ) {
+        let token = self.auth.admin_token();
+        if self.auth.required() && token.is_none() {
+            tracing::warn!(
+                "not warming: listing a peer's keys needs an admin tenant, and the auth file has none (add one with admin = true)"
+            );
+            return;
+        }
         let started = Instant::now();
         let (mut blocks, mut bytes) = (0usize, 0u64);
         for peer in members.iter().filter(|m| **m != self.me) {
             let mut got = (0, 0);
             let result = self
-                .warm_from(peer, cluster, store, metrics, &mut got)
+                .warm_from(peer, token.clone(), cluster, store, metrics, &mut got)
                 .await;
             (blocks, bytes) = (blocks + got.0, bytes + got.1);
             if let Err(e) = result {
@@ -161,6 +174,7 @@ impl NodeView {
     async fn warm_from(
         &self,
         peer: &str,
+        token: Option<String>,
         cluster: &Cluster,
         store: &Arc<Store>,
         metrics: &Metrics,
@@ -169,6 +183,7 @@ impl NodeView {
         let client = Client::connect(ClientConfig {
             transport: Transport::Tcp,
             timeout: Duration::from_secs(5),
+            token,
             ..ClientConfig::new(peer)
         })
         .await?;

@@ -105,6 +105,35 @@ pub struct Settings {
     #[arg(long, env = "KVCACHE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
 
+    /// Seconds a data connection may wait between requests (or take to send a request's
+    /// header) before the node closes it, so idle and half-open sockets cannot hold the
+    /// connection slots. Clients reconnect on their next call [default: 60].
+    #[arg(long, env = "KVCACHE_IDLE_TIMEOUT", value_name = "SECONDS")]
+    pub idle_timeout: Option<f64>,
+
+    /// Most keys one request may name; a request with more is refused before any lookup
+    /// [default: 8192].
+    #[arg(long, env = "KVCACHE_MAX_KEYS_PER_REQUEST", value_name = "N")]
+    pub max_keys_per_request: Option<usize>,
+
+    /// Most bytes of blocks one shared-memory or RDMA connection may hold leased; past it,
+    /// further blocks are misses for that connection [default: a quarter of --memory, at least
+    /// 256MiB].
+    #[arg(long, env = "KVCACHE_MAX_LEASED_BYTES", value_name = "SIZE")]
+    pub max_leased_bytes: Option<ByteSize>,
+
+    /// Authenticate the data plane: a TOML file of tenants and their tokens (reloaded on
+    /// SIGHUP). Every connection must then present a token, and each tenant has its own key
+    /// space; see docs/SECURITY.md [default: off: anyone who reaches the ports may read and
+    /// write every block].
+    #[arg(long, env = "KVCACHE_AUTH", value_name = "FILE")]
+    pub auth: Option<PathBuf>,
+
+    /// Most connections the metrics port serves at once; more are closed at once
+    /// [default: 64].
+    #[arg(long, env = "KVCACHE_METRICS_MAX_CONNECTIONS", value_name = "N")]
+    pub metrics_max_connections: Option<usize>,
+
     /// Seconds to let in-flight requests finish on SIGTERM/SIGINT [default: 10].
     #[arg(long, env = "KVCACHE_SHUTDOWN_GRACE", value_name = "SECONDS")]
     pub shutdown_grace: Option<f64>,
@@ -285,6 +314,16 @@ pub struct ServerConfig {
     pub limits: FrameLimits,
     pub request_timeout: Duration,
     pub max_connections: usize,
+    /// Longest a data connection may sit between requests.
+    pub idle_timeout: Duration,
+    /// Most keys per request.
+    pub max_keys: usize,
+    /// Most leased bytes per shared-memory or RDMA connection.
+    pub max_leased_bytes: u64,
+    /// The auth file; `None` leaves the data plane open.
+    pub auth: Option<PathBuf>,
+    /// Most concurrent connections on the metrics port.
+    pub metrics_max_connections: usize,
     pub shutdown_grace: Duration,
     pub test_hooks: bool,
 }
@@ -318,6 +357,11 @@ impl Settings {
             max_frame,
             request_timeout,
             max_connections,
+            idle_timeout,
+            max_keys_per_request,
+            max_leased_bytes,
+            auth,
+            metrics_max_connections,
             shutdown_grace,
             log,
             threads,
@@ -338,7 +382,18 @@ impl Settings {
             gpu_device,
             rdma
         );
-        self.enable_test_hooks |= file.enable_test_hooks;
+        if file.enable_test_hooks {
+            // Fault injection lets anyone who reaches the metrics port corrupt blocks: a
+            // release build takes it only from the (hidden) flag, never from a file a
+            // deployment may have copied.
+            if !cfg!(debug_assertions) {
+                bail!(
+                    "{}: enable_test_hooks cannot be set from a config file in a release build",
+                    path.display()
+                );
+            }
+            self.enable_test_hooks = true;
+        }
         Ok(self)
     }
 
@@ -358,8 +413,22 @@ impl Settings {
             bail!("--request-timeout must be between 0.001 and 86400 seconds");
         }
         let max_connections = self.max_connections.unwrap_or(4096);
-        if max_connections == 0 {
-            bail!("--max-connections must be at least 1");
+        // A connection holds at most one lease on a block, and a block's lease count is 16
+        // bits: the limit keeps every count below saturation.
+        if !(1..=60_000).contains(&max_connections) {
+            bail!("--max-connections must be between 1 and 60000");
+        }
+        let idle_timeout = self.idle_timeout.unwrap_or(60.0);
+        if !(0.01..=86_400.0).contains(&idle_timeout) {
+            bail!("--idle-timeout must be between 0.01 and 86400 seconds");
+        }
+        let max_keys = self.max_keys_per_request.unwrap_or(8192);
+        if max_keys == 0 {
+            bail!("--max-keys-per-request must be at least 1");
+        }
+        let metrics_max_connections = self.metrics_max_connections.unwrap_or(64);
+        if metrics_max_connections == 0 {
+            bail!("--metrics-max-connections must be at least 1");
         }
         let metrics_listen = match self.metrics_listen.as_deref() {
             Some("off") => None,
@@ -408,8 +477,20 @@ impl Settings {
             Some("off") => None,
             Some(other) => bail!("--rdma must be `auto` or `off`, got {other:?}"),
         };
+        let capacity = self.memory.map_or(d.capacity, |m| m.0);
+        let max_leased_bytes = self
+            .max_leased_bytes
+            .map_or((capacity / 4).max(256 << 20), |b| b.0);
+        if max_leased_bytes == 0 {
+            bail!("--max-leased-bytes must be at least 1 byte");
+        }
         Ok(ServerConfig {
             cluster,
+            auth: self.auth.clone(),
+            idle_timeout: Duration::from_secs_f64(idle_timeout),
+            max_keys,
+            max_leased_bytes,
+            metrics_max_connections,
             disk,
             gpu_tier,
             rdma,
@@ -419,7 +500,7 @@ impl Settings {
                 .unwrap_or_else(|| "127.0.0.1:7400".into()),
             metrics_listen,
             store: StoreConfig {
-                capacity: self.memory.map_or(d.capacity, |m| m.0),
+                capacity,
                 page_size: self.page_size.map_or(d.page_size, |p| p.0),
                 shards: self.shards.unwrap_or(d.shards),
                 policy: self.eviction.unwrap_or_default(),

@@ -8,6 +8,9 @@
 //! - `index/`: a RocksDB with `k<key>` → (segment, offset, length, checksum) and
 //!   `s<segment><key>` → "" (which keys a segment holds, so dropping it is one prefix scan).
 //!
+//! The bytes of records, index keys and values are [`kvcache_core::disk_record`]'s (no I/O
+//! there, so they are unit-tested and fuzzed without RocksDB).
+//!
 //! Eviction on disk is by whole segment, oldest first (FIFO): when a new segment would make
 //! more than `capacity / segment_bytes`, the oldest file is deleted and its keys leave the index.
 //! Large sequential writes and no per-block free space suit SSDs.
@@ -31,6 +34,10 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 use kvcache_core::BlockKey;
+use kvcache_core::disk_record::{
+    BlockLocation, RECORD_HEADER_LEN, RecordHeader, decode_segment_key, index_key, segment_key,
+    segment_prefix,
+};
 use parking_lot::Mutex;
 use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch};
 
@@ -39,9 +46,9 @@ use crate::store::{LowerTier, TierStats, tier_checksum as checksum};
 /// A RocksDB key and value.
 type IndexEntry = (Box<[u8]>, Box<[u8]>);
 
-const MAGIC: [u8; 4] = *b"KVD1";
-/// Record header: magic, key (16), length (4), checksum (8).
-const HEADER: u64 = 32;
+/// Record header: magic, key (16), length (4), checksum (8); its bytes are
+/// [`RecordHeader`]'s.
+const HEADER: u64 = RECORD_HEADER_LEN as u64;
 /// Blocks waiting for the writer.
 const QUEUE: usize = 64;
 
@@ -65,57 +72,6 @@ impl DiskConfig {
             segment_bytes,
         }
     }
-}
-
-/// Where a block lies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Loc {
-    segment: u64,
-    offset: u64,
-    len: u32,
-    checksum: u64,
-}
-
-impl Loc {
-    fn encode(&self) -> [u8; 28] {
-        let mut b = [0u8; 28];
-        b[..8].copy_from_slice(&self.segment.to_le_bytes());
-        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
-        b[16..20].copy_from_slice(&self.len.to_le_bytes());
-        b[20..].copy_from_slice(&self.checksum.to_le_bytes());
-        b
-    }
-
-    fn decode(b: &[u8]) -> Option<Self> {
-        let b: &[u8; 28] = b.try_into().ok()?;
-        Some(Self {
-            segment: u64::from_le_bytes(b[..8].try_into().ok()?),
-            offset: u64::from_le_bytes(b[8..16].try_into().ok()?),
-            len: u32::from_le_bytes(b[16..20].try_into().ok()?),
-            checksum: u64::from_le_bytes(b[20..].try_into().ok()?),
-        })
-    }
-}
-
-fn index_key(key: BlockKey) -> [u8; 17] {
-    let mut k = [0u8; 17];
-    k[0] = b'k';
-    k[1..].copy_from_slice(&key.to_bytes());
-    k
-}
-
-fn segment_prefix(segment: u64) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = b's';
-    k[1..].copy_from_slice(&segment.to_be_bytes());
-    k
-}
-
-fn segment_key(segment: u64, key: BlockKey) -> [u8; 25] {
-    let mut k = [0u8; 25];
-    k[..9].copy_from_slice(&segment_prefix(segment));
-    k[9..].copy_from_slice(&key.to_bytes());
-    k
 }
 
 /// Counters, also reported through [`TierStats`].
@@ -231,9 +187,9 @@ impl Shared {
         self.segments_dir.join(format!("{id:016x}.seg"))
     }
 
-    fn lookup(&self, key: BlockKey) -> Option<Loc> {
+    fn lookup(&self, key: BlockKey) -> Option<BlockLocation> {
         match self.db.get_pinned(index_key(key)) {
-            Ok(v) => Loc::decode(&v?),
+            Ok(v) => BlockLocation::decode(&v?).ok(),
             Err(e) => {
                 self.counters.errors.fetch_add(1, Relaxed);
                 tracing::warn!(error = %e, "disk index read failed");
@@ -260,16 +216,16 @@ impl Shared {
         let mut blocks = 0;
         for item in self.scan(b"k") {
             let (k, v) = item?;
-            match Loc::decode(&v) {
-                Some(loc) if live.binary_search(&loc.segment).is_ok() => blocks += 1,
+            match BlockLocation::decode(&v) {
+                Ok(loc) if live.binary_search(&loc.segment).is_ok() => blocks += 1,
                 _ => stale.delete(&k),
             }
         }
         for item in self.scan(b"s") {
             let (k, _) = item?;
-            let id = u64::from_be_bytes(k[1..9].try_into()?);
-            if live.binary_search(&id).is_err() {
-                stale.delete(&k);
+            match decode_segment_key(&k) {
+                Ok((id, _)) if live.binary_search(&id).is_ok() => {}
+                _ => stale.delete(&k),
             }
         }
         if !stale.is_empty() {
@@ -294,7 +250,7 @@ impl Shared {
         let mut gone = 0;
         for item in self.scan(&prefix) {
             let (k, _) = item?;
-            let key = BlockKey::from_slice(&k[9..]).context("bad segment entry")?;
+            let (_, key) = decode_segment_key(&k).context("bad segment entry")?;
             // A key demoted again later lives in a newer segment: keep that entry.
             if self.lookup(key).is_some_and(|loc| loc.segment == id) {
                 batch.delete(index_key(key));
@@ -358,14 +314,14 @@ impl Writer {
         }
         let file = self.file.as_ref().expect("rolled");
         let sum = checksum(key, bytes);
-        let mut header = [0u8; HEADER as usize];
-        header[..4].copy_from_slice(&MAGIC);
-        header[4..20].copy_from_slice(&key.to_bytes());
-        header[20..24].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
-        header[24..].copy_from_slice(&sum.to_le_bytes());
-        file.write_all_at(&header, self.offset)?;
+        let header = RecordHeader {
+            key,
+            len: bytes.len() as u32,
+            checksum: sum,
+        };
+        file.write_all_at(&header.encode(), self.offset)?;
         file.write_all_at(bytes, self.offset + HEADER)?;
-        let loc = Loc {
+        let loc = BlockLocation {
             segment: self.id,
             offset: self.offset + HEADER,
             len: bytes.len() as u32,

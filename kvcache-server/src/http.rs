@@ -3,7 +3,11 @@
 //! - `GET /metrics`: Prometheus text;
 //! - `GET /health`: 200 `{"status":"ok"}` while serving, 503 while shutting down;
 //! - `POST /debug/corrupt/<32 hex key>`: flips a byte of a stored block (only with
-//!   `--enable-test-hooks`; for fault-injection tests).
+//!   `--enable-test-hooks`, and only for callers on loopback; for fault-injection tests).
+//!
+//! The port has its own connection limit (`--metrics-max-connections`), separate from the
+//! data plane's, and every connection has 10 seconds to ask and be answered: a flood of
+//! scrapes or idle sockets here costs the data plane nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +15,7 @@ use std::time::Duration;
 use kvcache_core::BlockKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -21,6 +25,8 @@ pub struct HttpContext {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub test_hooks: bool,
+    /// Most connections served at once.
+    pub max_connections: usize,
 }
 
 /// Accepts HTTP connections until shutdown.
@@ -29,21 +35,31 @@ pub async fn serve(
     ctx: Arc<HttpContext>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(Semaphore::new(ctx.max_connections));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.wait_for(|s| *s) => return,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    // Closed at once: the limit is what keeps a flood from taking the
+                    // process's descriptors.
+                    ctx.metrics.http_connection_rejected();
+                    drop(stream);
+                    continue;
+                };
                 let ctx = Arc::clone(&ctx);
                 let stopping = *shutdown.borrow();
+                let local = peer.ip().is_loopback();
                 tokio::spawn(async move {
                     let _ = tokio::time::timeout(
                         Duration::from_secs(10),
-                        respond(stream, &ctx, stopping),
+                        respond(stream, &ctx, stopping, local),
                     )
                     .await;
+                    drop(slot);
                 });
             }
             Err(e) => {
@@ -54,7 +70,12 @@ pub async fn serve(
     }
 }
 
-async fn respond(mut stream: TcpStream, ctx: &HttpContext, stopping: bool) -> std::io::Result<()> {
+async fn respond(
+    mut stream: TcpStream,
+    ctx: &HttpContext,
+    stopping: bool,
+    local: bool,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -67,7 +88,7 @@ async fn respond(mut stream: TcpStream, ctx: &HttpContext, stopping: bool) -> st
     let head = String::from_utf8_lossy(&buf);
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, content_type, body) = route(ctx, method, path, stopping);
+    let (status, content_type, body) = route(ctx, method, path, stopping, local);
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -81,6 +102,7 @@ fn route(
     method: &str,
     path: &str,
     stopping: bool,
+    local: bool,
 ) -> (&'static str, &'static str, String) {
     const TEXT: &str = "text/plain; charset=utf-8";
     const JSON: &str = "application/json";
@@ -103,6 +125,11 @@ fn route(
             );
             ("200 OK", JSON, body)
         }
+        ("POST", p) if ctx.test_hooks && p.starts_with("/debug/") && !local => (
+            "403 Forbidden",
+            TEXT,
+            "test hooks answer only callers on loopback\n".into(),
+        ),
         ("POST", p) if ctx.test_hooks && p.starts_with("/debug/corrupt/") => {
             match BlockKey::from_hex(&p["/debug/corrupt/".len()..]) {
                 Some(key) if ctx.store.corrupt_block_for_test(key) => {

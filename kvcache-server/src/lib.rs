@@ -11,6 +11,7 @@
 //! - [`server`]: wires it together, runs until shutdown;
 //! - [`cli`]: the `kvcache-server` command itself.
 
+pub mod auth;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -44,10 +44,16 @@ pub enum ProtocolError {
     Truncated,
     Malformed,
     UnexpectedReply,
+    /// No valid token (with `--auth`), or a token removed since.
+    Unauthenticated,
+    /// A tenant asked for what needs an admin.
+    Forbidden,
+    /// A request over a limit (keys per request, leased bytes).
+    OverLimit,
 }
 
 impl ProtocolError {
-    const ALL: [ProtocolError; 8] = [
+    const ALL: [ProtocolError; 11] = [
         Self::BadMagic,
         Self::BadVersion,
         Self::UnknownOp,
@@ -56,6 +62,9 @@ impl ProtocolError {
         Self::Truncated,
         Self::Malformed,
         Self::UnexpectedReply,
+        Self::Unauthenticated,
+        Self::Forbidden,
+        Self::OverLimit,
     ];
 
     fn label(self) -> &'static str {
@@ -68,6 +77,9 @@ impl ProtocolError {
             Self::Truncated => "truncated",
             Self::Malformed => "malformed",
             Self::UnexpectedReply => "unexpected_reply",
+            Self::Unauthenticated => "unauthenticated",
+            Self::Forbidden => "forbidden",
+            Self::OverLimit => "over_limit",
         }
     }
 }
@@ -96,6 +108,8 @@ pub struct Metrics {
     connections_total: AtomicU64,
     connections_rejected: AtomicU64,
     requests_timed_out: AtomicU64,
+    connections_idled_out: AtomicU64,
+    http_connections_rejected: AtomicU64,
     etcd_registered: AtomicU64,
     etcd_errors: AtomicU64,
     cluster_members: AtomicU64,
@@ -205,6 +219,16 @@ impl Metrics {
 
     pub fn request_timed_out(&self) {
         self.requests_timed_out.fetch_add(1, Relaxed);
+    }
+
+    /// A data connection closed for waiting past `--idle-timeout`.
+    pub fn connection_idled_out(&self) {
+        self.connections_idled_out.fetch_add(1, Relaxed);
+    }
+
+    /// A metrics-port connection closed at `--metrics-max-connections`.
+    pub fn http_connection_rejected(&self) {
+        self.http_connections_rejected.fetch_add(1, Relaxed);
     }
 
     pub fn connection_closed(&self) {
@@ -535,6 +559,28 @@ impl Metrics {
             out,
             "kvcache_requests_timed_out_total {}",
             self.requests_timed_out.load(Relaxed)
+        );
+        header(
+            &mut out,
+            "kvcache_connections_idle_closed_total",
+            "counter",
+            "Data connections closed after waiting past --idle-timeout.",
+        );
+        let _ = writeln!(
+            out,
+            "kvcache_connections_idle_closed_total {}",
+            self.connections_idled_out.load(Relaxed)
+        );
+        header(
+            &mut out,
+            "kvcache_http_connections_rejected_total",
+            "counter",
+            "Metrics-port connections closed at --metrics-max-connections.",
+        );
+        let _ = writeln!(
+            out,
+            "kvcache_http_connections_rejected_total {}",
+            self.http_connections_rejected.load(Relaxed)
         );
         out
     }

@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
+use crate::auth::Auth;
 use crate::config::{ServerConfig, ShmSocket};
 use crate::http::{self, HttpContext};
 use crate::metrics::Metrics;
@@ -31,6 +32,11 @@ pub struct RunningServer {
 impl RunningServer {
     /// Builds the store, binds both listeners and starts serving on the current tokio runtime.
     pub async fn start(cfg: &ServerConfig) -> anyhow::Result<Self> {
+        raise_open_files_limit(cfg.max_connections + cfg.metrics_max_connections + 256);
+        let auth = Arc::new(match &cfg.auth {
+            Some(path) => Auth::from_file(path)?,
+            None => Auth::open(),
+        });
         let store = Store::new(&cfg.store).context("cannot create the memory pool")?;
         if let Some(tier) = lower_tiers(cfg, &store)? {
             store.attach_lower(tier);
@@ -53,6 +59,7 @@ impl RunningServer {
                     store: Arc::clone(&store),
                     metrics: Arc::clone(&metrics),
                     test_hooks: cfg.test_hooks,
+                    max_connections: cfg.metrics_max_connections,
                 });
                 tasks.spawn(http::serve(l, ctx, rx.clone()));
                 Some(bound)
@@ -98,6 +105,10 @@ impl RunningServer {
             metrics: Arc::clone(&metrics),
             limits: cfg.limits,
             request_timeout: cfg.request_timeout,
+            idle_timeout: cfg.idle_timeout,
+            max_keys: cfg.max_keys,
+            max_leased_bytes: cfg.max_leased_bytes,
+            auth: Arc::clone(&auth),
             shm_socket: shm_socket.as_ref().map(|p| p.display().to_string()),
             host_id,
             rdma: crate::rdma::RdmaState::start(cfg.rdma.as_ref(), &store),
@@ -146,9 +157,19 @@ impl RunningServer {
                 &store,
                 &metrics,
                 &cfg.store,
+                &auth,
                 &mut tasks,
                 &cluster_rx,
             )?;
+        }
+        match auth.path() {
+            Some(path) => {
+                tracing::info!(auth = %path.display(), tenants = auth.tenants().len(), "the data plane authenticates: every connection presents a tenant's token; SIGHUP reloads the file");
+                tasks.spawn(reload_on_hangup(Arc::clone(&auth), cluster_rx.clone()));
+            }
+            None => tracing::warn!(
+                "the data plane is open: anyone who can reach {data_addr} (or the shared-memory socket) can read, write and list every block; start with --auth FILE to require tokens"
+            ),
         }
         let stats = store.stats();
         tracing::info!(
@@ -343,4 +364,62 @@ async fn accept_loop<A, F, Fut>(
     }
     drop(listener);
     while conns.join_next().await.is_some() {}
+}
+
+/// Reloads the auth file on every SIGHUP until shutdown; a file that fails to load keeps the
+/// tenants already loaded.
+async fn reload_on_hangup(auth: Arc<Auth>, mut shutdown: watch::Receiver<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP: the auth file is read only at start");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            got = hangups.recv() => if got.is_none() { return },
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        match auth.reload() {
+            Ok(tenants) => tracing::info!(
+                tenants,
+                "reloaded the auth file; connections whose token it no longer lists are refused at their next request"
+            ),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot reload the auth file; the tenants loaded before stay in force")
+            }
+        }
+    }
+}
+
+/// Raises the soft limit on open files towards `wanted` (within the hard limit), so the
+/// connection limits, not the usual 1024 descriptors, decide who is refused.
+fn raise_open_files_limit(wanted: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let want = (wanted as libc::rlim_t).min(lim.rlim_max);
+        if lim.rlim_cur >= want {
+            return;
+        }
+        let old = lim.rlim_cur;
+        lim.rlim_cur = want;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+            tracing::debug!(from = old, to = want, "raised the open-files limit");
+        } else if (old as usize) < wanted {
+            tracing::warn!(
+                limit = old,
+                wanted,
+                "the open-files limit is below what the connection limits need: raise `ulimit -n`"
+            );
+        }
+    }
 }

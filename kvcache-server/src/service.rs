@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{
     self, ErrorCode, ErrorReply, ExistsReply, ExistsRequest, FrameError, FrameHeader, FrameLimits,
-    GetReply, GetRequest, ListKeysReply, ListKeysRequest, Op, PROTOCOL_VERSION, PingReply,
-    PrefixMatchReply, PrefixMatchRequest, PutReply, PutRequest, PutStatus,
+    GetReply, GetRequest, HelloReply, HelloRequest, ListKeysReply, ListKeysRequest, Op,
+    PROTOCOL_VERSION, PingReply, PrefixMatchReply, PrefixMatchRequest, PutReply, PutRequest,
+    PutStatus,
 };
 use kvcache_transport::tcp::{self, FrameReadError};
 use prost::Message;
@@ -23,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::auth::{Access, Auth};
 use crate::metrics::{Metrics, ProtocolError, PutRejection, Transport};
 use crate::shm::{self, ShmSession};
 use crate::store::{AllocError, CommitOutcome, Lease, Store, checksum};
@@ -39,6 +41,14 @@ pub struct ServiceContext {
     pub limits: FrameLimits,
     /// Longest a request may take once its header has arrived.
     pub request_timeout: Duration,
+    /// Longest a connection may wait for its next request's header (idle or half-open peers).
+    pub idle_timeout: Duration,
+    /// Most keys one request may name; checked before any lookup.
+    pub max_keys: usize,
+    /// Most bytes of blocks one shared-memory or RDMA connection may hold leased.
+    pub max_leased_bytes: u64,
+    /// Who may use the data plane.
+    pub auth: Arc<Auth>,
     /// The shared-memory socket's path, advertised by `Ping`; `None` when shared memory is off.
     pub shm_socket: Option<String>,
     /// This host's identity, advertised by `Ping` (see `kvcache_transport::shm::host_id`).
@@ -58,7 +68,7 @@ pub(crate) fn warn_allowed() -> bool {
 }
 
 /// Whether the connection goes on after a request.
-enum Flow {
+pub(crate) enum Flow {
     Continue,
     Close,
 }
@@ -80,12 +90,13 @@ pub async fn serve_connection(
     if let Err(e) = tcp::tune(&stream) {
         tracing::debug!(%peer, error = %e, "could not tune socket");
     }
+    let access = ctx.auth.initial();
     let (rd, wr) = stream.split();
-    serve_stream(&ctx, rd, wr, peer, shutdown, None).await;
+    serve_stream(&ctx, rd, wr, peer, shutdown, None, access).await;
 }
 
 /// The request loop of one connection; `session` enables the shared-memory ops (an RDMA
-/// connection gets one from its `RdmaConnect`).
+/// connection gets one from its `RdmaConnect`), `access` says who the peer is so far.
 pub(crate) async fn serve_stream<R, W>(
     ctx: &Arc<ServiceContext>,
     mut rd: R,
@@ -93,6 +104,7 @@ pub(crate) async fn serve_stream<R, W>(
     peer: &str,
     mut shutdown: watch::Receiver<bool>,
     mut session: Option<Arc<ShmSession>>,
+    mut access: Access,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -100,13 +112,20 @@ pub(crate) async fn serve_stream<R, W>(
     ctx.metrics.connection_opened();
     loop {
         let header = tokio::select! {
-            h = tcp::read_header(&mut rd, &ctx.limits) => h,
+            h = tokio::time::timeout(ctx.idle_timeout, tcp::read_header(&mut rd, &ctx.limits)) => h,
             _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let Ok(header) = header else {
+            // Idle (or half-open, or trickling a header) past --idle-timeout: the slot goes
+            // back to clients that use it. Pooled clients reconnect on their next call.
+            ctx.metrics.connection_idled_out();
+            tracing::debug!(%peer, timeout = ?ctx.idle_timeout, "closing idle connection");
+            break;
         };
         let flow = match header {
             Ok(h) => match tokio::time::timeout(
                 ctx.request_timeout,
-                handle_request(ctx, h, &mut rd, &mut wr, &mut session),
+                handle_request(ctx, h, &mut rd, &mut wr, &mut session, &mut access),
             )
             .await
             {
@@ -211,18 +230,78 @@ async fn refuse<R, W>(
     h: &FrameHeader,
     rd: &mut R,
     wr: &mut W,
+    code: ErrorCode,
     message: String,
 ) -> ConnResult<Flow>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    ctx.metrics.protocol_error(ProtocolError::Malformed);
+    ctx.metrics.protocol_error(match code {
+        ErrorCode::LimitExceeded => ProtocolError::OverLimit,
+        ErrorCode::Forbidden => ProtocolError::Forbidden,
+        _ => ProtocolError::Malformed,
+    });
     tracing::debug!(op = h.op.name(), %message, "refused request");
     tcp::skip_payload(rd, h.payload_len as u64).await?;
-    send_error(wr, h.request_id, ErrorCode::Malformed, &message)
+    send_error(wr, h.request_id, code, &message)
         .await
         .map_err(io_err)?;
+    Ok(Flow::Continue)
+}
+
+/// What an unauthenticated peer is told before the node closes the connection.
+pub(crate) const NEEDS_TOKEN: &str = "this node requires authentication (kvcache-server --auth): \
+    the first request on a connection must be hello with a tenant's token; set \
+    ClientConfig::token, kvcache.Client(token=...) or KVCACHE_TOKEN";
+
+/// Refuses a peer that has not authenticated (or whose token was removed) and ends the
+/// connection.
+pub(crate) async fn refuse_unauthenticated<W: AsyncWrite + Unpin>(
+    ctx: &ServiceContext,
+    wr: &mut W,
+    request_id: u32,
+    message: &str,
+) -> Flow {
+    ctx.metrics.protocol_error(ProtocolError::Unauthenticated);
+    if warn_allowed() {
+        tracing::warn!(%message, "refused an unauthenticated connection (further refusals this second are logged at debug; all are counted in kvcache_protocol_errors_total{{kind=\"unauthenticated\"}})");
+    } else {
+        tracing::debug!(%message, "refused an unauthenticated connection");
+    }
+    let _ = send_error(wr, request_id, ErrorCode::Unauthenticated, message).await;
+    Flow::Close
+}
+
+/// `Hello`: checks the token and answers whom the connection now acts as. An unknown token
+/// ends the connection.
+pub(crate) async fn hello<W: AsyncWrite + Unpin>(
+    ctx: &ServiceContext,
+    h: &FrameHeader,
+    control: &[u8],
+    wr: &mut W,
+    access: &mut Access,
+) -> ConnResult<Flow> {
+    let granted = match HelloRequest::decode(control) {
+        Ok(req) if h.payload_len == 0 => ctx.auth.grant(&req.token),
+        _ => None,
+    };
+    let Some(granted) = granted else {
+        return Ok(refuse_unauthenticated(
+            ctx,
+            wr,
+            h.request_id,
+            "hello refused: the node does not know this token (kvcache-server --auth lists the tenants' tokens)",
+        )
+        .await);
+    };
+    *access = granted;
+    let reply = HelloReply {
+        auth: ctx.auth.required(),
+        tenant: access.tenant().unwrap_or_default().to_string(),
+        admin: access.admin(),
+    };
+    send_reply(wr, Op::Hello, h.request_id, &reply).await?;
     Ok(Flow::Continue)
 }
 
@@ -232,11 +311,24 @@ async fn handle_request<R, W>(
     rd: &mut R,
     wr: &mut W,
     session: &mut Option<Arc<ShmSession>>,
+    access: &mut Access,
 ) -> ConnResult<Flow>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    if !access.authenticated() && h.op != Op::Hello {
+        return Ok(refuse_unauthenticated(ctx, wr, h.request_id, NEEDS_TOKEN).await);
+    }
+    if !ctx.auth.recheck(access) {
+        return Ok(refuse_unauthenticated(
+            ctx,
+            wr,
+            h.request_id,
+            "this connection's token was removed from the node's auth file; reconnect with a current one",
+        )
+        .await);
+    }
     if h.reply || h.op == Op::Error {
         ctx.metrics.protocol_error(ProtocolError::UnexpectedReply);
         let _ = send_error(
@@ -249,20 +341,24 @@ where
         return Ok(Flow::Close);
     }
     let control = tcp::read_control(rd, h.control_len).await?;
+    if h.op == Op::Hello {
+        return hello(ctx, &h, &control, wr, access).await;
+    }
     let started = Instant::now();
+    let access = &*access;
     let result = match h.op {
-        Op::Put => handle_put(ctx, &h, &control, rd, wr).await,
+        Op::Put => handle_put(ctx, access, &h, &control, rd, wr).await,
         // Only puts carry a payload.
         _ if h.payload_len != 0 => Ok(Outcome::Refused(format!(
             "{} requests carry no payload",
             h.op.name()
         ))),
-        Op::Get => handle_get(ctx, &h, &control, wr).await,
+        Op::Get => handle_get(ctx, access, &h, &control, wr).await,
         Op::Exists | Op::PrefixMatch | Op::Ping | Op::ListKeys => {
-            handle_lookup(ctx, &h, &control, wr).await
+            handle_lookup(ctx, access, &h, &control, wr).await
         }
         Op::ShmGet | Op::ShmPut | Op::ShmRelease => match session {
-            Some(session) => shm::handle(ctx, session, &h, &control, wr).await,
+            Some(session) => shm::handle(ctx, access, session, &h, &control, wr).await,
             None => Ok(Outcome::Refused(format!(
                 "{} is served only on the node's shared-memory socket or after rdma_connect",
                 h.op.name()
@@ -272,13 +368,16 @@ where
         Op::ShmAttach => Ok(Outcome::Refused(
             "shm_attach must be the first request on the shared-memory socket".into(),
         )),
-        Op::Error => unreachable!("rejected above"),
+        Op::Error | Op::Hello => unreachable!("handled above"),
     };
     let ok = matches!(result, Ok(Outcome::Done));
     ctx.metrics.op(h.op, ok, started.elapsed());
     match result {
         Ok(Outcome::Done) => Ok(Flow::Continue),
-        Ok(Outcome::Refused(message)) => refuse(ctx, &h, rd, wr, message).await,
+        Ok(Outcome::Refused(message)) => {
+            refuse(ctx, &h, rd, wr, ErrorCode::Malformed, message).await
+        }
+        Ok(Outcome::Denied(code, message)) => refuse(ctx, &h, rd, wr, code, message).await,
         Ok(Outcome::Close(message)) => {
             ctx.metrics.protocol_error(ProtocolError::Malformed);
             tracing::debug!(op = h.op.name(), %message, "closing connection");
@@ -293,6 +392,9 @@ pub(crate) enum Outcome {
     Done,
     /// Refused before its payload was read; the message says why.
     Refused(String),
+    /// Refused as `Refused`, for a reason other than a malformed request (a limit, a
+    /// permission).
+    Denied(ErrorCode, String),
     /// A one-way request that made no sense: there is no reply to carry an error, so the
     /// connection is closed.
     Close(String),
@@ -303,8 +405,28 @@ pub(crate) fn decode<M: Message + Default>(h: &FrameHeader, control: &[u8]) -> R
         .map_err(|e| Outcome::Refused(format!("undecodable {} request: {e}", h.op.name())))
 }
 
-pub(crate) fn keys_of(bytes: &[u8]) -> Result<Vec<BlockKey>, Outcome> {
-    wire::decode_keys(bytes).map_err(|e| Outcome::Refused(e.to_string()))
+/// The keys a request names, each in the connection's key space, refused before any work when
+/// there are more than `--max-keys-per-request`.
+pub(crate) fn keys_of(
+    ctx: &ServiceContext,
+    access: &Access,
+    bytes: &[u8],
+) -> Result<Vec<BlockKey>, Outcome> {
+    let n = bytes.len() / BlockKey::LEN;
+    if n > ctx.max_keys {
+        return Err(Outcome::Denied(
+            ErrorCode::LimitExceeded,
+            format!(
+                "the request names {n} keys, over this node's --max-keys-per-request of {}: split it",
+                ctx.max_keys
+            ),
+        ));
+    }
+    let mut keys = wire::decode_keys(bytes).map_err(|e| Outcome::Refused(e.to_string()))?;
+    for k in &mut keys {
+        *k = access.fold(*k);
+    }
+    Ok(keys)
 }
 
 macro_rules! try_outcome {
@@ -319,6 +441,7 @@ pub(crate) use try_outcome;
 
 async fn handle_put<R, W>(
     ctx: &ServiceContext,
+    access: &Access,
     h: &FrameHeader,
     control: &[u8],
     rd: &mut R,
@@ -329,7 +452,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let req: PutRequest = try_outcome!(decode(h, control));
-    let keys = try_outcome!(keys_of(&req.keys));
+    let keys = try_outcome!(keys_of(ctx, access, &req.keys));
     if keys.len() != req.lens.len() {
         return Ok(Outcome::Refused(format!(
             "put names {} keys but {} lengths",
@@ -419,12 +542,13 @@ pub(crate) async fn lease_all(store: &Arc<Store>, keys: &[BlockKey]) -> Vec<Opti
 
 async fn handle_get<W: AsyncWrite + Unpin>(
     ctx: &ServiceContext,
+    access: &Access,
     h: &FrameHeader,
     control: &[u8],
     wr: &mut W,
 ) -> ConnResult<Outcome> {
     let req: GetRequest = try_outcome!(decode(h, control));
-    let keys = try_outcome!(keys_of(&req.keys));
+    let keys = try_outcome!(keys_of(ctx, access, &req.keys));
     // Step 1: lease (and verify) every block; leases are released when this function returns,
     // including when the peer disconnects while the payload is being written.
     let leases = lease_all(&ctx.store, &keys).await;
@@ -474,6 +598,7 @@ async fn handle_get<W: AsyncWrite + Unpin>(
 
 async fn handle_lookup<W: AsyncWrite + Unpin>(
     ctx: &ServiceContext,
+    access: &Access,
     h: &FrameHeader,
     control: &[u8],
     wr: &mut W,
@@ -493,7 +618,7 @@ async fn handle_lookup<W: AsyncWrite + Unpin>(
         }
         Op::Exists => {
             let req: ExistsRequest = try_outcome!(decode(h, control));
-            let keys = try_outcome!(keys_of(&req.keys));
+            let keys = try_outcome!(keys_of(ctx, access, &req.keys));
             let present: Vec<bool> = keys.iter().map(|&k| ctx.store.holds(k)).collect();
             ctx.metrics.blocks(
                 Op::Exists,
@@ -504,7 +629,7 @@ async fn handle_lookup<W: AsyncWrite + Unpin>(
         }
         Op::PrefixMatch => {
             let req: PrefixMatchRequest = try_outcome!(decode(h, control));
-            let keys = try_outcome!(keys_of(&req.keys));
+            let keys = try_outcome!(keys_of(ctx, access, &req.keys));
             let matched = ctx.store.prefix_match(&keys);
             ctx.metrics.blocks(Op::PrefixMatch, keys.len(), matched);
             send_reply(
@@ -518,6 +643,15 @@ async fn handle_lookup<W: AsyncWrite + Unpin>(
             .await?;
         }
         Op::ListKeys => {
+            if !access.admin() {
+                return Ok(Outcome::Denied(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "list_keys needs an admin tenant; tenant {:?} is not one (admin = true in the auth file)",
+                        access.tenant().unwrap_or_default()
+                    ),
+                ));
+            }
             let req: ListKeysRequest = try_outcome!(decode(h, control));
             let after = match req.after.len() {
                 0 => None,

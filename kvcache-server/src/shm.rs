@@ -18,7 +18,7 @@
 //! (`--shm-mode`, 600 by default) decides who that is. Everything a connection holds (leases,
 //! its staging window) is released when it closes, so a client that dies leaks nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
@@ -39,6 +39,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use crate::auth::Access;
 use crate::metrics::Transport;
 use crate::service::{
     self, Outcome, ServiceContext, decode, keys_of, put_refused, send_reply, try_outcome,
@@ -73,15 +74,41 @@ pub struct ShmSession {
     transport: Transport,
 }
 
+/// A connection's leases. However often it leases a block, the connection holds one lease on
+/// it in the store, counted here: one client cannot saturate a block's lease count (and so
+/// turn everyone else's reads of it into misses), and releasing a batch is linear in its size.
 #[derive(Default)]
 struct LeaseTable {
     next_id: u64,
     batches: HashMap<u64, LeaseBatch>,
+    held: HashMap<BlockKey, Held>,
+    /// Bytes of the distinct blocks held, checked against `--max-leased-bytes`.
+    bytes: u64,
+}
+
+struct Held {
+    lease: Lease,
+    uses: u32,
 }
 
 struct LeaseBatch {
     deadline: Instant,
-    blocks: Vec<(BlockKey, Lease)>,
+    keys: Vec<BlockKey>,
+}
+
+impl LeaseTable {
+    /// Ends one batch: each of its blocks is used once less, and released at its last use.
+    fn end(&mut self, batch: &LeaseBatch) {
+        for key in &batch.keys {
+            if let Some(held) = self.held.get_mut(key) {
+                held.uses -= 1;
+                if held.uses == 0 {
+                    self.bytes -= held.lease.len() as u64;
+                    self.held.remove(key);
+                }
+            }
+        }
+    }
 }
 
 impl ShmSession {
@@ -105,14 +132,19 @@ impl ShmSession {
     /// Revokes every lease batch past its deadline; returns the blocks released.
     fn expire(&self, now: Instant) -> usize {
         let mut table = self.leases.lock();
+        let expired: Vec<u64> = table
+            .batches
+            .iter()
+            .filter(|(_, b)| b.deadline <= now)
+            .map(|(&id, _)| id)
+            .collect();
         let mut revoked = 0;
-        table.batches.retain(|_, b| {
-            let keep = b.deadline > now;
-            if !keep {
-                revoked += b.blocks.len();
+        for id in expired {
+            if let Some(batch) = table.batches.remove(&id) {
+                revoked += batch.keys.len();
+                table.end(&batch);
             }
-            keep
-        });
+        }
         revoked
     }
 }
@@ -184,7 +216,7 @@ pub async fn serve_unix(
     };
     let session =
         match tokio::time::timeout(ctx.request_timeout, attach(&ctx, &serve, &mut stream)).await {
-            Ok(Ok(session)) => Arc::new(session),
+            Ok(Ok((session, access))) => (Arc::new(session), access),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "shared-memory attach failed");
                 return;
@@ -194,10 +226,11 @@ pub async fn serve_unix(
                 return;
             }
         };
-    tracing::debug!(%peer, staging = session.staging.len(), "shared-memory client attached");
+    let (session, access) = session;
+    tracing::debug!(%peer, staging = session.staging.len(), tenant = access.tenant().unwrap_or("-"), "shared-memory client attached");
     let reaper = spawn_reaper(&session, &ctx);
     let (rd, wr) = stream.split();
-    service::serve_stream(&ctx, rd, wr, &peer, shutdown, Some(session)).await;
+    service::serve_stream(&ctx, rd, wr, &peer, shutdown, Some(session), access).await;
     reaper.abort();
     // Dropping the session releases every lease the client still held.
 }
@@ -229,12 +262,26 @@ async fn reap(session: Weak<ShmSession>, ctx: Arc<ServiceContext>) {
     }
 }
 
+/// The connection's first requests: `Hello` (required with `--auth`), then `ShmAttach`.
 async fn attach(
     ctx: &ServiceContext,
     serve: &ShmServe,
     stream: &mut UnixStream,
-) -> anyhow::Result<ShmSession> {
-    let h = tcp::read_header(stream, &ctx.limits).await?;
+) -> anyhow::Result<(ShmSession, Access)> {
+    let mut access = ctx.auth.initial();
+    let mut h = tcp::read_header(stream, &ctx.limits).await?;
+    while h.op == Op::Hello && !h.reply {
+        let control = tcp::read_control(stream, h.control_len).await?;
+        if let service::Flow::Close = service::hello(ctx, &h, &control, stream, &mut access).await?
+        {
+            bail!("hello refused");
+        }
+        h = tcp::read_header(stream, &ctx.limits).await?;
+    }
+    if !access.authenticated() {
+        service::refuse_unauthenticated(ctx, stream, h.request_id, service::NEEDS_TOKEN).await;
+        bail!("no hello before {}", h.op.name());
+    }
     if h.op != Op::ShmAttach || h.reply || h.payload_len != 0 {
         let msg = format!(
             "the shared-memory socket expects shm_attach first, got {}",
@@ -267,11 +314,8 @@ async fn attach(
         })
         .await?;
     stream.write_all(&frame[sent..]).await?;
-    Ok(ShmSession::new(
-        staging,
-        serve.lease_timeout,
-        Transport::Shm,
-    ))
+    let session = ShmSession::new(staging, serve.lease_timeout, Transport::Shm);
+    Ok((session, access))
 }
 
 /// A connection's staging window: what the client asked for, within a page and `max`, in
@@ -280,102 +324,151 @@ pub(crate) fn staging_window(name: &str, asked: u64, max: u64) -> anyhow::Result
     let len = asked
         .clamp(STAGING_ALIGN, max)
         .next_multiple_of(STAGING_ALIGN);
-    Ok(ShmRegion::new(name, len as usize, LockMode::Off)?)
+    Ok(ShmRegion::new_writable_by_peers(
+        name,
+        len as usize,
+        LockMode::Off,
+    )?)
 }
 
 /// Serves one shared-memory op of an attached connection.
 pub(crate) async fn handle<W: AsyncWrite + Unpin>(
     ctx: &ServiceContext,
+    access: &Access,
     session: &ShmSession,
     h: &FrameHeader,
     control: &[u8],
     wr: &mut W,
 ) -> Result<Outcome, FrameReadError> {
     match h.op {
-        Op::ShmGet => get(ctx, session, h, control, wr).await,
-        Op::ShmPut => put(ctx, session, h, control, wr).await,
-        Op::ShmRelease => Ok(release(ctx, session, control)),
+        Op::ShmGet => get(ctx, access, session, h, control, wr).await,
+        Op::ShmPut => put(ctx, access, session, h, control, wr).await,
+        Op::ShmRelease => Ok(release(ctx, access, session, control)),
         _ => unreachable!("dispatched by op"),
     }
 }
 
 async fn get<W: AsyncWrite + Unpin>(
     ctx: &ServiceContext,
+    access: &Access,
     session: &ShmSession,
     h: &FrameHeader,
     control: &[u8],
     wr: &mut W,
 ) -> Result<Outcome, FrameReadError> {
     let req: ShmGetRequest = try_outcome!(decode(h, control));
-    let keys = try_outcome!(keys_of(&req.keys));
-    if session.leases.lock().batches.len() >= MAX_LEASE_BATCHES {
-        return Ok(Outcome::Refused(format!(
-            "{MAX_LEASE_BATCHES} lease batches are unreleased on this connection; release them first"
-        )));
-    }
-    let mut reply = ShmGetReply {
-        lease_id: 0,
-        offsets: Vec::with_capacity(keys.len()),
-        lens: Vec::with_capacity(keys.len()),
-        trailer_checksums: Vec::with_capacity(keys.len()),
+    let keys = try_outcome!(keys_of(ctx, access, &req.keys));
+    // Keys this connection does not hold yet, each once: only these take store leases (and
+    // may be brought up from a lower tier).
+    let fresh: Vec<BlockKey> = {
+        let table = session.leases.lock();
+        if table.batches.len() >= MAX_LEASE_BATCHES {
+            return Ok(Outcome::Refused(format!(
+                "{MAX_LEASE_BATCHES} lease batches are unreleased on this connection; release them first"
+            )));
+        }
+        if table.bytes >= ctx.max_leased_bytes {
+            return Ok(Outcome::Denied(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "this connection holds {} bytes of leases, the node's --max-leased-bytes: release some first",
+                    table.bytes
+                ),
+            ));
+        }
+        let mut seen = HashSet::with_capacity(keys.len());
+        keys.iter()
+            .copied()
+            .filter(|k| !table.held.contains_key(k) && seen.insert(*k))
+            .collect()
     };
-    let mut blocks = Vec::new();
-    let mut bytes = 0u64;
-    let mut leases = crate::service::lease_all(&ctx.store, &keys).await;
-    if req.verify {
-        keep_intact(&mut leases);
-    }
-    for (&key, lease) in keys.iter().zip(leases) {
-        match lease {
-            Some(lease) => {
-                reply.offsets.push(lease.pool_offset());
-                reply.lens.push(lease.len() as u32);
-                reply.trailer_checksums.push(lease.trailer_checksum());
-                bytes += lease.len() as u64;
-                blocks.push((key, lease));
-            }
-            None => {
-                reply.offsets.push(0);
-                reply.lens.push(0);
-                reply.trailer_checksums.push(0);
+    let mut leased = crate::service::lease_all(&ctx.store, &fresh).await;
+    // The table's lock is never held across an await.
+    let reply = {
+        let mut table = session.leases.lock();
+        let table = &mut *table;
+        let mut taken = Vec::with_capacity(fresh.len());
+        for (key, lease) in fresh.into_iter().zip(leased.iter_mut()) {
+            let Some(lease) = lease.take() else { continue };
+            let len = lease.len() as u64;
+            // Past the cap the block is a miss for this connection, and its lease ends here.
+            if table.bytes + len <= ctx.max_leased_bytes {
+                table.bytes += len;
+                table.held.insert(key, Held { lease, uses: 0 });
+                taken.push(key);
             }
         }
-    }
-    ctx.metrics.blocks(Op::ShmGet, keys.len(), blocks.len());
-    ctx.metrics.bytes_out(session.transport, bytes);
-    if !blocks.is_empty() {
-        let mut table = session.leases.lock();
-        table.next_id += 1;
-        reply.lease_id = table.next_id;
-        let batch = LeaseBatch {
-            deadline: Instant::now() + session.lease_timeout,
-            blocks,
+        let mut reply = ShmGetReply {
+            lease_id: 0,
+            offsets: Vec::with_capacity(keys.len()),
+            lens: Vec::with_capacity(keys.len()),
+            trailer_checksums: Vec::with_capacity(keys.len()),
         };
-        table.batches.insert(reply.lease_id, batch);
-    }
+        let mut checked: HashMap<BlockKey, bool> = HashMap::new();
+        let mut batch = Vec::new();
+        let mut bytes = 0u64;
+        for &key in &keys {
+            let held = table.held.get_mut(&key).filter(|held| {
+                // Each distinct block is checked once per request, however often it is named.
+                !req.verify || *checked.entry(key).or_insert_with(|| intact(&held.lease))
+            });
+            match held {
+                Some(held) => {
+                    held.uses += 1;
+                    reply.offsets.push(held.lease.pool_offset());
+                    reply.lens.push(held.lease.len() as u32);
+                    reply.trailer_checksums.push(held.lease.trailer_checksum());
+                    bytes += held.lease.len() as u64;
+                    batch.push(key);
+                }
+                None => {
+                    reply.offsets.push(0);
+                    reply.lens.push(0);
+                    reply.trailer_checksums.push(0);
+                }
+            }
+        }
+        // Blocks leased for this request that it did not use (failed checks) are let go.
+        for key in taken {
+            if table.held.get(&key).is_some_and(|held| held.uses == 0) {
+                let held = table.held.remove(&key).expect("just looked up");
+                table.bytes -= held.lease.len() as u64;
+            }
+        }
+        ctx.metrics.blocks(Op::ShmGet, keys.len(), batch.len());
+        ctx.metrics.bytes_out(session.transport, bytes);
+        if !batch.is_empty() {
+            table.next_id += 1;
+            reply.lease_id = table.next_id;
+            let batch = LeaseBatch {
+                deadline: Instant::now() + session.lease_timeout,
+                keys: batch,
+            };
+            table.batches.insert(reply.lease_id, batch);
+        }
+        reply
+    };
+    drop(leased);
     send_reply(wr, Op::ShmGet, h.request_id, &reply).await?;
     Ok(Outcome::Done)
 }
 
-/// Turns every leased block that fails its checks into a miss (the store drops it).
-fn keep_intact(leases: &mut [Option<Lease>]) {
-    for slot in leases {
-        if slot.as_ref().is_some_and(|l| l.verified_bytes().is_err()) {
-            *slot = None;
-        }
-    }
+/// Whether a leased block passes every check; one that fails is dropped by the store.
+fn intact(lease: &Lease) -> bool {
+    lease.verified_bytes().is_ok()
 }
 
 /// Ends a lease (one-way: nothing is sent back). Suspect blocks are verified by the node
-/// itself before the lease ends; one that fails is dropped, one that passes stays.
-fn release(ctx: &ServiceContext, session: &ShmSession, control: &[u8]) -> Outcome {
+/// itself before the lease ends, each once; one that fails is dropped, one that passes stays.
+fn release(ctx: &ServiceContext, access: &Access, session: &ShmSession, control: &[u8]) -> Outcome {
     let Ok(req) = ShmReleaseRequest::decode(control) else {
         return Outcome::Close("undecodable shm_release".into());
     };
     let Ok(suspect) = wire::decode_keys(&req.suspect) else {
         return Outcome::Close("shm_release with a ragged suspect list".into());
     };
-    let Some(batch) = session.leases.lock().batches.remove(&req.lease_id) else {
+    let mut table = session.leases.lock();
+    let Some(batch) = table.batches.remove(&req.lease_id) else {
         // Revoked after the timeout, or never granted; either way nothing is held.
         tracing::debug!(
             lease = req.lease_id,
@@ -383,27 +476,34 @@ fn release(ctx: &ServiceContext, session: &ShmSession, control: &[u8]) -> Outcom
         );
         return Outcome::Done;
     };
-    for key in suspect {
-        if let Some((_, lease)) = batch.blocks.iter().find(|(k, _)| *k == key) {
-            let confirmed = lease.verified_bytes().is_err();
+    if !suspect.is_empty() {
+        let in_batch: HashSet<BlockKey> = batch.keys.iter().copied().collect();
+        let suspect: HashSet<BlockKey> = suspect.into_iter().map(|k| access.fold(k)).collect();
+        for key in suspect.intersection(&in_batch) {
+            let Some(held) = table.held.get(key) else {
+                continue;
+            };
+            let confirmed = held.lease.verified_bytes().is_err();
             ctx.metrics.shm_suspect(confirmed);
             if !confirmed {
                 tracing::warn!(%key, "a shared-memory client reported a block corrupt but it verifies; the client's lease may have been revoked mid-copy");
             }
         }
     }
+    table.end(&batch);
     Outcome::Done
 }
 
 async fn put<W: AsyncWrite + Unpin>(
     ctx: &ServiceContext,
+    access: &Access,
     session: &ShmSession,
     h: &FrameHeader,
     control: &[u8],
     wr: &mut W,
 ) -> Result<Outcome, FrameReadError> {
     let req: ShmPutRequest = try_outcome!(decode(h, control));
-    let keys = try_outcome!(keys_of(&req.keys));
+    let keys = try_outcome!(keys_of(ctx, access, &req.keys));
     if keys.len() != req.lens.len() || keys.len() != req.offsets.len() {
         return Ok(Outcome::Refused(format!(
             "shm_put names {} keys, {} lengths and {} offsets",
@@ -462,7 +562,7 @@ mod tests {
     use kvcache_core::BlockKey;
     use kvcache_transport::LockMode;
 
-    use super::keep_intact;
+    use super::intact;
     use crate::store::{Store, StoreConfig};
 
     #[test]
@@ -479,13 +579,15 @@ mod tests {
             a.commit();
         }
         assert!(store.corrupt_block_for_test(BlockKey(2)));
-        let mut leases: Vec<_> = (1..=4u128).map(|k| store.lease(BlockKey(k))).collect();
+        let leases: Vec<_> = (1..=4u128).map(|k| store.lease(BlockKey(k))).collect();
         assert!(
             leases[1].is_some(),
             "the trailer is intact: the plain lease succeeds"
         );
-        keep_intact(&mut leases);
-        let held: Vec<bool> = leases.iter().map(Option::is_some).collect();
+        let held: Vec<bool> = leases
+            .iter()
+            .map(|l| l.as_ref().is_some_and(intact))
+            .collect();
         assert_eq!(held, [true, false, true, false]);
         drop(leases);
         assert!(!store.contains(BlockKey(2)), "the corrupt block is dropped");

@@ -494,3 +494,131 @@ async fn only_the_socket_owner_may_map_the_pool_by_default() {
     let out = probe.expect("run python3 as nobody");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "denied");
 }
+
+/// Runs tests/hostile_shm.py against `server` as `uid` (None: this process's) and returns its
+/// report.
+fn hostile_report(server: &ServerProcess, uid: Option<u32>) -> serde_json::Value {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", include_str!("hostile_shm.py"), &server.shm]);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    let out = cmd.output().expect("run python3");
+    assert!(
+        out.status.success(),
+        "hostile client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON report")
+}
+
+/// Every write attempt on the pool, through the descriptor received and through a `/proc`
+/// reopen with O_RDWR, must be refused; the stored blocks must read back unchanged.
+async fn pool_survives_a_hostile_client(uid: Option<u32>) {
+    let mut args = vec!["--memory", "16MiB"];
+    if uid.is_some() {
+        args.extend(["--shm-mode", "666"]);
+    }
+    let server = ServerProcess::start(&args);
+    let c = client_with(&server, Transport::Tcp).await.unwrap();
+    let keys: Vec<BlockKey> = (1..=8).map(BlockKey).collect();
+    let values: Vec<Vec<u8>> = keys.iter().map(|&k| content(k, 300_000)).collect();
+    for (k, v) in keys.iter().zip(&values) {
+        c.put(*k, v).await.unwrap();
+    }
+    let report = hostile_report(&server, uid);
+    if let Some(uid) = uid {
+        assert_eq!(report["uid"], uid, "{report}");
+    }
+    for fd in ["pool", "pool_reopened"] {
+        let attempts = report[fd].as_object().expect("attempts");
+        for (attack, outcome) in attempts {
+            if attack == "open" {
+                continue; // Reopening is allowed; every write through it must not be.
+            }
+            assert_ne!(outcome, "allowed", "{fd}: {attack} succeeded: {report}");
+        }
+        assert!(attempts.len() >= 5, "{report}");
+    }
+    // The staging window is the client's own to write; that changes no stored block.
+    assert_eq!(report["staging"]["write"], "allowed", "{report}");
+    let shm = client_with(&server, Transport::Shm).await.unwrap();
+    for (k, v) in keys.iter().zip(&values) {
+        assert_eq!(c.get(*k).await.unwrap().as_deref(), Some(&v[..]), "tcp {k}");
+        assert_eq!(
+            shm.get(*k).await.unwrap().as_deref(),
+            Some(&v[..]),
+            "shm {k}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_change_a_stored_byte_through_any_pool_descriptor() {
+    pool_survives_a_hostile_client(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprivileged_client_cannot_change_a_stored_byte_through_any_pool_descriptor() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: running the hostile client as uid 65534 needs root");
+        return;
+    }
+    pool_survives_a_hostile_client(Some(65534)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_holding_leases_on_a_block_cannot_make_it_a_miss_for_others() {
+    let server = ServerProcess::start(&["--memory", "16MiB"]);
+    let c = client_with(&server, Transport::Tcp).await.unwrap();
+    let value = content(BlockKey(7), 5000);
+    c.put(BlockKey(7), &value).await.unwrap();
+    // 20 batches of 4096 leases on one key: 81,920, past the 16-bit count of a block.
+    let mut hog = RawShm::attach(&server, 4096);
+    for _ in 0..20 {
+        let reply = hog.lease(&vec![BlockKey(7); 4096]);
+        assert!(reply.lens.iter().all(|&l| l == 5000));
+    }
+    let other = client_with(&server, Transport::Shm).await.unwrap();
+    assert_eq!(
+        other.get(BlockKey(7)).await.unwrap().as_deref(),
+        Some(&value[..])
+    );
+    assert_eq!(
+        c.get(BlockKey(7)).await.unwrap().as_deref(),
+        Some(&value[..])
+    );
+    // The hog holds one lease on the block, however often it asked.
+    assert_eq!(server.metric("kvcache_active_leases"), 1.0);
+    // A release with 100,000 duplicate suspects is handled at once, and verifies the block
+    // once: it stays.
+    let started = std::time::Instant::now();
+    hog.request(
+        Op::ShmRelease,
+        &ShmReleaseRequest {
+            lease_id: 1,
+            suspect: wire::encode_keys(&vec![BlockKey(7); 100_000]),
+        },
+    );
+    assert_eq!(
+        hog.lease(&[BlockKey(7)]).lens,
+        [5000],
+        "the connection goes on"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        server.metric("kvcache_shm_suspect_blocks_total{result=\"clean\"}"),
+        1.0
+    );
+    drop(hog);
+    assert_eq!(
+        server.wait_metric("kvcache_active_leases", |v| v == 0.0),
+        0.0
+    );
+}

@@ -769,3 +769,133 @@ async fn list_keys_pages_through_every_key_in_order_and_a_bad_cursor_is_refused(
     );
     assert_eq!(c.list_keys(None, 10).await.unwrap().0, keys[..10]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_holding_every_slot_are_closed_after_the_idle_timeout() {
+    let server = ServerProcess::start(&[
+        "--memory",
+        "4MiB",
+        "--max-connections",
+        "8",
+        "--idle-timeout",
+        "0.5",
+    ]);
+    // Eight sockets that never send a byte (one sends half a header) take every slot.
+    let mut idle: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(&server.data).unwrap())
+        .collect();
+    idle[0].write_all(b"KV\x01").unwrap();
+    server.wait_metric("kvcache_connections_active", |v| v == 8.0);
+    let mut refused = TcpStream::connect(&server.data).unwrap();
+    assert_closed(&mut refused);
+    // Past the idle timeout they are closed, and a fresh client is served.
+    for s in &mut idle {
+        assert_closed(s);
+    }
+    assert_eq!(
+        server.wait_metric("kvcache_connections_idle_closed_total", |v| v >= 8.0),
+        8.0
+    );
+    let c = client(&server).await;
+    c.put(BlockKey(1), b"served").await.unwrap();
+    assert_eq!(
+        c.get(BlockKey(1)).await.unwrap().as_deref(),
+        Some(&b"served"[..])
+    );
+    // A pooled client whose connection idled out reconnects on its next call.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        c.get(BlockKey(1)).await.unwrap().as_deref(),
+        Some(&b"served"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_more_keys_than_the_cap_is_refused_before_any_lookup() {
+    let server = ServerProcess::start(&["--memory", "4MiB", "--max-keys-per-request", "1000"]);
+    let c = client(&server).await;
+    c.put(BlockKey(3), b"three").await.unwrap();
+    let requested = server.metric("kvcache_requested_blocks_total{op=\"get\"}");
+    let mut s = TcpStream::connect(&server.data).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // 200,000 keys: near the 4 MiB control limit, so the most a single frame can ask for.
+    for n in [1001usize, 200_000] {
+        let req = GetRequest {
+            keys: wire::encode_keys(&vec![BlockKey(3); n]),
+        }
+        .encode_to_vec();
+        let mut frame = FrameHeader::request(Op::Get, 1, req.len(), 0)
+            .encode()
+            .to_vec();
+        frame.extend_from_slice(&req);
+        s.write_all(&frame).unwrap();
+        let (h, control) = read_reply(&mut s).expect("an error reply");
+        assert_eq!(h.op, Op::Error);
+        assert_eq!(error_code(&control), ErrorCode::LimitExceeded);
+        let message = wire::ErrorReply::decode(control.as_slice())
+            .unwrap()
+            .message;
+        assert!(message.contains("--max-keys-per-request"), "{message}");
+    }
+    assert_eq!(
+        server.metric("kvcache_requested_blocks_total{op=\"get\"}"),
+        requested,
+        "no key was looked up"
+    );
+    // The connection and the node go on.
+    let ok = GetRequest {
+        keys: wire::encode_keys(&vec![BlockKey(3); 1000]),
+    }
+    .encode_to_vec();
+    let mut frame = FrameHeader::request(Op::Get, 2, ok.len(), 0)
+        .encode()
+        .to_vec();
+    frame.extend_from_slice(&ok);
+    s.write_all(&frame).unwrap();
+    let (h, _) = read_reply(&mut s).expect("a get reply");
+    assert_eq!(h.op, Op::Get);
+    assert_eq!(h.payload_len, 5 * 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_metrics_connections_leaves_the_data_plane_serving() {
+    // This process holds 10,000 sockets: raise its own descriptor limit first.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    if lim.rlim_cur < 12_000 {
+        eprintln!(
+            "skipping: this process may hold only {} descriptors",
+            lim.rlim_cur
+        );
+        return;
+    }
+    let server = ServerProcess::start(&["--memory", "8MiB"]);
+    let c = client(&server).await;
+    let mut flood = Vec::with_capacity(10_000);
+    let started = std::time::Instant::now();
+    while flood.len() < 10_000 && started.elapsed() < Duration::from_secs(60) {
+        match TcpStream::connect(&server.metrics) {
+            Ok(s) => flood.push(s),
+            Err(e) => panic!("connect {} failed: {e}", flood.len()),
+        }
+    }
+    assert_eq!(flood.len(), 10_000);
+    // While every one of them is still open: puts and gets work, new connections too.
+    for i in 0..20u128 {
+        let v = content(BlockKey(i), 100_000);
+        c.put(BlockKey(i), &v).await.unwrap();
+        assert_eq!(c.get(BlockKey(i)).await.unwrap().as_deref(), Some(&v[..]));
+    }
+    let fresh = client(&server).await;
+    assert!(fresh.ping().await.is_ok());
+    drop(flood);
+    assert!(server.metric("kvcache_http_connections_rejected_total") >= 9_000.0);
+}

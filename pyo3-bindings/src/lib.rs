@@ -10,11 +10,13 @@ use kvcache_client::{
     Client as RustClient, ClientConfig, ClientError, Cluster, ClusterConfig, EtcdMembers,
     GetOutcome, Transport,
 };
-use kvcache_core::wire::PutStatus;
+use kvcache_core::wire::{ErrorCode, PutStatus};
 use kvcache_core::{BlockKey, Namespace, NamespaceId, TpPlacement};
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
-use pyo3::exceptions::{PyConnectionError, PyException, PyTimeoutError, PyValueError};
+use pyo3::exceptions::{
+    PyConnectionError, PyException, PyPermissionError, PyTimeoutError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -46,6 +48,10 @@ fn to_py(e: ClientError) -> PyErr {
             PyConnectionError::new_err(e.to_string())
         }
         ClientError::Timeout { .. } => PyTimeoutError::new_err(e.to_string()),
+        ClientError::Server {
+            code: ErrorCode::Unauthenticated | ErrorCode::Forbidden,
+            ..
+        } => PyPermissionError::new_err(e.to_string()),
         ClientError::InvalidArgument(m) => PyValueError::new_err(m),
         ClientError::Server { .. }
         | ClientError::Protocol(_)
@@ -335,7 +341,7 @@ fn block<T: Send>(py: Python<'_>, fut: impl std::future::Future<Output = T> + Se
 #[pymethods]
 impl Client {
     #[new]
-    #[pyo3(signature = (addr, *, transport = "auto", timeout_s = 5.0, max_connections = 16, replicas = 1))]
+    #[pyo3(signature = (addr, *, transport = "auto", timeout_s = 5.0, max_connections = 16, replicas = 1, token = None))]
     fn new(
         py: Python<'_>,
         addr: &Bound<'_, PyAny>,
@@ -343,6 +349,7 @@ impl Client {
         timeout_s: f64,
         max_connections: usize,
         replicas: usize,
+        token: Option<String>,
     ) -> PyResult<Self> {
         let wanted: Transport = transport.parse().map_err(to_py)?;
         if !(timeout_s > 0.0 && timeout_s.is_finite()) {
@@ -380,6 +387,9 @@ impl Client {
         cfg.timeout = Duration::from_secs_f64(timeout_s);
         cfg.max_connections = max_connections;
         cfg.transport = wanted;
+        cfg.token = token
+            .or_else(|| std::env::var("KVCACHE_TOKEN").ok())
+            .filter(|t| !t.is_empty());
         let mut transport = transport.to_string();
         let backend = if single {
             let client = block(py, RustClient::connect(cfg)).map_err(to_py)?;

@@ -147,7 +147,8 @@ mod tests {
         // SAFETY: in-bounds read of a live mapping.
         assert_eq!(unsafe { *view.base().add(100) }, 77);
         assert!(ShmView::map(fds[0].as_fd(), 8192, true).is_err());
-        assert!(ShmView::map(fds[1].as_fd(), 8192, true).is_ok());
+        // Sealed against future writes: not even the node's own descriptor maps it writable.
+        assert!(ShmView::map(fds[1].as_fd(), 8192, true).is_err());
     }
 
     #[test]

@@ -34,14 +34,20 @@ impl FrameReadError {
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
 /// Sets the options every data connection uses: no Nagle delay, large socket buffers from the
-/// first byte (kernel autotuning would start small on every new connection). Takes any TCP
-/// socket, tokio's or std's.
+/// first byte (kernel autotuning would start small on every new connection), and TCP
+/// keepalive, so a peer whose host died (a half-open socket) is found within about a minute
+/// and its connection slot freed. Takes any TCP socket, tokio's or std's.
 pub fn tune<S: std::os::fd::AsFd>(stream: &S) -> io::Result<()> {
     let sock = socket2::SockRef::from(stream);
     sock.set_tcp_nodelay(true)?;
     // Buffer sizes are a hint the kernel may clamp; failure is harmless.
     let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
     let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(30))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(3);
+    sock.set_tcp_keepalive(&keepalive)?;
     Ok(())
 }
 

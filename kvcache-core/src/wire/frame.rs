@@ -40,13 +40,16 @@ pub enum Op {
     /// connection serves `ShmGet`, `ShmRelease` and `ShmPut` with bytes moved by one-sided
     /// READs from the pool and WRITEs into the connection's staging window.
     RdmaConnect = 11,
+    /// Authentication: the first frame on a connection to a node started with `--auth`
+    /// presents a tenant's token; the node answers with the tenant it serves this connection as.
+    Hello = 12,
     /// A request failed as a whole; the control message is an `ErrorReply`.
     Error = 0x7f,
 }
 
 impl Op {
     /// Every request op, for metrics and tests.
-    pub const REQUESTS: [Op; 11] = [
+    pub const REQUESTS: [Op; 12] = [
         Op::Ping,
         Op::Put,
         Op::Get,
@@ -58,6 +61,7 @@ impl Op {
         Op::ShmPut,
         Op::ListKeys,
         Op::RdmaConnect,
+        Op::Hello,
     ];
 
     fn from_u8(v: u8) -> Option<Op> {
@@ -73,6 +77,7 @@ impl Op {
             9 => Op::ShmPut,
             10 => Op::ListKeys,
             11 => Op::RdmaConnect,
+            12 => Op::Hello,
             0x7f => Op::Error,
             _ => return None,
         })
@@ -92,6 +97,7 @@ impl Op {
             Op::ShmPut => "shm_put",
             Op::ListKeys => "list_keys",
             Op::RdmaConnect => "rdma_connect",
+            Op::Hello => "hello",
             Op::Error => "error",
         }
     }

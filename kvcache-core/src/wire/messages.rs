@@ -222,6 +222,32 @@ pub struct ListKeysReply {
     pub more: bool,
 }
 
+/// `Hello` request: the first frame of a connection to a node that authenticates (`--auth`).
+/// A node without `--auth` accepts any token and serves the connection in its open space.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HelloRequest {
+    /// One of a tenant's tokens.
+    #[prost(string, tag = "1")]
+    pub token: String,
+    /// Free-form client identity for the node's logs (`kvcache-client/0.1`).
+    #[prost(string, tag = "2")]
+    pub client: String,
+}
+
+/// `Hello` reply: whom the node serves this connection as.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HelloReply {
+    /// Whether the node authenticates at all (`--auth`); false means the data plane is open.
+    #[prost(bool, tag = "1")]
+    pub auth: bool,
+    /// The tenant the token belongs to; empty when the node does not authenticate.
+    #[prost(string, tag = "2")]
+    pub tenant: String,
+    /// Whether the tenant may list keys and warm nodes.
+    #[prost(bool, tag = "3")]
+    pub admin: bool,
+}
+
 /// Why a whole request failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]
@@ -235,6 +261,14 @@ pub enum ErrorCode {
     Internal = 3,
     /// The server is shutting down; retry elsewhere.
     ShuttingDown = 4,
+    /// The node authenticates (`--auth`) and the connection has not presented a valid token:
+    /// the connection is closed after this reply.
+    Unauthenticated = 5,
+    /// The tenant may not do this (listing keys and warming need an admin tenant).
+    Forbidden = 6,
+    /// The request asks for more than the node allows one request or one connection (keys
+    /// per request, leased bytes); ask for less at a time.
+    LimitExceeded = 7,
 }
 
 /// Error reply for a request that failed as a whole.

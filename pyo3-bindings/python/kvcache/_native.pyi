@@ -25,6 +25,7 @@ class Client:
         timeout_s: float = 5.0,
         max_connections: int = 16,
         replicas: int = 1,
+        token: str | None = None,
     ) -> None:
         """Connects to `addr` ("host:port"), or to a static cluster when given a list of
         members: keys are placed on a consistent-hash ring with `replicas` owners each, reads
@@ -41,7 +42,11 @@ class Client:
         chunk checksummed as it lands), then RDMA when the module was built with the `rdma`
         feature and both ends have a device, else TCP, logging why on the `kvcache` logger;
         "shm" and "rdma" raise KvcacheError instead of falling back; "tcp" never does either.
-        `stats()["transport"]` says which one a single-node client uses."""
+        `stats()["transport"]` says which one a single-node client uses.
+
+        `token`: a tenant's token for nodes started with `--auth` (default: the environment
+        variable `KVCACHE_TOKEN`, if set). Each tenant has its own key space on the node. A
+        missing, unknown or revoked token raises PermissionError."""
 
     def put(self, key: bytes, value: Buffer) -> bool:
         """Stores a block under a 16-byte key. True if stored (now or already); False if the
