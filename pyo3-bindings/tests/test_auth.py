@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import kvcache
 import pytest
+
+import kvcache
 from kvserver import Server, start_server, stop_server
 
 TOKEN_A = "py-team-a-secret-01"
