@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use crate::auth::Auth;
 use crate::config::{ClusterConfig, Membership};
 use crate::metrics::Metrics;
-use crate::store::{CommitOutcome, Store, StoreConfig};
+use crate::store::{CommitOutcome, Store};
 
 /// How often the node re-reads the members (as clients of `etcd://` do).
 const REFRESH: Duration = Duration::from_millis(500);
@@ -39,7 +39,6 @@ pub fn start(
     advertise: String,
     store: &Arc<Store>,
     metrics: &Arc<Metrics>,
-    store_cfg: &StoreConfig,
     auth: &Arc<Auth>,
     tasks: &mut JoinSet<()>,
     shutdown: &watch::Receiver<bool>,
@@ -52,7 +51,23 @@ pub fn start(
                 advertise: advertise.clone(),
                 ttl: etcd.ttl,
             };
-            tasks.spawn(registration.run(Arc::clone(metrics), shutdown.clone()));
+            // Renewal runs on a thread and runtime of its own: a node whose workers are busy
+            // (a slow disk under eviction) must not miss its TTL and fall off the ring.
+            let (metrics, shutdown) = (Arc::clone(metrics), shutdown.clone());
+            let renewal = tokio::task::spawn_blocking(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(registration.run(metrics, shutdown)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the etcd renewal runtime; not registering")
+                    }
+                }
+            });
+            tasks.spawn(async move {
+                let _ = renewal.await;
+            });
             Arc::new(EtcdMembers::with_endpoint(etcd.endpoint.clone(), REFRESH))
         }
         Membership::Peers(peers) => {
@@ -68,10 +83,48 @@ pub fn start(
         me: advertise,
         replicas: cfg.replicas,
         warm: cfg.warm,
-        warm_until: (store_cfg.capacity as f64 * store_cfg.low_watermark) as u64,
+        warm_until: store.low_watermark_bytes(),
         auth: Arc::clone(auth),
     };
     tasks.spawn(view.run(Arc::clone(store), Arc::clone(metrics), shutdown.clone()));
+    Ok(())
+}
+
+/// Refuses to start a node whose `--node-id` another live node holds in etcd: registering
+/// would silently replace that node's record and steer its clients here. The same id at the
+/// same address (a restart before the old lease expired) is this node and is fine.
+pub async fn check_node_id_free(cfg: &ClusterConfig, advertise: &str) -> anyhow::Result<()> {
+    let Membership::Etcd(etcd) = &cfg.membership else {
+        return Ok(());
+    };
+    let id = etcd
+        .node_id
+        .clone()
+        .unwrap_or_else(|| advertise.to_string());
+    let key = format!("{MEMBERS_PREFIX}{id}");
+    let found = match etcd.endpoint.range_prefix(&key).await {
+        Ok(found) => found,
+        Err(e) => {
+            // etcd down at start: the node serves and registers once it is back.
+            tracing::warn!(error = %e, "cannot check etcd for another node with this --node-id");
+            return Ok(());
+        }
+    };
+    for (k, value) in found {
+        if k != key {
+            continue;
+        }
+        let addr = serde_json::from_str::<serde_json::Value>(&value)
+            .ok()
+            .and_then(|v| v.get("addr").and_then(|a| a.as_str()).map(str::to_string))
+            .unwrap_or_default();
+        if addr != advertise {
+            anyhow::bail!(
+                "another node is registered in etcd as {id:?} at {addr}; give this node its own \
+                 --node-id (or stop the other one and wait for its lease to expire)"
+            );
+        }
+    }
     Ok(())
 }
 

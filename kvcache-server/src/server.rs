@@ -151,12 +151,12 @@ impl RunningServer {
                 ),
                 None => data_addr.to_string(),
             };
+            crate::cluster::check_node_id_free(cluster, &advertise).await?;
             crate::cluster::start(
                 cluster,
                 advertise,
                 &store,
                 &metrics,
-                &cfg.store,
                 &auth,
                 &mut tasks,
                 &cluster_rx,

@@ -470,7 +470,7 @@ where
     ctx.metrics.blocks(Op::Put, keys.len(), 0);
     let mut statuses = Vec::with_capacity(keys.len());
     for (&key, &len) in keys.iter().zip(&req.lens) {
-        let status = match ctx.store.allocate(key, len as usize) {
+        let status = match may_block(&ctx.store, || ctx.store.allocate(key, len as usize)) {
             Ok(mut alloc) => {
                 // Step 2: the payload lands directly in the pool, checksummed chunk by chunk
                 // while in cache. If the peer dies here, the allocation is dropped uncommitted
@@ -494,6 +494,17 @@ where
     ctx.metrics.bytes_in(Transport::Tcp, total);
     send_reply(wr, Op::Put, h.request_id, &PutReply { statuses }).await?;
     Ok(Outcome::Done)
+}
+
+/// Runs store work that may wait on a lower tier (an eviction that hands blocks down to a full
+/// disk queue, RocksDB lookups) without stalling the other connections served by this worker
+/// thread. Without a lower tier the store never blocks and `f` runs inline.
+pub(crate) fn may_block<T>(store: &Store, f: impl FnOnce() -> T) -> T {
+    if store.has_lower() {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
 }
 
 /// The status of a block that could not be allocated, counted in the metrics.
@@ -619,7 +630,9 @@ async fn handle_lookup<W: AsyncWrite + Unpin>(
         Op::Exists => {
             let req: ExistsRequest = try_outcome!(decode(h, control));
             let keys = try_outcome!(keys_of(ctx, access, &req.keys));
-            let present: Vec<bool> = keys.iter().map(|&k| ctx.store.holds(k)).collect();
+            let present: Vec<bool> = may_block(&ctx.store, || {
+                keys.iter().map(|&k| ctx.store.holds(k)).collect()
+            });
             ctx.metrics.blocks(
                 Op::Exists,
                 keys.len(),
@@ -630,7 +643,7 @@ async fn handle_lookup<W: AsyncWrite + Unpin>(
         Op::PrefixMatch => {
             let req: PrefixMatchRequest = try_outcome!(decode(h, control));
             let keys = try_outcome!(keys_of(ctx, access, &req.keys));
-            let matched = ctx.store.prefix_match(&keys);
+            let matched = may_block(&ctx.store, || ctx.store.prefix_match(&keys));
             ctx.metrics.blocks(Op::PrefixMatch, keys.len(), matched);
             send_reply(
                 wr,

@@ -524,7 +524,8 @@ async fn put<W: AsyncWrite + Unpin>(
     let mut statuses = Vec::with_capacity(keys.len());
     let mut bytes = 0u64;
     for ((&key, &len), &off) in keys.iter().zip(&req.lens).zip(&req.offsets) {
-        let status = match ctx.store.allocate(key, len as usize) {
+        let status = match service::may_block(&ctx.store, || ctx.store.allocate(key, len as usize))
+        {
             Ok(mut alloc) => {
                 // SAFETY: `off + len` lies inside the staging mapping (checked above), which
                 // lives as long as the session. The client may write the window while we

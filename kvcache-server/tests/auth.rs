@@ -189,7 +189,7 @@ async fn tenants_never_read_test_or_overwrite_each_others_blocks() {
     let a = client(&server, Some(TOKEN_A), Transport::Tcp)
         .await
         .unwrap();
-    let err = a.list_keys(None, 100).await.err().expect("not an admin");
+    let err = a.list_keys(None, 100).await.expect_err("not an admin");
     assert!(
         matches!(
             &err,
@@ -269,8 +269,7 @@ async fn a_sighup_reload_rotates_tokens_and_revokes_removed_ones() {
     let err = old
         .get(BlockKey(5))
         .await
-        .err()
-        .expect("old connection revoked");
+        .expect_err("old connection revoked");
     assert!(err.is_unauthenticated(), "{err}");
     assert_eq!(
         new.get(BlockKey(5)).await.unwrap().as_deref(),

@@ -238,3 +238,55 @@ async fn the_cache_keeps_serving_while_etcd_restarts_and_resynchronises_after() 
             .all(|o| *o == GetOutcome::Hit)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_with_the_same_node_id_refuses_to_start() {
+    let Some(etcd) = EtcdProcess::start() else {
+        return;
+    };
+    let args = |id: &str| {
+        vec![
+            "--memory".to_string(),
+            "16MiB".into(),
+            "--etcd".into(),
+            etcd.client_url.clone(),
+            "--etcd-ttl".into(),
+            TTL.into(),
+            "--node-id".into(),
+            id.into(),
+        ]
+    };
+    let first_args = args("dup");
+    let first = ServerProcess::start(&first_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let r = client(&etcd, 1).await;
+    eventually(Duration::from_secs(5), "registered", || {
+        members(&r) == [first.data.clone()]
+    })
+    .await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcache-server"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+            "--mlock",
+            "off",
+        ])
+        .args(args("dup"))
+        .env("KVCACHE_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a duplicate --node-id must not start"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another node is registered in etcd as \"dup\""),
+        "{stderr}"
+    );
+    // The first node's record is untouched, and another id starts fine.
+    assert_eq!(members(&r), std::slice::from_ref(&first.data));
+    let other_args = args("other");
+    let _other = ServerProcess::start(&other_args.iter().map(String::as_str).collect::<Vec<_>>());
+}

@@ -267,6 +267,11 @@ impl Store {
         self.allocator.lock().used() as u64 * self.page_size
     }
 
+    /// Bytes in use at the low watermark, where eviction stops (and warming too).
+    pub fn low_watermark_bytes(&self) -> u64 {
+        self.low_pages as u64 * self.page_size
+    }
+
     /// Pool size in bytes.
     pub fn capacity(&self) -> u64 {
         self.pool.region().len() as u64
