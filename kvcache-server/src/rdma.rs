@@ -106,6 +106,7 @@ pub(crate) async fn connect<W: AsyncWrite + Unpin>(
 #[cfg(feature = "rdma")]
 mod on {
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
 
     use anyhow::Context;
@@ -128,6 +129,42 @@ mod on {
         pool: Registration,
         lease_timeout: Duration,
         max_staging: u64,
+        /// Staging bytes pinned by RDMA connections now, and the most they may pin together
+        /// (the pool's size): a flood of `RdmaConnect`s cannot pin the host's memory.
+        pinned: Arc<AtomicU64>,
+        max_pinned: u64,
+    }
+
+    /// A connection's share of the pinned staging bytes, returned when it closes.
+    struct Pinned {
+        total: Arc<AtomicU64>,
+        bytes: u64,
+    }
+
+    impl Drop for Pinned {
+        fn drop(&mut self) {
+            self.total.fetch_sub(self.bytes, Ordering::AcqRel);
+        }
+    }
+
+    impl RdmaServe {
+        /// Reserves `bytes` of pinned staging, or says why not.
+        fn pin(&self, bytes: u64) -> anyhow::Result<Pinned> {
+            let reserved = self
+                .pinned
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                    (now + bytes <= self.max_pinned).then_some(now + bytes)
+                });
+            anyhow::ensure!(
+                reserved.is_ok(),
+                "RDMA connections already pin {} of staging windows, the node's limit (its pool's size); retry later or over TCP",
+                kvcache_core::ByteSize(self.max_pinned)
+            );
+            Ok(Pinned {
+                total: Arc::clone(&self.pinned),
+                bytes,
+            })
+        }
     }
 
     impl RdmaServe {
@@ -143,6 +180,8 @@ mod on {
                 pool,
                 lease_timeout: cfg.lease_timeout,
                 max_staging: cfg.max_staging,
+                pinned: Arc::new(AtomicU64::new(0)),
+                max_pinned: store.capacity().max(cfg.max_staging),
             })
         }
     }
@@ -151,6 +190,7 @@ mod on {
     struct Held {
         _link: Link,
         _staging: Registration,
+        _pinned: Pinned,
     }
 
     pub(super) async fn connect<W: AsyncWrite + Unpin>(
@@ -170,6 +210,7 @@ mod on {
             let staging =
                 shm::staging_window("kvcache-rdma-staging", req.staging_bytes, serve.max_staging)?;
             let granted = staging.len();
+            let pinned = serve.pin(granted as u64)?;
             // SAFETY: the registration is kept in the session and dropped before the window.
             let staging_mr = unsafe {
                 serve
@@ -187,6 +228,7 @@ mod on {
             let held = Held {
                 _link: link,
                 _staging: staging_mr,
+                _pinned: pinned,
             };
             let s =
                 ShmSession::new(staging, serve.lease_timeout, Transport::Rdma).keep(Box::new(held));
