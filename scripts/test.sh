@@ -3,7 +3,8 @@
 # with the hardware features built in (disk tier, RDMA, CUDA; tests needing a device skip)
 # (real server processes on loopback, Redis for the benchmark's smoke test), the Python
 # module's tests against a real server, and the vLLM connector's tests against a real vLLM on
-# CPU (installed by scripts/setup-vllm.sh). Installs what it needs. Build outputs and the vLLM
+# CPU (installed by scripts/setup-vllm.sh), and a short run of every fuzz target
+# (scripts/fuzz.sh). Installs what it needs. Build outputs and the vLLM
 # venv are cached in $KVCACHE_CACHE_DIR (default /var/tmp/kvcache-cache).
 cd "$(dirname "$0")/.."
 . scripts/env.sh
@@ -23,6 +24,8 @@ echo "== cargo doc" >&2
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet --features "$FEATURES"
 echo "== cargo test" >&2
 cargo test --workspace --locked --features "$FEATURES"
+echo "== fuzz: every cargo-fuzz target for a few seconds (scripts/fuzz.sh)" >&2
+./scripts/fuzz.sh "${KVCACHE_FUZZ_SECONDS:-5}"
 echo "== python: pip install ./pyo3-bindings, ruff, pytest" >&2
 python_venv
 "$KVCACHE_VENV/bin/pip" install -q --disable-pip-version-check ./pyo3-bindings
