@@ -9,7 +9,12 @@
 //! name = "team-a"
 //! tokens = ["a-secret"]   # one or more; rotate by adding the new one, then removing the old
 //! admin = false           # admin tenants may list keys and warm nodes
+//! shared_memory = true     # may map the pool over the shared-memory socket (default true)
 //! ```
+//!
+//! A process that maps the pool can read every byte in it, whichever tenant stored it (not
+//! the keys, which stay on the node). Tenants that must not read each other's KV even on one
+//! host get `shared_memory = false`: their same-host clients then use TCP.
 //!
 //! Every connection presents a token in its first frame (`Hello`). A regular tenant's keys are
 //! folded with its name ([`kvcache_core::tenant`]), so it has a key space of its own. An admin
@@ -33,6 +38,8 @@ use serde::Deserialize;
 pub struct Tenant {
     pub name: String,
     pub admin: bool,
+    /// May attach over the shared-memory socket (and so read the whole pool).
+    pub shared_memory: bool,
     fold: TenantFold,
 }
 
@@ -59,6 +66,12 @@ struct TenantEntry {
     tokens: Vec<String>,
     #[serde(default)]
     admin: bool,
+    #[serde(default = "yes")]
+    shared_memory: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Tokens are compared by digest: the map never holds them, and lookups take the same time
@@ -97,6 +110,7 @@ impl Tenants {
                 fold: TenantFold::new(&t.name),
                 name: t.name.clone(),
                 admin: t.admin,
+                shared_memory: t.shared_memory,
             });
             for token in &t.tokens {
                 if token.is_empty() {
@@ -296,6 +310,15 @@ impl Access {
             State::Open => true,
             State::Unauthenticated => false,
             State::Tenant { tenant, .. } => tenant.admin,
+        }
+    }
+
+    /// Whether it may map the pool over the shared-memory socket.
+    pub fn shared_memory(&self) -> bool {
+        match &self.state {
+            State::Open => true,
+            State::Unauthenticated => false,
+            State::Tenant { tenant, .. } => tenant.shared_memory,
         }
     }
 

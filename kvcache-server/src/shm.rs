@@ -282,6 +282,14 @@ async fn attach(
         service::refuse_unauthenticated(ctx, stream, h.request_id, service::NEEDS_TOKEN).await;
         bail!("no hello before {}", h.op.name());
     }
+    if !access.shared_memory() {
+        let msg = format!(
+            "tenant {:?} may not map the pool (shared_memory = false in the node's auth file); use TCP",
+            access.tenant().unwrap_or_default()
+        );
+        let _ = service::send_error(stream, h.request_id, ErrorCode::Forbidden, &msg).await;
+        bail!(msg);
+    }
     if h.op != Op::ShmAttach || h.reply || h.payload_len != 0 {
         let msg = format!(
             "the shared-memory socket expects shm_attach first, got {}",

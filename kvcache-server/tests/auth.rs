@@ -18,6 +18,7 @@ use prost::Message;
 const TOKEN_A: &str = "team-a-secret-0001";
 const TOKEN_B: &str = "team-b-secret-0002";
 const TOKEN_OPS: &str = "ops-admin-secret-03";
+const TOKEN_REMOTE: &str = "remote-tcp-only-secret-05";
 
 /// An auth file in a fresh directory, removed on drop.
 struct AuthFile {
@@ -54,7 +55,8 @@ fn tenants(a_tokens: &[&str]) -> String {
     format!(
         "[[tenant]]\nname = \"team-a\"\ntokens = [{}]\n\n\
          [[tenant]]\nname = \"team-b\"\ntokens = [\"{TOKEN_B}\"]\n\n\
-         [[tenant]]\nname = \"ops\"\ntokens = [\"{TOKEN_OPS}\"]\nadmin = true\n",
+         [[tenant]]\nname = \"ops\"\ntokens = [\"{TOKEN_OPS}\"]\nadmin = true\n\n\
+         [[tenant]]\nname = \"remote\"\ntokens = [\"{TOKEN_REMOTE}\"]\nshared_memory = false\n",
         quoted.join(", ")
     )
 }
@@ -359,4 +361,34 @@ async fn a_joining_node_warms_tenants_blocks_as_the_admin_tenant() {
     let keys: Vec<BlockKey> = data.iter().map(|b| b.0).collect();
     assert!(b.exists(&keys).await.unwrap().iter().all(|p| !p));
     drop(first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_without_shared_memory_is_refused_the_pool_and_auto_uses_tcp() {
+    let file = AuthFile::new(&tenants(&[TOKEN_A]));
+    let server = ServerProcess::start(&["--memory", "16MiB", "--auth", file.arg()]);
+    let err = client(&server, Some(TOKEN_REMOTE), Transport::Shm)
+        .await
+        .err()
+        .expect("no pool for this tenant");
+    assert!(err.to_string().contains("shared_memory = false"), "{err}");
+    let auto = client(&server, Some(TOKEN_REMOTE), Transport::Auto)
+        .await
+        .unwrap();
+    assert_eq!(auto.transport(), "tcp");
+    assert!(
+        auto.shm_fallback_reason()
+            .unwrap()
+            .contains("shared_memory = false")
+    );
+    auto.put(BlockKey(4), b"over tcp").await.unwrap();
+    assert_eq!(
+        auto.get(BlockKey(4)).await.unwrap().as_deref(),
+        Some(&b"over tcp"[..])
+    );
+    // Tenants that may still map it.
+    let a = client(&server, Some(TOKEN_A), Transport::Auto)
+        .await
+        .unwrap();
+    assert_eq!(a.transport(), "shm");
 }
