@@ -1,6 +1,8 @@
-//! Cost of keying a prompt: the prefix chain over 1k and 32k tokens.
+//! Cost of keying a prompt: the prefix chain over 1k and 32k tokens, and the node's tenant fold
+//! (under `--auth`) of a 64-key request.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use kvcache_core::tenant::TenantFold;
 use kvcache_core::{Namespace, chain_keys};
 
 fn bench(c: &mut Criterion) {
@@ -15,6 +17,14 @@ fn bench(c: &mut Criterion) {
             b.iter(|| chain_keys(&ns, &t, 16))
         });
     }
+    g.finish();
+    let keys = chain_keys(&ns, &vec![7u32; 64 * 16], 16);
+    let fold = TenantFold::new("team-a");
+    let mut g = c.benchmark_group("tenant_fold");
+    g.throughput(Throughput::Elements(keys.len() as u64));
+    g.bench_function("64_keys", |b| {
+        b.iter(|| keys.iter().map(|&k| fold.fold(k)).collect::<Vec<_>>())
+    });
     g.finish();
 }
 
