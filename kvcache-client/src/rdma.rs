@@ -139,6 +139,8 @@ pub(crate) struct Attached {
     landing: Registration,
     landing_mem: HostRegion,
     timeout: Duration,
+    /// How long the node keeps a lease before revoking it.
+    lease_timeout: Duration,
 }
 
 /// Sends `RdmaConnect` on a fresh TCP connection and connects the queue pairs.
@@ -178,6 +180,7 @@ pub(crate) async fn attach(
         landing,
         landing_mem,
         timeout,
+        lease_timeout: Duration::from_millis(reply.lease_timeout_ms as u64),
     })
 }
 
@@ -292,6 +295,20 @@ pub(crate) async fn get_into_gpu(
     keys: &[BlockKey],
     dst: &[Vec<(u64, u64)>],
 ) -> Result<Vec<GetOutcome>, ClientError> {
+    {
+        let a = c.rdma.as_ref().expect("an RDMA connection");
+        // Bytes READ into GPU memory are not checked where they land: only a lease that
+        // outlives the whole transfer guarantees they are the leased block's.
+        if a.lease_timeout <= a.timeout {
+            return Err(ClientError::RdmaUnavailable(format!(
+                "GPU-direct gets need the node's lease timeout ({:?}) to exceed this client's \
+                 timeout ({:?}): a lease revoked mid-READ could put another block's bytes in GPU \
+                 memory unchecked; raise the node's --shm-lease-timeout, lower the client's \
+                 timeout, or stage through pinned host memory",
+                a.lease_timeout, a.timeout
+            )));
+        }
+    }
     let reply = c.shm_lease(keys, true).await?;
     let result = read_into_gpu(c, &reply, dst).await;
     release(c, keys, &reply, result).await
