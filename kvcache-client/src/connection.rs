@@ -105,6 +105,17 @@ pub(crate) fn decode_reply<M: Message + Default>(control: &[u8]) -> Result<M, Cl
     M::decode(control).map_err(|e| ClientError::Protocol(format!("undecodable reply: {e}")))
 }
 
+/// The error a node's `ErrorReply` stands for.
+pub(crate) fn server_error(control: &[u8]) -> ClientError {
+    match decode_reply::<ErrorReply>(control) {
+        Ok(err) => ClientError::Server {
+            code: ErrorCode::try_from(err.code).unwrap_or(ErrorCode::Unknown),
+            message: err.message,
+        },
+        Err(e) => e,
+    }
+}
+
 /// What this client calls itself in a node's logs.
 const CLIENT_NAME: &str = concat!("kvcache-client/", env!("CARGO_PKG_VERSION"));
 
@@ -141,11 +152,7 @@ where
         .await
         .map_err(read_err)?;
     if reply.op == Op::Error {
-        let err: ErrorReply = decode_reply(&control)?;
-        return Err(ClientError::Server {
-            code: ErrorCode::try_from(err.code).unwrap_or(ErrorCode::Unknown),
-            message: err.message,
-        });
+        return Err(server_error(&control));
     }
     if !reply.reply || reply.op != Op::Hello {
         return Err(ClientError::Protocol(format!(
@@ -238,11 +245,7 @@ impl Connection {
             .await
             .map_err(read_err)?;
         if reply.op == Op::Error {
-            let err: ErrorReply = decode_reply(&control)?;
-            return Err(ClientError::Server {
-                code: ErrorCode::try_from(err.code).unwrap_or(ErrorCode::Unknown),
-                message: err.message,
-            });
+            return Err(server_error(&control));
         }
         if !reply.reply || reply.op != op || reply.request_id != self.next_id {
             return Err(ClientError::Protocol(format!(
