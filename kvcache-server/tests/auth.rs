@@ -4,16 +4,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{ServerProcess, blocks, content, contents};
+use common::{ServerProcess, blocks, content, contents, error_reply, read_frame, send_request};
 use kvcache_client::{Client, ClientConfig, ClientError, Cluster, ClusterConfig, Transport};
 use kvcache_core::BlockKey;
-use kvcache_core::wire::{self, ErrorCode, ErrorReply, FrameHeader, Op, PingRequest, PutStatus};
-use prost::Message;
+use kvcache_core::wire::{ErrorCode, Op, PingRequest, PutStatus};
 
 const TOKEN_A: &str = "team-a-secret-0001";
 const TOKEN_B: &str = "team-b-secret-0002";
@@ -77,21 +76,12 @@ async fn client(
 fn old_client_ping(addr: &str) -> (ErrorCode, String, bool) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let control = PingRequest {}.encode_to_vec();
-    let mut frame = FrameHeader::request(Op::Ping, 1, control.len(), 0)
-        .encode()
-        .to_vec();
-    frame.extend_from_slice(&control);
-    s.write_all(&frame).unwrap();
-    let mut head = [0u8; wire::HEADER_LEN];
-    s.read_exact(&mut head).unwrap();
-    let h = FrameHeader::decode(&head, &Default::default()).unwrap();
+    send_request(&mut s, Op::Ping, 1, &PingRequest {});
+    let (h, control) = read_frame(&mut s).expect("a reply");
     assert_eq!(h.op, Op::Error);
-    let mut body = vec![0u8; h.control_len as usize];
-    s.read_exact(&mut body).unwrap();
-    let err = ErrorReply::decode(body.as_slice()).unwrap();
+    let (code, message) = error_reply(&control);
     let closed = s.read(&mut [0u8; 1]).map(|n| n == 0).unwrap_or(true);
-    (ErrorCode::try_from(err.code).unwrap(), err.message, closed)
+    (code, message, closed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

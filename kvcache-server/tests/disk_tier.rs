@@ -87,9 +87,7 @@ fn disk_capacity_without_a_disk_is_refused_clearly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_get_naming_more_keys_than_the_cap_reads_nothing_from_disk() {
-    use kvcache_core::wire::{self, ErrorCode, ErrorReply, FrameHeader, GetRequest, Op};
-    use prost::Message;
-    use std::io::{Read, Write};
+    use kvcache_core::wire::{self, ErrorCode, GetRequest, Op};
 
     let dir = std::env::temp_dir().join(format!("kvcache-disk-cap-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -111,24 +109,15 @@ async fn a_get_naming_more_keys_than_the_cap_reads_nothing_from_disk() {
     let many: Vec<BlockKey> = keys.iter().copied().cycle().take(200_000).collect();
     let req = GetRequest {
         keys: wire::encode_keys(&many),
-    }
-    .encode_to_vec();
+    };
     let mut s = std::net::TcpStream::connect(&server.data).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
-    let mut frame = FrameHeader::request(Op::Get, 1, req.len(), 0)
-        .encode()
-        .to_vec();
-    frame.extend_from_slice(&req);
-    s.write_all(&frame).unwrap();
-    let mut head = [0u8; wire::HEADER_LEN];
-    s.read_exact(&mut head).unwrap();
-    let h = FrameHeader::decode(&head, &Default::default()).unwrap();
-    let mut body = vec![0u8; h.control_len as usize];
-    s.read_exact(&mut body).unwrap();
+    common::send_request(&mut s, Op::Get, 1, &req);
+    let (h, control) = common::read_frame(&mut s).expect("a reply");
     assert_eq!(h.op, Op::Error);
-    let err = ErrorReply::decode(body.as_slice()).unwrap();
-    assert_eq!(err.code, ErrorCode::LimitExceeded as i32, "{}", err.message);
+    let (code, message) = common::error_reply(&control);
+    assert_eq!(code, ErrorCode::LimitExceeded, "{message}");
     assert_eq!(
         server.metric("kvcache_disk_hits_total"),
         hits,

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{Rng, ServerProcess, batch, content, contents};
+use common::{Rng, ServerProcess, batch, content, contents, error_code, read_frame, send_request};
 use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, Transport};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{
@@ -36,7 +36,7 @@ impl RawShm {
     fn attach(server: &ServerProcess, staging_bytes: u64) -> Self {
         let mut s = UnixStream::connect(&server.shm).expect("connect to the shm socket");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        send(
+        send_request(
             &mut s,
             Op::ShmAttach,
             1,
@@ -64,11 +64,11 @@ impl RawShm {
 
     fn request(&mut self, op: Op, msg: &impl Message) -> Option<(FrameHeader, Vec<u8>)> {
         self.next_id += 1;
-        send(&mut self.s, op, self.next_id, msg);
+        send_request(&mut self.s, op, self.next_id, msg);
         if op == Op::ShmRelease {
             return None;
         }
-        read_reply(&mut self.s)
+        read_frame(&mut self.s)
     }
 
     fn lease(&mut self, keys: &[BlockKey]) -> ShmGetReply {
@@ -90,28 +90,6 @@ impl RawShm {
         );
         ShmGetReply::decode(control.as_slice()).unwrap()
     }
-}
-
-fn send(s: &mut UnixStream, op: Op, id: u32, msg: &impl Message) {
-    let control = msg.encode_to_vec();
-    let mut frame = FrameHeader::request(op, id, control.len(), 0)
-        .encode()
-        .to_vec();
-    frame.extend_from_slice(&control);
-    s.write_all(&frame).unwrap();
-}
-
-fn read_reply(s: &mut UnixStream) -> Option<(FrameHeader, Vec<u8>)> {
-    let mut head = [0u8; wire::HEADER_LEN];
-    s.read_exact(&mut head).ok()?;
-    let h = FrameHeader::decode(&head, &Default::default()).ok()?;
-    let mut control = vec![0u8; h.control_len as usize];
-    s.read_exact(&mut control).ok()?;
-    Some((h, control))
-}
-
-fn error_code(control: &[u8]) -> ErrorCode {
-    ErrorCode::try_from(ErrorReply::decode(control).unwrap().code).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,13 +328,13 @@ async fn bad_shared_memory_requests_are_refused_and_the_node_keeps_serving() {
     // Anything but shm_attach first: an error, then the socket closes.
     let mut s = UnixStream::connect(&server.shm).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    send(&mut s, Op::Ping, 1, &wire::PingRequest {});
-    let (h, control) = read_reply(&mut s).expect("an error reply");
+    send_request(&mut s, Op::Ping, 1, &wire::PingRequest {});
+    let (h, control) = read_frame(&mut s).expect("an error reply");
     assert_eq!(
         (h.op, error_code(&control)),
         (Op::Error, ErrorCode::Malformed)
     );
-    assert!(read_reply(&mut s).is_none(), "closed");
+    assert!(read_frame(&mut s).is_none(), "closed");
 
     // A put that overruns the staging window is refused; the connection goes on.
     let mut raw = RawShm::attach(&server, 4096);
@@ -415,7 +393,7 @@ async fn bad_shared_memory_requests_are_refused_and_the_node_keeps_serving() {
     frame.extend_from_slice(&[0xff, 0xff, 0xff]);
     raw.s.write_all(&frame).unwrap();
     assert!(
-        read_reply(&mut raw.s).is_none(),
+        read_frame(&mut raw.s).is_none(),
         "closed after a garbage release"
     );
 

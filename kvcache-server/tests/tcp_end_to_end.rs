@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{Rng, ServerProcess, content};
+use common::{Rng, ServerProcess, content, error_code, error_reply, read_frame, send_request};
 use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, Transport};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{self, ErrorCode, FrameHeader, GetRequest, Op, PutRequest, PutStatus};
@@ -22,27 +22,6 @@ fn tcp_config(server: &ServerProcess) -> ClientConfig {
     let mut cfg = ClientConfig::new(server.data.clone());
     cfg.transport = Transport::Tcp;
     cfg
-}
-
-/// Reads one reply frame from a raw socket: (header, control) or None if the server closed it.
-fn read_reply(s: &mut TcpStream) -> Option<(FrameHeader, Vec<u8>)> {
-    let mut head = [0u8; wire::HEADER_LEN];
-    s.read_exact(&mut head).ok()?;
-    let h = FrameHeader::decode(
-        &head,
-        &wire::FrameLimits {
-            max_control: 1 << 20,
-            max_payload: u32::MAX,
-        },
-    )
-    .unwrap();
-    let mut control = vec![0u8; h.control_len as usize];
-    s.read_exact(&mut control).ok()?;
-    Some((h, control))
-}
-
-fn error_code(control: &[u8]) -> ErrorCode {
-    ErrorCode::try_from(wire::ErrorReply::decode(control).unwrap().code).unwrap()
 }
 
 fn assert_closed(s: &mut TcpStream) {
@@ -172,7 +151,7 @@ async fn bad_input_closes_or_refuses_only_the_offender_and_loses_nothing() {
     // Garbage bytes: error reply, connection closed.
     let mut s = TcpStream::connect(&addr).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let (h, control) = read_reply(&mut s).expect("an error reply before closing");
+    let (h, control) = read_frame(&mut s).expect("an error reply before closing");
     assert_eq!(
         (h.op, error_code(&control)),
         (Op::Error, ErrorCode::Malformed)
@@ -184,7 +163,7 @@ async fn bad_input_closes_or_refuses_only_the_offender_and_loses_nothing() {
     let mut s = TcpStream::connect(&addr).unwrap();
     s.write_all(&raw_put_frame(&[BlockKey(1)], &[9 << 20], 9 << 20))
         .unwrap();
-    let (_, control) = read_reply(&mut s).unwrap();
+    let (_, control) = read_frame(&mut s).unwrap();
     assert_eq!(error_code(&control), ErrorCode::TooLarge);
     let msg = wire::ErrorReply::decode(&control[..]).unwrap().message;
     assert!(msg.contains("exceeds the frame limit"), "{msg}");
@@ -196,7 +175,7 @@ async fn bad_input_closes_or_refuses_only_the_offender_and_loses_nothing() {
     let mut frame = FrameHeader::request(Op::Ping, 1, 0, 0).encode();
     frame[3] = 0x42;
     s.write_all(&frame).unwrap();
-    let (_, control) = read_reply(&mut s).unwrap();
+    let (_, control) = read_frame(&mut s).unwrap();
     assert!(
         wire::ErrorReply::decode(&control[..])
             .unwrap()
@@ -211,14 +190,14 @@ async fn bad_input_closes_or_refuses_only_the_offender_and_loses_nothing() {
     let mut frame = raw_put_frame(&[BlockKey(7), BlockKey(8)], &[100, 100], 150);
     frame.extend_from_slice(&[0xab; 150]);
     s.write_all(&frame).unwrap();
-    let (h, control) = read_reply(&mut s).unwrap();
+    let (h, control) = read_frame(&mut s).unwrap();
     assert_eq!(
         (h.op, error_code(&control)),
         (Op::Error, ErrorCode::Malformed)
     );
     s.write_all(&FrameHeader::request(Op::Ping, 2, 0, 0).encode())
         .unwrap();
-    let (h, _) = read_reply(&mut s).unwrap();
+    let (h, _) = read_frame(&mut s).unwrap();
     assert_eq!((h.op, h.reply, h.request_id), (Op::Ping, true, 2));
     assert!(
         !good
@@ -232,14 +211,14 @@ async fn bad_input_closes_or_refuses_only_the_offender_and_loses_nothing() {
     let mut bad = FrameHeader::request(Op::Get, 3, 3, 0).encode().to_vec();
     bad.extend_from_slice(&[0xff, 0xff, 0xff]);
     s.write_all(&bad).unwrap();
-    assert_eq!(read_reply(&mut s).unwrap().0.op, Op::Error);
+    assert_eq!(read_frame(&mut s).unwrap().0.op, Op::Error);
     let ragged = GetRequest { keys: vec![1; 17] }.encode_to_vec();
     let mut bad = FrameHeader::request(Op::Get, 4, ragged.len(), 0)
         .encode()
         .to_vec();
     bad.extend_from_slice(&ragged);
     s.write_all(&bad).unwrap();
-    let (_, control) = read_reply(&mut s).unwrap();
+    let (_, control) = read_frame(&mut s).unwrap();
     assert!(
         wire::ErrorReply::decode(&control[..])
             .unwrap()
@@ -258,12 +237,12 @@ async fn bad_input_closes_or_refuses_only_the_offender_and_loses_nothing() {
     bad.extend_from_slice(&get);
     bad.extend_from_slice(&[0u8; 10]);
     s.write_all(&bad).unwrap();
-    let (_, control) = read_reply(&mut s).unwrap();
+    let (_, control) = read_frame(&mut s).unwrap();
     let msg = wire::ErrorReply::decode(&control[..]).unwrap().message;
     assert!(msg.contains("carry no payload"), "{msg}");
     s.write_all(&FrameHeader::request(Op::Ping, 6, 0, 0).encode())
         .unwrap();
-    assert_eq!(read_reply(&mut s).unwrap().0.request_id, 6);
+    assert_eq!(read_frame(&mut s).unwrap().0.request_id, 6);
 
     // A truncated frame: half a header, then the client goes away.
     let mut s = TcpStream::connect(&addr).unwrap();
@@ -762,7 +741,7 @@ async fn list_keys_pages_through_every_key_in_order_and_a_bad_cursor_is_refused(
     s.write_all(&FrameHeader::request(Op::ListKeys, 1, req.len(), 0).encode())
         .unwrap();
     s.write_all(&req).unwrap();
-    let (h, control) = read_reply(&mut s).expect("an error reply");
+    let (h, control) = read_frame(&mut s).expect("an error reply");
     assert_eq!(
         (h.op, error_code(&control)),
         (Op::Error, ErrorCode::Malformed)
@@ -822,19 +801,12 @@ async fn a_request_with_more_keys_than_the_cap_is_refused_before_any_lookup() {
     for n in [1001usize, 200_000] {
         let req = GetRequest {
             keys: wire::encode_keys(&vec![BlockKey(3); n]),
-        }
-        .encode_to_vec();
-        let mut frame = FrameHeader::request(Op::Get, 1, req.len(), 0)
-            .encode()
-            .to_vec();
-        frame.extend_from_slice(&req);
-        s.write_all(&frame).unwrap();
-        let (h, control) = read_reply(&mut s).expect("an error reply");
+        };
+        send_request(&mut s, Op::Get, 1, &req);
+        let (h, control) = read_frame(&mut s).expect("an error reply");
         assert_eq!(h.op, Op::Error);
-        assert_eq!(error_code(&control), ErrorCode::LimitExceeded);
-        let message = wire::ErrorReply::decode(control.as_slice())
-            .unwrap()
-            .message;
+        let (code, message) = error_reply(&control);
+        assert_eq!(code, ErrorCode::LimitExceeded);
         assert!(message.contains("--max-keys-per-request"), "{message}");
     }
     assert_eq!(
@@ -845,14 +817,9 @@ async fn a_request_with_more_keys_than_the_cap_is_refused_before_any_lookup() {
     // The connection and the node go on.
     let ok = GetRequest {
         keys: wire::encode_keys(&vec![BlockKey(3); 1000]),
-    }
-    .encode_to_vec();
-    let mut frame = FrameHeader::request(Op::Get, 2, ok.len(), 0)
-        .encode()
-        .to_vec();
-    frame.extend_from_slice(&ok);
-    s.write_all(&frame).unwrap();
-    let (h, _) = read_reply(&mut s).expect("a get reply");
+    };
+    send_request(&mut s, Op::Get, 2, &ok);
+    let (h, _) = read_frame(&mut s).expect("a get reply");
     assert_eq!(h.op, Op::Get);
     assert_eq!(h.payload_len, 5 * 1000);
 }

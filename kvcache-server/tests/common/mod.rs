@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use kvcache_client::{Cluster, GetOutcome};
 use kvcache_core::BlockKey;
+use kvcache_core::wire::{self, ErrorCode, ErrorReply, FrameHeader, FrameLimits, Op};
+use prost::Message;
 
 /// A running server process, killed on drop.
 pub struct ServerProcess {
@@ -398,4 +400,41 @@ pub async fn put_then_read_all(c: &Cluster, blocks: &[(BlockKey, usize)]) {
         got.iter().all(|o| *o == GetOutcome::Hit),
         "every block written reads back"
     );
+}
+
+/// Writes one request frame (header and control message, no payload) to a raw socket, as a
+/// client the library would never be.
+pub fn send_request(s: &mut impl Write, op: Op, id: u32, msg: &impl Message) {
+    let control = msg.encode_to_vec();
+    let mut frame = FrameHeader::request(op, id, control.len(), 0)
+        .encode()
+        .to_vec();
+    frame.extend_from_slice(&control);
+    s.write_all(&frame).unwrap();
+}
+
+/// Reads one reply frame from a raw socket: (header, control), or None if the node closed
+/// the connection. The payload, if any, is left unread.
+pub fn read_frame(s: &mut impl Read) -> Option<(FrameHeader, Vec<u8>)> {
+    let mut head = [0u8; wire::HEADER_LEN];
+    s.read_exact(&mut head).ok()?;
+    let limits = FrameLimits {
+        max_control: 64 << 20,
+        max_payload: u32::MAX,
+    };
+    let h = FrameHeader::decode(&head, &limits).unwrap();
+    let mut control = vec![0u8; h.control_len as usize];
+    s.read_exact(&mut control).ok()?;
+    Some((h, control))
+}
+
+/// The code and message of an `ErrorReply` control message.
+pub fn error_reply(control: &[u8]) -> (ErrorCode, String) {
+    let err = ErrorReply::decode(control).unwrap();
+    (ErrorCode::try_from(err.code).unwrap(), err.message)
+}
+
+/// The code of an `ErrorReply` control message.
+pub fn error_code(control: &[u8]) -> ErrorCode {
+    error_reply(control).0
 }
