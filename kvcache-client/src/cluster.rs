@@ -177,6 +177,8 @@ pub struct Cluster {
     view: Arc<RwLock<Arc<View>>>,
     counters: Arc<Counters>,
     watcher: Option<tokio::task::JoinHandle<()>>,
+    /// The nodes' timeout, which also bounds each cluster call in all (owners, then replicas).
+    timeout: Duration,
 }
 
 impl Drop for Cluster {
@@ -305,6 +307,7 @@ impl Cluster {
             view: Arc::new(RwLock::new(Arc::new(view))),
             counters: Arc::default(),
             watcher: None,
+            timeout: cfg.node.timeout,
         })
     }
 
@@ -329,6 +332,7 @@ impl Cluster {
             );
         }
         let view = Arc::new(RwLock::new(Arc::new(View::build(&members, &cfg, None))));
+        let timeout = cfg.node.timeout;
         let watcher = source.refresh().map(|every| {
             let view = Arc::clone(&view);
             tokio::spawn(watch_members(source, cfg, view, every))
@@ -337,6 +341,7 @@ impl Cluster {
             view,
             counters: Arc::default(),
             watcher,
+            timeout,
         })
     }
 
@@ -430,6 +435,16 @@ impl Cluster {
         values: &[&[&[u8]]],
         prefer: Option<&str>,
     ) -> Result<Vec<bool>, ClientError> {
+        crate::deadline::within(self.timeout, self.put_near(keys, values, prefer)).await
+    }
+
+    /// [`put_many_segments_near`](Self::put_many_segments_near) under the call's deadline.
+    async fn put_near(
+        &self,
+        keys: &[BlockKey],
+        values: &[&[&[u8]]],
+        prefer: Option<&str>,
+    ) -> Result<Vec<bool>, ClientError> {
         crate::error::same_len(keys.len(), values.len(), "values")?;
         let view = self.view();
         let prefer = view.member(prefer);
@@ -464,8 +479,21 @@ impl Cluster {
     }
 
     /// Asks each key's owners in turn (primary first) until `call`'s answer for it satisfies
-    /// `found`; returns the last answer per key (None if no owner could be asked).
+    /// `found`; returns the last answer per key (None if no owner could be asked). Every round
+    /// shares one deadline.
     async fn read<T, Fut>(
+        &self,
+        keys: &[BlockKey],
+        found: impl Fn(&T) -> bool,
+        call: impl Fn(Client, Vec<BlockKey>) -> Fut,
+    ) -> Result<Vec<Option<T>>, ClientError>
+    where
+        Fut: Future<Output = Result<Vec<T>, ClientError>>,
+    {
+        crate::deadline::within(self.timeout, self.read_rounds(keys, found, call)).await
+    }
+
+    async fn read_rounds<T, Fut>(
         &self,
         keys: &[BlockKey],
         found: impl Fn(&T) -> bool,
@@ -545,6 +573,16 @@ impl Cluster {
     /// [`get_many_into`](Self::get_many_into) that asks `prefer` first (see
     /// [`put_many_segments_near`](Self::put_many_segments_near)), then the ring owners.
     pub async fn get_many_into_near(
+        &self,
+        keys: &[BlockKey],
+        dst: &mut [Vec<&mut [u8]>],
+        prefer: Option<&str>,
+    ) -> Result<Vec<GetOutcome>, ClientError> {
+        crate::deadline::within(self.timeout, self.get_near(keys, dst, prefer)).await
+    }
+
+    /// [`get_many_into_near`](Self::get_many_into_near) under the call's deadline.
+    async fn get_near(
         &self,
         keys: &[BlockKey],
         dst: &mut [Vec<&mut [u8]>],

@@ -21,6 +21,7 @@
 
 mod cluster;
 mod connection;
+mod deadline;
 mod error;
 #[cfg(feature = "rdma")]
 mod rdma;
@@ -44,8 +45,9 @@ pub use cluster::{
 use connection::Connection;
 pub use error::ClientError;
 
-/// Runs `$body` with `$c` bound to a pooled connection, under the client's timeout; keeps the
-/// connection only on success.
+/// Runs `$body` with `$c` bound to a pooled connection, under the client's timeout (or the
+/// enclosing call's deadline, when that is earlier: [`deadline`]); keeps the connection only on
+/// success.
 ///
 /// If the connection fails (reset, closed mid-reply), the idle pool is emptied, since its
 /// connections likely share the fate, and the body runs again on a fresh connection within
@@ -80,7 +82,7 @@ macro_rules! with_conn {
                 }
             }
         };
-        match tokio::time::timeout(timeout, run).await {
+        match tokio::time::timeout_at(deadline::until(timeout), run).await {
             Ok(Ok((v, checkout))) => {
                 client.checkin(checkout);
                 Ok(v)
@@ -102,7 +104,8 @@ pub struct ClientConfig {
     pub addr: String,
     /// Most connections open at once (and so requests in flight).
     pub max_connections: usize,
-    /// Limit for one request (one batch chunk), connect included.
+    /// Limit for one call, connect included: a get split into chunks, or a cluster read that
+    /// asks replicas after the owners, finishes within it in all.
     pub timeout: Duration,
     /// Most keys per get request; larger batches are split.
     pub max_get_keys: usize,
@@ -241,19 +244,24 @@ impl Client {
             ));
         }
         let token = cfg.token.as_deref();
-        let mut conn = tokio::time::timeout(cfg.timeout, Connection::open(&cfg.addr, token))
-            .await
-            .map_err(|_| ClientError::Timeout {
-                op: "connect",
-                after: cfg.timeout,
-            })??;
-        let ping: PingReply =
-            tokio::time::timeout(cfg.timeout, conn.call_simple(Op::Ping, &PingRequest {}))
-                .await
-                .map_err(|_| ClientError::Timeout {
-                    op: "ping",
-                    after: cfg.timeout,
-                })??;
+        let mut conn = tokio::time::timeout_at(
+            deadline::until(cfg.timeout),
+            Connection::open(&cfg.addr, token),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout {
+            op: "connect",
+            after: cfg.timeout,
+        })??;
+        let ping: PingReply = tokio::time::timeout_at(
+            deadline::until(cfg.timeout),
+            conn.call_simple(Op::Ping, &PingRequest {}),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout {
+            op: "ping",
+            after: cfg.timeout,
+        })??;
         let mut shm_path = None;
         let mut shm_pool = None;
         let mut shm_fallback = None;
@@ -318,7 +326,7 @@ impl Client {
             None,
             cfg.token.as_deref(),
         );
-        match tokio::time::timeout(cfg.timeout, open).await {
+        match tokio::time::timeout_at(deadline::until(cfg.timeout), open).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => Err(ClientError::ShmUnavailable(format!(
                 "cannot attach to {}: {e}",
@@ -347,7 +355,7 @@ impl Client {
             ClientError::RdmaUnavailable(format!("this host has no RDMA device ({why})"))
         })?;
         let attach = rdma::attach(conn, &here, cfg.shm_staging_bytes, cfg.timeout);
-        let attached = tokio::time::timeout(cfg.timeout, attach)
+        let attached = tokio::time::timeout_at(deadline::until(cfg.timeout), attach)
             .await
             .map_err(|_| ClientError::RdmaUnavailable("connecting queue pairs timed out".into()))?
             .map_err(|e| match e {
@@ -430,13 +438,16 @@ impl Client {
         error::same_len(keys.len(), dst.len(), "destinations")?;
         #[cfg(feature = "rdma")]
         if self.inner.rdma.is_some() {
-            let mut out = Vec::with_capacity(keys.len());
-            let max_keys = self.inner.cfg.max_get_keys;
-            for (chunk, dst) in keys.chunks(max_keys).zip(dst.chunks(max_keys)) {
-                let got = with_conn!(self, "get", |c| rdma::get_into_gpu(c, chunk, dst).await)?;
-                out.extend(got);
-            }
-            return Ok(out);
+            return deadline::within(self.inner.cfg.timeout, async {
+                let mut out = Vec::with_capacity(keys.len());
+                let max_keys = self.inner.cfg.max_get_keys;
+                for (chunk, dst) in keys.chunks(max_keys).zip(dst.chunks(max_keys)) {
+                    let got = with_conn!(self, "get", |c| rdma::get_into_gpu(c, chunk, dst).await)?;
+                    out.extend(got);
+                }
+                Ok(out)
+            })
+            .await;
         }
         Err(self.no_gpu_direct())
     }
@@ -591,6 +602,15 @@ impl Client {
         keys: &[BlockKey],
         values: &[&[&[u8]]],
     ) -> Result<Vec<PutStatus>, ClientError> {
+        deadline::within(self.inner.cfg.timeout, self.put_chunks(keys, values)).await
+    }
+
+    /// [`put_many_segments`](Self::put_many_segments) under the call's deadline.
+    async fn put_chunks(
+        &self,
+        keys: &[BlockKey],
+        values: &[&[&[u8]]],
+    ) -> Result<Vec<PutStatus>, ClientError> {
         error::same_len(keys.len(), values.len(), "values")?;
         let lens: Vec<u64> = values
             .iter()
@@ -639,6 +659,11 @@ impl Client {
 
     /// Fetches blocks into fresh buffers; `None` for a miss.
     pub async fn get_many(&self, keys: &[BlockKey]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+        deadline::within(self.inner.cfg.timeout, self.get_chunks(keys)).await
+    }
+
+    /// [`get_many`](Self::get_many) under the call's deadline.
+    async fn get_chunks(&self, keys: &[BlockKey]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.inner.cfg.max_get_keys) {
             let req = GetRequest {
@@ -670,6 +695,15 @@ impl Client {
     /// Fetches blocks straight into caller memory: `dst[i]` lists key i's destination segments,
     /// filled in order. A block lands only if its stored length equals the segments' total.
     pub async fn get_many_into(
+        &self,
+        keys: &[BlockKey],
+        dst: &mut [Vec<&mut [u8]>],
+    ) -> Result<Vec<GetOutcome>, ClientError> {
+        deadline::within(self.inner.cfg.timeout, self.get_chunks_into(keys, dst)).await
+    }
+
+    /// [`get_many_into`](Self::get_many_into) under the call's deadline.
+    async fn get_chunks_into(
         &self,
         keys: &[BlockKey],
         dst: &mut [Vec<&mut [u8]>],

@@ -104,6 +104,7 @@ pub async fn check_node_id_free(cfg: &ClusterConfig, advertise: &str) -> anyhow:
     let key = format!("{MEMBERS_PREFIX}{id}");
     let found = match etcd.endpoint.range_prefix(&key).await {
         Ok(found) => found,
+        Err(e @ EtcdError::Denied { .. }) => anyhow::bail!("{e}"),
         Err(e) => {
             // etcd down at start: the node serves and registers once it is back.
             tracing::warn!(error = %e, "cannot check etcd for another node with this --node-id");
@@ -319,6 +320,14 @@ impl Registration {
                     }
                     (lease, failing) = (Some(id), false);
                     metrics.etcd_registered(true);
+                }
+                Err(e @ EtcdError::Denied { .. }) => {
+                    metrics.etcd_error();
+                    if !failing {
+                        tracing::error!(etcd = self.etcd.addr(), error = %e, "etcd refuses this node's registration: give its etcd user a role that may write /kvcache/members/; serving, but clients of etcd will not find this node");
+                    }
+                    failing = true;
+                    metrics.etcd_registered(false);
                 }
                 Err(e) => {
                     metrics.etcd_error();

@@ -147,7 +147,8 @@ pub struct Settings {
     pub threads: Option<usize>,
 
     /// Unix socket through which clients on this host map the pool (shared memory): a path,
-    /// `auto` ($XDG_RUNTIME_DIR or /tmp, `kvcache-PORT.sock`), or `off` [default: auto].
+    /// `auto` (`$XDG_RUNTIME_DIR/kvcache-PORT.sock`, else `/tmp/kvcache-UID/kvcache-PORT.sock`
+    /// in a directory only this uid may write), or `off` [default: auto].
     #[arg(long, env = "KVCACHE_SHM_SOCKET", value_name = "PATH|auto|off")]
     pub shm_socket: Option<String>,
 
@@ -155,6 +156,18 @@ pub struct Settings {
     /// (e.g. 660 to admit the socket's group) [default: 600].
     #[arg(long, env = "KVCACHE_SHM_MODE", value_name = "OCTAL")]
     pub shm_mode: Option<String>,
+
+    /// Uids that may attach over shared memory, besides the node's own (comma-separated,
+    /// e.g. 1000,1001): a peer whose kernel-reported uid (SO_PEERCRED) is not listed is
+    /// refused with the reason, and its client uses TCP. [default: whoever the socket's mode
+    /// admits].
+    #[arg(
+        long,
+        env = "KVCACHE_SHM_ALLOW_UIDS",
+        value_name = "UID,...",
+        value_delimiter = ','
+    )]
+    pub shm_allow_uids: Option<Vec<u32>>,
 
     /// Seconds a shared-memory client may hold a lease before it is revoked (a client that
     /// outlives its lease reads a miss, never wrong bytes) [default: 30].
@@ -253,6 +266,8 @@ pub struct ShmConfig {
     pub socket: ShmSocket,
     /// Permission bits of the socket file.
     pub mode: u32,
+    /// Uids admitted besides the node's own; `None` admits whoever the mode lets connect.
+    pub allow_uids: Option<Vec<u32>>,
     pub lease_timeout: Duration,
     pub max_staging: u64,
 }
@@ -367,6 +382,7 @@ impl Settings {
             threads,
             shm_socket,
             shm_mode,
+            shm_allow_uids,
             shm_lease_timeout,
             shm_max_staging,
             etcd,
@@ -604,6 +620,7 @@ impl Settings {
         Ok(Some(ShmConfig {
             socket,
             mode,
+            allow_uids: self.shm_allow_uids.clone(),
             lease_timeout,
             max_staging,
         }))

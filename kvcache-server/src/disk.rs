@@ -17,7 +17,14 @@
 //!
 //! Every read is checked: the bytes' xxh3 (seeded with the key) must match the index, else the
 //! entry is deleted and the read is a miss. A restart finds the index and the segments again
-//! (warm restart); index entries whose segment is gone are dropped when the tier opens.
+//! (warm restart); index entries whose segment is gone are dropped when the tier opens. An index
+//! RocksDB cannot open (corrupt, or torn by a crash) is moved aside to `index.broken-<time>` and
+//! rebuilt from the segments' record headers, each record checked; a torn record ends its
+//! segment. The tier is a cache: the node starts either way, and never serves a record that
+//! fails its checksum.
+//!
+//! Tenants' KV is private: PATH's `segments/` and `index/` are made mode 0700 and segment files
+//! are created 0600, so other users of the host read nothing.
 //!
 //! Demotion is asynchronous: the evicting thread copies the block into a bounded queue and one
 //! writer thread appends it. When the queue is full the evicting thread waits, which slows puts
@@ -25,7 +32,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -120,13 +127,10 @@ impl DiskTier {
             );
         }
         let segments_dir = cfg.path.join("segments");
-        fs::create_dir_all(&segments_dir)
-            .with_context(|| format!("cannot create {}", segments_dir.display()))?;
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
         let index = cfg.path.join("index");
-        let db = DB::open(&opts, &index)
-            .with_context(|| format!("cannot open the disk index at {}", index.display()))?;
+        private_dir(&segments_dir)?;
+        private_dir(&index)?;
+        let (db, rebuild) = open_index(&index)?;
         let mut files = BTreeMap::new();
         let mut used = 0;
         for entry in fs::read_dir(&segments_dir)? {
@@ -149,6 +153,9 @@ impl DiskTier {
             counters: Counters::default(),
         });
         shared.counters.used_bytes.store(used, Relaxed);
+        if rebuild {
+            shared.rebuild()?;
+        }
         let blocks = shared.reconcile()?;
         let next = shared
             .files
@@ -174,6 +181,54 @@ impl DiskTier {
             writer: Mutex::new(Some(writer)),
         }))
     }
+}
+
+/// Creates `dir` (and its parents) if needed and makes it mode 0700: the tier's files hold
+/// tenants' KV.
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make {} private (mode 0700)", dir.display()))
+}
+
+/// Opens the index, or, when RocksDB cannot open it, moves it aside and opens a fresh one; the
+/// flag says the fresh index must be rebuilt from the segments.
+fn open_index(index: &Path) -> anyhow::Result<(DB, bool)> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    let error = match DB::open(&opts, index) {
+        Ok(db) => return Ok((db, false)),
+        Err(e) => e,
+    };
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = index.with_file_name(format!("index.broken-{secs}"));
+    tracing::error!(
+        index = %index.display(),
+        moved_to = %aside.display(),
+        %error,
+        "cannot open the disk index; moving it aside and rebuilding it from the segments"
+    );
+    fs::rename(index, &aside).with_context(|| {
+        format!(
+            "cannot open the disk index at {} ({error}) nor move it aside",
+            index.display()
+        )
+    })?;
+    private_dir(index)?;
+    let db = DB::open(&opts, index).with_context(|| {
+        format!(
+            "cannot create a fresh disk index at {} (the broken one is at {})",
+            index.display(),
+            aside.display()
+        )
+    })?;
+    Ok((db, true))
 }
 
 /// `NNNN.seg` → NNNN.
@@ -206,6 +261,71 @@ impl Shared {
         self.db
             .iterator(IteratorMode::From(prefix, Direction::Forward))
             .take_while(move |item| !matches!(item, Ok((k, _)) if !k.starts_with(prefix)))
+    }
+
+    /// Indexes every intact record of every segment, oldest segment first so a key demoted
+    /// again later points at its newest copy. A record whose header or checksum fails ends its
+    /// segment's scan (a write torn by a crash); its bytes are never indexed.
+    fn rebuild(&self) -> anyhow::Result<()> {
+        let files: Vec<(u64, Arc<File>)> = self
+            .files
+            .lock()
+            .iter()
+            .map(|(id, f)| (*id, Arc::clone(f)))
+            .collect();
+        let (mut records, mut torn) = (0u64, 0u64);
+        for (id, file) in files {
+            let len = file.metadata()?.len();
+            let mut batch = WriteBatch::default();
+            let mut offset = 0;
+            let mut header = [0u8; RECORD_HEADER_LEN];
+            let mut bytes = Vec::new();
+            while offset + HEADER <= len {
+                let Some(h) = file
+                    .read_exact_at(&mut header, offset)
+                    .ok()
+                    .and_then(|()| RecordHeader::decode(&header).ok())
+                else {
+                    break;
+                };
+                let at = offset + HEADER;
+                if at + u64::from(h.len) > len {
+                    break;
+                }
+                bytes.resize(h.len as usize, 0);
+                if file.read_exact_at(&mut bytes, at).is_err()
+                    || checksum(h.key, &bytes) != h.checksum
+                {
+                    break;
+                }
+                let loc = BlockLocation {
+                    segment: id,
+                    offset: at,
+                    len: h.len,
+                    checksum: h.checksum,
+                };
+                batch.put(index_key(h.key), loc.encode());
+                batch.put(segment_key(id, h.key), []);
+                records += 1;
+                offset = at + u64::from(h.len);
+            }
+            if offset < len {
+                torn += 1;
+                tracing::warn!(
+                    segment = id,
+                    at = offset,
+                    bytes = len,
+                    "a segment ends in a torn or corrupt record; the rest of it is not indexed"
+                );
+            }
+            self.db.write(batch)?;
+        }
+        tracing::info!(
+            records,
+            torn_segments = torn,
+            "rebuilt the disk index from the segments"
+        );
+        Ok(())
     }
 
     /// Drops index entries whose segment is gone (a crash between deleting a segment and its
@@ -356,6 +476,7 @@ impl Writer {
             .truncate(true)
             .read(true)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .with_context(|| format!("cannot create {}", path.display()))?;
         let file = Arc::new(file);
@@ -509,6 +630,95 @@ mod tests {
         assert_eq!(read(&t, keys[3]), None);
         assert_eq!(t.len_of(keys[3]), None);
         assert_eq!(t.stats()[0].corrupt_blocks, 1);
+        drop(t);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_broken_index_and_a_torn_segment_leave_the_intact_blocks_readable() {
+        let d = dir("broken");
+        // Segments of 1 MiB: 60 blocks of 100 KB fill six of them.
+        let cfg = DiskConfig {
+            segment_bytes: 1 << 20,
+            ..DiskConfig::new(d.clone(), 16 << 20)
+        };
+        let keys: Vec<BlockKey> = (1..=60).map(|i| BlockKey(i * 104_729)).collect();
+        let last_segment;
+        {
+            let t = DiskTier::open(cfg.clone()).unwrap();
+            for &k in &keys {
+                t.demote(k, &bytes(k, 100_000));
+            }
+            t.demote(keys[0], &bytes(keys[0], 100_000)); // already on disk: not written twice
+            t.flush();
+            last_segment = *t.shared.files.lock().keys().next_back().unwrap();
+            assert!(last_segment >= 5);
+        }
+        // What a crash mid-demotion and a damaged index leave: the newest segment ends halfway
+        // through a record, and RocksDB's CURRENT names no manifest.
+        let seg = d.join("segments").join(format!("{last_segment:016x}.seg"));
+        let len = fs::metadata(&seg).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 50_000)
+            .unwrap();
+        fs::write(d.join("index").join("CURRENT"), b"MANIFEST-999999\n").unwrap();
+
+        let cfg_again = cfg.clone();
+        let t = DiskTier::open(cfg).unwrap();
+        let held: Vec<bool> = keys.iter().map(|&k| read(&t, k).is_some()).collect();
+        let last = keys.len() - 1;
+        assert!(!held[last], "the torn record is not served");
+        assert!(
+            held[..last].iter().all(|h| *h),
+            "every intact block: {held:?}"
+        );
+        for &k in &keys[..last] {
+            assert_eq!(read(&t, k), Some(bytes(k, 100_000)));
+        }
+        assert_eq!(t.stats()[0].blocks as usize, last);
+        assert_eq!(t.stats()[0].corrupt_blocks, 0);
+        let aside: Vec<String> = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("index.broken-"))
+            .collect();
+        assert_eq!(
+            aside.len(),
+            1,
+            "the broken index is kept aside for inspection"
+        );
+        // New demotions go on into a fresh segment, and survive a normal reopen.
+        t.demote(BlockKey(5), &bytes(BlockKey(5), 1000));
+        t.flush();
+        drop(t);
+        let t = DiskTier::open(cfg_again).unwrap();
+        assert_eq!(read(&t, BlockKey(5)), Some(bytes(BlockKey(5), 1000)));
+        assert_eq!(read(&t, keys[1]), Some(bytes(keys[1], 100_000)));
+        drop(t);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn the_tiers_files_are_private_to_the_node() {
+        let d = dir("modes");
+        fs::create_dir_all(d.join("segments")).unwrap();
+        fs::set_permissions(d.join("segments"), fs::Permissions::from_mode(0o755)).unwrap();
+        let t = DiskTier::open(DiskConfig::new(d.clone(), 4 << 20)).unwrap();
+        t.demote(BlockKey(9), &bytes(BlockKey(9), 1000));
+        t.flush();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode(&d.join("segments")),
+            0o700,
+            "an existing directory is made private"
+        );
+        assert_eq!(mode(&d.join("index")), 0o700);
+        for e in fs::read_dir(d.join("segments")).unwrap() {
+            assert_eq!(mode(&e.unwrap().path()), 0o600);
+        }
         drop(t);
         fs::remove_dir_all(d).unwrap();
     }

@@ -71,7 +71,9 @@ impl RunningServer {
             Some(shm) => {
                 let path = match &shm.socket {
                     ShmSocket::Auto => {
-                        kvcache_transport::shm::default_socket_path(data_addr.port())
+                        let path = kvcache_transport::shm::default_socket_path(data_addr.port());
+                        shm::prepare_socket_dir(&path)?;
+                        path
                     }
                     ShmSocket::Path(p) => p.clone(),
                 };
@@ -94,6 +96,7 @@ impl RunningServer {
                             .duration_since(std::time::UNIX_EPOCH)
                             .map_or(0, |d| d.as_nanos())
                     ),
+                    allow_uids: shm.allow_uids.clone(),
                 });
                 Some((path, listener, file, serve))
             }

@@ -40,7 +40,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::auth::Access;
-use crate::metrics::Transport;
+use crate::metrics::{ProtocolError, Transport};
 use crate::service::{
     self, Outcome, ServiceContext, decode, keys_of, put_refused, send_reply, try_outcome,
 };
@@ -61,6 +61,22 @@ pub struct ShmServe {
     pub pool_bytes: u64,
     /// Distinguishes this pool from any other (a restarted node has a new one).
     pub pool_id: String,
+    /// Uids admitted besides the node's own (`--shm-allow-uids`); `None` admits every peer
+    /// the socket's mode lets connect.
+    pub allow_uids: Option<Vec<u32>>,
+}
+
+impl ShmServe {
+    /// Whether a peer of `uid` may attach.
+    fn admits(&self, uid: Option<u32>) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let own = unsafe { libc::geteuid() };
+        match (&self.allow_uids, uid) {
+            (None, _) => true,
+            (Some(list), Some(uid)) => uid == own || list.contains(&uid),
+            (Some(_), None) => false,
+        }
+    }
 }
 
 /// One attached client: its staging window and the leases it holds. RDMA connections hold one
@@ -149,6 +165,43 @@ impl ShmSession {
     }
 }
 
+/// Makes the directory of the default socket path (`/tmp/kvcache-UID`, or
+/// `$XDG_RUNTIME_DIR`) if it is missing, mode 0711 (others may reach a socket in it but not
+/// create names), and refuses a directory that another uid owns or that others may write:
+/// someone could have put a socket there first and so stand in for the node (audit M8).
+pub fn prepare_socket_dir(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .mode(0o711)
+            .create(dir)
+            .with_context(|| format!("cannot create the socket directory {}", dir.display()))?;
+    }
+    let meta = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("cannot inspect the socket directory {}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions.
+    let own = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != own || meta.mode() & 0o022 != 0 {
+        bail!(
+            "the shared-memory socket directory {} is {} (mode {:o}, uid {}): another user could \
+             take the socket's name; remove it, or give --shm-socket a path in a directory only \
+             uid {own} may write",
+            dir.display(),
+            if meta.is_dir() {
+                "not private"
+            } else {
+                "not a directory"
+            },
+            meta.mode() & 0o7777,
+            meta.uid(),
+        );
+    }
+    Ok(())
+}
+
 /// Binds the socket at `path` with permission bits `mode`. The socket is bound under a
 /// temporary name, given its mode, then renamed into place, so no client can ever connect
 /// through looser permissions. A stale socket file (nothing listening) is replaced; a live one
@@ -210,10 +263,16 @@ pub async fn serve_unix(
     mut stream: UnixStream,
     shutdown: watch::Receiver<bool>,
 ) {
-    let peer = match stream.peer_cred() {
-        Ok(c) => format!("pid {} uid {}", c.pid().unwrap_or(-1), c.uid()),
-        Err(_) => "unknown local peer".to_string(),
+    let cred = stream.peer_cred().ok();
+    let peer = match &cred {
+        Some(c) => format!("pid {} uid {}", c.pid().unwrap_or(-1), c.uid()),
+        None => "unknown local peer".to_string(),
     };
+    if !serve.admits(cred.as_ref().map(|c| c.uid())) {
+        let _ =
+            tokio::time::timeout(ctx.request_timeout, refuse_uid(&ctx, &mut stream, &peer)).await;
+        return;
+    }
     let session =
         match tokio::time::timeout(ctx.request_timeout, attach(&ctx, &serve, &mut stream)).await {
             Ok(Ok((session, access))) => (Arc::new(session), access),
@@ -233,6 +292,21 @@ pub async fn serve_unix(
     service::serve_stream(&ctx, rd, wr, &peer, shutdown, Some(session), access).await;
     reaper.abort();
     // Dropping the session releases every lease the client still held.
+}
+
+/// Answers the first request of a peer whose uid `--shm-allow-uids` does not list with
+/// `Forbidden`, saying why, so its client falls back to TCP knowing the reason.
+async fn refuse_uid(ctx: &ServiceContext, stream: &mut UnixStream, peer: &str) {
+    let msg = format!(
+        "this node's shared memory admits only the uids of --shm-allow-uids ({peer} is not one); use TCP"
+    );
+    ctx.metrics.protocol_error(ProtocolError::Forbidden);
+    tracing::warn!(%peer, "refused a shared-memory peer whose uid --shm-allow-uids does not list");
+    if let Ok(h) = tcp::read_header(stream, &ctx.limits).await
+        && tcp::read_control(stream, h.control_len).await.is_ok()
+    {
+        let _ = service::send_error(stream, h.request_id, ErrorCode::Forbidden, &msg).await;
+    }
 }
 
 /// Starts revoking the session's expired leases; abort the task when the connection ends.

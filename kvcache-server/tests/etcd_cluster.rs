@@ -290,3 +290,151 @@ async fn a_second_node_with_the_same_node_id_refuses_to_start() {
     let other_args = args("other");
     let _other = ServerProcess::start(&other_args.iter().map(String::as_str).collect::<Vec<_>>());
 }
+
+/// POSTs JSON to etcd's gateway (as `token` if given) and returns the reply's JSON.
+fn etcd_post(
+    etcd: &EtcdProcess,
+    path: &str,
+    body: serde_json::Value,
+    token: Option<&str>,
+) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let addr = etcd.client_url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let body = body.to_string();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: {t}\r\n"));
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: t\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    let json = r.split_once("\r\n\r\n").unwrap().1;
+    serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{path}: {e}: {json}"))
+}
+
+/// Turns on etcd's authentication with a root user, a `node` user that may write the member
+/// list and a `reader` user that may only read it.
+fn enable_etcd_auth(etcd: &EtcdProcess) {
+    use serde_json::json;
+    // base64 of "/kvcache/members/" and of the end of its range, "/kvcache/members0".
+    let (key, end) = ("L2t2Y2FjaGUvbWVtYmVycy8=", "L2t2Y2FjaGUvbWVtYmVyczA=");
+    for (user, pw) in [
+        ("root", "rootpw"),
+        ("node", "nodepw"),
+        ("reader", "readerpw"),
+    ] {
+        etcd_post(
+            etcd,
+            "/v3/auth/user/add",
+            json!({"name": user, "password": pw}),
+            None,
+        );
+    }
+    for role in ["root", "kvnode", "kvreader"] {
+        etcd_post(etcd, "/v3/auth/role/add", json!({"name": role}), None);
+    }
+    for (role, perm) in [("kvnode", "READWRITE"), ("kvreader", "READ")] {
+        let reply = etcd_post(
+            etcd,
+            "/v3/auth/role/grant",
+            json!({"name": role, "perm": {"permType": perm, "key": key, "range_end": end}}),
+            None,
+        );
+        assert!(reply.get("error").is_none(), "{reply}");
+    }
+    for (user, role) in [("root", "root"), ("node", "kvnode"), ("reader", "kvreader")] {
+        let reply = etcd_post(
+            etcd,
+            "/v3/auth/user/grant",
+            json!({"user": user, "role": role}),
+            None,
+        );
+        assert!(reply.get("error").is_none(), "{reply}");
+    }
+    let reply = etcd_post(etcd, "/v3/auth/enable", json!({}), None);
+    assert!(reply.get("error").is_none(), "{reply}");
+}
+
+/// H8: with etcd's authentication on, only a user allowed to write `/kvcache/members/` can
+/// put a node in the ring; clients read it as a read-only user; a node without credentials, or
+/// with a wrong password, refuses to start saying why; tokens are renewed after etcd restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_auth_only_a_node_user_can_join_the_ring() {
+    let Some(mut etcd) = EtcdProcess::start() else {
+        return;
+    };
+    enable_etcd_auth(&etcd);
+    let host = etcd.client_url.trim_start_matches("http://").to_string();
+    let url = |userinfo: &str| format!("http://{userinfo}@{host}");
+    let start = |etcd_url: &str| {
+        ServerProcess::start(&["--memory", "16MiB", "--etcd", etcd_url, "--etcd-ttl", TTL])
+    };
+    let node = start(&url("node:nodepw"));
+    let source = EtcdMembers::new(
+        &url("reader:readerpw"),
+        Duration::from_millis(200),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let mut cfg = ClusterConfig::new(Vec::<String>::new());
+    cfg.node.timeout = Duration::from_secs(1);
+    let reader = Cluster::with_source(Arc::new(source), cfg).await.unwrap();
+    eventually(Duration::from_secs(5), "the node registered", || {
+        members(&reader) == [node.data.clone()]
+    })
+    .await;
+
+    let refused = |etcd_url: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcache-server"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "off",
+                "--mlock",
+                "off",
+            ])
+            .args(["--memory", "16MiB", "--etcd", etcd_url])
+            .env("KVCACHE_LOG", "error")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{etcd_url} must not start");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let anonymous = refused(&etcd.client_url);
+    assert!(
+        anonymous.contains("etcd has authentication on")
+            && anonymous.contains("KVCACHE_ETCD_PASSWORD"),
+        "{anonymous}"
+    );
+    let wrong = refused(&url("node:guess"));
+    assert!(
+        wrong.contains("refused user \"node\"") && !wrong.contains("guess"),
+        "{wrong}"
+    );
+
+    // The read-only user cannot put a node in the ring: it serves, unregistered, and says so.
+    let rogue = start(&url("reader:readerpw"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(members(&reader), std::slice::from_ref(&node.data));
+    assert_eq!(rogue.metric("kvcache_cluster_registered"), 0.0);
+    assert_eq!(node.metric("kvcache_cluster_registered"), 1.0);
+
+    // etcd restarts (its tokens die with it): node and reader authenticate again.
+    etcd.kill();
+    etcd.restart();
+    let second = start(&url("node:nodepw"));
+    let mut want = vec![node.data.clone(), second.data.clone()];
+    want.sort();
+    eventually(
+        Duration::from_secs(10),
+        "both nodes in the ring after etcd restarts",
+        || members(&reader) == want,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // past the TTL: the first node renewed
+    assert_eq!(members(&reader), want);
+}

@@ -866,3 +866,108 @@ async fn a_flood_of_metrics_connections_leaves_the_data_plane_serving() {
     drop(flood);
     assert!(server.metric("kvcache_http_connections_rejected_total") >= 9_000.0);
 }
+
+/// A loopback proxy to `upstream` that holds the first bytes of the node's answer to each
+/// request for `delay` before passing them on: a node that answers each request slowly, but
+/// within a timeout.
+async fn slow_proxy(upstream: String, delay: Duration) -> String {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(node) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut nr, mut nw) = node.into_split();
+                // Requests passed to the node; each answer's first bytes wait once.
+                let asked = Arc::new(AtomicU64::new(0));
+                let counted = Arc::clone(&asked);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                        counted.fetch_add(1, SeqCst);
+                        if nw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let mut delayed = 0;
+                let mut buf = vec![0u8; 1 << 20];
+                while let Ok(n @ 1..) = nr.read(&mut buf).await {
+                    let now = asked.load(SeqCst);
+                    if now > delayed {
+                        delayed = now;
+                        tokio::time::sleep(delay).await;
+                    }
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// M6: the timeout bounds a whole call, not each 64-key chunk. With a node whose every reply
+/// takes 0.7 of the timeout, a 256-key get (four chunks, 2.8 timeouts if each had its own)
+/// ends within about one timeout, and so does a cluster read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeout_bounds_a_whole_call_not_each_chunk() {
+    let server = ServerProcess::start(&["--memory", "64MiB"]);
+    let keys: Vec<BlockKey> = (1..=256u128).map(|i| BlockKey((i << 64) | i)).collect();
+    let fast = client(&server).await;
+    common::put_blocks(&fast, &keys, 1024).await;
+    let timeout = Duration::from_millis(1000);
+    let proxy = slow_proxy(server.data.clone(), timeout * 7 / 10).await;
+    let mut cfg = ClientConfig::new(proxy.clone());
+    cfg.transport = Transport::Tcp;
+    cfg.timeout = timeout;
+    let slow = Client::connect(cfg.clone())
+        .await
+        .expect("the handshake fits one timeout");
+
+    // One chunk fits: the call succeeds, slowly.
+    let got = slow.get_many(&keys[..64]).await.unwrap();
+    assert!(got.iter().all(Option::is_some));
+
+    let started = std::time::Instant::now();
+    let err = slow.get_many(&keys).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+    assert!(took < timeout * 13 / 10, "a 4-chunk get took {took:?}");
+
+    let mut into = vec![vec![0u8; 1024]; keys.len()];
+    let mut dst: Vec<Vec<&mut [u8]>> = into.iter_mut().map(|b| vec![&mut b[..]]).collect();
+    let started = std::time::Instant::now();
+    assert!(slow.get_many_into(&keys, &mut dst).await.is_err());
+    assert!(
+        started.elapsed() < timeout * 13 / 10,
+        "get_many_into took {:?}",
+        started.elapsed()
+    );
+
+    // A cluster whose only member is slow: misses (its node is marked down) within one timeout.
+    let mut ccfg = kvcache_client::ClusterConfig::new([proxy]);
+    ccfg.node = cfg;
+    let cluster = kvcache_client::Cluster::new(ccfg).unwrap();
+    let started = std::time::Instant::now();
+    let got = cluster.get_many(&keys).await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < timeout * 13 / 10,
+        "a cluster get, connect included, took {took:?}"
+    );
+    assert!(
+        got.iter().any(Option::is_none),
+        "the slow node could not answer every chunk"
+    );
+    // The fast path still answers every key.
+    assert_eq!(common::read_blocks(&fast, &keys, 1024).await, keys.len());
+}

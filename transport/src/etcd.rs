@@ -6,7 +6,15 @@
 //! with every etcd v3 (Debian's 3.4 included) and speaks plain JSON, with keys and values in
 //! base64. Each call opens one connection and closes it, so a restarted etcd needs no reconnect
 //! logic, and every call is bounded by a timeout.
+//!
+//! An etcd with authentication on (`etcdctl auth enable`) is reached as a user: the URL names it
+//! (`http://USER@host:port`) and the password comes from `KVCACHE_ETCD_PASSWORD` (or, less
+//! privately, the URL: `http://USER:PASSWORD@host:port`). The client trades them for a token
+//! (`/v3/auth/authenticate`), sends it on every call, and fetches a new one when etcd says the
+//! token expired. Give nodes a role that may write `/kvcache/members/` and clients one that may
+//! only read it (docs/SECURITY.md, H8).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -21,8 +29,15 @@ pub const MEMBERS_PREFIX: &str = "/kvcache/members/";
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     /// The URL is not `http://host:port`.
-    #[error("bad etcd URL {0:?}: expected http://host:port (or etcd://host:port)")]
+    #[error("bad etcd URL {0:?}: expected http://[USER@]host:port (or etcd://[USER@]host:port)")]
     BadUrl(String),
+    /// etcd refused the user's name or password, or this user may not do what was asked.
+    #[error("etcd at {addr} refused user {user:?}: {message}")]
+    Denied {
+        addr: String,
+        user: String,
+        message: String,
+    },
     /// No connection, or it broke.
     #[error("etcd at {addr} unreachable: {source}")]
     Io {
@@ -38,32 +53,81 @@ pub enum EtcdError {
 }
 
 /// An etcd endpoint.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Etcd {
     addr: String,
     timeout: Duration,
+    user: Option<User>,
+}
+
+/// A user of an etcd with authentication on, and its current token.
+#[derive(Clone)]
+struct User {
+    name: String,
+    password: String,
+    token: Arc<Mutex<Option<String>>>,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("addr", &self.addr)
+            .field("user", &self.user.as_ref().map(|u| &u.name))
+            .finish()
+    }
 }
 
 impl Etcd {
-    /// `url` is `http://host:port`, `etcd://host:port` or `host:port`.
+    /// `url` is `http://[USER[:PASSWORD]@]host:port`, the same with `etcd://`, or `host:port`.
+    /// A user without a password in the URL takes `KVCACHE_ETCD_PASSWORD`.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, EtcdError> {
-        let addr = url
+        let rest = url
             .strip_prefix("http://")
             .or_else(|| url.strip_prefix("etcd://"))
             .unwrap_or(url)
             .trim_end_matches('/');
+        let (userinfo, addr) = match rest.rsplit_once('@') {
+            Some((u, a)) => (Some(u), a),
+            None => (None, rest),
+        };
         if addr.is_empty() || addr.contains('/') || !addr.contains(':') {
-            return Err(EtcdError::BadUrl(url.to_string()));
+            return Err(EtcdError::BadUrl(redact(url)));
         }
+        let user = match userinfo {
+            None => None,
+            Some(info) => {
+                let (name, password) = match info.split_once(':') {
+                    Some((n, p)) => (n.to_string(), p.to_string()),
+                    None => (
+                        info.to_string(),
+                        std::env::var("KVCACHE_ETCD_PASSWORD").unwrap_or_default(),
+                    ),
+                };
+                if name.is_empty() {
+                    return Err(EtcdError::BadUrl(redact(url)));
+                }
+                Some(User {
+                    name,
+                    password,
+                    token: Arc::default(),
+                })
+            }
+        };
         Ok(Self {
             addr: addr.to_string(),
             timeout,
+            user,
         })
     }
 
     /// `host:port` of the endpoint.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The etcd user this endpoint authenticates as, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_ref().map(|u| u.name.as_str())
     }
 
     /// A new lease of `ttl` seconds; its id.
@@ -150,11 +214,79 @@ impl Etcd {
             .ok_or_else(|| self.bad(format!("reply lacks {name}")))
     }
 
-    /// POSTs `body` to `path` and returns the JSON reply (one object; a streamed reply's first).
+    /// POSTs `body` to `path` as this endpoint's user and returns the JSON reply. A token that
+    /// etcd no longer accepts (expired, or etcd restarted) is replaced once.
     async fn call(&self, path: &str, body: Value) -> Result<Value, EtcdError> {
+        let Some(user) = &self.user else {
+            return match self.post(path, &body, None).await {
+                Err(EtcdError::Reply { message, .. }) if message.contains("user name is empty") => {
+                    Err(EtcdError::Denied {
+                        addr: self.addr.clone(),
+                        user: String::new(),
+                        message: "etcd has authentication on: name a user in the URL \
+                                  (http://USER@host:port) and set KVCACHE_ETCD_PASSWORD"
+                            .into(),
+                    })
+                }
+                other => other,
+            };
+        };
+        for fresh in [false, true] {
+            let token = self.token(user, fresh).await?;
+            match self.post(path, &body, Some(&token)).await {
+                Err(EtcdError::Reply { message, .. })
+                    if !fresh && message.contains("invalid auth token") => {}
+                Err(EtcdError::Reply { message, .. }) if message.contains("permission denied") => {
+                    return Err(EtcdError::Denied {
+                        addr: self.addr.clone(),
+                        user: user.name.clone(),
+                        message: format!("{message} ({path})"),
+                    });
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the second attempt returns")
+    }
+
+    /// The user's token: the one held, or a new one from etcd.
+    async fn token(&self, user: &User, fresh: bool) -> Result<String, EtcdError> {
+        let held = user.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(t) = held.filter(|_| !fresh) {
+            return Ok(t);
+        }
+        let body = json!({ "name": user.name, "password": user.password });
+        let reply = match self.post("/v3/auth/authenticate", &body, None).await {
+            Err(EtcdError::Reply { message, .. }) => {
+                return Err(EtcdError::Denied {
+                    addr: self.addr.clone(),
+                    user: user.name.clone(),
+                    message,
+                });
+            }
+            other => other?,
+        };
+        let token = reply
+            .get("token")
+            .and_then(Value::as_str)
+            .ok_or_else(|| self.bad("authenticate: reply lacks a token (is auth enabled?)"))?
+            .to_string();
+        *user.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token.clone());
+        Ok(token)
+    }
+
+    /// One HTTP exchange: POSTs `body` to `path` and returns the JSON reply (one object; a
+    /// streamed reply's first).
+    async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        token: Option<&str>,
+    ) -> Result<Value, EtcdError> {
         let body = body.to_string();
+        let auth = token.map_or(String::new(), |t| format!("Authorization: {t}\r\n"));
         let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{auth}\
              Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             self.addr,
             body.len()
@@ -190,6 +322,19 @@ impl Etcd {
             return Err(self.bad(format!("HTTP {status}: {first:.200}")));
         }
         Ok(value)
+    }
+}
+
+/// `url` with any password replaced by `***`, for errors and logs.
+fn redact(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    match rest.rsplit_once('@') {
+        Some((info, host)) if info.contains(':') => {
+            let user = info.split_once(':').map_or(info, |(u, _)| u);
+            let sep = if scheme.is_empty() { "" } else { "://" };
+            format!("{scheme}{sep}{user}:***@{host}")
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -323,6 +468,26 @@ mod tests {
         ));
         assert!(matches!(
             Etcd::new("http://h:1/x", d),
+            Err(EtcdError::BadUrl(_))
+        ));
+    }
+
+    #[test]
+    fn a_user_in_the_url_is_parsed_and_its_password_never_shown() {
+        let d = Duration::from_secs(1);
+        let e = Etcd::new("etcd://node:s3cret@h:1", d).unwrap();
+        assert_eq!((e.addr(), e.user()), ("h:1", Some("node")));
+        assert!(!format!("{e:?}").contains("s3cret"));
+        assert_eq!(Etcd::new("h:1", d).unwrap().user(), None);
+        let err = Etcd::new("http://node:s3cret@h", d)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("node:***@h") && !err.contains("s3cret"),
+            "{err}"
+        );
+        assert!(matches!(
+            Etcd::new("http://@h:1", d),
             Err(EtcdError::BadUrl(_))
         ));
     }

@@ -114,13 +114,21 @@ pub fn host_id() -> Option<String> {
 }
 
 /// Where a node listening on TCP `port` puts its shared-memory socket by default:
-/// `$XDG_RUNTIME_DIR/kvcache-PORT.sock`, else `/tmp/kvcache-PORT.sock`.
+/// `$XDG_RUNTIME_DIR/kvcache-PORT.sock`, else `/tmp/kvcache-UID/kvcache-PORT.sock` (a directory
+/// of the node's uid, so no other user can take the name first; the node creates it and checks
+/// it).
 pub fn default_socket_path(port: u16) -> PathBuf {
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+    let name = format!("kvcache-{port}.sock");
+    match std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|d| d.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    dir.join(format!("kvcache-{port}.sock"))
+    {
+        Some(dir) => dir.join(name),
+        // SAFETY: geteuid has no preconditions.
+        None => std::env::temp_dir()
+            .join(format!("kvcache-{}", unsafe { libc::geteuid() }))
+            .join(name),
+    }
 }
 
 #[cfg(test)]
