@@ -141,7 +141,9 @@ async fn a_node_killed_mid_demotion_with_a_broken_index_starts_and_serves_the_in
         "--disk-capacity",
         "256MiB",
     ];
-    let keys: Vec<BlockKey> = (1..=300u128).map(|i| BlockKey((i << 80) | (i * 31))).collect();
+    let keys: Vec<BlockKey> = (1..=300u128)
+        .map(|i| BlockKey((i << 80) | (i * 31)))
+        .collect();
     let mut server = ServerProcess::start(&args);
     let c = client(&server).await;
     put_blocks(&c, &keys[..200], BLOCK).await;

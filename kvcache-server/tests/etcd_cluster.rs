@@ -263,17 +263,8 @@ async fn a_second_node_with_the_same_node_id_refuses_to_start() {
         members(&r) == [first.data.clone()]
     })
     .await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcache-server"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "off",
-            "--mlock",
-            "off",
-        ])
-        .args(args("dup"))
-        .env("KVCACHE_LOG", "error")
+    let dup = args("dup");
+    let out = common::server_command(&dup.iter().map(String::as_str).collect::<Vec<_>>())
         .output()
         .unwrap();
     assert!(
@@ -388,17 +379,7 @@ async fn with_etcd_auth_only_a_node_user_can_join_the_ring() {
     .await;
 
     let refused = |etcd_url: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcache-server"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "off",
-                "--mlock",
-                "off",
-            ])
-            .args(["--memory", "16MiB", "--etcd", etcd_url])
-            .env("KVCACHE_LOG", "error")
+        let out = common::server_command(&["--memory", "16MiB", "--etcd", etcd_url])
             .output()
             .unwrap();
         assert!(!out.status.success(), "{etcd_url} must not start");

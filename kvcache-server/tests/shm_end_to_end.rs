@@ -688,17 +688,7 @@ fn a_socket_directory_others_may_write_is_refused_at_start() {
     let dir = std::env::temp_dir().join(format!("kvcache-xdg-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvcache-server"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "off",
-            "--memory",
-            "16MiB",
-            "--mlock",
-            "off",
-        ])
+    let out = common::server_command(&["--memory", "16MiB"])
         .env("XDG_RUNTIME_DIR", &dir)
         .output()
         .unwrap();
@@ -710,17 +700,7 @@ fn a_socket_directory_others_may_write_is_refused_at_start() {
     );
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     // A private one is used.
-    let mut ok = std::process::Command::new(env!("CARGO_BIN_EXE_kvcache-server"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "off",
-            "--memory",
-            "16MiB",
-            "--mlock",
-            "off",
-        ])
+    let mut ok = common::server_command(&["--memory", "16MiB"])
         .env("XDG_RUNTIME_DIR", &dir)
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -20,6 +20,24 @@ pub struct ServerProcess {
     pub shm: String,
 }
 
+/// The server binary on an ephemeral data port, with no metrics listener, no mlock and
+/// error-level logs, plus `args`: for runs that are expected to fail at start, or that need
+/// their own environment.
+pub fn server_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvcache-server"));
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "off",
+        "--mlock",
+        "off",
+    ])
+    .args(args)
+    .env("KVCACHE_LOG", "error");
+    cmd
+}
+
 impl ServerProcess {
     /// Starts the binary with `args` (plus ephemeral ports) and waits for its ready line.
     pub fn start(args: &[&str]) -> Self {
