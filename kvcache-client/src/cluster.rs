@@ -177,7 +177,8 @@ pub struct Cluster {
     view: Arc<RwLock<Arc<View>>>,
     counters: Arc<Counters>,
     watcher: Option<tokio::task::JoinHandle<()>>,
-    /// The nodes' timeout, which also bounds each cluster call in all (owners, then replicas).
+    /// The nodes' timeout, which also bounds each round of a cluster call in all (the owners,
+    /// then each rank of replicas).
     timeout: Duration,
 }
 
@@ -390,8 +391,11 @@ impl Cluster {
                 (member, idx, result)
             }
         });
+        // One deadline per round: its nodes are asked in parallel, so the round ends within
+        // one timeout; a call of R rounds (owners, then replicas) ends within R timeouts.
+        let answers = crate::deadline::within(self.timeout, join_all(futures.collect())).await;
         let mut out = Vec::new();
-        for (member, idx, result) in join_all(futures.collect()).await {
+        for (member, idx, result) in answers {
             match result {
                 Ok(v) => out.push((idx, Some(v))),
                 Err(e) if e.is_unavailable() => {
@@ -435,16 +439,6 @@ impl Cluster {
         values: &[&[&[u8]]],
         prefer: Option<&str>,
     ) -> Result<Vec<bool>, ClientError> {
-        crate::deadline::within(self.timeout, self.put_near(keys, values, prefer)).await
-    }
-
-    /// [`put_many_segments_near`](Self::put_many_segments_near) under the call's deadline.
-    async fn put_near(
-        &self,
-        keys: &[BlockKey],
-        values: &[&[&[u8]]],
-        prefer: Option<&str>,
-    ) -> Result<Vec<bool>, ClientError> {
         crate::error::same_len(keys.len(), values.len(), "values")?;
         let view = self.view();
         let prefer = view.member(prefer);
@@ -479,21 +473,9 @@ impl Cluster {
     }
 
     /// Asks each key's owners in turn (primary first) until `call`'s answer for it satisfies
-    /// `found`; returns the last answer per key (None if no owner could be asked). Every round
-    /// shares one deadline.
+    /// `found`; returns the last answer per key (None if no owner could be asked). Each round
+    /// has one deadline.
     async fn read<T, Fut>(
-        &self,
-        keys: &[BlockKey],
-        found: impl Fn(&T) -> bool,
-        call: impl Fn(Client, Vec<BlockKey>) -> Fut,
-    ) -> Result<Vec<Option<T>>, ClientError>
-    where
-        Fut: Future<Output = Result<Vec<T>, ClientError>>,
-    {
-        crate::deadline::within(self.timeout, self.read_rounds(keys, found, call)).await
-    }
-
-    async fn read_rounds<T, Fut>(
         &self,
         keys: &[BlockKey],
         found: impl Fn(&T) -> bool,
@@ -573,16 +555,6 @@ impl Cluster {
     /// [`get_many_into`](Self::get_many_into) that asks `prefer` first (see
     /// [`put_many_segments_near`](Self::put_many_segments_near)), then the ring owners.
     pub async fn get_many_into_near(
-        &self,
-        keys: &[BlockKey],
-        dst: &mut [Vec<&mut [u8]>],
-        prefer: Option<&str>,
-    ) -> Result<Vec<GetOutcome>, ClientError> {
-        crate::deadline::within(self.timeout, self.get_near(keys, dst, prefer)).await
-    }
-
-    /// [`get_many_into_near`](Self::get_many_into_near) under the call's deadline.
-    async fn get_near(
         &self,
         keys: &[BlockKey],
         dst: &mut [Vec<&mut [u8]>],

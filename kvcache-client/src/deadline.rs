@@ -1,6 +1,7 @@
-//! One deadline per public call: a get of many chunks, or a cluster read that asks the owners
-//! and then the replicas, finishes (with its answers so far, or a timeout) within the
-//! configured timeout in all, never one timeout per chunk or round (audit M6).
+//! One deadline per public call: a get of many chunks finishes (with its answers so far, or a
+//! timeout) within the configured timeout in all, never one timeout per chunk (audit M6). A
+//! cluster call sets one per round (the owners, then each rank of replicas, asked in
+//! parallel), so a partitioned owner costs one timeout and leaves its replicas time to answer.
 //!
 //! The deadline travels with the call's task: the outermost call sets it, and every request
 //! under it (a node's chunks, a cluster's fan-out, which run in the same task) takes the
