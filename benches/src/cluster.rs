@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvcache_client::{Cluster, ClusterConfig, GetOutcome, Transport};
+use kvcache_client::{Cluster, ClusterConfig, GetOutcome, TransportChoice};
 use kvcache_core::{BlockKey, ByteSize};
 
 use crate::systems::{Managed, check_stamp, kvcache, stamp};
@@ -40,7 +40,7 @@ fn start_nodes(n: usize, memory_each: u64) -> anyhow::Result<(Vec<Managed>, Vec<
 
 fn cluster(members: &[String]) -> anyhow::Result<Arc<Cluster>> {
     let mut cfg = ClusterConfig::new(members.iter().cloned());
-    cfg.node.transport = Transport::Tcp;
+    cfg.node.transport = TransportChoice::Tcp;
     cfg.node.max_connections = 8;
     Ok(Arc::new(Cluster::new(cfg)?))
 }

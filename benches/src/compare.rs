@@ -185,13 +185,13 @@ async fn connect(
     addr: &str,
     memcpy: &Arc<systems::memcpy::MemcpyStore>,
 ) -> anyhow::Result<Conn> {
-    use kvcache_client::Transport;
+    use kvcache_client::TransportChoice;
     Ok(match system {
         SystemKind::KvcacheTcp => {
-            Conn::Kvcache(systems::kvcache::KvConn::connect(addr, Transport::Tcp).await?)
+            Conn::Kvcache(systems::kvcache::KvConn::connect(addr, TransportChoice::Tcp).await?)
         }
         SystemKind::KvcacheShm => {
-            Conn::Kvcache(systems::kvcache::KvConn::connect(addr, Transport::Shm).await?)
+            Conn::Kvcache(systems::kvcache::KvConn::connect(addr, TransportChoice::Shm).await?)
         }
         SystemKind::MemcpyCeiling => Conn::Memcpy(systems::memcpy::MemcpyConn::new(memcpy)),
         SystemKind::Redis => Conn::Redis(systems::redis::RedisConn::connect(addr).await?),

@@ -82,7 +82,7 @@ mod with_cuda {
     use std::time::Instant;
 
     use anyhow::Context;
-    use kvcache_client::{Client, ClientConfig, GetOutcome, Transport};
+    use kvcache_client::{Client, ClientConfig, GetOutcome, TransportChoice};
     use kvcache_core::wire::PutStatus;
     use kvcache_core::{BlockKey, ByteSize};
     use kvcache_transport::cuda::{DeviceBuffer, Gpu};
@@ -208,9 +208,9 @@ mod with_cuda {
         let (_server, addr) = kvcache::start(&memory)?;
         let mut cfg = ClientConfig::new(&addr);
         cfg.transport = if plan.tcp {
-            Transport::Tcp
+            TransportChoice::Tcp
         } else {
-            Transport::Shm
+            TransportChoice::Shm
         };
         let client = Client::connect(cfg).await?;
 
@@ -264,7 +264,7 @@ mod with_cuda {
         let (save, load) = (gbps(sum.save), gbps(sum.load));
         let (d2h, h2d) = (gbps(sum.d2h_slices), gbps(sum.h2d_slices));
         let (d2h_large, h2d_large) = (gbps(sum.d2h_large), gbps(sum.h2d_large));
-        let transport = client.transport();
+        let transport = client.path().as_str();
         println!(
             "cuda: {} in {blocks} blocks of {} ({} slices of {}), {} blocks a call, \
              {} rounds, over {transport}, on {}",

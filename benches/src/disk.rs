@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
-use kvcache_client::{Client, ClientConfig, GetOutcome, Transport};
+use kvcache_client::{Client, ClientConfig, GetOutcome, TransportChoice};
 use kvcache_core::{BlockKey, ByteSize};
 
 use crate::systems::{check_stamp, kvcache, stamp};
@@ -37,7 +37,7 @@ fn drop_page_cache() -> bool {
 
 async fn connect(addr: &str) -> anyhow::Result<Client> {
     let mut cfg = ClientConfig::new(addr);
-    cfg.transport = Transport::Tcp;
+    cfg.transport = TransportChoice::Tcp;
     cfg.max_connections = 16;
     Ok(Client::connect(cfg).await?)
 }

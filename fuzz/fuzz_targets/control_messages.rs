@@ -95,17 +95,17 @@ fuzz_target!(|data: &[u8]| {
         12 => round_trip::<RdmaConnectRequest>(bytes),
         13 => round_trip::<RdmaConnectReply>(bytes),
         14 => {
-            round_trip::<ShmGetRequest>(bytes);
-            keys_field::<ShmGetRequest>(bytes, |m| &m.keys);
+            round_trip::<LeaseGetRequest>(bytes);
+            keys_field::<LeaseGetRequest>(bytes, |m| &m.keys);
         }
-        15 => round_trip::<ShmGetReply>(bytes),
+        15 => round_trip::<LeaseGetReply>(bytes),
         16 => {
-            round_trip::<ShmReleaseRequest>(bytes);
-            keys_field::<ShmReleaseRequest>(bytes, |m| &m.suspect);
+            round_trip::<ReleaseRequest>(bytes);
+            keys_field::<ReleaseRequest>(bytes, |m| &m.suspect);
         }
         17 => {
-            round_trip::<ShmPutRequest>(bytes);
-            keys_field::<ShmPutRequest>(bytes, |m| &m.keys);
+            round_trip::<StagedPutRequest>(bytes);
+            keys_field::<StagedPutRequest>(bytes, |m| &m.keys);
         }
         18 => round_trip::<ListKeysRequest>(bytes),
         19 => {

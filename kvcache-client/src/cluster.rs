@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use kvcache_core::wire::PutStatus;
 use kvcache_core::{BlockKey, HashRing};
 
-use crate::{Client, ClientConfig, ClientError, GetOutcome};
+use crate::config::{ClientConfig, GetOutcome, OneSegment};
+use crate::error::ClientError;
+use crate::node::Client;
 
 /// Cluster settings.
 #[derive(Clone, Debug)]
@@ -412,7 +414,7 @@ impl Cluster {
     /// Stores blocks on every owner; per key, true if at least one owner stored it. Owners
     /// that are down are skipped: the cache is best effort, a lost copy is a later miss.
     pub async fn put_many(&self, blocks: &[(BlockKey, &[u8])]) -> Result<Vec<bool>, ClientError> {
-        let blocks = crate::OneSegment::new(blocks);
+        let blocks = OneSegment::new(blocks);
         self.put_many_segments(&blocks.keys, &blocks.segments())
             .await
     }

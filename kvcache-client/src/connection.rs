@@ -1,23 +1,22 @@
-//! One data connection: send a request frame, read the reply header and control message, then
-//! let the caller read the payload straight into its own memory. A connection runs over TCP,
-//! or over the node's Unix socket with shared memory attached.
+//! The control channel of one connection: send a request frame, read the reply header and
+//! control message, then let the caller read the payload straight into its own memory. It runs
+//! over TCP or the node's Unix socket and knows no byte path: shared memory and RDMA
+//! ([`crate::path`]) send their control messages through it.
 
 use std::io::IoSlice;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use kvcache_core::wire::{
     ErrorCode, ErrorReply, FrameHeader, FrameLimits, GetReply, GetRequest, HelloReply,
-    HelloRequest, Op, ShmGetReply, ShmGetRequest, ShmReleaseRequest,
+    HelloRequest, LeaseGetReply, LeaseGetRequest, Op, ReleaseRequest,
 };
-use kvcache_transport::tcp::{self, FrameReadError};
+use kvcache_transport::frame_io::{self, FrameReadError};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::ClientError;
-use crate::shm::{self, Attached, ShmPool};
+use crate::error::ClientError;
 
 /// Replies may carry up to 4 GiB of payload; the node enforces the real limit on requests.
 const REPLY_LIMITS: FrameLimits = FrameLimits {
@@ -28,11 +27,6 @@ const REPLY_LIMITS: FrameLimits = FrameLimits {
 pub(crate) struct Connection {
     stream: Stream,
     next_id: u32,
-    /// Set on a shared-memory connection.
-    pub(crate) shm: Option<Attached>,
-    /// Set on an RDMA connection (TCP for control, one-sided verbs for bytes).
-    #[cfg(feature = "rdma")]
-    pub(crate) rdma: Option<crate::rdma::Attached>,
 }
 
 /// The byte stream under a connection.
@@ -130,14 +124,14 @@ where
         client: CLIENT_NAME.to_string(),
     }
     .encode_to_vec();
-    tcp::write_frame(
+    frame_io::write_frame(
         stream,
         &FrameHeader::request(Op::Hello, 0, req.len(), 0),
         &req,
         &[],
     )
     .await?;
-    let reply = tcp::read_header(stream, &REPLY_LIMITS)
+    let reply = frame_io::read_header(stream, &REPLY_LIMITS)
         .await
         .map_err(|e| match e {
             // A node from before authentication existed closes on the unknown op.
@@ -148,7 +142,7 @@ where
             ),
             other => read_err(other),
         })?;
-    let control = tcp::read_control(stream, reply.control_len)
+    let control = frame_io::read_control(stream, reply.control_len)
         .await
         .map_err(read_err)?;
     if reply.op == Op::Error {
@@ -171,48 +165,26 @@ impl Connection {
                 addr: addr.to_string(),
                 source,
             })?;
-        tcp::tune(&stream)?;
+        frame_io::tune(&stream)?;
         if let Some(token) = token {
             hello(&mut stream, token).await?;
         }
         Ok(Self {
             stream: Stream::Tcp(stream),
             next_id: 0,
-            shm: None,
-            #[cfg(feature = "rdma")]
-            rdma: None,
         })
     }
 
-    /// Connects to a node's shared-memory socket and attaches. `known` is the pool this client
-    /// already maps, reused when the node still serves the same one.
-    pub(crate) async fn open_shm(
-        path: &str,
-        staging_bytes: u64,
-        known: Option<Arc<ShmPool>>,
-        token: Option<&str>,
-    ) -> Result<Self, ClientError> {
-        let mut stream =
-            UnixStream::connect(path)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    addr: path.to_string(),
-                    source,
-                })?;
-        if let Some(token) = token {
-            hello(&mut stream, token).await?;
-        }
-        let attached = shm::attach(&mut stream, staging_bytes, known).await?;
-        Ok(Self {
+    /// The control channel over a Unix-socket connection whose first `next_id` requests were
+    /// already sent (`Hello`, then `ShmAttach`, which passes descriptors beside the frames).
+    pub(crate) fn from_unix(stream: UnixStream, next_id: u32) -> Self {
+        Self {
             stream: Stream::Unix(stream),
-            next_id: 1,
-            shm: Some(attached),
-            #[cfg(feature = "rdma")]
-            rdma: None,
-        })
+            next_id,
+        }
     }
 
-    /// Sends a request that has no reply (`ShmRelease`).
+    /// Sends a request that has no reply (`Release`).
     pub(crate) async fn send_oneway(
         &mut self,
         op: Op,
@@ -221,7 +193,7 @@ impl Connection {
         self.next_id = self.next_id.wrapping_add(1);
         let control = req.encode_to_vec();
         let header = FrameHeader::request(op, self.next_id, control.len(), 0);
-        tcp::write_frame(&mut self.stream, &header, &control, &[]).await?;
+        frame_io::write_frame(&mut self.stream, &header, &control, &[]).await?;
         Ok(())
     }
 
@@ -237,11 +209,11 @@ impl Connection {
         let control = req.encode_to_vec();
         let total: usize = payload.iter().map(|p| p.len()).sum();
         let header = FrameHeader::request(op, self.next_id, control.len(), total);
-        tcp::write_frame(&mut self.stream, &header, &control, payload).await?;
-        let reply = tcp::read_header(&mut self.stream, &REPLY_LIMITS)
+        frame_io::write_frame(&mut self.stream, &header, &control, payload).await?;
+        let reply = frame_io::read_header(&mut self.stream, &REPLY_LIMITS)
             .await
             .map_err(read_err)?;
-        let control = tcp::read_control(&mut self.stream, reply.control_len)
+        let control = frame_io::read_control(&mut self.stream, reply.control_len)
             .await
             .map_err(read_err)?;
         if reply.op == Op::Error {
@@ -299,19 +271,19 @@ impl Connection {
         Ok(reply.lens)
     }
 
-    /// `ShmGet`: leases `keys` and returns where each lies in the pool (length 0 for a miss).
+    /// `LeaseGet`: leases `keys` and returns where each lies in the pool (length 0 for a miss).
     /// With `verify` the node checks every block before answering (for bytes the client
     /// cannot check where they land).
-    pub(crate) async fn shm_lease(
+    pub(crate) async fn lease(
         &mut self,
         keys: &[kvcache_core::BlockKey],
         verify: bool,
-    ) -> Result<ShmGetReply, ClientError> {
-        let req = ShmGetRequest {
+    ) -> Result<LeaseGetReply, ClientError> {
+        let req = LeaseGetRequest {
             keys: kvcache_core::wire::encode_keys(keys),
             verify,
         };
-        let reply: ShmGetReply = self.call_simple(Op::ShmGet, &req).await?;
+        let reply: LeaseGetReply = self.call_simple(Op::LeaseGet, &req).await?;
         let n = keys.len();
         if reply.lens.len() != n || reply.offsets.len() != n || reply.trailer_checksums.len() != n {
             return Err(ClientError::Protocol(format!(
@@ -322,8 +294,8 @@ impl Connection {
         Ok(reply)
     }
 
-    /// `ShmRelease`: ends a lease, naming blocks that failed the client's check.
-    pub(crate) async fn shm_release(
+    /// `Release`: ends a lease, naming blocks that failed the client's check.
+    pub(crate) async fn release(
         &mut self,
         lease_id: u64,
         suspect: &[kvcache_core::BlockKey],
@@ -331,15 +303,15 @@ impl Connection {
         if lease_id == 0 {
             return Ok(()); // Nothing was leased.
         }
-        let req = ShmReleaseRequest {
+        let req = ReleaseRequest {
             lease_id,
             suspect: kvcache_core::wire::encode_keys(suspect),
         };
-        self.send_oneway(Op::ShmRelease, &req).await
+        self.send_oneway(Op::Release, &req).await
     }
 
     pub(crate) async fn read_payload_into(&mut self, dst: &mut [u8]) -> Result<(), ClientError> {
-        tcp::read_payload(&mut self.stream, dst)
+        frame_io::read_payload(&mut self.stream, dst)
             .await
             .map_err(read_err)
     }
@@ -351,7 +323,7 @@ impl Connection {
     }
 
     pub(crate) async fn skip_payload(&mut self, len: usize) -> Result<(), ClientError> {
-        tcp::skip_payload(&mut self.stream, len as u64)
+        frame_io::skip_payload(&mut self.stream, len as u64)
             .await
             .map_err(read_err)
     }

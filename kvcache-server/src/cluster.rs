@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvcache_client::{
-    Client, ClientConfig, ClientError, Cluster, EtcdMembers, MemberSource, StaticMembers, Transport,
+    Client, ClientConfig, ClientError, Cluster, EtcdMembers, MemberSource, StaticMembers,
+    TransportChoice,
 };
 use kvcache_core::BlockKey;
 use kvcache_transport::etcd::{Etcd, EtcdError, MEMBERS_PREFIX};
@@ -235,7 +236,7 @@ impl NodeView {
         got: &mut (usize, u64),
     ) -> Result<(), ClientError> {
         let client = Client::connect(ClientConfig {
-            transport: Transport::Tcp,
+            transport: TransportChoice::Tcp,
             timeout: Duration::from_secs(5),
             token,
             ..ClientConfig::new(peer)

@@ -1,11 +1,10 @@
 //! kvcache-server: the cache node.
 //!
 //! - [`store`]: the memory pool, index, eviction and leases (transport-independent);
-//! - [`service`]: the data plane speaking the kvcache frame protocol (TCP and Unix socket);
-//! - `disk` and `gpu`: the tiers under the pool (features `disk` and `cuda`);
-//! - [`shm`]: the shared-memory transport for clients on the same host;
-//! - [`rdma`]: one-sided RDMA for clients on other hosts (feature `rdma`; refused clearly
+//! - [`dataplane`]: the kvcache frame protocol over TCP and the Unix socket: the request loop,
+//!   its handlers, shared-memory attach and the RDMA upgrade (feature `rdma`; refused clearly
 //!   without it);
+//! - `disk` and `gpu`: the tiers under the pool (features `disk` and `cuda`);
 //! - [`metrics`] and [`http`]: Prometheus text and health on a separate listener;
 //! - [`config`]: command line, environment and TOML configuration;
 //! - [`server`]: wires it together, runs until shutdown;
@@ -15,14 +14,12 @@ pub mod auth;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod dataplane;
 #[cfg(feature = "disk")]
 pub mod disk;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod http;
 pub mod metrics;
-pub mod rdma;
 pub mod server;
-pub mod service;
-pub mod shm;
 pub mod store;

@@ -118,9 +118,9 @@ pub struct Metrics {
     warmed_bytes: AtomicU64,
 }
 
-/// How payload bytes moved.
+/// How payload bytes moved (the `via` label of the byte counters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
+pub enum Via {
     Tcp = 0,
     Shm = 1,
     /// One-sided RDMA: the node counts what its leases and staging reads cover.
@@ -155,11 +155,11 @@ impl Metrics {
         self.hit_blocks[i].fetch_add(hit as u64, Relaxed);
     }
 
-    pub fn bytes_in(&self, via: Transport, n: u64) {
+    pub fn bytes_in(&self, via: Via, n: u64) {
         self.bytes_in[via as usize].fetch_add(n, Relaxed);
     }
 
-    pub fn bytes_out(&self, via: Transport, n: u64) {
+    pub fn bytes_out(&self, via: Via, n: u64) {
         self.bytes_out[via as usize].fetch_add(n, Relaxed);
     }
 
@@ -235,6 +235,11 @@ impl Metrics {
         self.connections_active.fetch_sub(1, Relaxed);
     }
 
+    /// Data connections open now.
+    pub fn connections_active(&self) -> i64 {
+        self.connections_active.load(Relaxed)
+    }
+
     /// Protocol errors counted so far, all kinds together (for tests and logs).
     pub fn protocol_errors_total(&self) -> u64 {
         self.protocol_errors.iter().map(|c| c.load(Relaxed)).sum()
@@ -259,7 +264,7 @@ impl Metrics {
                 );
             }
         }
-        let lookups = [Op::Get, Op::ShmGet, Op::Exists, Op::PrefixMatch];
+        let lookups = [Op::Get, Op::LeaseGet, Op::Exists, Op::PrefixMatch];
         header(
             &mut out,
             "kvcache_requested_blocks_total",
@@ -294,7 +299,7 @@ impl Metrics {
             out,
             "kvcache_put_blocks_total {}",
             self.requested_blocks[op_index(Op::Put)].load(Relaxed)
-                + self.requested_blocks[op_index(Op::ShmPut)].load(Relaxed)
+                + self.requested_blocks[op_index(Op::StagedPut)].load(Relaxed)
         );
         header(
             &mut out,

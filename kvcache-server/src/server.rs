@@ -11,10 +11,12 @@ use tokio::task::JoinSet;
 
 use crate::auth::Auth;
 use crate::config::{ServerConfig, ShmSocket};
+use crate::dataplane::connection::{self, DataPlane};
+use crate::dataplane::request::{ServiceContext, warn_allowed};
+use crate::dataplane::unix::{self, ShmServe};
+use crate::dataplane::{rdma, session::UpgradePath};
 use crate::http::{self, HttpContext};
 use crate::metrics::Metrics;
-use crate::service::{self, ServiceContext};
-use crate::shm::{self, ShmServe};
 use crate::store::Store;
 
 /// A server accepting connections; [`RunningServer::shutdown`] stops it.
@@ -72,13 +74,13 @@ impl RunningServer {
                 let path = match &shm.socket {
                     ShmSocket::Auto => {
                         let path = kvcache_transport::shm::default_socket_path(data_addr.port());
-                        shm::prepare_socket_dir(&path)?;
+                        unix::prepare_socket_dir(&path)?;
                         path
                     }
                     ShmSocket::Path(p) => p.clone(),
                 };
-                let (listener, file) = shm::bind(&path, shm.mode)?;
-                shm::hint_huge_pages();
+                let (listener, file) = unix::bind(&path, shm.mode)?;
+                unix::hint_huge_pages();
                 let pool = store
                     .shared_pool()
                     .context("shared memory is on but the pool is not shared")?;
@@ -103,6 +105,11 @@ impl RunningServer {
             None => None,
         };
         let shm_socket = shm_listener.as_ref().map(|(p, ..)| p.clone());
+        let upgrade = rdma::open(cfg.rdma.as_ref(), &store);
+        let rdma_device = match &upgrade {
+            UpgradePath::Open(rdma) => rdma.advertise().to_string(),
+            UpgradePath::Off(_) => String::new(),
+        };
         let ctx = Arc::new(ServiceContext {
             store: Arc::clone(&store),
             metrics: Arc::clone(&metrics),
@@ -114,31 +121,32 @@ impl RunningServer {
             auth: Arc::clone(&auth),
             shm_socket: shm_socket.as_ref().map(|p| p.display().to_string()),
             host_id,
-            rdma: crate::rdma::RdmaState::start(cfg.rdma.as_ref(), &store),
+            rdma_device,
         });
+        let plane = Arc::new(DataPlane { ctx, upgrade });
         // TCP and Unix-socket connections share one limit.
         let slots = Arc::new(Semaphore::new(cfg.max_connections));
-        let tcp_ctx = Arc::clone(&ctx);
+        let tcp_plane = Arc::clone(&plane);
         tasks.spawn(accept_loop(
             data,
             Arc::clone(&slots),
             Arc::clone(&metrics),
             rx.clone(),
             move |stream: TcpStream, peer: String, shutdown| {
-                let ctx = Arc::clone(&tcp_ctx);
-                async move { service::serve_connection(ctx, stream, &peer, shutdown).await }
+                let plane = Arc::clone(&tcp_plane);
+                async move { connection::serve_connection(plane, stream, &peer, shutdown).await }
             },
         ));
         if let Some((_, listener, file, serve)) = shm_listener {
-            let ctx = Arc::clone(&ctx);
+            let metrics = Arc::clone(&metrics);
             tasks.spawn(async move {
                 accept_loop(
                     listener,
                     slots,
-                    Arc::clone(&ctx.metrics),
+                    metrics,
                     rx,
                     move |stream: UnixStream, _peer: String, shutdown| {
-                        shm::serve_unix(Arc::clone(&ctx), Arc::clone(&serve), stream, shutdown)
+                        unix::serve_unix(Arc::clone(&plane), Arc::clone(&serve), stream, shutdown)
                     },
                 )
                 .await;
@@ -345,7 +353,7 @@ async fn accept_loop<A, F, Fut>(
                 let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
                     // Refusing at once (closing) beats queueing without bound.
                     metrics.connection_rejected();
-                    if service::warn_allowed() {
+                    if warn_allowed() {
                         tracing::warn!(%peer, "connection refused: too many open connections (--max-connections)");
                     }
                     drop(stream);

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{ServerProcess, blocks, content, contents, error_reply, read_frame, send_request};
-use kvcache_client::{Client, ClientConfig, ClientError, Cluster, ClusterConfig, Transport};
+use kvcache_client::{
+    Client, ClientConfig, ClientError, Cluster, ClusterConfig, PathKind, TransportChoice,
+};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{ErrorCode, Op, PingRequest, PutStatus};
 
@@ -63,7 +65,7 @@ fn tenants(a_tokens: &[&str]) -> String {
 async fn client(
     server: &ServerProcess,
     token: Option<&str>,
-    transport: Transport,
+    transport: TransportChoice,
 ) -> Result<Client, ClientError> {
     let mut cfg = ClientConfig::new(server.data.clone());
     cfg.token = token.map(str::to_string);
@@ -89,7 +91,7 @@ async fn without_a_valid_token_a_connection_is_refused_with_the_reason_and_close
     let file = AuthFile::new(&tenants(&[TOKEN_A]));
     let server = ServerProcess::start(&["--memory", "16MiB", "--auth", file.arg()]);
 
-    let err = client(&server, None, Transport::Tcp)
+    let err = client(&server, None, TransportChoice::Tcp)
         .await
         .err()
         .expect("no token");
@@ -97,7 +99,7 @@ async fn without_a_valid_token_a_connection_is_refused_with_the_reason_and_close
     assert!(err.to_string().contains("--auth"), "{err}");
     assert!(err.to_string().contains("token"), "{err}");
 
-    let err = client(&server, Some("not-a-token-of-anyone"), Transport::Tcp)
+    let err = client(&server, Some("not-a-token-of-anyone"), TransportChoice::Tcp)
         .await
         .err()
         .expect("wrong token");
@@ -113,7 +115,7 @@ async fn without_a_valid_token_a_connection_is_refused_with_the_reason_and_close
     assert!(closed, "the connection is closed after the refusal");
 
     // Shared memory too: attach without hello is refused.
-    let err = client(&server, None, Transport::Shm)
+    let err = client(&server, None, TransportChoice::Shm)
         .await
         .err()
         .expect("no token over shm");
@@ -121,10 +123,10 @@ async fn without_a_valid_token_a_connection_is_refused_with_the_reason_and_close
     assert!(server.metric("kvcache_protocol_errors_total{kind=\"unauthenticated\"}") >= 4.0);
 
     // The node goes on serving those who belong.
-    let a = client(&server, Some(TOKEN_A), Transport::Auto)
+    let a = client(&server, Some(TOKEN_A), TransportChoice::Auto)
         .await
         .unwrap();
-    assert_eq!(a.transport(), "shm");
+    assert_eq!(a.path(), PathKind::Shm);
     assert_eq!(a.put(BlockKey(1), b"kv").await.unwrap(), PutStatus::Stored);
     assert_eq!(
         a.get(BlockKey(1)).await.unwrap().as_deref(),
@@ -136,10 +138,10 @@ async fn without_a_valid_token_a_connection_is_refused_with_the_reason_and_close
 async fn tenants_never_read_test_or_overwrite_each_others_blocks() {
     let file = AuthFile::new(&tenants(&[TOKEN_A]));
     let server = ServerProcess::start(&["--memory", "64MiB", "--auth", file.arg()]);
-    for transport in [Transport::Tcp, Transport::Shm] {
+    for transport in [TransportChoice::Tcp, TransportChoice::Shm] {
         let a = client(&server, Some(TOKEN_A), transport).await.unwrap();
         let b = client(&server, Some(TOKEN_B), transport).await.unwrap();
-        let base = if transport == Transport::Tcp {
+        let base = if transport == TransportChoice::Tcp {
             100
         } else {
             200
@@ -178,7 +180,7 @@ async fn tenants_never_read_test_or_overwrite_each_others_blocks() {
     }
 
     // Listing keys needs an admin; the admin sees the node's raw key space.
-    let a = client(&server, Some(TOKEN_A), Transport::Tcp)
+    let a = client(&server, Some(TOKEN_A), TransportChoice::Tcp)
         .await
         .unwrap();
     let err = a.list_keys(None, 100).await.expect_err("not an admin");
@@ -193,7 +195,7 @@ async fn tenants_never_read_test_or_overwrite_each_others_blocks() {
         "{err}"
     );
     assert!(err.to_string().contains("admin"), "{err}");
-    let ops = client(&server, Some(TOKEN_OPS), Transport::Tcp)
+    let ops = client(&server, Some(TOKEN_OPS), TransportChoice::Tcp)
         .await
         .unwrap();
     let (listed, more) = ops.list_keys(None, 100).await.unwrap();
@@ -209,7 +211,7 @@ async fn tenants_never_read_test_or_overwrite_each_others_blocks() {
 async fn a_sighup_reload_rotates_tokens_and_revokes_removed_ones() {
     let file = AuthFile::new(&tenants(&[TOKEN_A]));
     let server = ServerProcess::start(&["--memory", "16MiB", "--auth", file.arg()]);
-    let old = client(&server, Some(TOKEN_A), Transport::Tcp)
+    let old = client(&server, Some(TOKEN_A), TransportChoice::Tcp)
         .await
         .unwrap();
     assert_eq!(
@@ -224,7 +226,7 @@ async fn a_sighup_reload_rotates_tokens_and_revokes_removed_ones() {
     unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
     let mut new = None;
     for _ in 0..100 {
-        if let Ok(c) = client(&server, Some(rotated), Transport::Tcp).await {
+        if let Ok(c) = client(&server, Some(rotated), TransportChoice::Tcp).await {
             new = Some(c);
             break;
         }
@@ -248,7 +250,7 @@ async fn a_sighup_reload_rotates_tokens_and_revokes_removed_ones() {
     unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
     let mut refused = false;
     for _ in 0..100 {
-        if client(&server, Some(TOKEN_A), Transport::Tcp)
+        if client(&server, Some(TOKEN_A), TransportChoice::Tcp)
             .await
             .is_err()
         {
@@ -273,16 +275,20 @@ async fn a_sighup_reload_rotates_tokens_and_revokes_removed_ones() {
     // SAFETY: as above.
     unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(client(&server, Some(rotated), Transport::Tcp).await.is_ok());
+    assert!(
+        client(&server, Some(rotated), TransportChoice::Tcp)
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_auth_accepts_a_token_and_serves_the_open_space() {
     let server = ServerProcess::start(&["--memory", "16MiB"]);
-    let with = client(&server, Some(TOKEN_A), Transport::Tcp)
+    let with = client(&server, Some(TOKEN_A), TransportChoice::Tcp)
         .await
         .unwrap();
-    let without = client(&server, None, Transport::Tcp).await.unwrap();
+    let without = client(&server, None, TransportChoice::Tcp).await.unwrap();
     with.put(BlockKey(9), b"open").await.unwrap();
     assert_eq!(
         without.get(BlockKey(9)).await.unwrap().as_deref(),
@@ -332,7 +338,7 @@ async fn a_joining_node_warms_tenants_blocks_as_the_admin_tenant() {
         "the tenant's blocks it owns, found by the fold-preserving placement"
     );
     // Tenant A reads every block through the full ring, the moved ones from the newcomer.
-    let direct = client(&second, Some(TOKEN_A), Transport::Tcp)
+    let direct = client(&second, Some(TOKEN_A), TransportChoice::Tcp)
         .await
         .unwrap();
     for ((k, _), v) in data.iter().zip(&values) {
@@ -345,7 +351,7 @@ async fn a_joining_node_warms_tenants_blocks_as_the_admin_tenant() {
         }
     }
     // Tenant B sees none of them on the newcomer.
-    let b = client(&second, Some(TOKEN_B), Transport::Tcp)
+    let b = client(&second, Some(TOKEN_B), TransportChoice::Tcp)
         .await
         .unwrap();
     let keys: Vec<BlockKey> = data.iter().map(|b| b.0).collect();
@@ -357,15 +363,15 @@ async fn a_joining_node_warms_tenants_blocks_as_the_admin_tenant() {
 async fn a_tenant_without_shared_memory_is_refused_the_pool_and_auto_uses_tcp() {
     let file = AuthFile::new(&tenants(&[TOKEN_A]));
     let server = ServerProcess::start(&["--memory", "16MiB", "--auth", file.arg()]);
-    let err = client(&server, Some(TOKEN_REMOTE), Transport::Shm)
+    let err = client(&server, Some(TOKEN_REMOTE), TransportChoice::Shm)
         .await
         .err()
         .expect("no pool for this tenant");
     assert!(err.to_string().contains("shared_memory = false"), "{err}");
-    let auto = client(&server, Some(TOKEN_REMOTE), Transport::Auto)
+    let auto = client(&server, Some(TOKEN_REMOTE), TransportChoice::Auto)
         .await
         .unwrap();
-    assert_eq!(auto.transport(), "tcp");
+    assert_eq!(auto.path(), PathKind::Tcp);
     assert!(
         auto.shm_fallback_reason()
             .unwrap()
@@ -377,8 +383,8 @@ async fn a_tenant_without_shared_memory_is_refused_the_pool_and_auto_uses_tcp() 
         Some(&b"over tcp"[..])
     );
     // Tenants that may still map it.
-    let a = client(&server, Some(TOKEN_A), Transport::Auto)
+    let a = client(&server, Some(TOKEN_A), TransportChoice::Auto)
         .await
         .unwrap();
-    assert_eq!(a.transport(), "shm");
+    assert_eq!(a.path(), PathKind::Shm);
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{ServerProcess, put_blocks, read_blocks};
-use kvcache_client::{Client, ClientConfig, Transport};
+use kvcache_client::{Client, ClientConfig, TransportChoice};
 use kvcache_core::BlockKey;
 
 const BLOCK: usize = 256 << 10;
@@ -13,7 +13,7 @@ const BLOCKS: u128 = 400; // 100 MiB through a 32 MiB pool
 
 async fn client(server: &ServerProcess) -> Client {
     let mut cfg = ClientConfig::new(&server.data);
-    cfg.transport = Transport::Tcp;
+    cfg.transport = TransportChoice::Tcp;
     Client::connect(cfg).await.unwrap()
 }
 

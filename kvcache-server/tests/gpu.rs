@@ -7,7 +7,7 @@
 mod common;
 
 use common::{ServerProcess, content, put_blocks, read_blocks};
-use kvcache_client::{Client, ClientConfig, GetOutcome, Transport};
+use kvcache_client::{Client, ClientConfig, GetOutcome, TransportChoice};
 use kvcache_core::BlockKey;
 use kvcache_transport::cuda::{Gpu, driver_present};
 
@@ -30,7 +30,7 @@ fn gpu_or_skip(what: &str) -> Option<Gpu> {
     }
 }
 
-async fn client(server: &ServerProcess, transport: Transport) -> Client {
+async fn client(server: &ServerProcess, transport: TransportChoice) -> Client {
     let mut cfg = ClientConfig::new(&server.data);
     cfg.transport = transport;
     Client::connect(cfg).await.unwrap()
@@ -42,7 +42,10 @@ async fn kv_blocks_go_gpu_to_cache_to_gpu_unchanged() {
         return;
     };
     let server = ServerProcess::start(&["--memory", "256MiB"]);
-    for (t, transport) in [Transport::Shm, Transport::Tcp].into_iter().enumerate() {
+    for (t, transport) in [TransportChoice::Shm, TransportChoice::Tcp]
+        .into_iter()
+        .enumerate()
+    {
         let name = format!("{transport:?}");
         let c = client(&server, transport).await;
         let keys: Vec<BlockKey> = (0..LAYERS as u128)
@@ -110,7 +113,7 @@ async fn blocks_beyond_memory_come_back_from_the_gpu_tier() {
     }
     const BLOCK: usize = 256 << 10;
     let server = ServerProcess::start(&["--memory", "32MiB", "--gpu-tier", "256MiB"]);
-    let c = client(&server, Transport::Tcp).await;
+    let c = client(&server, TransportChoice::Tcp).await;
     let keys: Vec<BlockKey> = (1..=400u128).map(|i| BlockKey(i << 32)).collect();
     put_blocks(&c, &keys, BLOCK).await;
     // 100 MiB through a 32 MiB pool: most blocks now live on the GPU only.

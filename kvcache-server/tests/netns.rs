@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{ServerProcess, blocks, get_all, put_all};
-use kvcache_client::{Cluster, ClusterConfig, GetOutcome, Transport};
+use kvcache_client::{Cluster, ClusterConfig, GetOutcome, TransportChoice};
 
 /// A namespace with a veth pair to the host; removed on drop.
 struct Netns {
@@ -131,7 +131,7 @@ fn start_in(ns: &Netns) -> (Child, String) {
 fn cluster(members: &[String], replicas: usize) -> Arc<Cluster> {
     let mut cfg = ClusterConfig::new(members.iter().cloned());
     cfg.replicas = replicas;
-    cfg.node.transport = Transport::Tcp;
+    cfg.node.transport = TransportChoice::Tcp;
     cfg.node.timeout = Duration::from_secs(1);
     cfg.down_for = Duration::from_millis(500);
     Arc::new(Cluster::new(cfg).unwrap())

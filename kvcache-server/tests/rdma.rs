@@ -10,7 +10,7 @@ use std::io::Write;
 use std::net::TcpStream;
 
 use common::{ServerProcess, content};
-use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, Transport};
+use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, PathKind, TransportChoice};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{self, ErrorReply, FrameHeader, Op, PingReply, RdmaConnectRequest};
 use kvcache_transport::rdma::{self, Availability, QpEndpoint};
@@ -73,9 +73,9 @@ fn refused_with(server: &ServerProcess, expect: &str) {
     // The shared-memory ops stay refused on this connection, and it still serves.
     let (h, body) = call(
         &mut s,
-        Op::ShmGet,
+        Op::LeaseGet,
         3,
-        &wire::ShmGetRequest {
+        &wire::LeaseGetRequest {
             keys: vec![0; 16],
             verify: false,
         },
@@ -112,17 +112,17 @@ async fn clients_fall_back_to_tcp_naming_why_or_fail_when_rdma_was_required() {
     }
     let server = ServerProcess::start(&["--memory", "64MiB", "--shm-socket", "off"]);
     let mut cfg = ClientConfig::new(server.data.clone());
-    cfg.transport = Transport::Rdma;
+    cfg.transport = TransportChoice::Rdma;
     match Client::connect(cfg.clone()).await {
         Err(ClientError::RdmaUnavailable(why)) => {
             assert!(why.contains("serves no RDMA"), "{why}")
         }
         Err(other) => panic!("expected RdmaUnavailable, got {other}"),
-        Ok(c) => panic!("connected over {} without a device", c.transport()),
+        Ok(c) => panic!("connected over {} without a device", c.path()),
     }
-    cfg.transport = Transport::Auto;
+    cfg.transport = TransportChoice::Auto;
     let c = Client::connect(cfg).await.unwrap();
-    assert_eq!(c.transport(), "tcp");
+    assert_eq!(c.path(), PathKind::Tcp);
     let why = c.shm_fallback_reason().expect("a reason for TCP");
     assert!(
         why.contains("shared memory off") && why.contains("RDMA"),
@@ -174,9 +174,9 @@ async fn blocks_move_over_rdma_into_registered_and_plain_memory() {
     eprintln!("RDMA device {name}");
     let server = ServerProcess::start(&["--memory", "256MiB", "--shm-socket", "off"]);
     let mut cfg = ClientConfig::new(server.data.clone());
-    cfg.transport = Transport::Rdma;
+    cfg.transport = TransportChoice::Rdma;
     let c = Client::connect(cfg).await.expect("RDMA connect");
-    assert_eq!(c.transport(), "rdma");
+    assert_eq!(c.path(), PathKind::Rdma);
     let keys: Vec<BlockKey> = (1..=64u128).map(BlockKey).collect();
     let values: Vec<Vec<u8>> = keys.iter().map(|&k| content(k, 256 << 10)).collect();
     let blocks: Vec<(BlockKey, &[u8])> = keys
@@ -235,7 +235,7 @@ async fn blocks_move_between_gpu_memory_and_the_node_with_gpu_direct() {
     let gpu = Gpu::open(0).unwrap();
     let server = ServerProcess::start(&["--memory", "256MiB", "--shm-socket", "off"]);
     let mut cfg = ClientConfig::new(server.data.clone());
-    cfg.transport = Transport::Rdma;
+    cfg.transport = TransportChoice::Rdma;
     let c = Client::connect(cfg).await.expect("RDMA connect");
     // 32 blocks of 16 segments × 16 KiB, the segments strided through one "KV tensor".
     const BLOCKS: usize = 32;
@@ -292,7 +292,7 @@ async fn blocks_move_between_gpu_memory_and_the_node_with_gpu_direct() {
     // A TCP client sees the same blocks, byte for byte, as the GPU held them.
     let tcp = {
         let mut cfg = ClientConfig::new(server.data.clone());
-        cfg.transport = Transport::Tcp;
+        cfg.transport = TransportChoice::Tcp;
         Client::connect(cfg).await.unwrap()
     };
     let first = tcp.get(keys[0]).await.unwrap().unwrap();

@@ -9,16 +9,19 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::{Rng, ServerProcess, batch, content, contents, error_code, read_frame, send_request};
-use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, Transport};
+use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, PathKind, TransportChoice};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{
-    self, ErrorCode, ErrorReply, FrameHeader, Op, PutStatus, ShmAttachReply, ShmAttachRequest,
-    ShmGetReply, ShmGetRequest, ShmPutRequest, ShmReleaseRequest,
+    self, ErrorCode, ErrorReply, FrameHeader, LeaseGetReply, LeaseGetRequest, Op, PutStatus,
+    ReleaseRequest, ShmAttachReply, ShmAttachRequest, StagedPutRequest,
 };
 use kvcache_transport::shm::recv_with_fds;
 use prost::Message;
 
-async fn client_with(server: &ServerProcess, transport: Transport) -> Result<Client, ClientError> {
+async fn client_with(
+    server: &ServerProcess,
+    transport: TransportChoice,
+) -> Result<Client, ClientError> {
     let mut cfg = ClientConfig::new(server.data.clone());
     cfg.transport = transport;
     Client::connect(cfg).await
@@ -65,30 +68,30 @@ impl RawShm {
     fn request(&mut self, op: Op, msg: &impl Message) -> Option<(FrameHeader, Vec<u8>)> {
         self.next_id += 1;
         send_request(&mut self.s, op, self.next_id, msg);
-        if op == Op::ShmRelease {
+        if op == Op::Release {
             return None;
         }
         read_frame(&mut self.s)
     }
 
-    fn lease(&mut self, keys: &[BlockKey]) -> ShmGetReply {
+    fn lease(&mut self, keys: &[BlockKey]) -> LeaseGetReply {
         self.lease_checked(keys, false)
     }
 
-    /// `ShmGet`, with the node checking every block first when `verify` is set.
-    fn lease_checked(&mut self, keys: &[BlockKey], verify: bool) -> ShmGetReply {
-        let req = ShmGetRequest {
+    /// `LeaseGet`, with the node checking every block first when `verify` is set.
+    fn lease_checked(&mut self, keys: &[BlockKey], verify: bool) -> LeaseGetReply {
+        let req = LeaseGetRequest {
             keys: wire::encode_keys(keys),
             verify,
         };
-        let (h, control) = self.request(Op::ShmGet, &req).expect("shm_get reply");
+        let (h, control) = self.request(Op::LeaseGet, &req).expect("shm_get reply");
         assert_eq!(
             h.op,
-            Op::ShmGet,
+            Op::LeaseGet,
             "{:?}",
             ErrorReply::decode(control.as_slice())
         );
-        ShmGetReply::decode(control.as_slice()).unwrap()
+        LeaseGetReply::decode(control.as_slice()).unwrap()
     }
 }
 
@@ -113,8 +116,8 @@ async fn same_host_clients_pick_shared_memory_and_round_trip_every_byte() {
     let mut tasks = Vec::new();
     for part in 0..3 {
         let mine: Vec<_> = blocks.iter().copied().skip(part).step_by(3).collect();
-        let c = client_with(&server, Transport::Auto).await.unwrap();
-        assert_eq!(c.transport(), "shm");
+        let c = client_with(&server, TransportChoice::Auto).await.unwrap();
+        assert_eq!(c.path(), PathKind::Shm);
         tasks.push(tokio::spawn(async move {
             let values = contents(&mine);
             let statuses = c.put_many(&batch(&mine, &values)).await.unwrap();
@@ -127,7 +130,7 @@ async fn same_host_clients_pick_shared_memory_and_round_trip_every_byte() {
     for t in tasks {
         t.await.unwrap();
     }
-    let c = client_with(&server, Transport::Shm).await.unwrap();
+    let c = client_with(&server, TransportChoice::Shm).await.unwrap();
     // Scatter every block into three ragged segments of one buffer.
     let total: usize = blocks.iter().map(|b| b.1).sum();
     let mut buf = vec![0u8; total];
@@ -174,9 +177,9 @@ async fn same_host_clients_pick_shared_memory_and_round_trip_every_byte() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_and_shared_memory_clients_see_the_same_blocks() {
     let server = ServerProcess::start(&["--memory", "64MiB"]);
-    let shm = client_with(&server, Transport::Shm).await.unwrap();
-    let tcp = client_with(&server, Transport::Tcp).await.unwrap();
-    assert_eq!((shm.transport(), tcp.transport()), ("shm", "tcp"));
+    let shm = client_with(&server, TransportChoice::Shm).await.unwrap();
+    let tcp = client_with(&server, TransportChoice::Tcp).await.unwrap();
+    assert_eq!((shm.path(), tcp.path()), (PathKind::Shm, PathKind::Tcp));
     let (a, b) = (content(BlockKey(1), 300_000), content(BlockKey(2), 77));
     shm.put(BlockKey(1), &a).await.unwrap();
     tcp.put(BlockKey(2), &b).await.unwrap();
@@ -215,7 +218,7 @@ async fn tcp_and_shared_memory_clients_see_the_same_blocks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_block_read_through_shared_memory_is_a_miss_and_is_dropped() {
     let server = ServerProcess::start(&["--memory", "64MiB", "--enable-test-hooks"]);
-    let c = client_with(&server, Transport::Shm).await.unwrap();
+    let c = client_with(&server, TransportChoice::Shm).await.unwrap();
     let good = content(BlockKey(10), 500_000);
     c.put(BlockKey(10), &good).await.unwrap();
     c.put(BlockKey(11), &good).await.unwrap();
@@ -244,7 +247,7 @@ async fn a_corrupted_block_read_through_shared_memory_is_a_miss_and_is_dropped()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_verified_lease_answers_a_corrupt_block_as_a_miss() {
     let server = ServerProcess::start(&["--memory", "64MiB", "--enable-test-hooks"]);
-    let c = client_with(&server, Transport::Tcp).await.unwrap();
+    let c = client_with(&server, TransportChoice::Tcp).await.unwrap();
     let good = content(BlockKey(20), 300_000);
     for k in [20, 21] {
         c.put(BlockKey(k), &good).await.unwrap();
@@ -267,7 +270,7 @@ async fn a_verified_lease_answers_a_corrupt_block_as_a_miss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_dies_holding_leases_frees_them_and_the_blocks_can_be_evicted() {
     let server = ServerProcess::start(&["--memory", "8MiB"]);
-    let c = client_with(&server, Transport::Shm).await.unwrap();
+    let c = client_with(&server, TransportChoice::Shm).await.unwrap();
     let keys: Vec<BlockKey> = (0..4u128).map(BlockKey).collect();
     for &k in &keys {
         c.put(k, &content(k, 1 << 20)).await.unwrap();
@@ -294,7 +297,7 @@ async fn a_client_that_dies_holding_leases_frees_them_and_the_blocks_can_be_evic
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_held_past_the_timeout_are_revoked_and_the_connection_goes_on() {
     let server = ServerProcess::start(&["--memory", "16MiB", "--shm-lease-timeout", "0.2"]);
-    let c = client_with(&server, Transport::Shm).await.unwrap();
+    let c = client_with(&server, TransportChoice::Shm).await.unwrap();
     c.put(BlockKey(5), &content(BlockKey(5), 10_000))
         .await
         .unwrap();
@@ -307,8 +310,8 @@ async fn leases_held_past_the_timeout_are_revoked_and_the_connection_goes_on() {
     assert_eq!(server.metric("kvcache_active_leases"), 0.0);
     // Releasing a revoked lease is harmless; the connection still serves.
     raw.request(
-        Op::ShmRelease,
-        &ShmReleaseRequest {
+        Op::Release,
+        &ReleaseRequest {
             lease_id: first.lease_id,
             suspect: vec![],
         },
@@ -321,7 +324,7 @@ async fn leases_held_past_the_timeout_are_revoked_and_the_connection_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_shared_memory_requests_are_refused_and_the_node_keeps_serving() {
     let server = ServerProcess::start(&["--memory", "16MiB"]);
-    let c = client_with(&server, Transport::Shm).await.unwrap();
+    let c = client_with(&server, TransportChoice::Shm).await.unwrap();
     let value = content(BlockKey(1), 9000);
     c.put(BlockKey(1), &value).await.unwrap();
 
@@ -339,22 +342,22 @@ async fn bad_shared_memory_requests_are_refused_and_the_node_keeps_serving() {
     // A put that overruns the staging window is refused; the connection goes on.
     let mut raw = RawShm::attach(&server, 4096);
     assert_eq!(raw.attach.staging_bytes, 4096);
-    let bad = ShmPutRequest {
+    let bad = StagedPutRequest {
         keys: wire::encode_keys(&[BlockKey(2)]),
         lens: vec![100],
         offsets: vec![4000],
     };
-    let (h, control) = raw.request(Op::ShmPut, &bad).unwrap();
+    let (h, control) = raw.request(Op::StagedPut, &bad).unwrap();
     assert_eq!(
         (h.op, error_code(&control)),
         (Op::Error, ErrorCode::Malformed)
     );
-    let ragged = ShmPutRequest {
+    let ragged = StagedPutRequest {
         keys: wire::encode_keys(&[BlockKey(2)]),
         lens: vec![1, 2],
         offsets: vec![0],
     };
-    let (h, _) = raw.request(Op::ShmPut, &ragged).unwrap();
+    let (h, _) = raw.request(Op::StagedPut, &ragged).unwrap();
     assert_eq!(h.op, Op::Error);
     assert_eq!(raw.lease(&[BlockKey(1)]).lens, [9000]);
 
@@ -363,13 +366,13 @@ async fn bad_shared_memory_requests_are_refused_and_the_node_keeps_serving() {
     let three = content(BlockKey(3), 4000);
     // SAFETY: in bounds of our read-write mapping of the staging window.
     unsafe { std::ptr::copy_nonoverlapping(three.as_ptr(), staging.base().add(50), three.len()) };
-    let good = ShmPutRequest {
+    let good = StagedPutRequest {
         keys: wire::encode_keys(&[BlockKey(3)]),
         lens: vec![4000],
         offsets: vec![50],
     };
-    let (h, control) = raw.request(Op::ShmPut, &good).unwrap();
-    assert_eq!(h.op, Op::ShmPut);
+    let (h, control) = raw.request(Op::StagedPut, &good).unwrap();
+    assert_eq!(h.op, Op::StagedPut);
     assert_eq!(
         wire::PutReply::decode(control.as_slice()).unwrap().statuses,
         [0]
@@ -387,7 +390,7 @@ async fn bad_shared_memory_requests_are_refused_and_the_node_keeps_serving() {
     // An undecodable one-way release has no reply to carry an error: the node closes.
     raw.next_id += 1;
     let id = raw.next_id;
-    let mut frame = FrameHeader::request(Op::ShmRelease, id, 3, 0)
+    let mut frame = FrameHeader::request(Op::Release, id, 3, 0)
         .encode()
         .to_vec();
     frame.extend_from_slice(&[0xff, 0xff, 0xff]);
@@ -399,12 +402,12 @@ async fn bad_shared_memory_requests_are_refused_and_the_node_keeps_serving() {
 
     // Shared-memory ops over TCP are refused.
     let mut t = std::net::TcpStream::connect(&server.data).unwrap();
-    let req = ShmGetRequest {
+    let req = LeaseGetRequest {
         keys: wire::encode_keys(&[BlockKey(1)]),
         verify: false,
     }
     .encode_to_vec();
-    let mut frame = FrameHeader::request(Op::ShmGet, 1, req.len(), 0)
+    let mut frame = FrameHeader::request(Op::LeaseGet, 1, req.len(), 0)
         .encode()
         .to_vec();
     frame.extend_from_slice(&req);
@@ -431,14 +434,14 @@ async fn bad_shared_memory_requests_are_refused_and_the_node_keeps_serving() {
 async fn without_shared_memory_auto_falls_back_to_tcp_and_shm_is_a_clear_error() {
     let server = ServerProcess::start(&["--memory", "16MiB", "--shm-socket", "off"]);
     assert_eq!(server.shm, "off");
-    let auto = client_with(&server, Transport::Auto).await.unwrap();
-    assert_eq!(auto.transport(), "tcp");
+    let auto = client_with(&server, TransportChoice::Auto).await.unwrap();
+    assert_eq!(auto.path(), PathKind::Tcp);
     auto.put(BlockKey(1), b"kv").await.unwrap();
     assert_eq!(
         auto.get(BlockKey(1)).await.unwrap().as_deref(),
         Some(&b"kv"[..])
     );
-    let err = client_with(&server, Transport::Shm)
+    let err = client_with(&server, TransportChoice::Shm)
         .await
         .err()
         .expect("shm refused");
@@ -499,7 +502,7 @@ async fn pool_survives_a_hostile_client(uid: Option<u32>) {
         args.extend(["--shm-mode", "666"]);
     }
     let server = ServerProcess::start(&args);
-    let c = client_with(&server, Transport::Tcp).await.unwrap();
+    let c = client_with(&server, TransportChoice::Tcp).await.unwrap();
     let keys: Vec<BlockKey> = (1..=8).map(BlockKey).collect();
     let values: Vec<Vec<u8>> = keys.iter().map(|&k| content(k, 300_000)).collect();
     for (k, v) in keys.iter().zip(&values) {
@@ -521,7 +524,7 @@ async fn pool_survives_a_hostile_client(uid: Option<u32>) {
     }
     // The staging window is the client's own to write; that changes no stored block.
     assert_eq!(report["staging"]["write"], "allowed", "{report}");
-    let shm = client_with(&server, Transport::Shm).await.unwrap();
+    let shm = client_with(&server, TransportChoice::Shm).await.unwrap();
     for (k, v) in keys.iter().zip(&values) {
         assert_eq!(c.get(*k).await.unwrap().as_deref(), Some(&v[..]), "tcp {k}");
         assert_eq!(
@@ -550,7 +553,7 @@ async fn an_unprivileged_client_cannot_change_a_stored_byte_through_any_pool_des
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_holding_leases_on_a_block_cannot_make_it_a_miss_for_others() {
     let server = ServerProcess::start(&["--memory", "16MiB"]);
-    let c = client_with(&server, Transport::Tcp).await.unwrap();
+    let c = client_with(&server, TransportChoice::Tcp).await.unwrap();
     let value = content(BlockKey(7), 5000);
     c.put(BlockKey(7), &value).await.unwrap();
     // 20 batches of 4096 leases on one key: 81,920, past the 16-bit count of a block.
@@ -559,7 +562,7 @@ async fn a_client_holding_leases_on_a_block_cannot_make_it_a_miss_for_others() {
         let reply = hog.lease(&vec![BlockKey(7); 4096]);
         assert!(reply.lens.iter().all(|&l| l == 5000));
     }
-    let other = client_with(&server, Transport::Shm).await.unwrap();
+    let other = client_with(&server, TransportChoice::Shm).await.unwrap();
     assert_eq!(
         other.get(BlockKey(7)).await.unwrap().as_deref(),
         Some(&value[..])
@@ -578,8 +581,8 @@ async fn a_client_holding_leases_on_a_block_cannot_make_it_a_miss_for_others() {
     // once: it stays.
     let started = std::time::Instant::now();
     hog.request(
-        Op::ShmRelease,
-        &ShmReleaseRequest {
+        Op::Release,
+        &ReleaseRequest {
             lease_id: 1,
             suspect: wire::encode_keys(&vec![BlockKey(7); 100_000]),
         },
@@ -661,7 +664,7 @@ async fn a_uid_outside_shm_allow_uids_is_refused_after_accept() {
         1.0
     );
     // The node's own uid attaches and reads.
-    let own = client_with(&server, Transport::Shm).await.unwrap();
+    let own = client_with(&server, TransportChoice::Shm).await.unwrap();
     own.put(BlockKey(3), b"kv").await.unwrap();
     assert_eq!(
         own.get(BlockKey(3)).await.unwrap().as_deref(),

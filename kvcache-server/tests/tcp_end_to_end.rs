@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::{Rng, ServerProcess, content, error_code, error_reply, read_frame, send_request};
-use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, Transport};
+use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, TransportChoice};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{self, ErrorCode, FrameHeader, GetRequest, Op, PutRequest, PutStatus};
 use prost::Message;
@@ -20,7 +20,7 @@ async fn client(server: &ServerProcess) -> Client {
 
 fn tcp_config(server: &ServerProcess) -> ClientConfig {
     let mut cfg = ClientConfig::new(server.data.clone());
-    cfg.transport = Transport::Tcp;
+    cfg.transport = TransportChoice::Tcp;
     cfg
 }
 
@@ -927,7 +927,7 @@ async fn the_timeout_bounds_a_whole_call_not_each_chunk() {
     let timeout = Duration::from_millis(1000);
     let proxy = slow_proxy(server.data.clone(), timeout * 7 / 10).await;
     let mut cfg = ClientConfig::new(proxy.clone());
-    cfg.transport = Transport::Tcp;
+    cfg.transport = TransportChoice::Tcp;
     cfg.timeout = timeout;
     let slow = Client::connect(cfg.clone())
         .await

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kvcache_client::{
     Client as RustClient, ClientConfig, ClientError, Cluster, ClusterConfig, EtcdMembers,
-    GetOutcome, Transport,
+    GetOutcome, TransportChoice,
 };
 use kvcache_core::wire::{ErrorCode, PutStatus};
 use kvcache_core::{BlockKey, Namespace, NamespaceId, TpPlacement};
@@ -302,11 +302,8 @@ fn register_gpu(node: &RustClient, device: usize, addr: u64, length: usize) -> P
             "no GPU-direct: {why}; stage GPU memory through pinned host memory"
         ))
     };
-    if node.transport() != "rdma" {
-        return Err(stage(format!(
-            "this client uses {}, not RDMA",
-            node.transport()
-        )));
+    if node.path() != kvcache_client::PathKind::Rdma {
+        return Err(stage(format!("this client uses {}, not RDMA", node.path())));
     }
     let gpu = kvcache_transport::cuda::Gpu::open(device).map_err(|e| stage(e.to_string()))?;
     // SAFETY: the caller promises the memory stays allocated while the client lives
@@ -321,7 +318,7 @@ fn register_gpu(node: &RustClient, _device: usize, _addr: u64, _length: usize) -
     Err(KvcacheError::new_err(format!(
         "this kvcache module was built without GPU-direct (the `rdma` and `cuda` features; \
          this client uses {}); stage GPU memory through pinned host memory",
-        node.transport()
+        node.path()
     )))
 }
 
@@ -351,7 +348,7 @@ impl Client {
         replicas: usize,
         token: Option<String>,
     ) -> PyResult<Self> {
-        let wanted: Transport = transport.parse().map_err(to_py)?;
+        let wanted: TransportChoice = transport.parse().map_err(to_py)?;
         if !(timeout_s > 0.0 && timeout_s.is_finite()) {
             return Err(PyValueError::new_err(
                 "timeout_s must be a positive number of seconds",
@@ -402,7 +399,7 @@ impl Client {
                     ),
                 )?;
             }
-            transport = client.transport().to_string();
+            transport = client.path().to_string();
             Backend::Node(client)
         } else {
             // Nodes are connected lazily: members may be down when the client starts.

@@ -2,7 +2,8 @@
 //!
 //! - [`region`]: memory regions that hold block pages (host DRAM, shared memory; pinned and GPU
 //!   memory later), each registered once with the transports;
-//! - [`tcp`]: the framed TCP data plane: header, prost control message, raw payload inline;
+//! - [`frame_io`]: framed I/O on any stream (TCP or Unix socket): header, prost control
+//!   message, raw payload read into and written from the caller's memory;
 //! - [`shm`]: same-node shared memory: descriptor passing and same-host detection;
 //! - [`etcd`]: a small etcd v3 client (JSON gateway) for cluster membership;
 //! - [`rdma`]: negotiation, the queue-pair handshake messages, scatter plans and completion
@@ -12,9 +13,9 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod etcd;
+pub mod frame_io;
 pub mod rdma;
 pub mod region;
 pub mod shm;
-pub mod tcp;
 
 pub use region::{HostRegion, LockMode, MemoryRegion, RegionError, ShmRegion, ShmView};

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
-use kvcache_transport::tcp::{tune, write_all_vectored};
+use kvcache_transport::frame_io::{tune, write_all_vectored};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

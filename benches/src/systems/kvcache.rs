@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
-use kvcache_client::{Client, ClientConfig, GetOutcome, Transport};
+use kvcache_client::{Client, ClientConfig, GetOutcome, TransportChoice};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::PutStatus;
 
@@ -44,7 +44,7 @@ pub struct KvConn {
 }
 
 impl KvConn {
-    pub async fn connect(addr: &str, transport: Transport) -> anyhow::Result<Self> {
+    pub async fn connect(addr: &str, transport: TransportChoice) -> anyhow::Result<Self> {
         let mut cfg = ClientConfig::new(addr);
         cfg.max_connections = 1;
         cfg.transport = transport;

@@ -29,15 +29,15 @@ pub enum Op {
     /// carries their file descriptors.
     ShmAttach = 6,
     /// Shared memory: lease blocks and learn where they lie in the pool.
-    ShmGet = 7,
+    LeaseGet = 7,
     /// Shared memory: end a lease. One-way: the node sends no reply.
-    ShmRelease = 8,
+    Release = 8,
     /// Shared memory: store blocks the client wrote into its staging window.
-    ShmPut = 9,
+    StagedPut = 9,
     /// Lists stored keys in key order, a page at a time (a joining node warms itself with it).
     ListKeys = 10,
     /// RDMA (TCP connections): exchange queue-pair endpoints and registered regions; then the
-    /// connection serves `ShmGet`, `ShmRelease` and `ShmPut` with bytes moved by one-sided
+    /// connection serves `LeaseGet`, `Release` and `StagedPut` with bytes moved by one-sided
     /// READs from the pool and WRITEs into the connection's staging window.
     RdmaConnect = 11,
     /// Authentication: the first frame on a connection to a node started with `--auth`
@@ -56,9 +56,9 @@ impl Op {
         Op::Exists,
         Op::PrefixMatch,
         Op::ShmAttach,
-        Op::ShmGet,
-        Op::ShmRelease,
-        Op::ShmPut,
+        Op::LeaseGet,
+        Op::Release,
+        Op::StagedPut,
         Op::ListKeys,
         Op::RdmaConnect,
         Op::Hello,
@@ -72,9 +72,9 @@ impl Op {
             4 => Op::Exists,
             5 => Op::PrefixMatch,
             6 => Op::ShmAttach,
-            7 => Op::ShmGet,
-            8 => Op::ShmRelease,
-            9 => Op::ShmPut,
+            7 => Op::LeaseGet,
+            8 => Op::Release,
+            9 => Op::StagedPut,
             10 => Op::ListKeys,
             11 => Op::RdmaConnect,
             12 => Op::Hello,
@@ -92,9 +92,9 @@ impl Op {
             Op::Exists => "exists",
             Op::PrefixMatch => "prefix_match",
             Op::ShmAttach => "shm_attach",
-            Op::ShmGet => "shm_get",
-            Op::ShmRelease => "shm_release",
-            Op::ShmPut => "shm_put",
+            Op::LeaseGet => "shm_get",
+            Op::Release => "shm_release",
+            Op::StagedPut => "shm_put",
             Op::ListKeys => "list_keys",
             Op::RdmaConnect => "rdma_connect",
             Op::Hello => "hello",

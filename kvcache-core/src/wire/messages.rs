@@ -154,9 +154,9 @@ pub struct RdmaConnectReply {
     pub lease_timeout_ms: u32,
 }
 
-/// `ShmGet` request: lease these blocks.
+/// `LeaseGet` request: lease these blocks.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct ShmGetRequest {
+pub struct LeaseGetRequest {
     #[prost(bytes = "vec", tag = "1")]
     pub keys: Vec<u8>,
     /// The node checks every chunk of each block before it answers, and a block that fails is
@@ -167,10 +167,10 @@ pub struct ShmGetRequest {
     pub verify: bool,
 }
 
-/// `ShmGet` reply: per key its place in the pool (`lens[i]` = 0 for a miss) and the checksum of
+/// `LeaseGet` reply: per key its place in the pool (`lens[i]` = 0 for a miss) and the checksum of
 /// its trailer, all leased under `lease_id` until released.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct ShmGetReply {
+pub struct LeaseGetReply {
     #[prost(uint64, tag = "1")]
     pub lease_id: u64,
     #[prost(uint64, repeated, tag = "2")]
@@ -181,20 +181,20 @@ pub struct ShmGetReply {
     pub trailer_checksums: Vec<u64>,
 }
 
-/// `ShmRelease` (one-way): ends a lease. `suspect` lists keys whose bytes failed the client's
+/// `Release` (one-way): ends a lease. `suspect` lists keys whose bytes failed the client's
 /// check; the node re-verifies them itself and drops any that fail.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct ShmReleaseRequest {
+pub struct ReleaseRequest {
     #[prost(uint64, tag = "1")]
     pub lease_id: u64,
     #[prost(bytes = "vec", tag = "2")]
     pub suspect: Vec<u8>,
 }
 
-/// `ShmPut` request: `keys[i]` has `lens[i]` bytes at `offsets[i]` of the staging window.
+/// `StagedPut` request: `keys[i]` has `lens[i]` bytes at `offsets[i]` of the staging window.
 /// The reply is a `PutReply`.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct ShmPutRequest {
+pub struct StagedPutRequest {
     #[prost(bytes = "vec", tag = "1")]
     pub keys: Vec<u8>,
     #[prost(uint32, repeated, tag = "2")]

@@ -121,7 +121,7 @@ pub struct StoreStats {
 /// Where the pool lives.
 enum Pool {
     Private(HostRegion),
-    /// Mappable by same-node clients (see `crate::shm`).
+    /// Mappable by same-node clients (see `crate::dataplane::unix`).
     Shared(ShmRegion),
 }
 

@@ -1,23 +1,29 @@
-//! The client side of shared memory: attach over the node's Unix socket, map the pool once
-//! (read-only) and a staging window per connection (read-write), copy blocks out of the pool
-//! with verification, and lay blocks into the staging window for puts.
+//! The shared-memory byte path: attach over the node's Unix socket, map the pool once
+//! (read-only) and a staging window per connection (read-write); gets lease blocks, copy them
+//! out of the pool with verification and release them; puts lay blocks into the staging window
+//! and commit them with `StagedPut`.
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use kvcache_core::checksum::{self, Scatter};
+use kvcache_core::BlockKey;
+use kvcache_core::checksum;
 use kvcache_core::wire::{
-    ErrorCode, ErrorReply, FrameHeader, FrameLimits, HEADER_LEN, Op, PingReply, ShmAttachReply,
-    ShmAttachRequest,
+    ErrorCode, ErrorReply, FrameHeader, FrameLimits, HEADER_LEN, LeaseGetReply, Op, PingReply,
+    PutStatus, ShmAttachReply, ShmAttachRequest,
 };
 use kvcache_transport::ShmView;
+use kvcache_transport::frame_io;
 use kvcache_transport::shm::recv_with_fds;
-use kvcache_transport::tcp;
 use prost::Message;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
-use crate::ClientError;
+use crate::config::GetOutcome;
+use crate::connection::{Connection, hello};
+use crate::error::ClientError;
+use crate::path::staged::{aligned_end, commit_staged, staged_batch};
+use crate::verify::copy_verified_from;
 
 /// The node's pool, mapped read-only; shared by every connection attached to the same pool.
 pub(crate) struct ShmPool {
@@ -49,16 +55,38 @@ pub(crate) fn unavailable_reason(ping: &PingReply) -> Option<String> {
     None
 }
 
+/// Connects to a node's shared-memory socket and attaches: the control channel and the
+/// mappings. `known` is the pool this client already maps, reused when the node still serves
+/// the same one.
+pub(crate) async fn open(
+    path: &str,
+    staging_bytes: u64,
+    known: Option<Arc<ShmPool>>,
+    token: Option<&str>,
+) -> Result<(Connection, Attached), ClientError> {
+    let mut stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ClientError::Connect {
+            addr: path.to_string(),
+            source,
+        })?;
+    if let Some(token) = token {
+        hello(&mut stream, token).await?;
+    }
+    let attached = attach(&mut stream, staging_bytes, known).await?;
+    Ok((Connection::from_unix(stream, 1), attached))
+}
+
 /// Sends `ShmAttach` on a fresh connection and maps what the node hands back. `known` is a
 /// pool already mapped by this client: reused if the node reports the same pool.
-pub(crate) async fn attach(
+async fn attach(
     stream: &mut UnixStream,
     staging_bytes: u64,
     known: Option<Arc<ShmPool>>,
 ) -> Result<Attached, ClientError> {
     let req = ShmAttachRequest { staging_bytes }.encode_to_vec();
     let head = FrameHeader::request(Op::ShmAttach, 1, req.len(), 0);
-    tcp::write_frame(stream, &head, &req, &[]).await?;
+    frame_io::write_frame(stream, &head, &req, &[]).await?;
     // The descriptors ride on the reply's first byte; read exactly the reply, nothing beyond.
     let mut fds = Vec::new();
     let mut header = [0u8; HEADER_LEN];
@@ -130,7 +158,7 @@ impl ShmPool {
     /// Copies the leased block at `offset` (of `len` data bytes, trailer checksum `trailer_sum`)
     /// into `dst`, checking every chunk as it lands there. False if any check fails: the bytes
     /// in `dst` are then unspecified and the caller reports a miss.
-    pub(crate) fn copy_verified(
+    fn copy_verified(
         &self,
         offset: u64,
         len: usize,
@@ -157,58 +185,16 @@ impl ShmPool {
     }
 }
 
-/// Copies a block of `len` data bytes from `src` (the block as stored: data, then trailer)
-/// into `dst`, checking the trailer against `trailer_sum` and every chunk as it lands; false
-/// if any check fails (what landed must then not be used). Shared memory copies straight out
-/// of the node's pool; RDMA out of the buffer its READ landed in.
-pub(crate) fn copy_verified_from(
-    src: &[u8],
-    len: usize,
-    trailer_sum: u64,
-    dst: &mut [&mut [u8]],
-) -> Result<bool, ClientError> {
-    // Check a private copy of the trailer, so the checks below use what was verified.
-    let trailer = src[checksum::trailer_offset(len)..checksum::stored_len(len)].to_vec();
-    if checksum::trailer_checksum(&trailer) != trailer_sum {
-        return Ok(false);
-    }
-    let mut out = Scatter::new(dst);
-    if out.capacity() != len {
-        return Err(ClientError::InvalidArgument(format!(
-            "destination holds {} bytes for a {len}-byte block",
-            out.capacity()
-        )));
-    }
-    let chunks = checksum::chunk_count(len);
-    for i in 0..chunks {
-        let next = if i + 1 < chunks {
-            &src[checksum::chunk_range(len, i + 1)]
-        } else {
-            &[]
-        };
-        let landed =
-            checksum::copy_chunk_checked(&src[checksum::chunk_range(len, i)], next, &mut out);
-        if landed != Some(checksum::recorded(&trailer, i)) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-/// Where each block of a put went in the staging window.
-pub(crate) struct Staged {
-    pub(crate) offsets: Vec<u64>,
-}
-
 impl Staging {
     /// Window size in bytes.
-    pub(crate) fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.view.len()
     }
 
     /// Copies blocks (each a list of segments of `lens[i]` bytes in all) into the window back
-    /// to back, each at a 64-byte boundary. The caller checked they fit (see [`fits`]).
-    pub(crate) fn stage(&mut self, values: &[&[&[u8]]], lens: &[u64]) -> Staged {
+    /// to back, each at a 64-byte boundary; returns where each went. The caller checked they
+    /// fit ([`staged_batch`]).
+    fn stage(&mut self, values: &[&[&[u8]]], lens: &[u64]) -> Vec<u64> {
         let mut offsets = Vec::with_capacity(values.len());
         let mut at = 0usize;
         for (segs, &len) in values.iter().zip(lens) {
@@ -225,36 +211,129 @@ impl Staging {
             }
             at = aligned_end(at, len);
         }
-        Staged { offsets }
+        offsets
     }
 }
 
-pub(crate) fn aligned_end(at: usize, len: u64) -> usize {
-    (at + len as usize).next_multiple_of(64)
+/// A put: blocks go into the connection's staging window, as many at a time as fit, and the
+/// node copies them into its pool.
+pub(crate) async fn put(
+    c: &mut Connection,
+    a: &mut Attached,
+    keys: &[BlockKey],
+    values: &[&[&[u8]]],
+    lens: &[u64],
+) -> Result<Vec<PutStatus>, ClientError> {
+    let mut statuses = Vec::with_capacity(keys.len());
+    let mut start = 0;
+    while start < keys.len() {
+        let end = start + staged_batch(lens, start, a.staging.len(), "shared-memory")?;
+        let offsets = a.staging.stage(&values[start..end], &lens[start..end]);
+        statuses.extend(commit_staged(c, &keys[start..end], &lens[start..end], offsets).await?);
+        start = end;
+    }
+    Ok(statuses)
 }
 
-/// How many of `lens`, from the start, fit together in a window of `window` bytes.
-pub(crate) fn fits(lens: &[u64], window: usize) -> usize {
-    let mut at = 0usize;
-    for (i, &len) in lens.iter().enumerate() {
-        if at + len as usize > window {
-            return i;
+/// A get into caller segments: lease, copy with verification, release.
+pub(crate) async fn get_into(
+    c: &mut Connection,
+    a: &Attached,
+    keys: &[BlockKey],
+    dst: &mut [Vec<&mut [u8]>],
+) -> Result<Vec<GetOutcome>, ClientError> {
+    let mut leased = Leased::take(c, a, keys).await?;
+    let mut outcomes = Vec::with_capacity(keys.len());
+    for (i, segs) in dst.iter_mut().enumerate() {
+        let expected: usize = segs.iter().map(|s| s.len()).sum();
+        outcomes.push(match leased.len(i) {
+            0 => GetOutcome::Miss,
+            n if n == expected => {
+                if leased.copy(i, segs)? {
+                    GetOutcome::Hit
+                } else {
+                    GetOutcome::Miss
+                }
+            }
+            n => GetOutcome::WrongSize {
+                stored: n,
+                expected,
+            },
+        });
+    }
+    leased.release(c).await?;
+    Ok(outcomes)
+}
+
+/// A get into fresh buffers.
+pub(crate) async fn get_vecs(
+    c: &mut Connection,
+    a: &Attached,
+    keys: &[BlockKey],
+) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+    let mut leased = Leased::take(c, a, keys).await?;
+    let mut values = Vec::with_capacity(keys.len());
+    for i in 0..keys.len() {
+        values.push(match leased.len(i) {
+            0 => None,
+            n => {
+                let mut v = vec![0u8; n];
+                leased.copy(i, &mut [&mut v[..]])?.then_some(v)
+            }
+        });
+    }
+    leased.release(c).await?;
+    Ok(values)
+}
+
+/// Blocks leased by one `LeaseGet`, copied out one by one, then released together.
+struct Leased<'k> {
+    keys: &'k [BlockKey],
+    reply: LeaseGetReply,
+    pool: Arc<ShmPool>,
+    /// Keys whose copy failed its check, reported on release.
+    suspect: Vec<BlockKey>,
+}
+
+impl<'k> Leased<'k> {
+    async fn take(
+        c: &mut Connection,
+        a: &Attached,
+        keys: &'k [BlockKey],
+    ) -> Result<Self, ClientError> {
+        let reply = c.lease(keys, false).await?;
+        Ok(Self {
+            keys,
+            reply,
+            pool: Arc::clone(&a.pool),
+            suspect: Vec::new(),
+        })
+    }
+
+    /// Stored length of key `i`; 0 for a miss.
+    fn len(&self, i: usize) -> usize {
+        self.reply.lens[i] as usize
+    }
+
+    /// Copies key `i`'s block into `dst` (exactly its length); false, and the key is suspect,
+    /// if the bytes failed their check.
+    fn copy(&mut self, i: usize, dst: &mut [&mut [u8]]) -> Result<bool, ClientError> {
+        let (off, sum) = (self.reply.offsets[i], self.reply.trailer_checksums[i]);
+        let ok = self.pool.copy_verified(off, self.len(i), sum, dst)?;
+        if !ok {
+            self.suspect.push(self.keys[i]);
         }
-        at = aligned_end(at, len);
+        Ok(ok)
     }
-    lens.len()
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn blocks_are_packed_on_64_byte_boundaries_until_the_window_is_full() {
-        assert_eq!(fits(&[10, 10, 10], 200), 3);
-        assert_eq!(fits(&[100, 100], 164), 1, "second block starts at 128");
-        assert_eq!(fits(&[100, 100], 228), 2);
-        assert_eq!(fits(&[300], 200), 0);
-        assert_eq!(fits(&[], 0), 0);
+    async fn release(self, c: &mut Connection) -> Result<(), ClientError> {
+        c.release(self.reply.lease_id, &self.suspect).await?;
+        if !self.suspect.is_empty() {
+            tracing::warn!(
+                blocks = self.suspect.len(),
+                "kvcache: blocks failed verification; reported as misses"
+            );
+        }
+        Ok(())
     }
 }

@@ -1,8 +1,8 @@
-//! The client side of RDMA (feature `rdma`): one queue pair per TCP connection, set up by
-//! `RdmaConnect`; gets lease blocks with `ShmGet` and READ them; puts WRITE blocks into the
-//! connection's staging window at the node and send `ShmPut`.
+//! The RDMA byte path (feature `rdma`): one queue pair per TCP connection, set up by
+//! `RdmaConnect`; gets lease blocks with `LeaseGet` and READ them; puts WRITE blocks into the
+//! connection's staging window at the node and send `StagedPut`.
 //!
-//! Memory the caller registered ([`crate::Client::register_memory`], e.g. the engine's KV
+//! Memory the caller registered ([`Client::register_memory`](crate::node::Client::register_memory), e.g. the engine's KV
 //! tensors, once) is used in place: a block's READ scatters straight into its KV segments
 //! and its checksums are checked there; a put's WRITE gathers straight from them. Any other
 //! memory goes through the connection's registered landing buffer, from which a get is
@@ -15,14 +15,16 @@ use std::time::Duration;
 
 use kvcache_core::BlockKey;
 use kvcache_core::checksum;
-use kvcache_core::wire::{self, Op, RdmaConnectReply, RdmaConnectRequest, ShmGetReply};
+use kvcache_core::wire::{LeaseGetReply, Op, PutStatus, RdmaConnectReply, RdmaConnectRequest};
 use kvcache_transport::rdma::verbs::{Device, Direction, Link, Registration};
 use kvcache_transport::rdma::{QpEndpoint, RemoteRegion, WorkRequest, scatter_plan};
 use kvcache_transport::{HostRegion, LockMode, MemoryRegion};
 
+use crate::config::GetOutcome;
 use crate::connection::Connection;
-use crate::shm::{aligned_end, copy_verified_from};
-use crate::{ClientError, GetOutcome};
+use crate::error::ClientError;
+use crate::path::staged::{aligned_end, commit_staged, staged_batch};
+use crate::verify::copy_verified_from;
 
 /// What every RDMA connection of one client shares: the device and the caller's registrations.
 pub(crate) struct Shared {
@@ -231,7 +233,7 @@ impl Attached {
     /// A block outside the pool is a protocol error.
     fn leased_block(
         &self,
-        reply: &ShmGetReply,
+        reply: &LeaseGetReply,
         i: usize,
         expected: usize,
         outcomes: &mut [GetOutcome],
@@ -259,24 +261,26 @@ impl Attached {
 /// A get into caller segments: lease, READ, verify, release.
 pub(crate) async fn get_into(
     c: &mut Connection,
+    a: &mut Attached,
     keys: &[BlockKey],
     dst: &mut [Vec<&mut [u8]>],
 ) -> Result<Vec<GetOutcome>, ClientError> {
-    let reply = c.shm_lease(keys, false).await?;
-    let result = read_leased(c, &reply, dst).await;
+    let reply = c.lease(keys, false).await?;
+    let result = read_leased(a, &reply, dst).await;
     release(c, keys, &reply, result).await
 }
 
 /// A get into fresh buffers, sized from the lease.
 pub(crate) async fn get_vecs(
     c: &mut Connection,
+    a: &mut Attached,
     keys: &[BlockKey],
 ) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
-    let reply = c.shm_lease(keys, false).await?;
+    let reply = c.lease(keys, false).await?;
     let mut bufs: Vec<Vec<u8>> = reply.lens.iter().map(|&l| vec![0u8; l as usize]).collect();
     let result = {
         let mut dst: Vec<Vec<&mut [u8]>> = bufs.iter_mut().map(|b| vec![&mut b[..]]).collect();
-        read_leased(c, &reply, &mut dst).await
+        read_leased(a, &reply, &mut dst).await
     };
     let outcomes = release(c, keys, &reply, result).await?;
     Ok(outcomes
@@ -292,11 +296,11 @@ pub(crate) async fn get_vecs(
 /// against the lease, which proves the READ took the leased block. Leased blocks do not change.
 pub(crate) async fn get_into_gpu(
     c: &mut Connection,
+    a: &mut Attached,
     keys: &[BlockKey],
     dst: &[Vec<(u64, u64)>],
 ) -> Result<Vec<GetOutcome>, ClientError> {
     {
-        let a = c.rdma.as_ref().expect("an RDMA connection");
         // Bytes READ into GPU memory are not checked where they land: only a lease that
         // outlives the whole transfer guarantees they are the leased block's.
         if a.lease_timeout <= a.timeout {
@@ -309,17 +313,16 @@ pub(crate) async fn get_into_gpu(
             )));
         }
     }
-    let reply = c.shm_lease(keys, true).await?;
-    let result = read_into_gpu(c, &reply, dst).await;
+    let reply = c.lease(keys, true).await?;
+    let result = read_into_gpu(a, &reply, dst).await;
     release(c, keys, &reply, result).await
 }
 
 async fn read_into_gpu(
-    c: &mut Connection,
-    reply: &ShmGetReply,
+    a: &mut Attached,
+    reply: &LeaseGetReply,
     dst: &[Vec<(u64, u64)>],
 ) -> Result<Vec<GetOutcome>, ClientError> {
-    let a = c.rdma.as_mut().expect("an RDMA connection");
     let mut outcomes = vec![GetOutcome::Miss; dst.len()];
     let mut plan = Vec::new();
     // (block, where its trailer lands in the landing buffer)
@@ -371,7 +374,7 @@ async fn read_into_gpu(
 async fn release(
     c: &mut Connection,
     keys: &[BlockKey],
-    reply: &ShmGetReply,
+    reply: &LeaseGetReply,
     result: Result<Vec<GetOutcome>, ClientError>,
 ) -> Result<Vec<GetOutcome>, ClientError> {
     let suspect: Vec<BlockKey> = match &result {
@@ -384,7 +387,7 @@ async fn release(
             .collect(),
         Err(_) => Vec::new(),
     };
-    let released = c.shm_release(reply.lease_id, &suspect).await;
+    let released = c.release(reply.lease_id, &suspect).await;
     let outcomes = result?;
     released?;
     if !suspect.is_empty() {
@@ -397,11 +400,10 @@ async fn release(
 }
 
 async fn read_leased(
-    c: &mut Connection,
-    reply: &ShmGetReply,
+    a: &mut Attached,
+    reply: &LeaseGetReply,
     dst: &mut [Vec<&mut [u8]>],
 ) -> Result<Vec<GetOutcome>, ClientError> {
-    let a = c.rdma.as_mut().expect("an RDMA connection");
     let mut outcomes = vec![GetOutcome::Miss; dst.len()];
     let mut i = 0;
     while i < dst.len() {
@@ -475,14 +477,15 @@ async fn read_leased(
 }
 
 /// A put: WRITE blocks into the node's staging window (straight from registered memory, else
-/// through the landing buffer), then `ShmPut`, as many blocks at a time as the window holds.
+/// through the landing buffer), then `StagedPut`, as many blocks at a time as the window holds.
 pub(crate) async fn put(
     c: &mut Connection,
+    a: &mut Attached,
     keys: &[BlockKey],
     values: &[&[&[u8]]],
     lens: &[u64],
-) -> Result<Vec<wire::PutStatus>, ClientError> {
-    put_with(c, keys, lens, |a, i, at| {
+) -> Result<Vec<PutStatus>, ClientError> {
+    put_with(c, a, keys, lens, |a, i, at| {
         let segs = values[i];
         let spans: Vec<(u64, u64)> = segs
             .iter()
@@ -509,11 +512,12 @@ pub(crate) async fn put(
 /// spans into the node's staging window, and the node checksums it as it commits.
 pub(crate) async fn put_from_gpu(
     c: &mut Connection,
+    a: &mut Attached,
     keys: &[BlockKey],
     src: &[Vec<(u64, u64)>],
     lens: &[u64],
-) -> Result<Vec<wire::PutStatus>, ClientError> {
-    put_with(c, keys, lens, |a, i, _| {
+) -> Result<Vec<PutStatus>, ClientError> {
+    put_with(c, a, keys, lens, |a, i, _| {
         a.shared
             .gpu_segments(&src[i])
             .ok_or_else(|| not_gpu_registered(i))
@@ -525,28 +529,27 @@ pub(crate) async fn put_from_gpu(
 /// segments, given the landing-buffer offset `at` it may stage them at.
 async fn put_with(
     c: &mut Connection,
+    a: &mut Attached,
     keys: &[BlockKey],
     lens: &[u64],
     mut pieces: impl FnMut(&Attached, usize, usize) -> Result<Vec<(u64, u64, u32)>, ClientError>,
-) -> Result<Vec<wire::PutStatus>, ClientError> {
+) -> Result<Vec<PutStatus>, ClientError> {
     let mut statuses = Vec::with_capacity(keys.len());
     let mut start = 0;
     while start < keys.len() {
-        let a = c.rdma.as_mut().expect("an RDMA connection");
         let window = a.staging.len.min(a.landing_mem.len() as u64) as usize;
-        let n = crate::staged_batch(lens, start, window, "RDMA")?;
+        let n = staged_batch(lens, start, window, "RDMA")?;
         let end = start + n;
         let mut plan = Vec::new();
         let mut offsets = Vec::with_capacity(n);
         let mut at = 0usize;
         for (i, &len) in (start..end).zip(&lens[start..end]) {
             offsets.push(at as u64);
-            plan.extend(a.plan(at as u64, &pieces(a, i, at)?)?);
+            plan.extend(a.plan(at as u64, &pieces(&*a, i, at)?)?);
             at = aligned_end(at, len);
         }
         a.run(Direction::Write, &plan).await?;
-        statuses
-            .extend(crate::commit_staged(c, &keys[start..end], &lens[start..end], offsets).await?);
+        statuses.extend(commit_staged(c, &keys[start..end], &lens[start..end], offsets).await?);
         start = end;
     }
     Ok(statuses)

@@ -1,5 +1,5 @@
-//! The framed TCP data plane: read and write `header ‖ control ‖ payload` frames on any tokio
-//! stream. Payload bytes are written from, and read into, caller-provided slices, so a block
+//! Framed I/O: read and write `header ‖ control ‖ payload` frames on any tokio stream (TCP or
+//! the node's Unix socket). Payload bytes are written from, and read into, caller-provided slices, so a block
 //! moves between the socket and its final place in memory without an intermediate copy.
 
 use std::io::{self, IoSlice};

@@ -1,0 +1,66 @@
+//! Store steps every byte path shares: leasing a request's blocks (promoting misses from the
+//! tier below off the async workers), allocating without stalling them, and counting refusals.
+
+use std::sync::Arc;
+
+use kvcache_core::BlockKey;
+use kvcache_core::wire::PutStatus;
+
+use crate::dataplane::request::ServiceContext;
+use crate::metrics::PutRejection;
+use crate::store::{AllocError, Lease, Store};
+
+/// Runs store work that may wait on a lower tier (an eviction that hands blocks down to a full
+/// disk queue, RocksDB lookups) without stalling the other connections served by this worker
+/// thread. Without a lower tier the store never blocks and `f` runs inline.
+pub(crate) fn may_block<T>(store: &Store, f: impl FnOnce() -> T) -> T {
+    if store.has_lower() {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
+/// The status of a block that could not be allocated, counted in the metrics.
+pub(crate) fn put_refused(ctx: &ServiceContext, e: AllocError) -> PutStatus {
+    let (status, why) = match e {
+        AllocError::AlreadyPresent => return PutStatus::AlreadyPresent,
+        AllocError::TooLarge { .. } => (PutStatus::TooLarge, PutRejection::TooLarge),
+        AllocError::PoolFull => (PutStatus::PoolFull, PutRejection::PoolFull),
+        AllocError::Empty => (PutStatus::Empty, PutRejection::Empty),
+    };
+    ctx.metrics.put_rejected(why);
+    status
+}
+
+/// Leases every key's block, in order (`None` for a miss). Keys memory misses are brought up
+/// from the disk tier, if there is one, on a blocking thread.
+pub(crate) async fn lease_all(store: &Arc<Store>, keys: &[BlockKey]) -> Vec<Option<Lease>> {
+    let mut leases: Vec<Option<Lease>> = keys.iter().map(|&k| store.lease(k)).collect();
+    if !store.has_lower() {
+        return leases;
+    }
+    let missed: Vec<(usize, BlockKey)> = leases
+        .iter()
+        .zip(keys)
+        .enumerate()
+        .filter(|(_, (l, _))| l.is_none())
+        .map(|(i, (_, &k))| (i, k))
+        .collect();
+    if missed.is_empty() {
+        return leases;
+    }
+    let store = Arc::clone(store);
+    let promoted = tokio::task::spawn_blocking(move || {
+        missed
+            .into_iter()
+            .map(|(i, k)| (i, store.lease_or_promote(k)))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for (i, lease) in promoted {
+        leases[i] = lease;
+    }
+    leases
+}
