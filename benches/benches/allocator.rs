@@ -1,7 +1,7 @@
 //! Page allocator: alloc+free of a 1 MiB block (256 pages) on a fragmented 4 GiB pool.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use kvcache_server::store::allocator::PageAllocator;
+use kvcache_store::allocator::PageAllocator;
 
 fn bench(c: &mut Criterion) {
     let mut a = PageAllocator::new(1 << 20);

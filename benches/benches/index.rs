@@ -2,9 +2,9 @@
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use kvcache_core::BlockKey;
-use kvcache_server::store::allocator::PageRun;
-use kvcache_server::store::eviction::PolicyKind;
-use kvcache_server::store::index::{LeaseOutcome, Location, Shard};
+use kvcache_store::allocator::PageRun;
+use kvcache_store::eviction::PolicyKind;
+use kvcache_store::index::{LeaseOutcome, Location, Shard};
 
 fn key(i: u64) -> BlockKey {
     BlockKey((i as u128).wrapping_mul(0x9e3779b97f4a7c15_f39cc0605cedc835))

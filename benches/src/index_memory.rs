@@ -5,9 +5,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 use kvcache_core::BlockKey;
-use kvcache_server::store::allocator::PageRun;
-use kvcache_server::store::eviction::PolicyKind;
-use kvcache_server::store::index::{Location, Shard};
+use kvcache_store::allocator::PageRun;
+use kvcache_store::eviction::PolicyKind;
+use kvcache_store::index::{Location, Shard};
 
 /// Counts live heap bytes.
 pub struct Counting;

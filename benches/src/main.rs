@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kvcache_core::ByteSize;
-use kvcache_server::store::eviction::PolicyKind;
+use kvcache_store::eviction::PolicyKind;
 
 #[global_allocator]
 static ALLOC: index_memory::Counting = index_memory::Counting;

@@ -19,7 +19,7 @@
 //! chunk, and puts go through a staging window. Otherwise RDMA when both ends have a device
 //! (feature `rdma`), else, or with [`TransportChoice::Tcp`], bytes travel inline over TCP.
 //!
-//! The rooms: [`node`] (one node's [`Client`]), `cluster` (many nodes on a ring), `config`
+//! The rooms: `node` (one node's [`Client`]), `cluster` (many nodes on a ring), `config`
 //! (settings and outcomes), `connection` (the control channel), `path` (the byte paths: TCP,
 //! shared memory, RDMA), `verify` (the checked copy every reading path uses), `deadline` (one
 //! deadline per call) and `error`.

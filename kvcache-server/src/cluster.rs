@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use crate::auth::Auth;
 use crate::config::{ClusterConfig, Membership};
 use crate::metrics::Metrics;
-use crate::store::{CommitOutcome, Store};
+use kvcache_store::{CommitOutcome, Store};
 
 /// How often the node re-reads the members (as clients of `etcd://` do).
 const REFRESH: Duration = Duration::from_millis(500);

@@ -11,8 +11,8 @@ use kvcache_core::wire::FrameLimits;
 use kvcache_transport::LockMode;
 use serde::Deserialize;
 
-use crate::store::StoreConfig;
-use crate::store::eviction::PolicyKind;
+use kvcache_store::StoreConfig;
+use kvcache_store::eviction::PolicyKind;
 
 /// Whether to lock the pool in RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use crate::metrics::Metrics;
-use crate::store::Store;
+use kvcache_store::Store;
 
 /// What the HTTP listener serves.
 pub struct HttpContext {

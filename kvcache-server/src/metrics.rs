@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kvcache_core::wire::Op;
 
-use crate::store::StoreStats;
+use kvcache_store::StoreStats;
 
 /// Latency bucket upper bounds, in seconds.
 const BUCKETS: [f64; 18] = [
@@ -593,7 +593,7 @@ impl Metrics {
 
 /// One lower tier's metrics, named after it (`kvcache_disk_*`, `kvcache_gpu_*`). Promotions
 /// into memory are counted on the top tier.
-fn render_tier(out: &mut String, t: &crate::store::TierStats, promotions: Option<u64>) {
+fn render_tier(out: &mut String, t: &kvcache_store::TierStats, promotions: Option<u64>) {
     let tier = t.name;
     let mut lines: Vec<(&str, &str, String, u64)> = vec![
         (

@@ -17,7 +17,7 @@ use crate::dataplane::unix::{self, ShmServe};
 use crate::dataplane::{rdma, session::UpgradePath};
 use crate::http::{self, HttpContext};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use kvcache_store::Store;
 
 /// A server accepting connections; [`RunningServer::shutdown`] stops it.
 pub struct RunningServer {
@@ -250,22 +250,22 @@ impl RunningServer {
 fn lower_tiers(
     cfg: &ServerConfig,
     store: &Store,
-) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
+) -> anyhow::Result<Option<Arc<dyn kvcache_store::LowerTier>>> {
     let disk = open_disk(cfg)?;
     open_gpu(cfg, store, disk)
 }
 
 #[cfg(feature = "disk")]
-fn open_disk(cfg: &ServerConfig) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
+fn open_disk(cfg: &ServerConfig) -> anyhow::Result<Option<Arc<dyn kvcache_store::LowerTier>>> {
     let Some((path, capacity)) = &cfg.disk else {
         return Ok(None);
     };
-    let cfg = crate::disk::DiskConfig::new(path.clone(), *capacity);
-    Ok(Some(crate::disk::DiskTier::open(cfg)?))
+    let cfg = kvcache_store::tier::disk::DiskConfig::new(path.clone(), *capacity);
+    Ok(Some(kvcache_store::tier::disk::DiskTier::open(cfg)?))
 }
 
 #[cfg(not(feature = "disk"))]
-fn open_disk(_cfg: &ServerConfig) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
+fn open_disk(_cfg: &ServerConfig) -> anyhow::Result<Option<Arc<dyn kvcache_store::LowerTier>>> {
     Ok(None)
 }
 
@@ -273,12 +273,12 @@ fn open_disk(_cfg: &ServerConfig) -> anyhow::Result<Option<Arc<dyn crate::store:
 fn open_gpu(
     cfg: &ServerConfig,
     store: &Store,
-    below: Option<Arc<dyn crate::store::LowerTier>>,
-) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
+    below: Option<Arc<dyn kvcache_store::LowerTier>>,
+) -> anyhow::Result<Option<Arc<dyn kvcache_store::LowerTier>>> {
     let Some((device, bytes)) = cfg.gpu_tier else {
         return Ok(below);
     };
-    let mem = crate::gpu::DeviceMemory::open(device, bytes as usize)
+    let mem = kvcache_store::tier::gpu::DeviceMemory::open(device, bytes as usize)
         .with_context(|| format!("--gpu-tier: cannot allocate {bytes} bytes on GPU {device}"))?;
     tracing::info!(device, size = %kvcache_core::ByteSize(bytes), "GPU tier open");
     // Page-lock the pool with the driver so copies to and from the GPU are plain DMA; without
@@ -295,15 +295,15 @@ fn open_gpu(
             "GPU tier copies go through the driver's staging: the pool could not be registered"
         ),
     }
-    Ok(Some(crate::gpu::GpuTier::new(mem, below)))
+    Ok(Some(kvcache_store::tier::gpu::GpuTier::new(mem, below)))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn open_gpu(
     _cfg: &ServerConfig,
     _store: &Store,
-    below: Option<Arc<dyn crate::store::LowerTier>>,
-) -> anyhow::Result<Option<Arc<dyn crate::store::LowerTier>>> {
+    below: Option<Arc<dyn kvcache_store::LowerTier>>,
+) -> anyhow::Result<Option<Arc<dyn kvcache_store::LowerTier>>> {
     Ok(below)
 }
 

@@ -8,7 +8,7 @@ use kvcache_core::wire::PutStatus;
 
 use crate::dataplane::request::ServiceContext;
 use crate::metrics::PutRejection;
-use crate::store::{AllocError, Lease, Store};
+use kvcache_store::{AllocError, Lease, Store};
 
 /// Runs store work that may wait on a lower tier (an eviction that hands blocks down to a full
 /// disk queue, RocksDB lookups) without stalling the other connections served by this worker

@@ -18,7 +18,8 @@ use crate::dataplane::request::{
     ConnResult, Outcome, ServiceContext, decode, io_err, keyed, send_reply, try_outcome,
 };
 use crate::metrics::Via;
-use crate::store::{CommitOutcome, checksum};
+use kvcache_core::checksum;
+use kvcache_store::CommitOutcome;
 
 /// Verified get payload gathered per vectored write: small enough to be copied from L2 after
 /// verification, large enough to amortise the syscall. Measured against 128 KiB and whole-reply

@@ -1,10 +1,10 @@
-//! RDMA for clients on other hosts (feature `rdma`): an [`Upgrade`] of a TCP connection.
+//! RDMA for clients on other hosts (feature `rdma`): an [`Upgrade`](crate::dataplane::session::Upgrade) of a TCP connection.
 //!
 //! At start the node opens the first RDMA device with an active port and registers its pool
 //! for remote reads only. A client sends `RdmaConnect` on an ordinary TCP connection with its
 //! queue pair's endpoint; the node creates a queue pair, connects it to the client's, and
 //! answers with its own endpoint, the pool's region and a staging window registered for remote
-//! writes only. From then on that connection is a [`Session`]: `LeaseGet` leases blocks and
+//! writes only. From then on that connection is a [`Session`](crate::dataplane::session::Session): `LeaseGet` leases blocks and
 //! says where they lie, the client READs them (and checks every chunk as it lands), `Release`
 //! ends the lease; for puts the client WRITEs blocks into its staging window and `StagedPut`
 //! copies them into the pool with checksums. As with shared memory, no client can write the
@@ -15,7 +15,7 @@
 
 use crate::config::RdmaConfig;
 use crate::dataplane::session::UpgradePath;
-use crate::store::Store;
+use kvcache_store::Store;
 
 /// Opens the device and registers the pool, or says why not (logged once either way).
 pub fn open(cfg: Option<&RdmaConfig>, store: &Store) -> UpgradePath {
@@ -66,7 +66,7 @@ mod on {
     use crate::dataplane::request::{Outcome, decode};
     use crate::dataplane::session::{Session, Upgrade, staging_window};
     use crate::metrics::Via;
-    use crate::store::Store;
+    use kvcache_store::Store;
 
     pub struct RdmaUpgrade {
         device: Arc<Device>,

@@ -14,7 +14,7 @@ use tokio::io::AsyncWrite;
 
 use crate::auth::{Access, Auth};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use kvcache_store::Store;
 
 /// What every connection needs.
 pub struct ServiceContext {

@@ -34,7 +34,7 @@ use crate::dataplane::request::{
     ConnResult, Outcome, ServiceContext, keyed, send_control, warn_allowed,
 };
 use crate::metrics::Via;
-use crate::store::{CommitOutcome, Lease};
+use kvcache_store::{CommitOutcome, Lease};
 
 /// Most unreleased lease batches one connection may hold; a client past it gets an error.
 const MAX_LEASE_BATCHES: usize = 4096;
@@ -444,7 +444,7 @@ mod tests {
     use kvcache_transport::LockMode;
 
     use super::intact;
-    use crate::store::{Store, StoreConfig};
+    use kvcache_store::{Store, StoreConfig};
 
     #[test]
     fn a_verified_lease_turns_a_corrupt_block_into_a_miss_and_keeps_the_rest() {

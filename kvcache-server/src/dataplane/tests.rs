@@ -22,7 +22,7 @@ use crate::dataplane::connection::{DataPlane, serve_stream};
 use crate::dataplane::request::ServiceContext;
 use crate::dataplane::session::UpgradePath;
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreConfig};
+use kvcache_store::{Store, StoreConfig};
 
 /// A client end of an in-memory connection to a running loop.
 struct Pair {

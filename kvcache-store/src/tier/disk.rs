@@ -48,7 +48,7 @@ use kvcache_core::disk_record::{
 use parking_lot::Mutex;
 use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch};
 
-use crate::store::{LowerTier, TierStats, tier_checksum as checksum};
+use crate::tier::{LowerTier, TierStats, tier_checksum as checksum};
 
 /// A RocksDB key and value.
 type IndexEntry = (Box<[u8]>, Box<[u8]>);

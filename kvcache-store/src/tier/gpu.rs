@@ -21,7 +21,7 @@ use kvcache_core::BlockKey;
 use kvcache_transport::cuda::{CudaError, DeviceBuffer, Gpu};
 use parking_lot::Mutex;
 
-use crate::store::{LowerTier, TierStats, tier_checksum};
+use crate::tier::{LowerTier, TierStats, tier_checksum};
 
 /// Memory the log lives in.
 pub trait TierMemory: Send + 'static {

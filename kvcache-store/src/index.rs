@@ -235,7 +235,7 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::eviction::PolicyKind;
+    use crate::eviction::PolicyKind;
 
     fn loc(start: u32) -> Location {
         Location {

@@ -1,6 +1,7 @@
 use std::sync::Arc;
 
 use kvcache_core::BlockKey;
+use kvcache_core::checksum;
 use kvcache_transport::LockMode;
 
 use super::eviction::PolicyKind;
