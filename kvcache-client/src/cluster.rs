@@ -7,8 +7,8 @@
 //! misses (R = 1) or nothing (R >= 2), never an error. A node that fails is skipped for
 //! `down_for` before it is tried again.
 //!
-//! Members come from a [`MemberSource`]: a fixed list ([`StaticMembers`]) or etcd
-//! ([`EtcdMembers`]), which the cluster asks again every `refresh` and rebuilds its ring from
+//! Members come from a [`MemberSource`] (crate `kvcache-membership`): a fixed list or etcd,
+//! which the cluster asks again every `refresh` and rebuilds its ring from
 //! when the answer changes. If the source fails (etcd down), the last known members stay in use.
 
 use std::collections::BTreeMap;
@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use kvcache_core::wire::PutStatus;
 use kvcache_core::{BlockKey, HashRing};
+use kvcache_membership::MemberSource;
 
 use crate::config::{ClientConfig, GetOutcome, OneSegment};
 use crate::error::ClientError;
@@ -55,94 +56,6 @@ struct Node {
     client: Mutex<Option<Client>>,
     down_until: Mutex<Option<Instant>>,
     cfg: ClientConfig,
-}
-
-/// Where a cluster's members come from.
-pub trait MemberSource: Send + Sync + 'static {
-    /// The current members' `host:port`.
-    fn members(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, ClientError>> + Send + '_>>;
-    /// How often to ask again; `None` for a source that never changes.
-    fn refresh(&self) -> Option<Duration>;
-    /// Where the members come from, for logs.
-    fn describe(&self) -> String;
-}
-
-/// A fixed member list.
-pub struct StaticMembers(pub Vec<String>);
-
-impl MemberSource for StaticMembers {
-    fn members(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, ClientError>> + Send + '_>> {
-        Box::pin(std::future::ready(Ok(self.0.clone())))
-    }
-    fn refresh(&self) -> Option<Duration> {
-        None
-    }
-    fn describe(&self) -> String {
-        format!("static list of {}", self.0.len())
-    }
-}
-
-/// The key prefix under which nodes register in etcd (`kvcache-server --etcd`).
-pub const ETCD_MEMBERS_PREFIX: &str = kvcache_transport::etcd::MEMBERS_PREFIX;
-
-/// Members registered in etcd under [`ETCD_MEMBERS_PREFIX`], each with a lease that its node
-/// keeps alive: a node that dies drops out when its lease expires.
-pub struct EtcdMembers {
-    etcd: kvcache_transport::etcd::Etcd,
-    refresh: Duration,
-}
-
-impl EtcdMembers {
-    /// `url` is `etcd://host:port` or `http://host:port`; members are re-read every `refresh`.
-    pub fn new(url: &str, refresh: Duration, timeout: Duration) -> Result<Self, ClientError> {
-        let etcd = kvcache_transport::etcd::Etcd::new(url, timeout)
-            .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
-        Ok(Self::with_endpoint(etcd, refresh))
-    }
-
-    /// Members from an etcd endpoint already made, re-read every `refresh`.
-    pub fn with_endpoint(etcd: kvcache_transport::etcd::Etcd, refresh: Duration) -> Self {
-        Self { etcd, refresh }
-    }
-}
-
-impl MemberSource for EtcdMembers {
-    fn members(
-        &self,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, ClientError>> + Send + '_>> {
-        Box::pin(async move {
-            let kvs = self
-                .etcd
-                .range_prefix(ETCD_MEMBERS_PREFIX)
-                .await
-                .map_err(|e| ClientError::Membership(e.to_string()))?;
-            let mut members = Vec::with_capacity(kvs.len());
-            for (key, value) in kvs {
-                let addr = serde_json::from_str::<serde_json::Value>(&value)
-                    .ok()
-                    .and_then(|v| v.get("addr")?.as_str().map(str::to_string));
-                match addr {
-                    Some(addr) => members.push(addr),
-                    None => {
-                        tracing::warn!(key, value, "etcd member record without an addr; ignored")
-                    }
-                }
-            }
-            members.sort();
-            members.dedup();
-            Ok(members)
-        })
-    }
-    fn refresh(&self) -> Option<Duration> {
-        Some(self.refresh)
-    }
-    fn describe(&self) -> String {
-        format!("etcd at {}", self.etcd.addr())
-    }
 }
 
 /// One membership: the ring and the nodes on it.

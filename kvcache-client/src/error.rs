@@ -63,3 +63,9 @@ pub(crate) fn same_len(keys: usize, other: usize, what: &str) -> Result<(), Clie
         )))
     }
 }
+
+impl From<kvcache_membership::MembershipError> for ClientError {
+    fn from(e: kvcache_membership::MembershipError) -> Self {
+        ClientError::Membership(e.to_string())
+    }
+}

@@ -33,10 +33,10 @@ mod node;
 mod path;
 mod verify;
 
-pub use cluster::{
-    Cluster, ClusterConfig, ClusterStats, ETCD_MEMBERS_PREFIX, EtcdMembers, MemberSource,
-    StaticMembers,
-};
+pub use cluster::{Cluster, ClusterConfig, ClusterStats};
 pub use config::{ClientConfig, DeviceSpan, GetOutcome, PathKind, TransportChoice};
 pub use error::ClientError;
+pub use kvcache_membership::{
+    EtcdMembers, MEMBERS_PREFIX as ETCD_MEMBERS_PREFIX, MemberSource, StaticMembers,
+};
 pub use node::Client;

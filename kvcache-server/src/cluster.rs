@@ -12,12 +12,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvcache_client::{
-    Client, ClientConfig, ClientError, Cluster, EtcdMembers, MemberSource, StaticMembers,
-    TransportChoice,
-};
+use kvcache_client::{Client, ClientConfig, ClientError, Cluster, TransportChoice};
 use kvcache_core::BlockKey;
-use kvcache_transport::etcd::{Etcd, EtcdError, MEMBERS_PREFIX};
+use kvcache_membership::{
+    EtcdError, EtcdMembers, MEMBERS_PREFIX, MemberSource, Registration, RegistrationObserver,
+    StaticMembers,
+};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -54,13 +54,14 @@ pub fn start(
             };
             // Renewal runs on a thread and runtime of its own: a node whose workers are busy
             // (a slow disk under eviction) must not miss its TTL and fall off the ring.
-            let (metrics, shutdown) = (Arc::clone(metrics), shutdown.clone());
+            let observer: Arc<dyn RegistrationObserver> = Arc::clone(metrics) as _;
+            let shutdown = shutdown.clone();
             let renewal = tokio::task::spawn_blocking(move || {
                 match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(registration.run(metrics, shutdown)),
+                    Ok(rt) => rt.block_on(registration.run(observer, shutdown)),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot start the etcd renewal runtime; not registering")
                     }
@@ -275,88 +276,13 @@ impl NodeView {
     }
 }
 
-/// What the node registers, and where.
-pub struct Registration {
-    pub etcd: Etcd,
-    pub node_id: String,
-    pub advertise: String,
-    pub ttl: u64,
-}
-
-impl Registration {
-    fn key(&self) -> String {
-        format!("{MEMBERS_PREFIX}{}", self.node_id)
+/// The registration's state in the node's metrics (`kvcache_etcd_registered`,
+/// `kvcache_etcd_errors_total`).
+impl RegistrationObserver for Metrics {
+    fn registered(&self, yes: bool) {
+        self.etcd_registered(yes);
     }
-
-    /// Renews `lease`, or registers anew when there is none or etcd forgot it.
-    async fn renew(&self, lease: Option<i64>) -> Result<i64, EtcdError> {
-        if let Some(id) = lease
-            && self.etcd.keep_alive(id).await?
-        {
-            return Ok(id);
-        }
-        let id = self.etcd.grant(self.ttl).await?;
-        let value = serde_json::json!({ "addr": self.advertise }).to_string();
-        self.etcd.put(&self.key(), &value, Some(id)).await?;
-        tracing::info!(
-            etcd = self.etcd.addr(),
-            key = self.key(),
-            addr = self.advertise,
-            ttl_s = self.ttl,
-            "registered in etcd"
-        );
-        Ok(id)
-    }
-
-    /// Keeps the registration alive until shutdown, then revokes it.
-    pub async fn run(self, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
-        let period = Duration::from_millis(self.ttl * 1000 / 3);
-        let mut lease = None;
-        let mut failing = false;
-        loop {
-            match self.renew(lease).await {
-                Ok(id) => {
-                    if failing {
-                        tracing::info!(etcd = self.etcd.addr(), "etcd reachable again");
-                    }
-                    (lease, failing) = (Some(id), false);
-                    metrics.etcd_registered(true);
-                }
-                Err(e @ EtcdError::Denied { .. }) => {
-                    metrics.etcd_error();
-                    if !failing {
-                        tracing::error!(etcd = self.etcd.addr(), error = %e, "etcd refuses this node's registration: give its etcd user a role that may write /kvcache/members/; serving, but clients of etcd will not find this node");
-                    }
-                    failing = true;
-                    metrics.etcd_registered(false);
-                }
-                Err(e) => {
-                    metrics.etcd_error();
-                    if !failing {
-                        tracing::warn!(etcd = self.etcd.addr(), error = %e, "cannot renew the etcd registration; still serving, retrying");
-                    }
-                    failing = true;
-                    metrics.etcd_registered(false);
-                }
-            }
-            let wait = if failing {
-                Duration::from_secs(1).min(period)
-            } else {
-                period
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.wait_for(|s| *s) => break,
-            }
-        }
-        if let Some(id) = lease {
-            match self.etcd.revoke(id).await {
-                Ok(()) => tracing::info!(key = self.key(), "left the cluster (etcd lease revoked)"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot revoke the etcd lease; it expires by itself")
-                }
-            }
-        }
-        metrics.etcd_registered(false);
+    fn failed(&self) {
+        self.etcd_error();
     }
 }

@@ -283,7 +283,7 @@ pub struct RdmaConfig {
 #[derive(Clone, Debug)]
 pub struct EtcdConfig {
     /// The endpoint, checked while resolving (each call bounded by 2 s).
-    pub endpoint: kvcache_transport::etcd::Etcd,
+    pub endpoint: kvcache_membership::Etcd,
     /// `None`: the advertised address.
     pub node_id: Option<String>,
     pub ttl: u64,
@@ -557,7 +557,7 @@ impl Settings {
                 return Ok(None);
             }
             (Some(url), None) => {
-                let endpoint = kvcache_transport::etcd::Etcd::new(url, Duration::from_secs(2))?;
+                let endpoint = kvcache_membership::Etcd::new(url, Duration::from_secs(2))?;
                 let ttl = self.etcd_ttl.unwrap_or(3);
                 if !(1..=3600).contains(&ttl) {
                     bail!("--etcd-ttl must be between 1 and 3600 seconds");

@@ -410,7 +410,7 @@ impl Client {
                 Some(url) => {
                     let source =
                         EtcdMembers::new(&url, ETCD_REFRESH, Duration::from_secs_f64(timeout_s))
-                            .map_err(to_py)?;
+                            .map_err(|e| to_py(ClientError::InvalidArgument(e.to_string())))?;
                     // The membership watch it spawns runs on the I/O runtime's threads.
                     block(py, Cluster::with_source(Arc::new(source), cluster)).map_err(to_py)?
                 }

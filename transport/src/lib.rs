@@ -5,14 +5,12 @@
 //! - [`frame_io`]: framed I/O on any stream (TCP or Unix socket): header, prost control
 //!   message, raw payload read into and written from the caller's memory;
 //! - [`shm`]: same-node shared memory: descriptor passing and same-host detection;
-//! - [`etcd`]: a small etcd v3 client (JSON gateway) for cluster membership;
 //! - [`rdma`]: negotiation, the queue-pair handshake messages, scatter plans and completion
 //!   outcomes (device-free, always built), and the device probe (feature `rdma`);
 //! - `cuda` (feature `cuda`): GPU memory, pinned staging and stream copies through the driver.
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod etcd;
 pub mod frame_io;
 pub mod rdma;
 pub mod region;
