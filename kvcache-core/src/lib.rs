@@ -16,6 +16,7 @@ pub mod checksum;
 pub mod chunk_hash;
 pub mod disk_record;
 pub mod key;
+pub mod metric_names;
 pub mod namespace;
 pub mod ring;
 pub mod size;

@@ -1,7 +1,6 @@
-//! The metrics and health listener: a deliberately small HTTP/1.1 responder (one request per
-//! connection) so the daemon needs no web framework. Routes:
-//! - `GET /metrics`: Prometheus text;
-//! - `GET /health`: 200 `{"status":"ok"}` while serving, 503 while shutting down;
+//! The metrics and health listener, on axum (the workspace's one HTTP convention). Routes:
+//! - `GET /metrics`: OpenMetrics text (the names: `kvcache_core::metric_names`);
+//! - `GET /health`: 200 `{"status":"ok",...}` while serving, 503 while shutting down;
 //! - `POST /debug/corrupt/<32 hex key>`: flips a byte of a stored block (only with
 //!   `--enable-test-hooks`, and only for callers on loopback; for fault-injection tests).
 //!
@@ -12,13 +11,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
+use axum::extract::{Extension, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
 use kvcache_core::BlockKey;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use kvcache_store::Store;
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::metrics::Metrics;
-use kvcache_store::Store;
+use crate::metrics::render::CONTENT_TYPE;
+
+/// Longest one metrics-port connection may live.
+const CONNECTION_LIMIT: Duration = Duration::from_secs(10);
 
 /// What the HTTP listener serves.
 pub struct HttpContext {
@@ -29,6 +38,26 @@ pub struct HttpContext {
     pub max_connections: usize,
 }
 
+/// The routes' shared state.
+#[derive(Clone)]
+struct Served {
+    ctx: Arc<HttpContext>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Whether the connection's peer is on loopback.
+#[derive(Clone, Copy)]
+struct Loopback(bool);
+
+fn router(ctx: Arc<HttpContext>, shutdown: watch::Receiver<bool>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/debug/corrupt/{key}", post(corrupt))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "routes: GET /metrics, GET /health\n") })
+        .with_state(Served { ctx, shutdown })
+}
+
 /// Accepts HTTP connections until shutdown.
 pub async fn serve(
     listener: TcpListener,
@@ -36,6 +65,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(ctx.max_connections));
+    let routes = router(Arc::clone(&ctx), shutdown.clone());
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -50,15 +80,13 @@ pub async fn serve(
                     drop(stream);
                     continue;
                 };
-                let ctx = Arc::clone(&ctx);
-                let stopping = *shutdown.borrow();
-                let local = peer.ip().is_loopback();
+                let service = routes
+                    .clone()
+                    .layer(Extension(Loopback(peer.ip().is_loopback())));
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(10),
-                        respond(stream, &ctx, stopping, local),
-                    )
-                    .await;
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+                    let _ = tokio::time::timeout(CONNECTION_LIMIT, conn).await;
                     drop(slot);
                 });
             }
@@ -70,83 +98,48 @@ pub async fn serve(
     }
 }
 
-async fn respond(
-    mut stream: TcpStream,
-    ctx: &HttpContext,
-    stopping: bool,
-    local: bool,
-) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() > 16 * 1024 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, content_type, body) = route(ctx, method, path, stopping, local);
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+async fn metrics(State(s): State<Served>) -> Response {
+    let body = s.ctx.metrics.render(&s.ctx.store.stats());
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response()
 }
 
-fn route(
-    ctx: &HttpContext,
-    method: &str,
-    path: &str,
-    stopping: bool,
-    local: bool,
-) -> (&'static str, &'static str, String) {
-    const TEXT: &str = "text/plain; charset=utf-8";
-    const JSON: &str = "application/json";
-    match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            ctx.metrics.render(&ctx.store.stats()),
-        ),
-        ("GET", "/health") if stopping => (
-            "503 Service Unavailable",
-            JSON,
-            "{\"status\":\"shutting_down\"}".into(),
-        ),
-        ("GET", "/health") => {
-            let s = ctx.store.stats();
-            let body = format!(
-                "{{\"status\":\"ok\",\"blocks\":{},\"used_bytes\":{},\"capacity_bytes\":{}}}",
-                s.blocks, s.used_bytes, s.capacity_bytes
-            );
-            ("200 OK", JSON, body)
-        }
-        ("POST", p) if ctx.test_hooks && p.starts_with("/debug/") && !local => (
-            "403 Forbidden",
-            TEXT,
-            "test hooks answer only callers on loopback\n".into(),
-        ),
-        ("POST", p) if ctx.test_hooks && p.starts_with("/debug/corrupt/") => {
-            match BlockKey::from_hex(&p["/debug/corrupt/".len()..]) {
-                Some(key) if ctx.store.corrupt_block_for_test(key) => {
-                    ("200 OK", TEXT, "corrupted\n".into())
-                }
-                Some(_) => ("404 Not Found", TEXT, "no such unleased block\n".into()),
-                None => (
-                    "400 Bad Request",
-                    TEXT,
-                    "expected 32 hex characters\n".into(),
-                ),
-            }
-        }
-        _ => (
-            "404 Not Found",
-            TEXT,
-            "routes: GET /metrics, GET /health\n".into(),
-        ),
+async fn health(State(s): State<Served>) -> Response {
+    if *s.shutdown.borrow() {
+        let body = serde_json::json!({ "status": "shutting_down" });
+        return json(StatusCode::SERVICE_UNAVAILABLE, body);
+    }
+    let st = s.ctx.store.stats();
+    let body = serde_json::json!({
+        "status": "ok",
+        "blocks": st.blocks,
+        "used_bytes": st.used_bytes,
+        "capacity_bytes": st.capacity_bytes,
+    });
+    json(StatusCode::OK, body)
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response {
+    let content = [(header::CONTENT_TYPE, "application/json")];
+    (status, content, body.to_string()).into_response()
+}
+
+async fn corrupt(
+    State(s): State<Served>,
+    Extension(Loopback(local)): Extension<Loopback>,
+    Path(key): Path<String>,
+) -> (StatusCode, &'static str) {
+    if !s.ctx.test_hooks {
+        return (StatusCode::NOT_FOUND, "routes: GET /metrics, GET /health\n");
+    }
+    if !local {
+        return (
+            StatusCode::FORBIDDEN,
+            "test hooks answer only callers on loopback\n",
+        );
+    }
+    match BlockKey::from_hex(&key) {
+        Some(key) if s.ctx.store.corrupt_block_for_test(key) => (StatusCode::OK, "corrupted\n"),
+        Some(_) => (StatusCode::NOT_FOUND, "no such unleased block\n"),
+        None => (StatusCode::BAD_REQUEST, "expected 32 hex characters\n"),
     }
 }

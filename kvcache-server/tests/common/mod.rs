@@ -83,7 +83,11 @@ impl ServerProcess {
     /// The body of an HTTP request to the metrics listener.
     pub fn http(&self, method: &str, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(&self.metrics).unwrap();
-        write!(s, "{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).unwrap();
         let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
