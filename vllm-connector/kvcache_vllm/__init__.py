@@ -4,8 +4,9 @@ Load it in vLLM with ``"kv_connector": "KVCacheConnector", "kv_connector_module_
 "kvcache_vllm"`` in ``--kv-transfer-config``; see the package README.
 """
 
-from .connector import KVCacheConnector, KVCacheConnectorMetadata
+from .connector import KVCacheConnector
 from .layout import LAYOUTS, BlockLayout, LayoutError, LayoutSpec
+from .metadata import KVCacheConnectorMetadata
 from .settings import Settings
 
 __all__ = [

@@ -217,7 +217,7 @@ def test_lora_namespaces_differ_by_adapter_path_and_content_not_by_name(tiny_mod
 
 
 def test_a_lora_adapter_whose_files_are_not_here_has_no_identity(tiny_model: Path, tmp_path: Path) -> None:
-    """Such a request bypasses the cache (connector.py): its bytes cannot be named."""
+    """Such a request bypasses the cache (scheduler.py): its bytes cannot be named."""
     from vllm.lora.request import LoRARequest
 
     config = engine_config(tiny_model, enable_lora=True, max_lora_rank=8)
