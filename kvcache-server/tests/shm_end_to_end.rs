@@ -215,33 +215,6 @@ async fn tcp_and_shared_memory_clients_see_the_same_blocks() {
     assert_eq!(small, vec![7u8; 10]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupted_block_read_through_shared_memory_is_a_miss_and_is_dropped() {
-    let server = ServerProcess::start(&["--memory", "64MiB", "--enable-test-hooks"]);
-    let c = client_with(&server, TransportChoice::Shm).await.unwrap();
-    let good = content(BlockKey(10), 500_000);
-    c.put(BlockKey(10), &good).await.unwrap();
-    c.put(BlockKey(11), &good).await.unwrap();
-    let (status, _) = server.http("POST", &format!("/debug/corrupt/{}", BlockKey(10)));
-    assert_eq!(status, 200);
-    let mut a = vec![0u8; good.len()];
-    let mut b = vec![0u8; good.len()];
-    let out = c
-        .get_many_into(
-            &[BlockKey(10), BlockKey(11)],
-            &mut [vec![&mut a[..]], vec![&mut b[..]]],
-        )
-        .await
-        .unwrap();
-    assert_eq!(out, [GetOutcome::Miss, GetOutcome::Hit]);
-    assert!(b == good);
-    // The client named the block; the node checked it itself and dropped it.
-    let confirmed = "kvcache_shm_suspect_blocks_total{result=\"confirmed\"}";
-    assert_eq!(server.wait_metric(confirmed, |v| v == 1.0), 1.0);
-    assert_eq!(server.metric("kvcache_checksum_failures_total"), 1.0);
-    assert_eq!(c.exists(&[BlockKey(10)]).await.unwrap(), [false]);
-}
-
 /// A reader that cannot check bytes where they land (RDMA READs into GPU memory) asks the
 /// node to check them before it leases them: a corrupt block is a miss from the start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

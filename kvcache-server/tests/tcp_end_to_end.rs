@@ -425,28 +425,6 @@ async fn corrupted_block_is_reported_as_a_miss_never_returned() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scatter_get_into_wrong_size_destination_is_reported_and_leaves_it_untouched() {
-    let server = ServerProcess::start(&["--memory", "16MiB"]);
-    let cl = client(&server).await;
-    cl.put(BlockKey(1), &[7u8; 1000]).await.unwrap();
-    let mut small = vec![0u8; 999];
-    let out = cl
-        .get_many_into(&[BlockKey(1)], &mut [vec![&mut small[..]]])
-        .await
-        .unwrap();
-    assert_eq!(
-        out,
-        [GetOutcome::WrongSize {
-            stored: 1000,
-            expected: 999
-        }]
-    );
-    assert!(small.iter().all(|b| *b == 0));
-    // The connection is still in a clean state afterwards.
-    assert_eq!(cl.get(BlockKey(1)).await.unwrap().unwrap(), vec![7u8; 1000]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_server_is_a_typed_connect_error_and_sigterm_exits_cleanly() {
     let mut server = ServerProcess::start(&["--memory", "4MiB"]);
     let addr = server.data.clone();
