@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use kvcache_core::wire::PutStatus;
 use kvcache_core::{BlockKey, HashRing};
 use kvcache_membership::MemberSource;
 
@@ -381,7 +380,7 @@ impl Cluster {
         let mut stored = vec![false; keys.len()];
         for (idx, statuses) in results {
             for (i, s) in idx.into_iter().zip(statuses.unwrap_or_default()) {
-                stored[i] |= matches!(s, PutStatus::Stored | PutStatus::AlreadyPresent);
+                stored[i] |= s.is_stored();
             }
         }
         Ok(stored)

@@ -19,11 +19,13 @@
 //! chunk, and puts go through a staging window. Otherwise RDMA when both ends have a device
 //! (feature `rdma`), else, or with [`TransportChoice::Tcp`], bytes travel inline over TCP.
 //!
-//! The rooms: `node` (one node's [`Client`]), `cluster` (many nodes on a ring), `config`
+//! The rooms: `any` ([`Kvcache`]: one front for a node or a cluster, `connect("h:p" | list |
+//! "etcd://...")`), `node` (one node's [`Client`]), `cluster` (many nodes on a ring), `config`
 //! (settings and outcomes), `connection` (the control channel), `path` (the byte paths: TCP,
 //! shared memory, RDMA), `verify` (the checked copy every reading path uses), `deadline` (one
 //! deadline per call) and `error`.
 
+mod any;
 mod cluster;
 mod config;
 mod connection;
@@ -33,6 +35,7 @@ mod node;
 mod path;
 mod verify;
 
+pub use any::{ETCD_REFRESH, Kvcache, Target};
 pub use cluster::{Cluster, ClusterConfig, ClusterStats};
 pub use config::{ClientConfig, DeviceSpan, GetOutcome, PathKind, TransportChoice};
 pub use error::ClientError;

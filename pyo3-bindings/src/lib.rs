@@ -3,12 +3,11 @@
 //! shared tokio runtime, created on first use (after any fork the engine does at start-up).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use kvcache_client::{
-    Client as RustClient, ClientConfig, ClientError, Cluster, ClusterConfig, EtcdMembers,
-    GetOutcome, TransportChoice,
+    Client as RustClient, ClientConfig, ClientError, GetOutcome, Kvcache, Target, TransportChoice,
 };
 use kvcache_core::wire::{ErrorCode, PutStatus};
 use kvcache_core::{BlockKey, Namespace, NamespaceId, TpPlacement};
@@ -38,9 +37,6 @@ fn runtime() -> &'static tokio::runtime::Runtime {
             .expect("cannot start the kvcache I/O runtime")
     })
 }
-
-/// How often a client of `etcd://` re-reads the members.
-const ETCD_REFRESH: Duration = Duration::from_millis(500);
 
 fn to_py(e: ClientError) -> PyErr {
     match e {
@@ -156,70 +152,6 @@ impl Segments {
     }
 }
 
-/// One node, or a static cluster of nodes where the client places keys.
-#[derive(Clone)]
-enum Backend {
-    Node(RustClient),
-    Cluster(Arc<Cluster>),
-}
-
-fn stored(s: PutStatus) -> bool {
-    matches!(s, PutStatus::Stored | PutStatus::AlreadyPresent)
-}
-
-impl Backend {
-    /// `prefer` (a locality hint) only means something to a cluster.
-    async fn put_many_segments(
-        &self,
-        keys: &[BlockKey],
-        values: &[&[&[u8]]],
-        prefer: Option<&str>,
-    ) -> Result<Vec<bool>, ClientError> {
-        match self {
-            Backend::Node(c) => Ok(c
-                .put_many_segments(keys, values)
-                .await?
-                .into_iter()
-                .map(stored)
-                .collect()),
-            Backend::Cluster(c) => c.put_many_segments_near(keys, values, prefer).await,
-        }
-    }
-
-    async fn get_many(&self, keys: &[BlockKey]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
-        match self {
-            Backend::Node(c) => c.get_many(keys).await,
-            Backend::Cluster(c) => c.get_many(keys).await,
-        }
-    }
-
-    async fn get_many_into(
-        &self,
-        keys: &[BlockKey],
-        dst: &mut [Vec<&mut [u8]>],
-        prefer: Option<&str>,
-    ) -> Result<Vec<GetOutcome>, ClientError> {
-        match self {
-            Backend::Node(c) => c.get_many_into(keys, dst).await,
-            Backend::Cluster(c) => c.get_many_into_near(keys, dst, prefer).await,
-        }
-    }
-
-    async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>, ClientError> {
-        match self {
-            Backend::Node(c) => c.exists(keys).await,
-            Backend::Cluster(c) => c.exists(keys).await,
-        }
-    }
-
-    async fn prefix_match(&self, keys: &[BlockKey]) -> Result<usize, ClientError> {
-        match self {
-            Backend::Node(c) => c.prefix_match(keys).await,
-            Backend::Cluster(c) => c.prefix_match(keys).await,
-        }
-    }
-}
-
 #[derive(Default)]
 struct Counters {
     puts: AtomicU64,
@@ -233,7 +165,7 @@ struct Counters {
 /// A client of one kvcache node or of a static cluster.
 #[pyclass(module = "kvcache._native", frozen)]
 struct Client {
-    inner: Mutex<Option<Backend>>,
+    inner: Mutex<Option<Kvcache>>,
     members: Vec<String>,
     replicas: usize,
     transport: String,
@@ -247,7 +179,7 @@ impl Client {
         &self,
         keys: Vec<Vec<u8>>,
         segments: Vec<Vec<(usize, usize)>>,
-    ) -> PyResult<(Vec<BlockKey>, Segments, Backend)> {
+    ) -> PyResult<(Vec<BlockKey>, Segments, Kvcache)> {
         let keys = keys_of(keys)?;
         let segs = Segments::new(segments, keys.len())?;
         Ok((keys, segs, self.client()?))
@@ -278,16 +210,15 @@ impl Client {
 
     /// The single-node client GPU-direct runs on.
     fn gpu_node(&self) -> PyResult<RustClient> {
-        match self.client()? {
-            Backend::Node(c) => Ok(c),
-            Backend::Cluster(_) => Err(KvcacheError::new_err(
+        self.client()?.node().cloned().ok_or_else(|| {
+            KvcacheError::new_err(
                 "GPU-direct needs a client of one node, not a cluster; stage GPU memory through \
                  pinned host memory",
-            )),
-        }
+            )
+        })
     }
 
-    fn client(&self) -> PyResult<Backend> {
+    fn client(&self) -> PyResult<Kvcache> {
         let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         guard
             .clone()
@@ -359,23 +290,18 @@ impl Client {
                 "max_connections and replicas must be at least 1",
             ));
         }
-        let (members, single) = match addr.extract::<String>() {
-            Ok(a) if a.starts_with("etcd://") => (vec![a], false),
-            Ok(a) => (vec![a], true),
-            Err(_) => (
-                addr.extract::<Vec<String>>().map_err(|_| {
-                    PyValueError::new_err("addr must be \"host:port\" or a list of them")
-                })?,
-                false,
-            ),
+        let target = match addr.extract::<String>() {
+            Ok(a) if a.starts_with("etcd://") => Target::Etcd(a),
+            Ok(a) => Target::Node(a),
+            Err(_) => Target::Members(addr.extract::<Vec<String>>().map_err(|_| {
+                PyValueError::new_err("addr must be \"host:port\" or a list of them")
+            })?),
         };
+        let members = target.members();
         if members.is_empty() {
             return Err(PyValueError::new_err("a cluster needs at least one member"));
         }
-        let etcd = members[0]
-            .starts_with("etcd://")
-            .then(|| members[0].clone());
-        if single && replicas > 1 {
+        if matches!(target, Target::Node(_)) && replicas > 1 {
             return Err(PyValueError::new_err(
                 "replicas > 1 needs a list of members",
             ));
@@ -387,9 +313,10 @@ impl Client {
         cfg.token = token
             .or_else(|| std::env::var("KVCACHE_TOKEN").ok())
             .filter(|t| !t.is_empty());
+        // The membership watch a cluster of etcd:// spawns runs on the I/O runtime's threads.
+        let backend = block(py, Kvcache::connect(target, cfg, replicas)).map_err(to_py)?;
         let mut transport = transport.to_string();
-        let backend = if single {
-            let client = block(py, RustClient::connect(cfg)).map_err(to_py)?;
+        if let Some(client) = backend.node() {
             if let Some(why) = client.shm_fallback_reason() {
                 log_info(
                     py,
@@ -400,24 +327,7 @@ impl Client {
                 )?;
             }
             transport = client.path().to_string();
-            Backend::Node(client)
-        } else {
-            // Nodes are connected lazily: members may be down when the client starts.
-            let mut cluster = ClusterConfig::new(members.clone());
-            cluster.replicas = replicas;
-            cluster.node = cfg;
-            let cluster = match etcd {
-                Some(url) => {
-                    let source =
-                        EtcdMembers::new(&url, ETCD_REFRESH, Duration::from_secs_f64(timeout_s))
-                            .map_err(|e| to_py(ClientError::InvalidArgument(e.to_string())))?;
-                    // The membership watch it spawns runs on the I/O runtime's threads.
-                    block(py, Cluster::with_source(Arc::new(source), cluster)).map_err(to_py)?
-                }
-                None => Cluster::new(cluster).map_err(to_py)?,
-            };
-            Backend::Cluster(Arc::new(cluster))
-        };
+        }
         Ok(Self {
             inner: Mutex::new(Some(backend)),
             members,
@@ -571,7 +481,7 @@ impl Client {
         let bytes: u64 = segments.iter().flatten().map(|s| s.1).sum();
         self.counters.puts.fetch_add(keys.len() as u64, Relaxed);
         self.counters.put_bytes.fetch_add(bytes, Relaxed);
-        Ok(statuses.into_iter().map(stored).collect())
+        Ok(statuses.into_iter().map(PutStatus::is_stored).collect())
     }
 
     /// What this client did, and what the node says about itself.
@@ -582,13 +492,13 @@ impl Client {
         d.set_item("transport", &self.transport)?;
         d.set_item("timeout_s", self.timeout_s)?;
         match self.client()? {
-            Backend::Node(client) => {
+            Kvcache::Node(client) => {
                 let ping = block(py, client.ping()).map_err(to_py)?;
                 d.set_item("server_version", ping.server_version)?;
                 d.set_item("protocol_version", ping.protocol_version)?;
                 d.set_item("max_payload", ping.max_payload)?;
             }
-            Backend::Cluster(cluster) => {
+            Kvcache::Cluster(cluster) => {
                 let c = cluster.stats();
                 d.set_item("members", c.members)?;
                 d.set_item("ring_version", c.ring_version)?;

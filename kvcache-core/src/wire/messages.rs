@@ -57,6 +57,13 @@ pub enum PutStatus {
     Empty = 4,
 }
 
+impl PutStatus {
+    /// Whether the block is stored after the put (now, or already before it).
+    pub fn is_stored(self) -> bool {
+        matches!(self, PutStatus::Stored | PutStatus::AlreadyPresent)
+    }
+}
+
 /// `Put` reply: one status per key, in request order.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PutReply {
