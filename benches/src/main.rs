@@ -125,7 +125,7 @@ enum Cmd {
     },
     /// Runs a kvcache server (used by `compare`; takes kvcache-server's flags).
     #[command(hide = true)]
-    ServeKvcache(Box<kvcache_server::config::Settings>),
+    ServeKvcache(Box<kvcache_server::config::settings::Settings>),
     /// Runs the raw TCP ceiling server (used by `compare`).
     #[command(hide = true)]
     ServeCeiling {

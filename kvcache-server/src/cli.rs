@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::Settings;
+use crate::config::settings::Settings;
 
 /// Runs a server from parsed command-line settings until SIGTERM or SIGINT: the whole
 /// `kvcache-server` binary, callable from other binaries (the benchmark starts it this way).

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::auth::Auth;
-use crate::config::{ClusterConfig, Membership};
+use crate::config::{ClusterSettings, Membership};
 use crate::metrics::Metrics;
 use kvcache_store::{CommitOutcome, Store};
 
@@ -36,7 +36,7 @@ const WARM_BATCH: usize = 64;
 /// Starts the cluster tasks of a node reachable at `advertise`: registration (with etcd), the
 /// view of the ring that metrics report, and warming (with `warm`).
 pub fn start(
-    cfg: &ClusterConfig,
+    cfg: &ClusterSettings,
     advertise: String,
     store: &Arc<Store>,
     metrics: &Arc<Metrics>,
@@ -95,7 +95,7 @@ pub fn start(
 /// Refuses to start a node whose `--node-id` another live node holds in etcd: registering
 /// would silently replace that node's record and steer its clients here. The same id at the
 /// same address (a restart before the old lease expired) is this node and is fine.
-pub async fn check_node_id_free(cfg: &ClusterConfig, advertise: &str) -> anyhow::Result<()> {
+pub async fn check_node_id_free(cfg: &ClusterSettings, advertise: &str) -> anyhow::Result<()> {
     let Membership::Etcd(etcd) = &cfg.membership else {
         return Ok(());
     };
