@@ -10,8 +10,8 @@ use kvcache_core::BlockKey;
 use kvcache_core::wire::PutStatus;
 use kvcache_membership::EtcdMembers;
 
-use crate::cluster::{Cluster, ClusterConfig};
-use crate::config::{ClientConfig, GetOutcome};
+use crate::cluster::Cluster;
+use crate::config::{ClientConfig, ClusterConfig, GetOutcome};
 use crate::error::ClientError;
 use crate::node::Client;
 

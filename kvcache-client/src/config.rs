@@ -107,6 +107,31 @@ impl std::fmt::Display for PathKind {
     }
 }
 
+/// Cluster settings.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// `host:port` of every member.
+    pub members: Vec<String>,
+    /// Owners per key (the replication factor), at least 1.
+    pub replicas: usize,
+    /// Settings for each node's client; `addr` is replaced by the member's.
+    pub node: ClientConfig,
+    /// How long a node that failed is skipped before it is tried again.
+    pub down_for: Duration,
+}
+
+impl ClusterConfig {
+    /// Defaults: one replica, the default client settings, nodes skipped for 1 s after a failure.
+    pub fn new<S: Into<String>>(members: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            members: members.into_iter().map(Into::into).collect(),
+            replicas: 1,
+            node: ClientConfig::new(""),
+            down_for: Duration::from_secs(1),
+        }
+    }
+}
+
 /// Result of a scatter get for one key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GetOutcome {

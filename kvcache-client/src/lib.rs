@@ -36,8 +36,8 @@ mod path;
 mod verify;
 
 pub use any::{ETCD_REFRESH, Kvcache, Target};
-pub use cluster::{Cluster, ClusterConfig, ClusterStats};
-pub use config::{ClientConfig, DeviceSpan, GetOutcome, PathKind, TransportChoice};
+pub use cluster::{Cluster, ClusterStats};
+pub use config::{ClientConfig, ClusterConfig, DeviceSpan, GetOutcome, PathKind, TransportChoice};
 pub use error::ClientError;
 pub use kvcache_membership::{
     EtcdMembers, MEMBERS_PREFIX as ETCD_MEMBERS_PREFIX, MemberSource, StaticMembers,

@@ -10,68 +10,24 @@
 //! Members come from a [`MemberSource`] (crate `kvcache-membership`): a fixed list or etcd,
 //! which the cluster asks again every `refresh` and rebuilds its ring from
 //! when the answer changes. If the source fails (etcd down), the last known members stay in use.
+//!
+//! `view.rs` holds the membership view and the routing; this file the calls and the watch.
+
+mod view;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kvcache_core::{BlockKey, HashRing};
+use kvcache_core::BlockKey;
 use kvcache_membership::MemberSource;
 
-use crate::config::{ClientConfig, GetOutcome, OneSegment};
+use crate::cluster::view::{Counters, Routing, View, join_all};
+use crate::config::{ClusterConfig, GetOutcome, OneSegment};
 use crate::error::ClientError;
 use crate::node::Client;
-
-/// Cluster settings.
-#[derive(Clone, Debug)]
-pub struct ClusterConfig {
-    /// `host:port` of every member.
-    pub members: Vec<String>,
-    /// Owners per key (the replication factor), at least 1.
-    pub replicas: usize,
-    /// Settings for each node's client; `addr` is replaced by the member's.
-    pub node: ClientConfig,
-    /// How long a node that failed is skipped before it is tried again.
-    pub down_for: Duration,
-}
-
-impl ClusterConfig {
-    /// Defaults: one replica, the default client settings, nodes skipped for 1 s after a failure.
-    pub fn new<S: Into<String>>(members: impl IntoIterator<Item = S>) -> Self {
-        Self {
-            members: members.into_iter().map(Into::into).collect(),
-            replicas: 1,
-            node: ClientConfig::new(""),
-            down_for: Duration::from_secs(1),
-        }
-    }
-}
-
-struct Node {
-    client: Mutex<Option<Client>>,
-    down_until: Mutex<Option<Instant>>,
-    cfg: ClientConfig,
-}
-
-/// One membership: the ring and the nodes on it.
-struct View {
-    ring: HashRing,
-    nodes: BTreeMap<String, Arc<Node>>,
-    replicas: usize,
-    down_for: Duration,
-    version: u64,
-}
-
-/// Counters of what the cluster client did.
-#[derive(Default)]
-struct Counters {
-    replica_reads: AtomicU64,
-    failovers: AtomicU64,
-}
 
 /// What a cluster client sees and did (for stats and metrics).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,110 +57,6 @@ impl Drop for Cluster {
         if let Some(w) = &self.watcher {
             w.abort();
         }
-    }
-}
-
-/// Polls futures concurrently on the current task and returns their outputs in order.
-async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (fut, slot) in futures.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match fut.as_mut().poll(cx) {
-                    Poll::Ready(v) => *slot = Some(v),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter()
-        .map(|v| v.expect("every future completed"))
-        .collect()
-}
-
-impl View {
-    fn build(members: &[String], cfg: &ClusterConfig, old: Option<&View>) -> Self {
-        let nodes = members
-            .iter()
-            .map(|m| {
-                let node = old
-                    .and_then(|v| v.nodes.get(m).cloned())
-                    .unwrap_or_else(|| {
-                        Arc::new(Node {
-                            client: Mutex::new(None),
-                            down_until: Mutex::new(None),
-                            cfg: ClientConfig {
-                                addr: m.clone(),
-                                ..cfg.node.clone()
-                            },
-                        })
-                    });
-                (m.clone(), node)
-            })
-            .collect::<BTreeMap<_, _>>();
-        Self {
-            ring: HashRing::with_members(members.iter().cloned()),
-            replicas: cfg.replicas.min(nodes.len()).max(1),
-            nodes,
-            down_for: cfg.down_for,
-            version: old.map_or(1, |v| v.version + 1),
-        }
-    }
-
-    fn owners(&self, key: BlockKey) -> Vec<&str> {
-        self.ring.owners(key, self.replicas)
-    }
-
-    /// `name` as a member of this view (borrowed from it), if it is one.
-    fn member(&self, name: Option<&str>) -> Option<&str> {
-        self.nodes.get_key_value(name?).map(|(k, _)| k.as_str())
-    }
-
-    /// Where to read `key` from, in order: the preferred node, then the ring owners.
-    fn read_order<'a>(&'a self, key: BlockKey, prefer: Option<&'a str>) -> Vec<&'a str> {
-        let mut order: Vec<&str> = prefer.into_iter().collect();
-        order.extend(self.owners(key).into_iter().filter(|o| Some(*o) != prefer));
-        order
-    }
-
-    fn is_down(&self, member: &str) -> bool {
-        let until = *self.nodes[member]
-            .down_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        until.is_some_and(|t| Instant::now() < t)
-    }
-
-    fn mark_down(&self, member: &str, err: &ClientError) {
-        tracing::warn!(node = member, error = %err, down_for = ?self.down_for, "kvcache node unavailable; routing around it");
-        let node = &self.nodes[member];
-        *node.down_until.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Instant::now() + self.down_for);
-        node.client.lock().unwrap_or_else(|e| e.into_inner()).take();
-    }
-
-    /// A connected client of `member`, or the reason it cannot be had.
-    async fn node(&self, member: &str) -> Result<Client, ClientError> {
-        let node = &self.nodes[member];
-        if let Some(c) = node
-            .client
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
-            return Ok(c);
-        }
-        let c = Client::connect(node.cfg.clone()).await?;
-        *node.client.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
-        Ok(c)
     }
 }
 
@@ -549,57 +401,6 @@ impl Cluster {
             *d = s.expect("every destination came back");
         }
         Ok(outcomes)
-    }
-}
-
-/// Which owner each key is sent to next: the primary first, then each replica in ring order,
-/// skipping owners known to be down. A key is sent again only after `retry`.
-struct Routing<'a> {
-    next_owner: Vec<usize>,
-    todo: Vec<usize>,
-    /// A member asked before the ring owners.
-    prefer: Option<&'a str>,
-}
-
-impl<'a> Routing<'a> {
-    fn new(keys: usize) -> Self {
-        Self {
-            next_owner: vec![0; keys],
-            todo: (0..keys).collect(),
-            prefer: None,
-        }
-    }
-
-    /// Key `i` was missed or its node failed: try its next owner in the next round.
-    fn retry(&mut self, i: usize) {
-        self.todo.push(i);
-    }
-
-    /// Key `i` was answered; counts it as a replica read if a later owner answered.
-    fn found(&self, i: usize, counters: &Counters) {
-        if self.next_owner[i] > 1 + self.prefer.is_some() as usize {
-            counters.replica_reads.fetch_add(1, Relaxed);
-        }
-    }
-
-    /// The keys to send this round, grouped by owner; None when nothing is left to try.
-    fn next_round(
-        &mut self,
-        view: &'a View,
-        keys: &[BlockKey],
-    ) -> Option<BTreeMap<&'a str, Vec<usize>>> {
-        let mut shares: BTreeMap<&'a str, Vec<usize>> = BTreeMap::new();
-        for i in std::mem::take(&mut self.todo) {
-            let owners = view.read_order(keys[i], self.prefer);
-            while let Some(&owner) = owners.get(self.next_owner[i]) {
-                self.next_owner[i] += 1;
-                if !view.is_down(owner) {
-                    shares.entry(owner).or_default().push(i);
-                    break;
-                }
-            }
-        }
-        (!shares.is_empty()).then_some(shares)
     }
 }
 
