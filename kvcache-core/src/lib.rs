@@ -19,6 +19,7 @@ pub mod key;
 pub mod metric_names;
 pub mod namespace;
 pub mod ring;
+pub mod sample;
 pub mod size;
 pub mod tenant;
 pub mod wire;

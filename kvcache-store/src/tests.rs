@@ -30,15 +30,7 @@ fn store_with_shards(pages: u64, policy: PolicyKind, shards: usize) -> Arc<Store
 
 /// Deterministic content for a key, so any reader can verify any block.
 fn content(key: BlockKey, len: usize) -> Vec<u8> {
-    let mut x = key.low64() | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    kvcache_core::sample::bytes(key.low64(), len)
 }
 
 /// A verified read, as a client would see it.

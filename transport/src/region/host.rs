@@ -1,7 +1,7 @@
 //! Anonymous host memory from mmap, optionally locked with mlock and backed by huge pages.
 
-use super::mapping::Mapping;
-use super::{LockMode, MemoryRegion, RegionError};
+use super::mapping::{Mapping, region_over_mapping};
+use super::{LockMode, RegionError};
 
 /// Anonymous private mmap of host memory.
 pub struct HostRegion {
@@ -17,23 +17,12 @@ impl HostRegion {
     }
 }
 
-impl MemoryRegion for HostRegion {
-    fn base(&self) -> *mut u8 {
-        self.map.ptr.as_ptr()
-    }
-
-    fn len(&self) -> usize {
-        self.map.len
-    }
-
-    fn is_locked(&self) -> bool {
-        self.map.locked
-    }
-}
+region_over_mapping!(HostRegion);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::region::MemoryRegion;
 
     #[test]
     fn maps_zeroed_writable_memory() {

@@ -87,3 +87,24 @@ impl Drop for Mapping {
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
+
+/// `MemoryRegion` for a region type whose memory is its `map: Mapping` field: host and shared
+/// regions differ in how they are made, not in what they are once mapped.
+macro_rules! region_over_mapping {
+    ($region:ty) => {
+        impl $crate::region::MemoryRegion for $region {
+            fn base(&self) -> *mut u8 {
+                self.map.ptr.as_ptr()
+            }
+
+            fn len(&self) -> usize {
+                self.map.len
+            }
+
+            fn is_locked(&self) -> bool {
+                self.map.locked
+            }
+        }
+    };
+}
+pub(crate) use region_over_mapping;

@@ -11,8 +11,8 @@
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-use super::mapping::Mapping;
-use super::{LockMode, MemoryRegion, RegionError};
+use super::mapping::{Mapping, region_over_mapping};
+use super::{LockMode, RegionError};
 
 /// A memfd of fixed size, mapped read-write into this process.
 pub struct ShmRegion {
@@ -98,19 +98,7 @@ fn add_seals(fd: BorrowedFd<'_>, seals: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-impl MemoryRegion for ShmRegion {
-    fn base(&self) -> *mut u8 {
-        self.map.ptr.as_ptr()
-    }
-
-    fn len(&self) -> usize {
-        self.map.len
-    }
-
-    fn is_locked(&self) -> bool {
-        self.map.locked
-    }
-}
+region_over_mapping!(ShmRegion);
 
 /// A peer's view of a shared memory file received from elsewhere: mapped once, whole, read-only
 /// or read-write. The file must be sealed against shrinking, so the view can never fault.
@@ -179,6 +167,7 @@ impl ShmView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::region::MemoryRegion;
 
     #[test]
     fn a_read_only_peer_sees_writes_but_cannot_write_or_resize() {
