@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvcache_client::{Cluster, ClusterConfig, GetOutcome, TransportChoice};
+use kvcache_client::{Cluster, ClusterConfig, GetOutcome, PutBlocks, TransportChoice};
 use kvcache_core::{BlockKey, ByteSize};
 
 use crate::systems::{Managed, check_stamp, kvcache, stamp};

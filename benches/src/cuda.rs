@@ -82,7 +82,7 @@ mod with_cuda {
     use std::time::Instant;
 
     use anyhow::Context;
-    use kvcache_client::{Client, ClientConfig, GetOutcome, TransportChoice};
+    use kvcache_client::{Client, ClientConfig, GetOutcome, PutBlocks, TransportChoice};
     use kvcache_core::wire::PutStatus;
     use kvcache_core::{BlockKey, ByteSize};
     use kvcache_transport::cuda::{DeviceBuffer, Gpu};

@@ -14,6 +14,7 @@ use crate::cluster::Cluster;
 use crate::config::{ClientConfig, ClusterConfig, GetOutcome};
 use crate::error::ClientError;
 use crate::node::Client;
+use crate::write::PutBlocks;
 
 /// How often a client of `etcd://` re-reads the members.
 pub const ETCD_REFRESH: Duration = Duration::from_millis(500);

@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use kvcache_core::BlockKey;
-
 use crate::error::ClientError;
 
 /// A span of GPU memory: a device address (as `cuMemAlloc` or `torch.Tensor.data_ptr()` give
@@ -141,23 +139,4 @@ pub enum GetOutcome {
     Miss,
     /// Stored with a different length than the destination; the destination is untouched.
     WrongSize { stored: usize, expected: usize },
-}
-
-/// Blocks of one slice each, viewed as the segment lists the `*_segments` calls take.
-pub(crate) struct OneSegment<'a> {
-    pub(crate) keys: Vec<BlockKey>,
-    values: Vec<[&'a [u8]; 1]>,
-}
-
-impl<'a> OneSegment<'a> {
-    pub(crate) fn new(blocks: &[(BlockKey, &'a [u8])]) -> Self {
-        Self {
-            keys: blocks.iter().map(|b| b.0).collect(),
-            values: blocks.iter().map(|b| [b.1]).collect(),
-        }
-    }
-
-    pub(crate) fn segments(&self) -> Vec<&[&'a [u8]]> {
-        self.values.iter().map(|v| &v[..]).collect()
-    }
 }

@@ -23,7 +23,7 @@
 //! "etcd://...")`), `node` (one node's [`Client`]), `cluster` (many nodes on a ring), `config`
 //! (settings and outcomes), `connection` (the control channel), `path` (the byte paths: TCP,
 //! shared memory, RDMA), `verify` (the checked copy every reading path uses), `deadline` (one
-//! deadline per call) and `error`.
+//! deadline per call), `write` ([`PutBlocks`]: the one put every front provides) and `error`.
 
 mod any;
 mod cluster;
@@ -34,6 +34,7 @@ mod error;
 mod node;
 mod path;
 mod verify;
+mod write;
 
 pub use any::{ETCD_REFRESH, Kvcache, Target};
 pub use cluster::{Cluster, ClusterStats};
@@ -43,3 +44,4 @@ pub use kvcache_membership::{
     EtcdMembers, MEMBERS_PREFIX as ETCD_MEMBERS_PREFIX, MemberSource, StaticMembers,
 };
 pub use node::Client;
+pub use write::PutBlocks;

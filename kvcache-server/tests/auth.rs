@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{ServerProcess, blocks, content, contents, error_reply, read_frame, send_request};
 use kvcache_client::{
-    Client, ClientConfig, ClientError, Cluster, ClusterConfig, PathKind, TransportChoice,
+    Client, ClientConfig, ClientError, Cluster, ClusterConfig, PathKind, PutBlocks, TransportChoice,
 };
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{ErrorCode, Op, PingRequest, PutStatus};

@@ -7,7 +7,9 @@
 mod common;
 
 use common::{ServerProcess, content};
-use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, PathKind, TransportChoice};
+use kvcache_client::{
+    Client, ClientConfig, ClientError, GetOutcome, PathKind, PutBlocks, TransportChoice,
+};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::PutStatus;
 

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{ServerProcess, put_blocks, read_blocks};
-use kvcache_client::{Client, ClientConfig, TransportChoice};
+use kvcache_client::{Client, ClientConfig, PutBlocks, TransportChoice};
 use kvcache_core::BlockKey;
 
 const BLOCK: usize = 256 << 10;

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{ServerProcess, content, put_blocks, read_blocks};
-use kvcache_client::{Client, ClientConfig, GetOutcome, TransportChoice};
+use kvcache_client::{Client, ClientConfig, GetOutcome, PutBlocks, TransportChoice};
 use kvcache_core::BlockKey;
 use kvcache_transport::cuda::{Gpu, driver_present};
 

@@ -10,7 +10,9 @@ use std::io::Write;
 use std::net::TcpStream;
 
 use common::{ServerProcess, content};
-use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, PathKind, TransportChoice};
+use kvcache_client::{
+    Client, ClientConfig, ClientError, GetOutcome, PathKind, PutBlocks, TransportChoice,
+};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{self, ErrorReply, FrameHeader, Op, PingReply, RdmaConnectRequest};
 use kvcache_transport::rdma::{self, Availability, QpEndpoint};

@@ -9,7 +9,9 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::{Rng, ServerProcess, batch, content, contents, error_code, read_frame, send_request};
-use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, PathKind, TransportChoice};
+use kvcache_client::{
+    Client, ClientConfig, ClientError, GetOutcome, PathKind, PutBlocks, TransportChoice,
+};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{
     self, ErrorCode, ErrorReply, FrameHeader, LeaseGetReply, LeaseGetRequest, Op, PutStatus,

@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::{Rng, ServerProcess, content, error_code, error_reply, read_frame, send_request};
-use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, TransportChoice};
+use kvcache_client::{Client, ClientConfig, ClientError, GetOutcome, PutBlocks, TransportChoice};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{self, ErrorCode, FrameHeader, GetRequest, Op, PutRequest, PutStatus};
 use prost::Message;

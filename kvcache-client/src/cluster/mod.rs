@@ -25,9 +25,10 @@ use kvcache_core::BlockKey;
 use kvcache_membership::MemberSource;
 
 use crate::cluster::view::{Counters, Routing, View, join_all};
-use crate::config::{ClusterConfig, GetOutcome, OneSegment};
+use crate::config::{ClusterConfig, GetOutcome};
 use crate::error::ClientError;
 use crate::node::Client;
+use crate::write::PutBlocks;
 
 /// What a cluster client sees and did (for stats and metrics).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,24 +174,6 @@ impl Cluster {
             }
         }
         Ok(out)
-    }
-
-    /// Stores blocks on every owner; per key, true if at least one owner stored it. Owners
-    /// that are down are skipped: the cache is best effort, a lost copy is a later miss.
-    pub async fn put_many(&self, blocks: &[(BlockKey, &[u8])]) -> Result<Vec<bool>, ClientError> {
-        let blocks = OneSegment::new(blocks);
-        self.put_many_segments(&blocks.keys, &blocks.segments())
-            .await
-    }
-
-    /// [`put_many`](Self::put_many) for blocks gathered from several segments each (see
-    /// [`Client::put_many_segments`]).
-    pub async fn put_many_segments(
-        &self,
-        keys: &[BlockKey],
-        values: &[&[&[u8]]],
-    ) -> Result<Vec<bool>, ClientError> {
-        self.put_many_segments_near(keys, values, None).await
     }
 
     /// [`put_many_segments`](Self::put_many_segments) with a locality hint: each block is also
@@ -401,6 +384,21 @@ impl Cluster {
             *d = s.expect("every destination came back");
         }
         Ok(outcomes)
+    }
+}
+
+/// A cluster's put stores each block on every owner (owners that are down are skipped: the
+/// cache is best effort, a lost copy is a later miss) and reports, per block, whether at least
+/// one owner stored it.
+impl PutBlocks for Cluster {
+    type Stored = bool;
+
+    async fn put_many_segments(
+        &self,
+        keys: &[BlockKey],
+        values: &[&[&[u8]]],
+    ) -> Result<Vec<bool>, ClientError> {
+        self.put_many_segments_near(keys, values, None).await
     }
 }
 

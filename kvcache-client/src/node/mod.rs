@@ -12,13 +12,14 @@ use kvcache_core::wire::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{ClientConfig, GetOutcome, OneSegment, PathKind, TransportChoice};
+use crate::config::{ClientConfig, GetOutcome, PathKind, TransportChoice};
 use crate::connection::Connection;
 use crate::deadline;
 use crate::error::{self, ClientError};
 #[cfg(feature = "rdma")]
 use crate::path::rdma;
 use crate::path::{Channel, Path, shm};
+use crate::write::PutBlocks;
 
 /// Runs `$body` with `$c` bound to a pooled connection, under the client's timeout (or the
 /// enclosing call's deadline, when that is earlier: [`deadline`]); keeps the connection only on
@@ -374,26 +375,6 @@ impl Client {
         Ok(self.put_many(&[(key, value)]).await?[0])
     }
 
-    /// Stores blocks; one status per block, in order.
-    pub async fn put_many(
-        &self,
-        blocks: &[(BlockKey, &[u8])],
-    ) -> Result<Vec<PutStatus>, ClientError> {
-        let blocks = OneSegment::new(blocks);
-        self.put_many_segments(&blocks.keys, &blocks.segments())
-            .await
-    }
-
-    /// Stores blocks whose bytes are gathered from several segments each (e.g. one block's
-    /// slices in many per-layer KV tensors). `values[i]` is key i's list of segments.
-    pub async fn put_many_segments(
-        &self,
-        keys: &[BlockKey],
-        values: &[&[&[u8]]],
-    ) -> Result<Vec<PutStatus>, ClientError> {
-        deadline::within(self.inner.cfg.timeout, self.put_chunks(keys, values)).await
-    }
-
     /// [`put_many_segments`](Self::put_many_segments) under the call's deadline.
     async fn put_chunks(
         &self,
@@ -523,5 +504,18 @@ impl Client {
             )));
         }
         Ok((keys, reply.more))
+    }
+}
+
+/// A node's put reports, per block, how it went ([`PutStatus`]).
+impl PutBlocks for Client {
+    type Stored = PutStatus;
+
+    async fn put_many_segments(
+        &self,
+        keys: &[BlockKey],
+        values: &[&[&[u8]]],
+    ) -> Result<Vec<PutStatus>, ClientError> {
+        deadline::within(self.inner.cfg.timeout, self.put_chunks(keys, values)).await
     }
 }

@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kvcache_client::{Cluster, GetOutcome};
+use kvcache_client::{Cluster, GetOutcome, PutBlocks};
 use kvcache_core::BlockKey;
 use kvcache_core::wire::{self, ErrorCode, ErrorReply, FrameHeader, FrameLimits, Op};
 use prost::Message;
