@@ -56,6 +56,16 @@ pub struct Args {
     /// kvcache nodes for the shared-tier credit: `host:port` (repeat) or `etcd://host:port/prefix`.
     #[arg(long = "cache", value_name = "ADDR")]
     pub cache: Vec<String>,
+
+    /// The tenant token the engines use with the cache nodes (nodes run with --auth), so the
+    /// shared-tier lookup sees their blocks. Prefer the environment variable to the flag.
+    #[arg(
+        long,
+        env = "KVCACHE_GATEWAY_CACHE_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub cache_token: Option<String>,
 }
 
 /// The TOML file, as written.
@@ -69,6 +79,7 @@ struct File {
     model: Option<String>,
     #[serde(default)]
     cache: Vec<String>,
+    cache_token: Option<String>,
     #[serde(default)]
     backend: Vec<BackendFile>,
     #[serde(default)]
@@ -188,6 +199,7 @@ pub struct Config {
     pub tokenizer: Option<PathBuf>,
     pub model: Option<String>,
     pub cache: Vec<String>,
+    pub cache_token: Option<String>,
     pub backends: Vec<BackendConfig>,
     /// Empty: no authentication.
     pub api_keys: Vec<ApiKey>,
@@ -294,6 +306,7 @@ fn resolve(file: File, args: Args) -> anyhow::Result<Config> {
         } else {
             args.cache
         },
+        cache_token: args.cache_token.or(file.cache_token),
         backends,
         api_keys,
         cost,

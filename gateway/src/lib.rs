@@ -1,15 +1,28 @@
 //! kvcache-gateway: an OpenAI-compatible router in front of vLLM instances.
 //!
-//! The rooms: `route` (the pure decision: one cost per candidate instance), `index` (what each
-//! engine's own cache holds, under one memory budget), `events` (vLLM's KV events over ZMQ),
-//! `prompt` (engine-exact tokens: the model's tokenizer and chat template), `config` (the TOML
-//! file and flags) and `metrics` (the Prometheus families and their names).
-//!
-//! Work in progress: the HTTP shell (proxy, health checks, API keys) comes next.
+//! The pure rooms: `route` (one cost per candidate instance), `index` (what each engine's own
+//! cache holds, under one memory budget), `pool` (each backend's health, ejection and load),
+//! `access` (API keys and rate limits), `openai` (error bodies and the request fields routing
+//! reads), `prompt` (engine-exact tokens: the model's tokenizer and chat template), `config`.
+//! The shell around them: `http` (the axum routes) imports `dispatch` (a request's keys,
+//! candidates and pick) and `proxy` (send, retry, relay); `probe` (health checks and engine
+//! load), `feed` (KV events into the index, from `events`), `shared_tier` (the cache nodes'
+//! prefix lookup), `upstream` (the HTTP client), `state` (what they share), `metrics`.
 
+pub mod access;
 pub mod config;
+pub mod dispatch;
 pub mod events;
+pub mod feed;
+pub mod http;
 pub mod index;
 pub mod metrics;
+pub mod openai;
+pub mod pool;
+pub mod probe;
 pub mod prompt;
+pub mod proxy;
 pub mod route;
+pub mod shared_tier;
+pub mod state;
+pub mod upstream;

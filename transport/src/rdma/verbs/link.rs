@@ -215,7 +215,7 @@ impl Link {
         })
     }
 
-    /// Runs `plan` (from [`super::scatter_plan`], each piece carrying its lkey) against
+    /// Runs `plan` (from [`crate::rdma::scatter_plan`], each piece carrying its lkey) against
     /// `remote`, whose bounds every request is checked against first. Returns when every
     /// request completed, or with the first failure.
     ///

@@ -1,0 +1,165 @@
+//! One request's route: the prompt's chain keys per backend namespace, what each candidate
+//! holds (the index) and what the shared tier holds (one `prefix_match` per namespace, under a
+//! deadline), then the pure [`route::choose`].
+
+use std::collections::HashMap;
+
+use kvcache_core::{BlockKey, NamespaceId, chain_keys};
+use tracing::debug;
+
+use crate::index::EngineId;
+use crate::pool::NoBackend;
+use crate::route::{self, Candidate, Cost, Strategy};
+use crate::state::Gateway;
+
+/// What the gateway knows of a prompt before picking: its tokens' chain keys in each backend
+/// namespace, and how many leading blocks the shared tier holds in each.
+pub struct PromptView {
+    tokens: Option<Vec<u32>>,
+    keys: HashMap<(NamespaceId, usize), Vec<BlockKey>>,
+    shared: HashMap<NamespaceId, usize>,
+}
+
+impl PromptView {
+    /// The view of `tokens` (None: the prompt could not be tokenized) for `strategy`: the
+    /// shared tier is asked only for `cache-aware`.
+    pub async fn new(gw: &Gateway, tokens: Option<Vec<u32>>, strategy: Strategy) -> Self {
+        let mut view = Self {
+            tokens,
+            keys: HashMap::new(),
+            shared: HashMap::new(),
+        };
+        let Some(tokens) = view.tokens.as_ref() else {
+            return view;
+        };
+        let backends: Vec<(EngineId, usize, bool)> = {
+            let pool = gw.pool.lock();
+            (0..pool.backends().len() as EngineId)
+                .map(|e| {
+                    let c = &pool.get(e).config;
+                    (e, c.block_size, c.namespace.is_some())
+                })
+                .collect()
+        };
+        for (e, block_size, real_namespace) in backends {
+            let ns = gw.local_namespace(e);
+            let keys = view
+                .keys
+                .entry((ns, block_size))
+                .or_insert_with(|| chain_keys(&ns, tokens, block_size));
+            // The tier is asked in the engines' own namespaces only: a derived one names no
+            // block any engine stored there.
+            if strategy == Strategy::CacheAware
+                && real_namespace
+                && !keys.is_empty()
+                && !view.shared.contains_key(&ns)
+                && let Some(tier) = &gw.shared
+            {
+                let held = match tier.matched(keys).await {
+                    Ok(n) => n,
+                    Err(why) => {
+                        debug!(%why, "shared-tier lookup failed; routing without its credit");
+                        gw.metrics.cache_lookup_errors.inc();
+                        0
+                    }
+                };
+                view.shared.insert(ns, held);
+            }
+        }
+        view
+    }
+
+    /// The prompt's tokens, when known.
+    pub fn tokens(&self) -> Option<&[u32]> {
+        self.tokens.as_deref()
+    }
+
+    /// The chain keys of backend `e`'s namespace (empty without tokens).
+    fn keys_of(&self, gw: &Gateway, e: EngineId, block_size: usize) -> &[BlockKey] {
+        self.keys
+            .get(&(gw.local_namespace(e), block_size))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+/// A pick.
+#[derive(Clone, Debug)]
+pub struct Pick {
+    pub engine: EngineId,
+    pub url: String,
+    /// Full prompt blocks.
+    pub blocks: usize,
+    pub cost: Cost,
+}
+
+/// Picks a backend for `model` among those not yet `tried`, records the dispatch in the pool
+/// (and, for a backend without KV events, the blocks it will hold in the index).
+pub fn pick(
+    gw: &Gateway,
+    view: &PromptView,
+    model: &str,
+    strategy: Strategy,
+    tried: &[EngineId],
+) -> Result<Pick, NoBackend> {
+    let now = gw.now_ms();
+    let turn = gw.next_turn();
+    let draw = gw.draw();
+    let mut pool = gw.pool.lock();
+    let engines = pool.available(model, now, tried)?;
+    let mut index = gw.index.lock();
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(engines.len());
+    let mut blocks = 0;
+    for &e in &engines {
+        let b = pool.get(e);
+        let keys = view.keys_of(gw, e, b.config.block_size);
+        blocks = blocks.max(keys.len());
+        let mut c = pool.candidate(e);
+        c.local_blocks = index.matched(e, keys, now);
+        c.shared_blocks = view
+            .shared
+            .get(&gw.local_namespace(e))
+            .copied()
+            .unwrap_or(0);
+        c.near_cache = gw.shared.as_ref().is_some_and(|t| t.near(&b.config.url));
+        candidates.push(c);
+    }
+    let decision = route::choose(strategy, &gw.config.cost, blocks, &candidates, turn, draw);
+    let engine = engines[decision.index];
+    let b = pool.get(engine);
+    let url = b.config.url.clone();
+    let keys = view.keys_of(gw, engine, b.config.block_size);
+    let blocks = keys.len();
+    // What the engine must compute: its prefill queue grows by that much until its first byte.
+    let cost = if strategy.uses_prefixes() {
+        decision.cost
+    } else {
+        let local = index.matched(engine, keys, now);
+        Cost {
+            compute_blocks: blocks - local,
+            local_blocks: local,
+            ..Cost::default()
+        }
+    };
+    if b.config.kv_events.is_none() && !keys.is_empty() {
+        let until = now + gw.config.learned_ttl.as_millis() as u64;
+        index.learn(engine, keys, until);
+    }
+    pool.dispatched(engine, cost.compute_blocks as u64);
+    drop(index);
+    drop(pool);
+    gw.metrics.decision(
+        strategy.name(),
+        &url,
+        blocks,
+        cost.local_blocks,
+        cost.loaded_blocks,
+    );
+    gw.publish_backend(engine);
+    gw.publish_index();
+    Ok(Pick {
+        engine,
+        url,
+        blocks,
+        cost,
+    })
+}

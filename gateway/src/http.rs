@@ -1,0 +1,379 @@
+//! The HTTP face (axum): the OpenAI endpoints, /v1/models, /health and /metrics. A request is
+//! checked in the order a client can fix it (key, size, JSON, model, limits) and refused with
+//! OpenAI's error body before any backend sees it; then it is routed, sent, retried on another
+//! backend while nothing was received, and relayed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::access::Refusal;
+use crate::dispatch::{self, PromptView};
+use crate::index::EngineId;
+use crate::openai::{self, ApiError, Endpoint, Inspected};
+use crate::pool::NoBackend;
+use crate::proxy::{self, REQUEST_ID_HEADER, SendError};
+use crate::route::Strategy;
+use crate::state::Gateway;
+
+/// The header that overrides the routing strategy for one request.
+pub const STRATEGY_HEADER: &str = "x-kvcache-strategy";
+
+/// The gateway's routes.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|uri: Uri| async move { ApiError::no_route(uri.path()) })
+        .with_state(gw)
+}
+
+async fn completions(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
+    handle(gw, Endpoint::Completions, request).await
+}
+
+async fn chat_completions(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
+    handle(gw, Endpoint::ChatCompletions, request).await
+}
+
+async fn handle(gw: Arc<Gateway>, endpoint: Endpoint, request: Request) -> Response {
+    let arrived = Instant::now();
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map_or_else(|| format!("gw-{:016x}", gw.draw()), str::to_string);
+    let strategy = strategy_of(&gw, request.headers());
+    let label = strategy.as_ref().map_or("invalid", |s| s.name());
+    let result = match strategy {
+        Ok(strategy) => route(&gw, endpoint, strategy, request, &request_id, arrived).await,
+        Err(e) => Err(e),
+    };
+    let mut response = match result {
+        Ok(response) => return response,
+        Err(e) => {
+            gw.metrics
+                .request("none", label, e.status.as_u16(), arrived.elapsed());
+            e.into_response()
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    response
+}
+
+fn strategy_of(gw: &Gateway, headers: &HeaderMap) -> Result<Strategy, ApiError> {
+    match headers.get(STRATEGY_HEADER) {
+        None => Ok(gw.config.strategy),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(Strategy::parse)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "{STRATEGY_HEADER} must be one of random, round-robin, least-request, prefix, cache-aware"
+                ))
+            }),
+    }
+}
+
+/// Checks, routes, sends (retrying elsewhere while nothing was received) and relays.
+async fn route(
+    gw: &Arc<Gateway>,
+    endpoint: Endpoint,
+    strategy: Strategy,
+    request: Request,
+    request_id: &str,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let key = {
+        let auth = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        gw.access.lock().authenticate(auth).map_err(refusal)?
+    };
+    let body = read_body(body, gw.config.max_body_bytes).await?;
+    let inspected = openai::inspect(endpoint, &body)?;
+    if !gw.pool.lock().knows_model(&inspected.model)
+        || key.is_some_and(|k| !gw.access.lock().allows(k, &inspected.model))
+    {
+        return Err(ApiError::unknown_model(&inspected.model));
+    }
+    let tokens = prompt_tokens(gw, &inspected)?;
+    if let Some(k) = key {
+        // Tokens this request may use: its prompt (estimated at 4 bytes a token when it cannot
+        // be tokenized) and the completion it asks for.
+        let prompt = tokens
+            .as_ref()
+            .map_or(body.len() as u64 / 4, |t| t.len() as u64);
+        let spend = prompt + inspected.max_tokens.unwrap_or(0);
+        let admitted = gw.access.lock().admit(k, spend, gw.now_s());
+        if let Err(r) = admitted {
+            return Err(refusal(r));
+        }
+    }
+    let routing = Instant::now();
+    let view = PromptView::new(gw, tokens, strategy).await;
+    let mut tried: Vec<EngineId> = Vec::new();
+    let mut last_failure = String::new();
+    loop {
+        let pick = match dispatch::pick(gw, &view, &inspected.model, strategy, &tried) {
+            Ok(p) => p,
+            Err(no) => return Err(no_backend(gw, no, &inspected, &tried, &last_failure)),
+        };
+        if tried.is_empty() {
+            gw.metrics.routed(routing.elapsed());
+        }
+        let dispatched = Instant::now();
+        match proxy::send(
+            gw,
+            &pick,
+            endpoint,
+            &parts.headers,
+            body.clone(),
+            request_id,
+        )
+        .await
+        {
+            Ok(upstream) => {
+                let status = upstream.status();
+                let retry = status.is_server_error()
+                    && matches!(status.as_u16(), 502..=504)
+                    && tried.len() + 1 < gw.config.max_attempts;
+                if status.is_server_error() {
+                    eject(
+                        gw,
+                        pick.engine,
+                        &pick.url,
+                        &format!("answered {status}"),
+                        false,
+                    );
+                }
+                if retry {
+                    finish_failed(gw, &pick, strategy, status.as_u16(), arrived);
+                    last_failure = format!("{} answered {status}", pick.url);
+                    tried.push(pick.engine);
+                    gw.metrics.retries.inc();
+                    continue;
+                }
+                return Ok(proxy::relay(
+                    gw.clone(),
+                    &pick,
+                    strategy.name(),
+                    upstream,
+                    request_id,
+                    arrived,
+                    dispatched,
+                ));
+            }
+            Err(SendError::Timeout) => {
+                finish_failed(gw, &pick, strategy, 504, arrived);
+                return Err(ApiError::timeout(format!(
+                    "{} did not answer within {:?}",
+                    pick.url, gw.config.request_timeout
+                )));
+            }
+            Err(SendError::Connection(why)) => {
+                finish_failed(gw, &pick, strategy, 502, arrived);
+                eject(gw, pick.engine, &pick.url, &why, true);
+                last_failure = format!("{}: {why}", pick.url);
+                tried.push(pick.engine);
+                if tried.len() >= gw.config.max_attempts {
+                    return Err(ApiError::bad_gateway(format!(
+                        "every backend tried failed before answering; last: {last_failure}"
+                    )));
+                }
+                gw.metrics.retries.inc();
+            }
+        }
+    }
+}
+
+/// The engine-exact tokens of the prompt, or None when they cannot be known (no tokenizer
+/// and a text prompt): routing then sees no prefixes.
+fn prompt_tokens(gw: &Gateway, r: &Inspected) -> Result<Option<Vec<u32>>, ApiError> {
+    match (&gw.tokenizer, &r.prompt) {
+        (_, openai::Prompt::Tokens(ids)) => Ok(Some(ids.clone())),
+        (Some(t), openai::Prompt::Messages(_)) if !t.has_chat_template() => Ok(None),
+        (Some(t), _) => t
+            .tokens(r)
+            .map(Some)
+            .map_err(|e| ApiError::bad_request(format!("{e:#}"))),
+        (None, _) => Ok(None),
+    }
+}
+
+/// Counts a failed attempt on `pick` (its books: in flight, pending blocks, the request metric).
+fn finish_failed(
+    gw: &Gateway,
+    pick: &dispatch::Pick,
+    strategy: Strategy,
+    status: u16,
+    arrived: Instant,
+) {
+    gw.pool
+        .lock()
+        .finished(pick.engine, pick.cost.compute_blocks as u64);
+    gw.metrics
+        .request(&pick.url, strategy.name(), status, arrived.elapsed());
+    gw.publish_backend(pick.engine);
+}
+
+fn eject(gw: &Gateway, e: EngineId, url: &str, why: &str, connection_failed: bool) {
+    let until = gw.now_ms() + gw.config.eject_for.as_millis() as u64;
+    gw.pool.lock().eject(e, until, connection_failed);
+    gw.metrics.ejected(url);
+    gw.publish_backend(e);
+    warn!(backend = %url, reason = %why, eject_for = ?gw.config.eject_for,
+        "backend ejected after a failed request");
+}
+
+fn no_backend(
+    gw: &Gateway,
+    no: NoBackend,
+    r: &Inspected,
+    tried: &[EngineId],
+    last_failure: &str,
+) -> ApiError {
+    if !tried.is_empty() {
+        return ApiError::bad_gateway(format!(
+            "every backend tried failed before answering; last: {last_failure}"
+        ));
+    }
+    match no {
+        NoBackend::UnknownModel => ApiError::unknown_model(&r.model),
+        NoBackend::AllDown => ApiError::unavailable(
+            format!("no healthy backend serves `{}` now", r.model),
+            proxy::retry_after(gw),
+        ),
+        NoBackend::AllBusy => ApiError::unavailable(
+            format!(
+                "every backend serving `{}` is at its concurrency limit",
+                r.model
+            ),
+            1,
+        ),
+    }
+}
+
+fn refusal(r: Refusal) -> ApiError {
+    match r {
+        Refusal::Missing => {
+            ApiError::unauthorized("missing API key: send `Authorization: Bearer <key>`")
+        }
+        Refusal::Wrong => ApiError::unauthorized("invalid API key"),
+        Refusal::Requests { retry_after } => ApiError::rate_limited(
+            "rate limit reached: requests per minute of this key",
+            retry_after,
+        ),
+        Refusal::Tokens {
+            retry_after: Some(s),
+        } => ApiError::rate_limited("rate limit reached: tokens per minute of this key", s),
+        Refusal::Tokens { retry_after: None } => ApiError::rate_limited(
+            "this request needs more tokens than the key's whole per-minute limit; lower max_tokens or shorten the prompt",
+            60,
+        ),
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {e}"
+        ))),
+    }
+}
+
+async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let key = match gw.access.lock().authenticate(auth) {
+        Ok(k) => k,
+        Err(r) => return refusal(r).into_response(),
+    };
+    let names = gw.pool.lock().models();
+    let access = gw.access.lock();
+    let data: Vec<_> = names
+        .iter()
+        .filter(|m| key.is_none_or(|k| access.allows(k, m)))
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "kvcache-gateway"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn health(State(gw): State<Arc<Gateway>>) -> Response {
+    let now = gw.now_ms();
+    let (up, total) = {
+        let pool = gw.pool.lock();
+        let b = pool.backends();
+        (b.iter().filter(|b| b.up(now)).count(), b.len())
+    };
+    let ready = up > 0;
+    let body = json!({
+        "status": if ready { "ok" } else { "unavailable" },
+        "backends_up": up,
+        "backends": total,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    gw.publish_index();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        gw.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Serves `router` on `listener` until ctrl-c or SIGTERM.
+pub async fn serve(gw: Arc<Gateway>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    info!(listen = %listener.local_addr()?, "kvcache-gateway serving");
+    axum::serve(listener, router(gw))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    info!("shutting down");
+}

@@ -1,0 +1,55 @@
+//! The `kvcache-gateway` binary: reads the config, loads the tokenizer, starts the probes, the
+//! KV-event feeds and the shared-tier connection, and serves.
+
+use anyhow::Context;
+use clap::Parser;
+use kvcache_gateway::config::{Args, Config};
+use kvcache_gateway::prompt::PromptTokenizer;
+use kvcache_gateway::state::Gateway;
+use kvcache_gateway::{feed, http, probe};
+use tracing::{info, warn};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KVCACHE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = Config::load(Args::parse())?;
+    let tokenizer = match &config.tokenizer {
+        Some(dir) => {
+            let t = PromptTokenizer::load(dir)?;
+            if !t.has_chat_template() {
+                warn!(dir = %dir.display(), "the model has no chat template: chat requests are routed without prefixes");
+            }
+            Some(t)
+        }
+        None => {
+            warn!(
+                "no --tokenizer: text prompts cannot be tokenized, so routing sees prefixes only of token-id prompts"
+            );
+            None
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    info!(
+        strategy = config.strategy.name(),
+        backends = ?config.backends.iter().map(|b| b.url.as_str()).collect::<Vec<_>>(),
+        cache = ?config.cache,
+        api_keys = config.api_keys.len(),
+        index_budget_blocks = config.index_budget_blocks,
+        "kvcache-gateway starting"
+    );
+    let gw = Gateway::new(config, tokenizer);
+    if let Some(tier) = &gw.shared {
+        tokio::spawn(tier.clone().connect_loop());
+    }
+    feed::start(&gw);
+    tokio::spawn(probe::run(gw.clone()));
+    http::serve(gw, listener).await?;
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! Active health checks: every `health.interval_ms` each backend's /health, then its /metrics
+//! (the engine's queue and KV usage) and /v1/models (what it serves). The readers of those
+//! answers are pure; [`run`] is the loop around them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::index::EngineId;
+use crate::pool::EngineLoad;
+use crate::state::Gateway;
+use crate::upstream;
+
+/// The engine's load from vLLM's Prometheus text: `vllm:num_requests_waiting`,
+/// `vllm:num_requests_running` and `vllm:kv_cache_usage_perc` (the deprecated
+/// `vllm:gpu_cache_usage_perc` where the new name is absent), summed over label sets.
+pub fn engine_load(text: &str) -> EngineLoad {
+    let mut waiting = 0.0;
+    let mut running = 0.0;
+    let mut usage = None;
+    let mut old_usage = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((name, value)) = sample(line) else {
+            continue;
+        };
+        match name {
+            "vllm:num_requests_waiting" => waiting += value,
+            "vllm:num_requests_running" => running += value,
+            "vllm:kv_cache_usage_perc" => *usage.get_or_insert(0.0) += value,
+            "vllm:gpu_cache_usage_perc" => *old_usage.get_or_insert(0.0) += value,
+            _ => {}
+        }
+    }
+    EngineLoad {
+        waiting: waiting.max(0.0) as u32,
+        running: running.max(0.0) as u32,
+        kv_usage: usage.or(old_usage).unwrap_or(0.0).clamp(0.0, 1.0),
+    }
+}
+
+/// A sample line's metric name and value (`name{labels} value [timestamp]`).
+fn sample(line: &str) -> Option<(&str, f64)> {
+    let name_end = line.find(['{', ' '])?;
+    let name = &line[..name_end];
+    let rest = match line[name_end..].strip_prefix('{') {
+        Some(labels) => &labels[labels.find('}')? + 1..],
+        None => &line[name_end..],
+    };
+    let value = rest.split_whitespace().next()?.parse().ok()?;
+    Some((name, value))
+}
+
+/// The model ids of an OpenAI /v1/models answer.
+pub fn model_ids(body: &[u8]) -> Result<Vec<String>, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let data = v
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or("no `data` array")?;
+    Ok(data
+        .iter()
+        .filter_map(|m| m.get("id").and_then(Value::as_str).map(str::to_string))
+        .collect())
+}
+
+/// One probe of backend `e`: its load and models, or why it failed.
+async fn probe(gw: &Gateway, e: EngineId) -> Result<(EngineLoad, Vec<String>), String> {
+    let url = gw.pool.lock().get(e).config.url.clone();
+    let timeout = gw.config.health_interval.max(Duration::from_secs(1));
+    let (status, _) = upstream::get(&gw.http, &format!("{url}/health"), timeout).await?;
+    if !status.is_success() {
+        return Err(format!("/health answered {status}"));
+    }
+    let (status, body) = upstream::get(&gw.http, &format!("{url}/v1/models"), timeout).await?;
+    if !status.is_success() {
+        return Err(format!("/v1/models answered {status}"));
+    }
+    let models = model_ids(&body).map_err(|e| format!("/v1/models: {e}"))?;
+    // The load is an input to the cost, not a condition of health: an engine without
+    // /metrics is routed on the gateway's own counts.
+    let load = match upstream::get(&gw.http, &format!("{url}/metrics"), timeout).await {
+        Ok((s, body)) if s.is_success() => engine_load(&String::from_utf8_lossy(&body)),
+        _ => EngineLoad::default(),
+    };
+    Ok((load, models))
+}
+
+/// Probes every backend every `health.interval_ms` until the process ends; logs each change
+/// of a backend's health once, with the reason.
+pub async fn run(gw: Arc<Gateway>) {
+    let n = gw.pool.lock().backends().len() as EngineId;
+    let mut tick = tokio::time::interval(gw.config.health_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error: Vec<Option<String>> = vec![None; n as usize];
+    loop {
+        tick.tick().await;
+        let results = futures_util::future::join_all((0..n).map(|e| probe(&gw, e))).await;
+        for (e, result) in (0..n).zip(results) {
+            let url = gw.pool.lock().get(e).config.url.clone();
+            match result {
+                Ok((load, models)) => {
+                    let came_up = gw.pool.lock().probe_passed(e, load, models.clone());
+                    if came_up {
+                        info!(backend = %url, ?models, "backend is up");
+                    }
+                    last_error[e as usize] = None;
+                }
+                Err(why) => {
+                    let went_down = gw.pool.lock().probe_failed(e, gw.config.health_failures);
+                    if went_down || last_error[e as usize].is_none() {
+                        warn!(backend = %url, reason = %why, down = went_down, "backend probe failed");
+                    }
+                    last_error[e as usize] = Some(why);
+                }
+            }
+            gw.publish_backend(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vllm_load_is_read_from_its_metrics_text() {
+        let text = "# HELP vllm:num_requests_waiting x\n\
+            vllm:num_requests_waiting{engine=\"0\",model_name=\"tiny\"} 3.0\n\
+            vllm:num_requests_running{engine=\"0\",model_name=\"tiny\"} 2.0\n\
+            vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"tiny\"} 0.25\n\
+            vllm:gpu_cache_usage_perc{engine=\"0\"} 0.9\n\
+            vllm:num_requests_waiting_by_reason{reason=\"x\"} 7\n";
+        assert_eq!(
+            engine_load(text),
+            EngineLoad {
+                waiting: 3,
+                running: 2,
+                kv_usage: 0.25
+            }
+        );
+        assert_eq!(engine_load("vllm:gpu_cache_usage_perc 0.5\n").kv_usage, 0.5);
+        assert_eq!(engine_load("garbage {{{\n"), EngineLoad::default());
+    }
+
+    #[test]
+    fn model_ids_come_from_the_data_array() {
+        let body = br#"{"object":"list","data":[{"id":"tiny"},{"id":"sql-lora"}]}"#;
+        assert_eq!(model_ids(body).unwrap(), ["tiny", "sql-lora"]);
+        assert!(model_ids(b"{}").is_err());
+    }
+}
