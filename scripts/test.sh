@@ -4,7 +4,8 @@
 # (real server processes on loopback, Redis for the benchmark's smoke test), the Python
 # module's tests against a real server, and the vLLM connector's tests against a real vLLM on
 # CPU (installed by scripts/setup-vllm.sh), and a short run of every fuzz target
-# (scripts/fuzz.sh). Installs what it needs. Build outputs and the vLLM
+# (scripts/fuzz.sh), and the gateway's end-to-end tests (gateway/tests/e2e: two real vLLM
+# instances behind the gateway binary). Installs what it needs. Build outputs and the vLLM
 # venv are cached in $KVCACHE_CACHE_DIR (default /var/tmp/kvcache-cache).
 cd "$(dirname "$0")/.."
 . scripts/env.sh
@@ -42,4 +43,10 @@ vllm_venv=$(./scripts/setup-vllm.sh)
 "$KVCACHE_VENV/bin/ruff" format --check vllm-connector
 KVCACHE_REQUIRE_VLLM=1 KVCACHE_VLLM_MODELS="$(dirname "$vllm_venv")/models" \
     KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" "$vllm_venv/bin/pytest" -q vllm-connector/tests
+echo "== gateway: end to end against real vllm serve instances (gateway/tests/e2e)" >&2
+"$KVCACHE_VENV/bin/ruff" check gateway/tests/e2e
+"$KVCACHE_VENV/bin/ruff" format --check gateway/tests/e2e
+KVCACHE_REQUIRE_VLLM=1 KVCACHE_VLLM_MODELS="$(dirname "$vllm_venv")/models" \
+    KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" \
+    KVCACHE_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/kvcache-gateway" "$vllm_venv/bin/pytest" -q gateway/tests/e2e
 echo "all tests passed in $(( $(date +%s) - started )) s" >&2

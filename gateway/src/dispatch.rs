@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 
 use kvcache_core::{BlockKey, NamespaceId, chain_keys};
+use serde_json::{Value, json};
 use tracing::debug;
 
-use crate::index::EngineId;
-use crate::pool::NoBackend;
+use crate::index::{BlockIndex, EngineId};
+use crate::pool::{NoBackend, Pool};
 use crate::route::{self, Candidate, Cost, Strategy};
 use crate::state::Gateway;
 
@@ -92,6 +93,34 @@ pub struct Pick {
     pub cost: Cost,
 }
 
+/// Every candidate's routing view, with the prompt's block count.
+fn candidates(
+    gw: &Gateway,
+    pool: &Pool,
+    index: &mut BlockIndex,
+    view: &PromptView,
+    engines: &[EngineId],
+    now: u64,
+) -> (Vec<Candidate>, usize) {
+    let mut out = Vec::with_capacity(engines.len());
+    let mut blocks = 0;
+    for &e in engines {
+        let b = pool.get(e);
+        let keys = view.keys_of(gw, e, b.config.block_size);
+        blocks = blocks.max(keys.len());
+        let mut c = pool.candidate(e);
+        c.local_blocks = index.matched(e, keys, now);
+        c.shared_blocks = view
+            .shared
+            .get(&gw.local_namespace(e))
+            .copied()
+            .unwrap_or(0);
+        c.near_cache = gw.shared.as_ref().is_some_and(|t| t.near(&b.config.url));
+        out.push(c);
+    }
+    (out, blocks)
+}
+
 /// Picks a backend for `model` among those not yet `tried`, records the dispatch in the pool
 /// (and, for a backend without KV events, the blocks it will hold in the index).
 pub fn pick(
@@ -107,23 +136,8 @@ pub fn pick(
     let mut pool = gw.pool.lock();
     let engines = pool.available(model, now, tried)?;
     let mut index = gw.index.lock();
-    let mut candidates: Vec<Candidate> = Vec::with_capacity(engines.len());
-    let mut blocks = 0;
-    for &e in &engines {
-        let b = pool.get(e);
-        let keys = view.keys_of(gw, e, b.config.block_size);
-        blocks = blocks.max(keys.len());
-        let mut c = pool.candidate(e);
-        c.local_blocks = index.matched(e, keys, now);
-        c.shared_blocks = view
-            .shared
-            .get(&gw.local_namespace(e))
-            .copied()
-            .unwrap_or(0);
-        c.near_cache = gw.shared.as_ref().is_some_and(|t| t.near(&b.config.url));
-        candidates.push(c);
-    }
-    let decision = route::choose(strategy, &gw.config.cost, blocks, &candidates, turn, draw);
+    let (cands, blocks) = candidates(gw, &pool, &mut index, view, &engines, now);
+    let decision = route::choose(strategy, &gw.config.cost, blocks, &cands, turn, draw);
     let engine = engines[decision.index];
     let b = pool.get(engine);
     let url = b.config.url.clone();
@@ -133,7 +147,7 @@ pub fn pick(
     let cost = if strategy.uses_prefixes() {
         decision.cost
     } else {
-        let local = index.matched(engine, keys, now);
+        let local = cands[decision.index].local_blocks;
         Cost {
             compute_blocks: blocks - local,
             local_blocks: local,
@@ -162,4 +176,55 @@ pub fn pick(
         blocks,
         cost,
     })
+}
+
+/// What routing sees for a request and what it would pick, without sending anything: the
+/// answer of `POST /explain/v1/...` (operators asking "why there?", and the tests).
+pub fn explain(
+    gw: &Gateway,
+    view: &PromptView,
+    model: &str,
+    strategy: Strategy,
+) -> Result<Value, NoBackend> {
+    let now = gw.now_ms();
+    let pool = gw.pool.lock();
+    let engines = pool.available(model, now, &[])?;
+    let mut index = gw.index.lock();
+    let (cands, blocks) = candidates(gw, &pool, &mut index, view, &engines, now);
+    let decision = route::choose(
+        strategy,
+        &gw.config.cost,
+        blocks,
+        &cands,
+        gw.next_turn(),
+        gw.draw(),
+    );
+    let rows: Vec<Value> = engines
+        .iter()
+        .zip(&cands)
+        .map(|(&e, c)| {
+            let cost = route::cost(&gw.config.cost, blocks, c, strategy == Strategy::CacheAware);
+            json!({
+                "backend": pool.get(e).config.url,
+                "local_blocks": c.local_blocks,
+                "shared_blocks": c.shared_blocks,
+                "near_cache": c.near_cache,
+                "in_flight": c.in_flight,
+                "pending_blocks": c.pending_blocks,
+                "engine_waiting": c.engine_waiting,
+                "engine_running": c.engine_running,
+                "kv_usage": c.kv_usage,
+                "cost": cost.total,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "model": model,
+        "strategy": strategy.name(),
+        "prompt_tokens": view.tokens().map(<[u32]>::len),
+        "token_ids": view.tokens(),
+        "blocks": blocks,
+        "candidates": rows,
+        "choice": pool.get(engines[decision.index]).config.url,
+    }))
 }

@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::access::Refusal;
+use crate::access::{KeyId, Refusal};
 use crate::dispatch::{self, PromptView};
 use crate::index::EngineId;
 use crate::openai::{self, ApiError, Endpoint, Inspected};
@@ -34,6 +34,11 @@ pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/explain/v1/completions", post(explain_completions))
+        .route(
+            "/explain/v1/chat/completions",
+            post(explain_chat_completions),
+        )
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -47,6 +52,85 @@ async fn completions(State(gw): State<Arc<Gateway>>, request: Request) -> Respon
 
 async fn chat_completions(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
     handle(gw, Endpoint::ChatCompletions, request).await
+}
+
+async fn explain_completions(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
+    explain(gw, Endpoint::Completions, request).await
+}
+
+async fn explain_chat_completions(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
+    explain(gw, Endpoint::ChatCompletions, request).await
+}
+
+/// The same checks as a request (key, body, model; no rate limit is spent), then what
+/// routing sees and would pick, as JSON; nothing is sent to a backend.
+async fn explain(gw: Arc<Gateway>, endpoint: Endpoint, request: Request) -> Response {
+    let result = async {
+        let strategy = strategy_of(&gw, request.headers())?;
+        let (checked, _) = check(&gw, endpoint, request).await?;
+        let view = PromptView::new(&gw, checked.tokens, strategy).await;
+        dispatch::explain(&gw, &view, &checked.inspected.model, strategy)
+            .map_err(|no| no_backend(&gw, no, &checked.inspected, &[], ""))
+    }
+    .await;
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A request that passed the checks.
+struct Checked {
+    inspected: Inspected,
+    tokens: Option<Vec<u32>>,
+    key: Option<KeyId>,
+    body: Bytes,
+}
+
+/// Key, size, JSON, model and prompt tokens, in the order a client can fix them.
+async fn check(
+    gw: &Gateway,
+    endpoint: Endpoint,
+    request: Request,
+) -> Result<(Checked, HeaderMap), ApiError> {
+    let (parts, body) = request.into_parts();
+    let key = {
+        let auth = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        gw.access.lock().authenticate(auth).map_err(refusal)?
+    };
+    let body = read_body(body, gw.config.max_body_bytes).await?;
+    let inspected = openai::inspect(endpoint, &body)?;
+    let (known, any_up) = {
+        let pool = gw.pool.lock();
+        let now = gw.now_ms();
+        (
+            pool.knows_model(&inspected.model),
+            pool.backends().iter().any(|b| b.up(now)),
+        )
+    };
+    if !known && !any_up {
+        // The models are learned from the backends; with none up, "unknown" would be a guess.
+        return Err(ApiError::unavailable(
+            "no backend is up (the gateway learns the served models from them)",
+            proxy::retry_after(gw),
+        ));
+    }
+    if !known || key.is_some_and(|k| !gw.access.lock().allows(k, &inspected.model)) {
+        return Err(ApiError::unknown_model(&inspected.model));
+    }
+    let tokens = prompt_tokens(gw, &inspected)?;
+    Ok((
+        Checked {
+            inspected,
+            tokens,
+            key,
+            body,
+        },
+        parts.headers,
+    ))
 }
 
 async fn handle(gw: Arc<Gateway>, endpoint: Endpoint, request: Request) -> Response {
@@ -101,22 +185,15 @@ async fn route(
     request_id: &str,
     arrived: Instant,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = request.into_parts();
-    let key = {
-        let auth = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        gw.access.lock().authenticate(auth).map_err(refusal)?
-    };
-    let body = read_body(body, gw.config.max_body_bytes).await?;
-    let inspected = openai::inspect(endpoint, &body)?;
-    if !gw.pool.lock().knows_model(&inspected.model)
-        || key.is_some_and(|k| !gw.access.lock().allows(k, &inspected.model))
-    {
-        return Err(ApiError::unknown_model(&inspected.model));
-    }
-    let tokens = prompt_tokens(gw, &inspected)?;
+    let (
+        Checked {
+            inspected,
+            tokens,
+            key,
+            body,
+        },
+        headers,
+    ) = check(gw, endpoint, request).await?;
     if let Some(k) = key {
         // Tokens this request may use: its prompt (estimated at 4 bytes a token when it cannot
         // be tokenized) and the completion it asks for.
@@ -142,16 +219,7 @@ async fn route(
             gw.metrics.routed(routing.elapsed());
         }
         let dispatched = Instant::now();
-        match proxy::send(
-            gw,
-            &pick,
-            endpoint,
-            &parts.headers,
-            body.clone(),
-            request_id,
-        )
-        .await
-        {
+        match proxy::send(gw, &pick, endpoint, &headers, body.clone(), request_id).await {
             Ok(upstream) => {
                 let status = upstream.status();
                 let retry = status.is_server_error()
@@ -356,7 +424,10 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
 
 /// Serves `router` on `listener` until ctrl-c or SIGTERM.
 pub async fn serve(gw: Arc<Gateway>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    info!(listen = %listener.local_addr()?, "kvcache-gateway serving");
+    let addr = listener.local_addr()?;
+    info!(listen = %addr, "kvcache-gateway serving");
+    // One line on stdout when ready, for scripts and tests that start us on port 0.
+    println!("kvcache-gateway ready http={addr}");
     axum::serve(listener, router(gw))
         .with_graceful_shutdown(shutdown_signal())
         .await

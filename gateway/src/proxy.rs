@@ -74,12 +74,21 @@ struct Books {
     arrived: Instant,
     dispatched: Instant,
     first_seen: bool,
+    /// The body's length when the backend said it (hyper stops reading at it, so the end is
+    /// seen by counting, not by the stream's close).
+    expected_len: Option<u64>,
+    relayed: u64,
     /// Set when the body ended (cleanly or not); unset at drop means the client went away.
     ended: Option<u16>,
 }
 
 impl Books {
-    fn first_byte(&mut self) {
+    /// A chunk of `len` bytes was relayed.
+    fn relayed(&mut self, len: usize) {
+        self.relayed += len as u64;
+        if self.expected_len.is_some_and(|n| self.relayed >= n) {
+            self.ended = Some(self.status.as_u16());
+        }
         if self.first_seen {
             return;
         }
@@ -135,15 +144,25 @@ pub fn relay(
         arrived,
         dispatched,
         first_seen: false,
+        expected_len: parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()),
+        relayed: 0,
         ended: None,
     };
+    let mut books = books;
+    if books.expected_len == Some(0) {
+        books.ended = Some(books.status.as_u16());
+    }
     let stream = futures_util::stream::unfold(
         Some((incoming.into_data_stream(), books)),
         move |state| async move {
             let (mut body, mut books) = state?;
             let failure = match tokio::time::timeout_at(deadline, body.next()).await {
                 Ok(Some(Ok(chunk))) => {
-                    books.first_byte();
+                    books.relayed(chunk.len());
                     return Some((Ok(chunk), Some((body, books))));
                 }
                 Ok(None) => {

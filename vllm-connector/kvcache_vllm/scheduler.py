@@ -77,13 +77,15 @@ class _SchedulerSide:
                 transfer.kv_load_failure_policy,
             )
         logger.info(
-            "kvcache scheduler: servers=%s transport=%s layout=%s block_size=%d role=%s model identity %s",
+            "kvcache scheduler: servers=%s transport=%s layout=%s block_size=%d role=%s model identity %s "
+            "lookup namespace %s (a gateway routing to this engine sets it as its backend's `namespace`)",
             ",".join(self.settings.servers),
             self.settings.transport,
             self.namespaces.layout.name,
             self.block_size,
             transfer.kv_role,
             self.model,
+            self.namespaces.get(self.lookup_layer).hex(),
         )
 
     def _bypass(self, request: Request) -> tuple[bool, str | None]:

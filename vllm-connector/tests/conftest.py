@@ -25,6 +25,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "pyo3-bindings" / "tests"))
 
+from vllm_serve import engine_env  # noqa: E402
+
 from kvserver import Server, start_server, stop_server  # noqa: E402
 
 BLOCK_SIZE = 128  # vLLM's default on CPU
@@ -56,21 +58,6 @@ def server() -> Iterator[Server]:
     s = start_server("--memory", "256MiB", "--enable-test-hooks")
     yield s
     stop_server(s)
-
-
-def engine_env() -> dict[str, str]:
-    """What every vLLM process gets: offline, 1 GiB of KV cache, the same thread count with and
-    without a connector (vLLM reserves a core for one), one shared inductor cache."""
-    cache = os.environ.get("KVCACHE_CACHE_DIR", "/var/tmp/kvcache-cache")
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
-        "TORCHINDUCTOR_CACHE_DIR": f"{cache}/torchinductor",
-        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-    }
 
 
 def kv_config(server: Server | str, **extra: object) -> dict:

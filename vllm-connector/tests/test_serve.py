@@ -11,111 +11,20 @@ One test, in phases, because each `vllm serve` start costs about half a minute:
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-from conftest import BLOCK_SIZE, engine_env, kv_config, loadable_tokens, make_prompts
-from kvserver import Server, free_port
+from vllm_serve import Serve
+
+from conftest import BLOCK_SIZE, kv_config, loadable_tokens, make_prompts
+from kvserver import Server
 
 PROMPTS = make_prompts([300, 420, 260], seed=7)
 LATE_PROMPTS = make_prompts([330, 200], seed=8)
 FRESH_PROMPTS = make_prompts([280], seed=9)
 TIMEOUT_S = 1.0
-
-
-class Serve:
-    """A `vllm serve` process on a free loopback port."""
-
-    def __init__(self, model: Path, kv: dict, log: Path):
-        self.port = free_port()
-        vllm = Path(sys.executable).with_name("vllm")
-        self.log = log
-        self.proc = subprocess.Popen(
-            [
-                str(vllm),
-                "serve",
-                str(model),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--served-model-name",
-                "tiny",
-                "--max-model-len",
-                "2048",
-                "--enforce-eager",
-                "--dtype",
-                "bfloat16",
-                "--enable-prefix-caching",
-                "--seed",
-                "0",
-                "--kv-transfer-config",
-                json.dumps(kv),
-            ],  # fmt: skip
-            env={**engine_env(), "VLLM_LOGGING_LEVEL": "INFO"},
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"vllm serve exited:\n{self.tail()}"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2).close()
-                return
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise AssertionError(f"vllm serve not ready in 300 s:\n{self.tail()}")
-
-    def tail(self) -> str:
-        return self.log.read_text()[-5000:]
-
-    def complete(self, prompt: list[int]) -> dict:
-        body = {
-            "model": "tiny",
-            "prompt": prompt,
-            "max_tokens": 16,
-            "temperature": 0.0,
-            "logprobs": 1,
-            "return_token_ids": True,
-        }
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/v1/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        started = time.monotonic()
-        with urllib.request.urlopen(request, timeout=120) as r:
-            choice = json.loads(r.read())["choices"][0]
-        return {
-            "token_ids": choice["token_ids"],
-            "cumulative_logprob": sum(choice["logprobs"]["token_logprobs"]),
-            "seconds": time.monotonic() - started,
-        }
-
-    def metric(self, name: str) -> float:
-        """The sum of every sample of `name` in /metrics."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name + "{") or line.startswith(name + " ")
-        )
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def assert_close(got: dict, want: dict, what: str) -> None:
