@@ -4,6 +4,7 @@ mod cluster;
 mod compare;
 mod cuda;
 mod disk;
+mod gateway_index;
 mod index_memory;
 mod systems;
 
@@ -122,6 +123,25 @@ enum Cmd {
         /// Index shards (as the server's --shards).
         #[arg(long, default_value_t = 64)]
         shards: usize,
+    },
+    /// The gateway's prefix index under its budget while a whole trace is replayed into it:
+    /// bytes per entry (allocator-measured) and lookup latency.
+    GatewayIndex {
+        /// A Mooncake-format trace (`{"hash_ids": [...]}` a line).
+        #[arg(long, value_name = "FILE")]
+        trace: PathBuf,
+        /// Engines the blocks are spread over.
+        #[arg(long, default_value_t = 3)]
+        engines: u32,
+        /// The index budget, in (engine, block) entries.
+        #[arg(long, default_value_t = 100_000)]
+        budget: usize,
+        /// Tokens per block (the trace's block is 512 tokens).
+        #[arg(long, default_value_t = 512)]
+        block_tokens: usize,
+        /// Also write the results as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
     /// Runs a kvcache server (used by `compare`; takes kvcache-server's flags).
     #[command(hide = true)]
@@ -243,6 +263,21 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        Cmd::GatewayIndex {
+            trace,
+            engines,
+            budget,
+            block_tokens,
+            json,
+        } => {
+            anyhow::ensure!(
+                engines > 0 && budget > 0 && block_tokens > 0,
+                "--engines, --budget and --block-tokens must be positive"
+            );
+            let report = gateway_index::run(&trace, engines, budget, block_tokens)?;
+            println!("{report:#?}");
+            write_json(json, serde_json::to_value(&report)?)
         }
         Cmd::ServeKvcache(settings) => kvcache_server::cli::run(*settings),
         Cmd::ServeCeiling { listen } => systems::ceiling::serve(&listen),

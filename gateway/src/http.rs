@@ -203,6 +203,11 @@ async fn route(
         let spend = prompt + inspected.max_tokens.unwrap_or(0);
         let admitted = gw.access.lock().admit(k, spend, gw.now_s());
         if let Err(r) = admitted {
+            gw.metrics.rate_limited(match r {
+                Refusal::Tokens { .. } => "tokens",
+                _ => "requests",
+            });
+            info!(key = gw.access.lock().name(k), refusal = ?r, "rate limit reached");
             return Err(refusal(r));
         }
     }

@@ -117,14 +117,15 @@ class Serve:
             "seconds": time.monotonic() - started,
         }
 
-    def metric(self, name: str) -> float:
-        """The sum of every sample of `name` in /metrics."""
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` in /metrics whose labels include `labels`."""
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
             text = r.read().decode()
+        wanted = [f'{k}="{v}"' for k, v in labels.items()]
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
-            if line.startswith(name + "{") or line.startswith(name + " ")
+            if (line.startswith(name + "{") or line.startswith(name + " ")) and all(w in line for w in wanted)
         )
 
     def kill(self) -> None:

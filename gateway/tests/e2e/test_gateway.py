@@ -9,7 +9,6 @@ import http.client
 import json
 import random
 import threading
-import time
 from collections import Counter
 from urllib.parse import urlparse
 
@@ -218,26 +217,34 @@ def test_refusals_get_their_status_and_body_and_never_reach_a_backend(stack: Sta
 def test_a_client_that_disconnects_cancels_the_upstream_request(stack: Stack):
     gw = stack.gateway
     target = urlparse(gw.url)
-    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-    body = {"model": "tiny", "prompt": prompt(64, 51), "max_tokens": 1900, "stream": True, "ignore_eos": True}
-    conn.request(
-        "POST",
-        "/v1/completions",
-        json.dumps(body),
-        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
-    )
-    response = conn.getresponse()
-    backend = stack.engine(response.headers["x-kvcache-backend"])
-    assert response.fp is not None
-    response.fp.readline()  # the first event: generation has started
-    wait_for("the engine to run the request", lambda: backend.metric("vllm:num_requests_running") >= 1, timeout=10)
-    conn.close()
-    started = time.monotonic()
-    wait_for("the engine to drop the request", lambda: backend.metric("vllm:num_requests_running") == 0, timeout=10)
-    assert time.monotonic() - started < 10
+    for stream in (True, False):
+        conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+        body = {"model": "tiny", "prompt": prompt(64, 51), "max_tokens": 1900, "ignore_eos": True, "stream": stream}
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+        generated_before = sum(e.metric("vllm:generation_tokens_total") for e in stack.engines)
+        conn.request("POST", "/v1/completions", json.dumps(body), headers)
+        if stream:
+            response = conn.getresponse()
+            assert response.fp is not None
+            response.fp.readline()  # the first event: generation has started
+        wait_for(
+            "an engine to run the request",
+            lambda: sum(e.metric("vllm:num_requests_running") for e in stack.engines) >= 1,
+            timeout=10,
+        )
+        conn.close()
+        # Generating 1900 tokens takes far longer than this wait: the engine stopping now means
+        # the gateway closed the upstream request.
+        wait_for(
+            "the engine to drop the request",
+            lambda: sum(e.metric("vllm:num_requests_running") for e in stack.engines) == 0,
+            timeout=5,
+        )
+        generated = sum(e.metric("vllm:generation_tokens_total") for e in stack.engines) - generated_before
+        assert generated < 1900, f"the request ran to the end ({generated} tokens): it was not cancelled"
     wait_for(
-        "the gateway to count the cancelled request",
-        lambda: gw.metric("kvcache_gateway_requests_total", backend=backend.url, status="499") >= 1,
+        "the gateway to count the cancelled requests",
+        lambda: gw.metric("kvcache_gateway_requests_total", status="499") >= 2,
         timeout=5,
     )
 
