@@ -57,6 +57,12 @@ pub struct Args {
     #[arg(long = "cache", value_name = "ADDR")]
     pub cache: Vec<String>,
 
+    /// Find backends in etcd (`etcd://host:port`): the engines whose kvcache connector has
+    /// `advertise` set register there with their block size, namespace and KV-event endpoints.
+    /// Adds to the configured backends.
+    #[arg(long, value_name = "ETCD_URL")]
+    pub discover: Option<String>,
+
     /// The tenant token the engines use with the cache nodes (nodes run with --auth), so the
     /// shared-tier lookup sees their blocks. Prefer the environment variable to the flag.
     #[arg(
@@ -80,6 +86,7 @@ struct File {
     #[serde(default)]
     cache: Vec<String>,
     cache_token: Option<String>,
+    discover: Option<String>,
     #[serde(default)]
     backend: Vec<BackendFile>,
     #[serde(default)]
@@ -200,6 +207,8 @@ pub struct Config {
     pub model: Option<String>,
     pub cache: Vec<String>,
     pub cache_token: Option<String>,
+    /// The etcd engines register in (`etcd://host:port`), if backends are discovered.
+    pub discover: Option<String>,
     pub backends: Vec<BackendConfig>,
     /// Empty: no authentication.
     pub api_keys: Vec<ApiKey>,
@@ -261,9 +270,15 @@ fn resolve(file: File, args: Args) -> anyhow::Result<Config> {
             })
             .collect::<anyhow::Result<Vec<_>>>()?
     };
-    if backends.is_empty() {
+    let discover = args.discover.or(file.discover);
+    if let Some(url) = &discover
+        && !url.starts_with("etcd://")
+    {
+        bail!("discover must be an etcd URL (etcd://host:port), got {url:?}");
+    }
+    if backends.is_empty() && discover.is_none() {
         bail!(
-            "no backends: give --backend URL (repeatable) or [[backend]] url = ... in the config"
+            "no backends: give --backend URL (repeatable), [[backend]] url = ... in the config, or --discover etcd://host:port"
         );
     }
     let mut seen = BTreeMap::new();
@@ -307,6 +322,7 @@ fn resolve(file: File, args: Args) -> anyhow::Result<Config> {
             args.cache
         },
         cache_token: args.cache_token.or(file.cache_token),
+        discover,
         backends,
         api_keys,
         cost,
@@ -347,6 +363,26 @@ fn backend(b: BackendFile) -> anyhow::Result<BackendConfig> {
         namespace,
         block_size,
         max_concurrency: b.max_concurrency.unwrap_or(256).max(1),
+    })
+}
+
+/// A backend from its parts (a discovered engine's record), checked as a `[[backend]]` is.
+pub fn backend_config(
+    url: &str,
+    kv_events: Option<String>,
+    kv_events_replay: Option<String>,
+    kv_events_topic: Option<String>,
+    namespace: Option<&str>,
+    block_size: Option<usize>,
+) -> anyhow::Result<BackendConfig> {
+    backend(BackendFile {
+        url: url.to_string(),
+        kv_events,
+        kv_events_replay,
+        kv_events_topic,
+        namespace: namespace.map(str::to_string),
+        block_size,
+        max_concurrency: None,
     })
 }
 

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tracing::debug;
 
 use crate::index::{BlockIndex, EngineId};
-use crate::pool::{NoBackend, Pool};
+use crate::pool::{Backend, NoBackend, Pool};
 use crate::route::{self, Candidate, Cost, Strategy};
 use crate::state::Gateway;
 
@@ -33,17 +33,21 @@ impl PromptView {
         let Some(tokens) = view.tokens.as_ref() else {
             return view;
         };
-        let backends: Vec<(EngineId, usize, bool)> = {
+        let backends: Vec<(NamespaceId, usize, bool)> = {
             let pool = gw.pool.lock();
-            (0..pool.backends().len() as EngineId)
-                .map(|e| {
-                    let c = &pool.get(e).config;
-                    (e, c.block_size, c.namespace.is_some())
+            pool.backends()
+                .iter()
+                .filter(|b| !b.retired)
+                .map(|b| {
+                    (
+                        b.index_namespace,
+                        b.config.block_size,
+                        b.config.namespace.is_some(),
+                    )
                 })
                 .collect()
         };
-        for (e, block_size, real_namespace) in backends {
-            let ns = gw.local_namespace(e);
+        for (ns, block_size, real_namespace) in backends {
             let keys = view
                 .keys
                 .entry((ns, block_size))
@@ -75,10 +79,10 @@ impl PromptView {
         self.tokens.as_deref()
     }
 
-    /// The chain keys of backend `e`'s namespace (empty without tokens).
-    fn keys_of(&self, gw: &Gateway, e: EngineId, block_size: usize) -> &[BlockKey] {
+    /// The chain keys of a backend's namespace (empty without tokens).
+    fn keys_of(&self, b: &Backend) -> &[BlockKey] {
         self.keys
-            .get(&(gw.local_namespace(e), block_size))
+            .get(&(b.index_namespace, b.config.block_size))
             .map_or(&[], Vec::as_slice)
     }
 }
@@ -106,15 +110,11 @@ fn candidates(
     let mut blocks = 0;
     for &e in engines {
         let b = pool.get(e);
-        let keys = view.keys_of(gw, e, b.config.block_size);
+        let keys = view.keys_of(b);
         blocks = blocks.max(keys.len());
         let mut c = pool.candidate(e);
         c.local_blocks = index.matched(e, keys, now);
-        c.shared_blocks = view
-            .shared
-            .get(&gw.local_namespace(e))
-            .copied()
-            .unwrap_or(0);
+        c.shared_blocks = view.shared.get(&b.index_namespace).copied().unwrap_or(0);
         c.near_cache = gw.shared.as_ref().is_some_and(|t| t.near(&b.config.url));
         out.push(c);
     }
@@ -141,7 +141,7 @@ pub fn pick(
     let engine = engines[decision.index];
     let b = pool.get(engine);
     let url = b.config.url.clone();
-    let keys = view.keys_of(gw, engine, b.config.block_size);
+    let keys = view.keys_of(b);
     let blocks = keys.len();
     // What the engine must compute: its prefill queue grows by that much until its first byte.
     let cost = if strategy.uses_prefixes() {

@@ -10,33 +10,46 @@ use crate::events::{self, KvEvent, Update};
 use crate::index::{EngineId, StoreError};
 use crate::state::Gateway;
 
-/// Starts the subscriber of every backend with `kv_events`, and says for each backend where
-/// its index entries come from.
-pub fn start(gw: &Arc<Gateway>) {
-    let backends: Vec<_> = gw
-        .pool
-        .lock()
-        .backends()
-        .iter()
-        .map(|b| b.config.clone())
-        .collect();
-    for (e, b) in backends.into_iter().enumerate() {
-        let e = e as EngineId;
-        gw.metrics.set_index_source(&b.url, b.kv_events.is_some());
-        let Some(endpoint) = b.kv_events else {
-            info!(backend = %b.url, ttl = ?gw.config.learned_ttl,
-                "no kv_events for this backend: its cache is learned from routing decisions, with a time-to-live");
-            continue;
-        };
-        let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(events::subscribe(
-            endpoint,
-            b.kv_events_topic.clone(),
-            b.kv_events_replay.clone(),
-            tx,
-        ));
-        tokio::spawn(apply_loop(gw.clone(), e, rx));
+/// Starts the subscriber of every configured backend with `kv_events`.
+pub fn start(gw: &Arc<Gateway>) -> Vec<Option<Feed>> {
+    let n = gw.pool.lock().backends().len() as EngineId;
+    (0..n).map(|e| start_one(gw, e)).collect()
+}
+
+/// A running subscription; dropping it stops the subscriber.
+pub struct Feed {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        // The apply loop owns the receiver: ending it closes the channel, which stops the
+        // subscriber.
+        self.task.abort();
     }
+}
+
+/// Starts backend `e`'s subscriber if it publishes KV events (forgetting what the index held
+/// for it), and says where its index entries come from.
+pub fn start_one(gw: &Arc<Gateway>, e: EngineId) -> Option<Feed> {
+    let b = gw.pool.lock().get(e).config.clone();
+    gw.index.lock().clear(e);
+    gw.metrics.set_index_source(&b.url, b.kv_events.is_some());
+    let Some(endpoint) = b.kv_events else {
+        info!(backend = %b.url, ttl = ?gw.config.learned_ttl,
+            "no kv_events for this backend: its cache is learned from routing decisions, with a time-to-live");
+        return None;
+    };
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(events::subscribe(
+        endpoint,
+        b.kv_events_topic.clone(),
+        b.kv_events_replay.clone(),
+        tx,
+    ));
+    Some(Feed {
+        task: tokio::spawn(apply_loop(gw.clone(), e, rx)),
+    })
 }
 
 async fn apply_loop(gw: Arc<Gateway>, e: EngineId, mut rx: mpsc::Receiver<Update>) {
@@ -49,8 +62,8 @@ async fn apply_loop(gw: Arc<Gateway>, e: EngineId, mut rx: mpsc::Receiver<Update
 pub fn apply(gw: &Gateway, e: EngineId, update: Update) {
     let (url, ns, block_size) = {
         let pool = gw.pool.lock();
-        let b = &pool.get(e).config;
-        (b.url.clone(), gw.local_namespace(e), b.block_size)
+        let b = pool.get(e);
+        (b.config.url.clone(), b.index_namespace, b.config.block_size)
     };
     let batch = match update {
         Update::Batch(batch) => batch,

@@ -6,11 +6,13 @@
 //! reads), `prompt` (engine-exact tokens: the model's tokenizer and chat template), `config`.
 //! The shell around them: `http` (the axum routes) imports `dispatch` (a request's keys,
 //! candidates and pick) and `proxy` (send, retry, relay); `probe` (health checks and engine
-//! load), `feed` (KV events into the index, from `events`), `shared_tier` (the cache nodes'
+//! load), `feed` (KV events into the index, from `events`), `discovery` (backends registered
+//! in etcd), `shared_tier` (the cache nodes'
 //! prefix lookup), `upstream` (the HTTP client), `state` (what they share), `metrics`.
 
 pub mod access;
 pub mod config;
+pub mod discovery;
 pub mod dispatch;
 pub mod events;
 pub mod feed;

@@ -6,7 +6,7 @@ use clap::Parser;
 use kvcache_gateway::config::{Args, Config};
 use kvcache_gateway::prompt::PromptTokenizer;
 use kvcache_gateway::state::Gateway;
-use kvcache_gateway::{feed, http, probe};
+use kvcache_gateway::{discovery, feed, http, probe};
 use tracing::{info, warn};
 
 #[tokio::main]
@@ -42,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
         strategy = config.strategy.name(),
         backends = ?config.backends.iter().map(|b| b.url.as_str()).collect::<Vec<_>>(),
         cache = ?config.cache,
+        discover = config.discover.is_some(),
         api_keys = config.api_keys.len(),
         index_budget_blocks = config.index_budget_blocks,
         "kvcache-gateway starting"
@@ -50,7 +51,10 @@ async fn main() -> anyhow::Result<()> {
     if let Some(tier) = &gw.shared {
         tokio::spawn(tier.clone().connect_loop());
     }
-    feed::start(&gw);
+    let _feeds = feed::start(&gw);
+    if let Some(url) = gw.config.discover.clone() {
+        tokio::spawn(discovery::run(gw.clone(), url));
+    }
     tokio::spawn(probe::run(gw.clone()));
     http::serve(gw, listener).await?;
     Ok(())

@@ -3,6 +3,8 @@
 //! counts it (requests in flight, prompt blocks dispatched and not yet answered) and as the
 //! engine reports it (its queue and KV usage). Pure: time comes in as milliseconds.
 
+use kvcache_core::{Namespace, NamespaceId};
+
 use crate::config::BackendConfig;
 use crate::index::EngineId;
 use crate::route::Candidate;
@@ -20,6 +22,12 @@ pub struct EngineLoad {
 #[derive(Clone, Debug)]
 pub struct Backend {
     pub config: BackendConfig,
+    /// The namespace its blocks are keyed in in the prefix index: its engine's lookup
+    /// namespace when known (then the shared tier can be asked too), else one the gateway
+    /// derives, so prompts and events still agree.
+    pub index_namespace: NamespaceId,
+    /// Gone from discovery (its etcd record expired): it takes no requests until it returns.
+    pub retired: bool,
     /// Whether the last probes passed (false until the first one does).
     pub healthy: bool,
     failed_probes: u32,
@@ -35,7 +43,7 @@ pub struct Backend {
 impl Backend {
     /// Whether it takes requests at `now_ms`.
     pub fn up(&self, now_ms: u64) -> bool {
-        self.healthy && self.ejected_until_ms.is_none_or(|t| t <= now_ms)
+        !self.retired && self.healthy && self.ejected_until_ms.is_none_or(|t| t <= now_ms)
     }
 
     /// Whether it has room for one more request.
@@ -45,7 +53,22 @@ impl Backend {
 
     /// Whether it serves `model`.
     pub fn serves(&self, model: &str) -> bool {
-        self.models.iter().any(|m| m == model)
+        !self.retired && self.models.iter().any(|m| m == model)
+    }
+
+    fn new(config: BackendConfig) -> Self {
+        Self {
+            index_namespace: index_namespace(&config),
+            config,
+            retired: false,
+            healthy: false,
+            failed_probes: 0,
+            ejected_until_ms: None,
+            in_flight: 0,
+            pending_blocks: 0,
+            load: EngineLoad::default(),
+            models: Vec::new(),
+        }
     }
 }
 
@@ -70,20 +93,43 @@ impl Pool {
     /// A pool of `configs`, none healthy until probed.
     pub fn new(configs: Vec<BackendConfig>) -> Self {
         Self {
-            backends: configs
-                .into_iter()
-                .map(|config| Backend {
-                    config,
-                    healthy: false,
-                    failed_probes: 0,
-                    ejected_until_ms: None,
-                    in_flight: 0,
-                    pending_blocks: 0,
-                    load: EngineLoad::default(),
-                    models: Vec::new(),
-                })
-                .collect(),
+            backends: configs.into_iter().map(Backend::new).collect(),
         }
+    }
+
+    /// Adds a backend, or updates the one with the same URL (and brings it back if it was
+    /// retired). Returns its id and whether its KV-event source or namespace changed (its feed
+    /// and index entries must then start over).
+    pub fn upsert(&mut self, config: BackendConfig) -> (EngineId, bool) {
+        match self
+            .backends
+            .iter()
+            .position(|b| b.config.url == config.url)
+        {
+            Some(i) => {
+                let b = &mut self.backends[i];
+                let changed = b.retired
+                    || b.config.kv_events != config.kv_events
+                    || b.config.namespace != config.namespace
+                    || b.config.block_size != config.block_size;
+                b.index_namespace = index_namespace(&config);
+                b.config = config;
+                b.retired = false;
+                (i as EngineId, changed)
+            }
+            None => {
+                self.backends.push(Backend::new(config));
+                ((self.backends.len() - 1) as EngineId, true)
+            }
+        }
+    }
+
+    /// Takes backend `e` out of routing (its registration is gone); its id stays, for its
+    /// metrics and a possible return.
+    pub fn retire(&mut self, e: EngineId) {
+        let b = &mut self.backends[e as usize];
+        b.retired = true;
+        b.healthy = false;
     }
 
     /// The backends, by engine id.
@@ -133,7 +179,7 @@ impl Pool {
         let mut all: Vec<String> = self
             .backends
             .iter()
-            .filter(|b| b.healthy)
+            .filter(|b| b.healthy && !b.retired)
             .flat_map(|b| b.models.iter().cloned())
             .collect();
         all.sort();
@@ -207,6 +253,13 @@ impl Pool {
     }
 }
 
+/// The namespace a backend's blocks are keyed in in the index (see [`Backend::index_namespace`]).
+fn index_namespace(config: &BackendConfig) -> NamespaceId {
+    config.namespace.unwrap_or_else(|| {
+        Namespace::new("kvcache-gateway/local-index", "", config.block_size as u32).id()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +315,30 @@ mod tests {
         assert!(!p.probe_failed(0, 2));
         assert!(p.probe_failed(0, 2));
         assert_eq!(p.available("m", 0, &[]), Err(NoBackend::AllDown));
+    }
+
+    #[test]
+    fn discovered_backends_join_leave_and_come_back_under_one_id() {
+        let mut p = pool(1);
+        let mut extra = p.get(0).config.clone();
+        extra.url = "http://127.0.0.1:9100".into();
+        let (e, fresh) = p.upsert(extra.clone());
+        assert_eq!((e, fresh), (1, true));
+        p.probe_passed(e, EngineLoad::default(), vec!["m".into()]);
+        assert_eq!(p.available("m", 0, &[]), Ok(vec![1]));
+        p.retire(e);
+        assert_eq!(p.available("m", 0, &[]), Err(NoBackend::UnknownModel));
+        assert!(p.models().is_empty());
+        assert_eq!(
+            p.upsert(extra.clone()),
+            (1, true),
+            "a return restarts its feed"
+        );
+        assert_eq!(
+            p.upsert(extra),
+            (1, false),
+            "an unchanged record changes nothing"
+        );
     }
 
     #[test]

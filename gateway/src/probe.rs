@@ -93,14 +93,17 @@ async fn probe(gw: &Gateway, e: EngineId) -> Result<(EngineLoad, Vec<String>), S
 /// Probes every backend every `health.interval_ms` until the process ends; logs each change
 /// of a backend's health once, with the reason.
 pub async fn run(gw: Arc<Gateway>) {
-    let n = gw.pool.lock().backends().len() as EngineId;
     let mut tick = tokio::time::interval(gw.config.health_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_error: Vec<Option<String>> = vec![None; n as usize];
+    let mut last_error: Vec<Option<String>> = Vec::new();
     loop {
         tick.tick().await;
-        let results = futures_util::future::join_all((0..n).map(|e| probe(&gw, e))).await;
-        for (e, result) in (0..n).zip(results) {
+        // Backends join through discovery; retired ones are not probed.
+        let n = gw.pool.lock().backends().len() as EngineId;
+        last_error.resize(n as usize, None);
+        let live: Vec<EngineId> = (0..n).filter(|&e| !gw.pool.lock().get(e).retired).collect();
+        let results = futures_util::future::join_all(live.iter().map(|&e| probe(&gw, e))).await;
+        for (e, result) in live.into_iter().zip(results) {
             let url = gw.pool.lock().get(e).config.url.clone();
             match result {
                 Ok((load, models)) => {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use kvcache_core::{Namespace, NamespaceId};
 use parking_lot::Mutex;
 
 use crate::access::Access;
@@ -31,24 +30,11 @@ pub struct Gateway {
     started: Instant,
     turn: AtomicU64,
     random: RandomState,
-    /// The namespace each backend's blocks are keyed in, in the index.
-    namespaces: Vec<NamespaceId>,
 }
 
 impl Gateway {
     /// The state for `config` (the tokenizer already loaded, if any).
     pub fn new(config: Config, tokenizer: Option<PromptTokenizer>) -> Arc<Self> {
-        let namespaces = config
-            .backends
-            .iter()
-            .map(|b| {
-                b.namespace.unwrap_or_else(|| {
-                    // Without the engine's own namespace the index still keys every engine's blocks
-                    // alike, so prompts and events agree; only the shared-tier lookup needs the real one.
-                    Namespace::new("kvcache-gateway/local-index", "", b.block_size as u32).id()
-                })
-            })
-            .collect();
         let shared = (!config.cache.is_empty()).then(|| {
             SharedTier::new(
                 &config.cache,
@@ -69,7 +55,6 @@ impl Gateway {
             started: Instant::now(),
             turn: AtomicU64::new(0),
             random: RandomState::new(),
-            namespaces,
             config,
         })
     }
@@ -93,12 +78,6 @@ impl Gateway {
     pub fn draw(&self) -> u64 {
         self.random
             .hash_one((self.next_turn(), self.started.elapsed().as_nanos()))
-    }
-
-    /// The namespace backend `e`'s blocks are keyed in: its engine's lookup namespace when
-    /// configured (then the shared tier can be asked too), else one the gateway derives.
-    pub fn local_namespace(&self, e: EngineId) -> NamespaceId {
-        self.namespaces[e as usize]
     }
 
     /// Sets backend `e`'s gauges from the pool.

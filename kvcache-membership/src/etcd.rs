@@ -25,6 +25,12 @@ use tokio::net::TcpStream;
 /// followed by the node id and holds `{"addr": "host:port"}`.
 pub const MEMBERS_PREFIX: &str = "/kvcache/members/";
 
+/// The key prefix under which inference engines register (the vLLM connector with `advertise`
+/// set); each key is followed by the engine's URL without its scheme and holds its record:
+/// `{"url", "model", "role", "block_size", "namespace", "kv_events", "kv_events_replay",
+/// "kv_events_topic"}`. Gateways and the LoRA manager watch it.
+pub const ENGINES_PREFIX: &str = "/kvcache/engines/";
+
 /// What went wrong talking to etcd.
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {

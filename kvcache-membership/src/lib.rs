@@ -16,7 +16,7 @@ pub mod source;
 #[cfg(feature = "test-support")]
 pub mod testing;
 
-pub use etcd::{Etcd, EtcdError, MEMBERS_PREFIX};
+pub use etcd::{ENGINES_PREFIX, Etcd, EtcdError, MEMBERS_PREFIX};
 pub use etcd_members::EtcdMembers;
 pub use registration::{Registration, RegistrationObserver};
 pub use source::{MemberSource, MembershipError, StaticMembers};

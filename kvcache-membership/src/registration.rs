@@ -1,6 +1,7 @@
-//! A node's own registration in etcd: its record under `MEMBERS_PREFIX<node id>` with a lease
+//! A record kept alive in etcd: a cache node's under `MEMBERS_PREFIX<node id>`, or an engine's
+//! under `ENGINES_PREFIX<url>` (the vLLM connector's, through the Python module), with a lease
 //! renewed every third of its TTL, registered anew when etcd forgot the lease (etcd restarted
-//! or the node was cut off past the TTL), and revoked at shutdown.
+//! or the process was cut off past the TTL), and revoked at shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,18 +18,31 @@ pub trait RegistrationObserver: Send + Sync {
     fn failed(&self);
 }
 
-/// What the node registers, and where.
+/// What is registered, and where.
 pub struct Registration {
     pub etcd: Etcd,
-    pub node_id: String,
-    pub advertise: String,
+    /// The record's key.
+    pub key: String,
+    /// The record (JSON).
+    pub value: String,
+    /// Seconds the record outlives its last renewal.
     pub ttl: u64,
 }
 
 impl Registration {
-    /// The key this node's record lives under.
-    pub fn key(&self) -> String {
-        format!("{MEMBERS_PREFIX}{}", self.node_id)
+    /// A cache node's record: `{"addr": advertise}` under `MEMBERS_PREFIX<node_id>`.
+    pub fn member(etcd: Etcd, node_id: &str, advertise: &str, ttl: u64) -> Self {
+        Self {
+            etcd,
+            key: format!("{MEMBERS_PREFIX}{node_id}"),
+            value: serde_json::json!({ "addr": advertise }).to_string(),
+            ttl,
+        }
+    }
+
+    /// The key the record lives under.
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// Renews `lease`, or registers anew when there is none or etcd forgot it.
@@ -39,12 +53,11 @@ impl Registration {
             return Ok(id);
         }
         let id = self.etcd.grant(self.ttl).await?;
-        let value = serde_json::json!({ "addr": self.advertise }).to_string();
-        self.etcd.put(&self.key(), &value, Some(id)).await?;
+        self.etcd.put(&self.key, &self.value, Some(id)).await?;
         tracing::info!(
             etcd = self.etcd.addr(),
-            key = self.key(),
-            addr = self.advertise,
+            key = self.key,
+            value = self.value,
             ttl_s = self.ttl,
             "registered in etcd"
         );
@@ -72,7 +85,7 @@ impl Registration {
                 Err(e @ EtcdError::Denied { .. }) => {
                     observer.failed();
                     if !failing {
-                        tracing::error!(etcd = self.etcd.addr(), error = %e, "etcd refuses this node's registration: give its etcd user a role that may write /kvcache/members/; serving, but clients of etcd will not find this node");
+                        tracing::error!(etcd = self.etcd.addr(), key = self.key, error = %e, "etcd refuses this registration: give this etcd user a role that may write the key's prefix; serving, but nobody watching etcd will find this process");
                     }
                     failing = true;
                     observer.registered(false);
@@ -98,7 +111,7 @@ impl Registration {
         }
         if let Some(id) = lease {
             match self.etcd.revoke(id).await {
-                Ok(()) => tracing::info!(key = self.key(), "left the cluster (etcd lease revoked)"),
+                Ok(()) => tracing::info!(key = self.key, "deregistered (etcd lease revoked)"),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot revoke the etcd lease; it expires by itself")
                 }

@@ -142,12 +142,7 @@ async fn a_registration_comes_back_after_etcd_loses_it_and_is_revoked_at_shutdow
     let Some(mut etcd) = EtcdProcess::start() else {
         return;
     };
-    let registration = Registration {
-        etcd: client(&etcd),
-        node_id: "node-a".into(),
-        advertise: "127.0.0.1:7400".into(),
-        ttl: 2,
-    };
+    let registration = Registration::member(client(&etcd), "node-a", "127.0.0.1:7400", 2);
     assert_eq!(registration.key(), format!("{MEMBERS_PREFIX}node-a"));
     let members = EtcdMembers::with_endpoint(client(&etcd), Duration::from_millis(100));
     let seen = Arc::new(Seen::default());

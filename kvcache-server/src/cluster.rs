@@ -46,12 +46,12 @@ pub fn start(
 ) -> anyhow::Result<()> {
     let source: Arc<dyn MemberSource> = match &cfg.membership {
         Membership::Etcd(etcd) => {
-            let registration = Registration {
-                etcd: etcd.endpoint.clone(),
-                node_id: etcd.node_id.clone().unwrap_or_else(|| advertise.clone()),
-                advertise: advertise.clone(),
-                ttl: etcd.ttl,
-            };
+            let registration = Registration::member(
+                etcd.endpoint.clone(),
+                etcd.node_id.as_deref().unwrap_or(&advertise),
+                &advertise,
+                etcd.ttl,
+            );
             // Renewal runs on a thread and runtime of its own: a node whose workers are busy
             // (a slow disk under eviction) must not miss its TTL and fall off the ring.
             let observer: Arc<dyn RegistrationObserver> = Arc::clone(metrics) as _;

@@ -16,6 +16,7 @@ from .fingerprint import FileDigests
 from .identity import lora_identity, model_identity
 from .link import _Link
 from .metadata import BlockRun, KVCacheConnectorMetadata, _layer_index
+from .registry import engine_record, register
 from .settings import Namespaces, Settings
 from .stats import Recorder
 
@@ -87,6 +88,12 @@ class _SchedulerSide:
             self.model,
             self.namespaces.get(self.lookup_layer).hex(),
         )
+        self.registration = None
+        if self.settings.advertise and self.settings.registry:
+            record = engine_record(
+                vllm_config, self.settings.advertise, transfer.kv_role, self.namespaces.get(self.lookup_layer)
+            )
+            self.registration = register(self.settings.registry, record)
 
     def _bypass(self, request: Request) -> tuple[bool, str | None]:
         """Whether `request` bypasses the cache (saying why once), and its LoRA identity."""
@@ -208,4 +215,6 @@ class _SchedulerSide:
         return False, None
 
     def shutdown(self) -> None:
+        if self.registration is not None:
+            self.registration.close()
         self.link.close()

@@ -26,6 +26,8 @@ _KNOWN_KEYS = {
     "staging",
     "token",
     "token_file",
+    "advertise",
+    "registry",
 }
 
 
@@ -57,6 +59,12 @@ class Settings:
     - `token` / `token_file`: the credential the client presents to nodes started with
       `--auth`; `token_file` names a file whose stripped content is the token. At most one of
       them. Without either, the `kvcache` module reads `KVCACHE_TOKEN` from the environment.
+    - `advertise`: this engine's URL as gateways reach it (`http://host:port`). With it the
+      scheduler registers the engine in etcd (`registry.py`): URL, served model, role, block
+      size, lookup namespace and KV-event endpoints, under a lease, for `kvcache-gateway
+      --discover etcd://...` to find.
+    - `registry`: the etcd to register in (`etcd://host:port`); default: `servers` when that is
+      an etcd URL.
     """
 
     servers: tuple[str, ...] = ("127.0.0.1:7400",)
@@ -70,6 +78,8 @@ class Settings:
     staging: str = "auto"
     token: str | None = field(default=None, repr=False)
     token_file: str | None = None
+    advertise: str | None = None
+    registry: str | None = None
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> Settings:
@@ -105,6 +115,18 @@ class Settings:
         if timeout_s <= 0 or retry_s < 0:
             raise ValueError("timeout_s must be positive and retry_s not negative")
         token, token_file = _token(extra)
+        advertise = extra.get("advertise")
+        if advertise is not None and not str(advertise).startswith("http://"):
+            raise ValueError(
+                f"advertise must be the engine's URL as gateways reach it (http://host:port), not {advertise!r}"
+            )
+        registry = extra.get("registry")
+        if registry is None and advertise is not None and servers[0].startswith("etcd://"):
+            registry = servers[0]
+        if advertise is not None and registry is None:
+            raise ValueError(
+                "advertise needs an etcd to register in: set registry (etcd://host:port) or etcd:// servers"
+            )
         return cls(
             servers=servers,
             replicas=replicas,
@@ -117,6 +139,8 @@ class Settings:
             staging=staging,
             token=token,
             token_file=token_file,
+            advertise=None if advertise is None else str(advertise).rstrip("/"),
+            registry=None if registry is None else str(registry),
         )
 
     def is_cluster(self) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gwstack import KEY, Gateway, Stack, call, lookup_namespace, models_dir, wait_for
-from kvserver import free_port, start_server, stop_server
+from kvserver import free_port, start_etcd, start_server, stop_server
 from vllm_serve import Serve
 
 __all__ = ["KEY", "Stack", "call", "wait_for"]
@@ -42,17 +42,25 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     model = tiny_model()
     work = tmp_path_factory.mktemp("gateway-e2e")
     cache = start_server("--memory", "256MiB")
-    kv = {
-        "kv_connector": "KVCacheConnector",
-        "kv_connector_module_path": "kvcache_vllm",
-        "kv_role": "kv_both",
-        "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"servers": [cache.data]},
-    }
+    etcd = start_etcd(str(work / "etcd"))
+    registry = etcd.url.replace("http://", "etcd://")
     events = [(free_port(), free_port()) for _ in range(2)]
+    ports = [free_port() for _ in range(2)]
     engines = []
     try:
         for i, (pub, replay) in enumerate(events):
+            # Each engine registers itself in etcd, for the discovering gateway.
+            kv = {
+                "kv_connector": "KVCacheConnector",
+                "kv_connector_module_path": "kvcache_vllm",
+                "kv_role": "kv_both",
+                "kv_load_failure_policy": "recompute",
+                "kv_connector_extra_config": {
+                    "servers": [cache.data],
+                    "advertise": f"http://127.0.0.1:{ports[i]}",
+                    "registry": registry,
+                },
+            }
             kv_events = {
                 "enable_kv_cache_events": True,
                 "publisher": "zmq",
@@ -62,7 +70,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "topic": "kv",
             }
             extra = ["--num-gpu-blocks-override", str(ENGINE_BLOCKS), "--kv-events-config", json.dumps(kv_events)]
-            engines.append(Serve(model, kv, work / f"vllm-{i}.log", extra=extra, wait=False))
+            engines.append(Serve(model, kv, work / f"vllm-{i}.log", extra=extra, port=ports[i], wait=False))
         for e in engines:
             e.wait_ready()
         namespace = lookup_namespace(engines[0].log)
@@ -110,12 +118,32 @@ name = "other"
 models = ["some-other-model"]
 """
         gateway = Gateway(config, work)
+        (work / "discovering").mkdir()
+        discovering = Gateway(
+            f"""
+listen = "127.0.0.1:0"
+tokenizer = "{model}"
+cache = ["{cache.data}"]
+discover = "{registry}"
+
+[health]
+interval_ms = 300
+failures = 1
+
+[[api_key]]
+key = "{KEY}"
+""",
+            work / "discovering",
+        )
         try:
             wait_for("both backends up", lambda: gateway.metric("kvcache_gateway_backend_up") == 2)
-            yield Stack(cache, engines, events, gateway, namespace)
+            yield Stack(cache, engines, events, gateway, namespace, discovering)
         finally:
             gateway.stop()
+            discovering.stop()
     finally:
         for e in engines:
             e.stop()
         stop_server(cache)
+        etcd.proc.kill()
+        etcd.proc.wait()

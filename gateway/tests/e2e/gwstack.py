@@ -131,6 +131,8 @@ class Stack:
     events: list[tuple[int, int]]
     gateway: Gateway
     namespace: str
+    # A second gateway with no backends configured: it finds the engines in etcd.
+    discovering: Gateway
 
     def engine(self, url: str) -> Serve:
         return next(e for e in self.engines if e.url == url)

@@ -7,8 +7,9 @@ call releases the GIL.
 from kvcache._native import (
     Client,
     KvcacheError,
+    Registration,
     chain_keys,
     namespace_id,
 )
 
-__all__ = ["Client", "KvcacheError", "chain_keys", "namespace_id"]
+__all__ = ["Client", "KvcacheError", "Registration", "chain_keys", "namespace_id"]

@@ -111,6 +111,26 @@ class Client:
     def __enter__(self) -> Client: ...
     def __exit__(self, *exc: object) -> None: ...
 
+class Registration:
+    """A record kept alive in etcd under a lease renewed every third of `ttl_s`: registered
+    again if etcd forgets it, revoked by `close()` (or gone `ttl_s` after the process ends).
+    The vLLM connector registers its engine this way for gateways to find."""
+
+    def __init__(self, etcd: str, key: str, value: str, ttl_s: int = 10) -> None:
+        """Starts keeping `value` under `key` in the etcd at `etcd`
+        (`etcd://[user[:password]@]host:port`). Raises ValueError for a bad URL or TTL."""
+
+    @property
+    def key(self) -> str:
+        """The record's key."""
+
+    @property
+    def registered(self) -> bool:
+        """Whether the record is in etcd now (as of the last renewal)."""
+
+    def close(self) -> None:
+        """Revokes the lease (the record disappears at once) and stops renewing."""
+
 def chain_keys(namespace: bytes, tokens: Sequence[int], block_size: int) -> list[bytes]:
     """Keys of every full block of `tokens` (16 bytes each), identical to the Rust core's.
     `namespace` is a 16-byte id from `namespace_id`."""
