@@ -32,15 +32,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "gateway" / "tests" / "e2e"))
 
-from gwstack import KEY, Gateway, call, lookup_namespace, models_dir, wait_for  # noqa: E402
+from gwstack import KEY, Gateway, call, lookup_namespace, wait_for  # noqa: E402
 from kvserver import free_port, start_server, stop_server  # noqa: E402
-from vllm_serve import Serve  # noqa: E402
+from vllm_serve import Serve, models_dir  # noqa: E402
 
 STRATEGIES = ["random", "round-robin", "least-request", "prefix", "cache-aware"]
 TRACE = REPO.parent / "shared" / "traces" / "synthetic_trace.jsonl"
 VOCAB = (3, 400)  # token ids inside the tiny model's vocabulary
 # The Mooncake paper's Fig. 5 (its cluster, average TTFT, seconds).
-PAPER_FIG5 = {"random": 19.65, "load-balanced": 5.27, "local cache-aware": 3.58, "global cache-aware": 3.07}
+PAPER_FIG5 = {
+    "random": 19.65,
+    "load-balanced": 5.27,
+    "local cache-aware": 3.58,
+    "global cache-aware": 3.07,
+}
 
 
 def block_tokens(hash_id: int, n: int) -> list[int]:
@@ -50,7 +55,11 @@ def block_tokens(hash_id: int, n: int) -> list[int]:
 
 
 def load_requests(args) -> list[dict]:
-    lines = [json.loads(line) for line in Path(args.trace).read_text().splitlines() if line.strip()]
+    lines = [
+        json.loads(line)
+        for line in Path(args.trace).read_text().splitlines()
+        if line.strip()
+    ]
     lines = lines[args.skip : args.skip + args.requests]
     t0 = lines[0]["timestamp"]
     out = []
@@ -82,9 +91,21 @@ def stack_up(args, work: Path, strategy: str):
     for i in range(args.instances):
         pub = free_port()
         events.append(pub)
-        kv_events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{pub}", "topic": "kv"}
-        extra = ["--num-gpu-blocks-override", str(args.engine_blocks), "--kv-events-config", json.dumps(kv_events)]
-        engines.append(Serve(model, kv, work / f"{strategy}-vllm-{i}.log", extra=extra, wait=False))
+        kv_events = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://*:{pub}",
+            "topic": "kv",
+        }
+        extra = [
+            "--num-gpu-blocks-override",
+            str(args.engine_blocks),
+            "--kv-events-config",
+            json.dumps(kv_events),
+        ]
+        engines.append(
+            Serve(model, kv, work / f"{strategy}-vllm-{i}.log", extra=extra, wait=False)
+        )
     for e in engines:
         e.wait_ready()
     ns = lookup_namespace(engines[0].log)
@@ -99,7 +120,11 @@ def stack_up(args, work: Path, strategy: str):
     gwdir = work / strategy
     gwdir.mkdir(exist_ok=True)
     gateway = Gateway(config, gwdir)
-    wait_for("backends up", lambda: gateway.metric("kvcache_gateway_backend_up") == args.instances, timeout=60)
+    wait_for(
+        "backends up",
+        lambda: gateway.metric("kvcache_gateway_backend_up") == args.instances,
+        timeout=60,
+    )
     return cache, engines, gateway
 
 
@@ -129,7 +154,11 @@ def stream_ttft(url: str, body: dict) -> tuple[int, float, float]:
             for line in r:
                 if first is None and line.startswith(b"data: "):
                     first = time.monotonic() - started
-            return r.status, first if first is not None else float("nan"), time.monotonic() - started
+            return (
+                r.status,
+                first if first is not None else float("nan"),
+                time.monotonic() - started,
+            )
     except urllib.error.HTTPError as e:
         return e.code, float("nan"), time.monotonic() - started
     except OSError:
@@ -138,13 +167,21 @@ def stream_ttft(url: str, body: dict) -> tuple[int, float, float]:
 
 def pct(values: list[float], p: float) -> float:
     values = sorted(v for v in values if v == v)
-    return values[min(len(values) - 1, int(round(p * (len(values) - 1))))] if values else float("nan")
+    return (
+        values[min(len(values) - 1, int(round(p * (len(values) - 1))))]
+        if values
+        else float("nan")
+    )
 
 
 def replay_one(args, work: Path, strategy: str, requests: list[dict]) -> dict:
     cache, engines, gateway = stack_up(args, work, strategy)
     try:
-        metrics = ["vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:external_prefix_cache_hits_total"]
+        metrics = [
+            "vllm:prefix_cache_queries_total",
+            "vllm:prefix_cache_hits_total",
+            "vllm:external_prefix_cache_hits_total",
+        ]
         before = {m: sum(e.metric(m) for e in engines) for m in metrics}
         cpu0 = cpu_seconds(gateway.proc.pid)
         results: list[tuple[int, float, float]] = [None] * len(requests)  # type: ignore[list-item]
@@ -154,7 +191,12 @@ def replay_one(args, work: Path, strategy: str, requests: list[dict]) -> dict:
             delay = started + r["at"] - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            body = {"model": "tiny", "prompt": r["prompt"], "max_tokens": r["max_tokens"], "temperature": 0.0}
+            body = {
+                "model": "tiny",
+                "prompt": r["prompt"],
+                "max_tokens": r["max_tokens"],
+                "temperature": 0.0,
+            }
 
             def send(i: int = i, body: dict = body) -> None:
                 results[i] = stream_ttft(gateway.url + "/v1/completions", body)
@@ -169,7 +211,12 @@ def replay_one(args, work: Path, strategy: str, requests: list[dict]) -> dict:
         after = {m: sum(e.metric(m) for e in engines) for m in metrics}
         ok = [r for r in results if r and r[0] == 200]
         queries = after[metrics[0]] - before[metrics[0]]
-        per_backend = {e.url: gateway.metric("kvcache_gateway_routing_decisions_total", backend=e.url) for e in engines}
+        per_backend = {
+            e.url: gateway.metric(
+                "kvcache_gateway_routing_decisions_total", backend=e.url
+            )
+            for e in engines
+        }
         row = {
             "strategy": strategy,
             "requests": len(requests),
@@ -182,10 +229,16 @@ def replay_one(args, work: Path, strategy: str, requests: list[dict]) -> dict:
             "throughput_rps": len(ok) / elapsed,
             "elapsed_s": elapsed,
             "prompt_tokens_queried": queries,
-            "local_hit_rate": (after[metrics[1]] - before[metrics[1]]) / queries if queries else 0.0,
-            "external_hit_rate": (after[metrics[2]] - before[metrics[2]]) / queries if queries else 0.0,
+            "local_hit_rate": (after[metrics[1]] - before[metrics[1]]) / queries
+            if queries
+            else 0.0,
+            "external_hit_rate": (after[metrics[2]] - before[metrics[2]]) / queries
+            if queries
+            else 0.0,
             "gateway_cpu_ms_per_request": 1000 * cpu / max(1, len(requests)),
-            "gateway_routing_p50_hint_s": gateway.metric("kvcache_gateway_routing_seconds_sum")
+            "gateway_routing_p50_hint_s": gateway.metric(
+                "kvcache_gateway_routing_seconds_sum"
+            )
             / max(1.0, gateway.metric("kvcache_gateway_routing_seconds_count")),
             "requests_per_backend": per_backend,
         }
@@ -204,13 +257,23 @@ def replay(args) -> dict:
     ratios = {}
     if "cache-aware" in by:
         for s, r in by.items():
-            ratios[f"ttft_mean {s} / cache-aware"] = r["ttft_mean_s"] / by["cache-aware"]["ttft_mean_s"]
+            ratios[f"ttft_mean {s} / cache-aware"] = (
+                r["ttft_mean_s"] / by["cache-aware"]["ttft_mean_s"]
+            )
     paper = {
-        "random / global cache-aware": PAPER_FIG5["random"] / PAPER_FIG5["global cache-aware"],
-        "load-balanced / global cache-aware": PAPER_FIG5["load-balanced"] / PAPER_FIG5["global cache-aware"],
-        "local cache-aware / global cache-aware": PAPER_FIG5["local cache-aware"] / PAPER_FIG5["global cache-aware"],
+        "random / global cache-aware": PAPER_FIG5["random"]
+        / PAPER_FIG5["global cache-aware"],
+        "load-balanced / global cache-aware": PAPER_FIG5["load-balanced"]
+        / PAPER_FIG5["global cache-aware"],
+        "local cache-aware / global cache-aware": PAPER_FIG5["local cache-aware"]
+        / PAPER_FIG5["global cache-aware"],
     }
-    return {"rows": rows, "ratios": ratios, "paper_fig5_seconds": PAPER_FIG5, "paper_fig5_ratios": paper}
+    return {
+        "rows": rows,
+        "ratios": ratios,
+        "paper_fig5_seconds": PAPER_FIG5,
+        "paper_fig5_ratios": paper,
+    }
 
 
 def overhead(args) -> dict:
@@ -220,20 +283,34 @@ def overhead(args) -> dict:
     cache, engines, gateway = stack_up(args, work, "cache-aware")
     try:
         backend = engines[0].url
-        body = {"model": "tiny", "prompt": "hello world", "max_tokens": 1, "temperature": 0.0}
+        body = {
+            "model": "tiny",
+            "prompt": "hello world",
+            "max_tokens": 1,
+            "temperature": 0.0,
+        }
         direct, via = [], []
         for i in range(args.warmup + args.count):
-            for target, sink in ((backend, direct), (gateway.url, via)) if i % 2 else ((gateway.url, via), (backend, direct)):
+            for target, sink in (
+                ((backend, direct), (gateway.url, via))
+                if i % 2
+                else ((gateway.url, via), (backend, direct))
+            ):
                 started = time.perf_counter()
-                answer = call("POST", target + "/v1/completions", body, {"Authorization": f"Bearer {KEY}"})
+                answer = call(
+                    "POST",
+                    target + "/v1/completions",
+                    body,
+                    {"Authorization": f"Bearer {KEY}"},
+                )
                 took = time.perf_counter() - started
                 assert answer.status == 200, answer.body
                 if i >= args.warmup:
                     sink.append(took)
         cpu = cpu_seconds(gateway.proc.pid)
-        routing = gateway.metric("kvcache_gateway_routing_seconds_sum") / gateway.metric(
-            "kvcache_gateway_routing_seconds_count"
-        )
+        routing = gateway.metric(
+            "kvcache_gateway_routing_seconds_sum"
+        ) / gateway.metric("kvcache_gateway_routing_seconds_count")
         row = {
             "requests_each": args.count,
             "direct_p50_ms": 1000 * pct(direct, 0.5),
@@ -242,7 +319,9 @@ def overhead(args) -> dict:
             "direct_p90_ms": 1000 * pct(direct, 0.9),
             "gateway_p90_ms": 1000 * pct(via, 0.9),
             "gateway_routing_mean_ms": 1000 * routing,
-            "gateway_cpu_ms_per_request_incl_startup": 1000 * cpu / (args.warmup + args.count),
+            "gateway_cpu_ms_per_request_incl_startup": 1000
+            * cpu
+            / (args.warmup + args.count),
         }
         print(json.dumps(row), flush=True)
         return {"rows": [row]}
@@ -251,15 +330,31 @@ def overhead(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
-    rp = sub.add_parser("replay", help="the trace through the gateway, once per strategy")
+    rp = sub.add_parser(
+        "replay", help="the trace through the gateway, once per strategy"
+    )
     rp.add_argument("--trace", default=str(TRACE))
     rp.add_argument("--requests", type=int, default=200, help="trace requests replayed")
     rp.add_argument("--skip", type=int, default=0, help="trace requests skipped first")
-    rp.add_argument("--speedup", type=float, default=1.0, help="arrival times divided by this")
-    rp.add_argument("--tokens-per-block", type=int, default=64, help="tokens per 512-token trace block")
-    rp.add_argument("--max-blocks", type=int, default=28, help="trace blocks kept per prompt (max-model-len)")
+    rp.add_argument(
+        "--speedup", type=float, default=1.0, help="arrival times divided by this"
+    )
+    rp.add_argument(
+        "--tokens-per-block",
+        type=int,
+        default=64,
+        help="tokens per 512-token trace block",
+    )
+    rp.add_argument(
+        "--max-blocks",
+        type=int,
+        default=28,
+        help="trace blocks kept per prompt (max-model-len)",
+    )
     rp.add_argument("--max-output", type=int, default=16, help="output tokens at most")
     rp.add_argument("--strategies", type=lambda s: s.split(","), default=STRATEGIES)
     ov = sub.add_parser("overhead", help="what the gateway adds to a short request")
@@ -267,7 +362,12 @@ def main() -> None:
     ov.add_argument("--warmup", type=int, default=20)
     for p in (rp, ov):
         p.add_argument("--instances", type=int, default=2)
-        p.add_argument("--engine-blocks", type=int, default=96, help="each engine's KV cache, in 128-token blocks")
+        p.add_argument(
+            "--engine-blocks",
+            type=int,
+            default=96,
+            help="each engine's KV cache, in 128-token blocks",
+        )
         p.add_argument("--cache-memory", default="512MiB")
         p.add_argument("--workdir", default="/tmp/kvcache-gateway-bench")
         p.add_argument("--json", help="write the results here too")

@@ -15,20 +15,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def server_binary() -> Path:
-    explicit = os.environ.get("KVCACHE_SERVER_BIN")
+def find_binary(name: str, env: str) -> Path:
+    """A workspace binary: `$env`, else `$CARGO_TARGET_DIR/debug/NAME`, else `target/debug/NAME`."""
+    explicit = os.environ.get(env)
     candidates = [Path(explicit)] if explicit else []
     target = os.environ.get("CARGO_TARGET_DIR")
     if target:
-        candidates.append(Path(target) / "debug" / "kvcache-server")
-    candidates.append(REPO / "target" / "debug" / "kvcache-server")
+        candidates.append(Path(target) / "debug" / name)
+    candidates.append(REPO / "target" / "debug" / name)
     for c in candidates:
         if c.is_file():
             return c
-    raise RuntimeError(
-        "kvcache-server binary not found: build it (cargo build -p kvcache-server) "
-        "and set KVCACHE_SERVER_BIN or CARGO_TARGET_DIR"
-    )
+    raise RuntimeError(f"{name} binary not found: build it (cargo build -p {name}) and set {env} or CARGO_TARGET_DIR")
+
+
+def server_binary() -> Path:
+    return find_binary("kvcache-server", "KVCACHE_SERVER_BIN")
 
 
 @dataclass

