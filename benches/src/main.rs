@@ -4,6 +4,7 @@ mod cluster;
 mod compare;
 mod cuda;
 mod disk;
+#[cfg(feature = "gateway")]
 mod gateway_index;
 mod index_memory;
 mod systems;
@@ -275,9 +276,20 @@ fn main() -> anyhow::Result<()> {
                 engines > 0 && budget > 0 && block_tokens > 0,
                 "--engines, --budget and --block-tokens must be positive"
             );
-            let report = gateway_index::run(&trace, engines, budget, block_tokens)?;
-            println!("{report:#?}");
-            write_json(json, serde_json::to_value(&report)?)
+            #[cfg(feature = "gateway")]
+            {
+                let report = gateway_index::run(&trace, engines, budget, block_tokens)?;
+                println!("{report:#?}");
+                write_json(json, serde_json::to_value(&report)?)
+            }
+            #[cfg(not(feature = "gateway"))]
+            {
+                let _ = (trace, json);
+                anyhow::bail!(
+                    "this kvcache-bench was built without the gateway: \
+                     cargo build --release -p kvcache-bench --features gateway"
+                )
+            }
         }
         Cmd::ServeKvcache(settings) => kvcache_server::cli::run(*settings),
         Cmd::ServeCeiling { listen } => systems::ceiling::serve(&listen),

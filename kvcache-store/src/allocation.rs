@@ -60,16 +60,19 @@ pub struct Allocation {
 
 impl Allocation {
     /// Data bytes of the block.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Never true: empty blocks cannot be allocated.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// Number of checksum chunks; a transport may fill and [`seal`](Self::seal_chunk) them in order.
+    #[inline]
     pub fn chunk_count(&self) -> usize {
         checksum::chunk_count(self.len)
     }
@@ -87,12 +90,14 @@ impl Allocation {
     }
 
     /// The block's data bytes, to be filled by the transfer step.
+    #[inline]
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         let len = self.len;
         &mut self.raw()[..len]
     }
 
     /// Chunk `i` of the data, for transports that fill a block chunk by chunk.
+    #[inline]
     pub fn chunk_mut(&mut self, i: usize) -> &mut [u8] {
         let range = checksum::chunk_range(self.len, i);
         &mut self.raw()[range]
@@ -100,6 +105,7 @@ impl Allocation {
 
     /// Checksums chunk `i` now, while the bytes just written are in cache. Chunks must be
     /// sealed in order; any left unsealed are checksummed at commit.
+    #[inline]
     pub fn seal_chunk(&mut self, i: usize) {
         if i != self.sealed {
             return;
@@ -114,6 +120,7 @@ impl Allocation {
     /// ([`chunk_hash::copy_and_hash`](kvcache_core::chunk_hash::copy_and_hash)): the checksum
     /// covers exactly what was stored, even if `src` changes meanwhile. Chunks must be filled
     /// in order; one filled out of order is sealed at commit.
+    #[inline]
     pub fn fill_chunk(&mut self, i: usize, src: &[u8]) {
         let (len, range) = (self.len, checksum::chunk_range(self.len, i));
         assert_eq!(

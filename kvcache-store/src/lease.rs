@@ -97,32 +97,38 @@ impl Lease {
     }
 
     /// Length in bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.location.len as usize
     }
 
     /// Where the block starts in the pool, for a peer that maps the shared pool; it reads the
     /// bytes and checks them itself against [`trailer_checksum`](Self::trailer_checksum).
+    #[inline]
     pub fn pool_offset(&self) -> u64 {
         self.location.run.start as u64 * self.store.page_size
     }
 
     /// The checksum of the block's trailer, as the index records it.
+    #[inline]
     pub fn trailer_checksum(&self) -> u64 {
         self.location.checksum
     }
 
     /// Never true: empty blocks are not stored.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.location.len == 0
     }
 
     /// Number of checksum chunks.
+    #[inline]
     pub fn chunk_count(&self) -> usize {
         checksum::chunk_count(self.len())
     }
 
     /// Chunk `i`, verified just now. On a mismatch the block is dropped from the index.
+    #[inline]
     pub fn verified_chunk(&self, i: usize) -> Result<&[u8], Corrupt> {
         if !chunk_intact(self.raw(), self.len(), i) {
             return Err(self.corrupt());
@@ -131,6 +137,7 @@ impl Lease {
     }
 
     /// The whole block, every chunk verified.
+    #[inline]
     pub fn verified_bytes(&self) -> Result<&[u8], Corrupt> {
         for i in 0..self.chunk_count() {
             self.verified_chunk(i)?;

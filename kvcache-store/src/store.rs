@@ -165,6 +165,7 @@ impl Store {
     }
 
     /// Whether `key` is committed.
+    #[inline]
     pub fn contains(&self, key: BlockKey) -> bool {
         self.shards[self.shard_of(key)].lock().contains(key)
     }
@@ -175,6 +176,7 @@ impl Store {
     }
 
     /// Whether `key` is held in memory or in the lower tier.
+    #[inline]
     pub fn holds(&self, key: BlockKey) -> bool {
         self.contains(key) || self.lower().is_some_and(|t| t.len_of(key).is_some())
     }

@@ -3,6 +3,7 @@
 //! path a request costs a few relaxed adds on counters looked up once, at start, per label
 //! set; the store's and tiers' gauges are read at scrape time ([`render`]).
 
+mod histogram;
 pub mod render;
 
 use std::time::Duration;
@@ -12,8 +13,9 @@ use kvcache_core::wire::Op;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use self::histogram::LatencyHistogram;
 
 /// Latency bucket upper bounds, in seconds.
 const BUCKETS: [f64; 18] = [
@@ -102,7 +104,7 @@ type Labels = Vec<(&'static str, &'static str)>;
 struct PerOp {
     ok: Counter,
     err: Counter,
-    latency: Histogram,
+    latency: LatencyHistogram,
     /// Lookups only.
     requested: Option<Counter>,
     hit: Option<Counter>,
@@ -193,9 +195,10 @@ impl Default for Metrics {
             "Blocks found by lookups.",
             hit.clone(),
         );
-        let latency = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(|| {
-            Histogram::new(BUCKETS)
-        });
+        let latency =
+            Family::<Labels, LatencyHistogram, fn() -> LatencyHistogram>::new_with_constructor(
+                || LatencyHistogram::new(&BUCKETS),
+            );
         r.register(
             names::OP_DURATION_SECONDS,
             "Server-side request latency, by op.",
@@ -327,7 +330,7 @@ impl Metrics {
     pub fn op(&self, op: Op, ok: bool, took: Duration) {
         let per = &self.ops[op_index(op)];
         if ok { &per.ok } else { &per.err }.inc();
-        per.latency.observe(took.as_secs_f64());
+        per.latency.observe(took);
     }
 
     /// Records how many blocks a request named and how many a lookup found.
