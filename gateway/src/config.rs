@@ -11,6 +11,7 @@ use clap::Parser;
 use kvcache_core::NamespaceId;
 use serde::Deserialize;
 
+use crate::pd::{PdConfig, Role};
 use crate::route::{CostModel, Strategy};
 
 /// kvcache-gateway: an OpenAI-compatible router in front of vLLM instances.
@@ -117,6 +118,8 @@ struct BackendFile {
     block_size: Option<usize>,
     /// Requests in flight at most [default: 256].
     max_concurrency: Option<usize>,
+    /// What work it takes: `both` (whole requests), `prefill` or `decode` (P/D) [both].
+    role: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +153,13 @@ struct RoutingFile {
     learned_ttl_s: Option<f64>,
     /// How long the cache nodes may take to answer the shared-tier lookup [20 ms].
     cache_lookup_timeout_ms: Option<u64>,
+    /// P/D: skip the prefill leg when fewer prompt tokens than this are uncached on the
+    /// decode instance ... [2048]
+    pd_bypass_tokens: Option<usize>,
+    /// ... and they are less than this fraction of the prompt [0.7].
+    pd_bypass_fraction: Option<f64>,
+    /// P/D: how long the prefill leg may take before the request goes decode-only [60 s].
+    pd_prefill_timeout_s: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +196,7 @@ pub struct BackendConfig {
     pub namespace: Option<NamespaceId>,
     pub block_size: usize,
     pub max_concurrency: usize,
+    pub role: Role,
 }
 
 /// One API key, resolved.
@@ -216,6 +227,7 @@ pub struct Config {
     pub index_budget_blocks: usize,
     pub learned_ttl: Duration,
     pub cache_lookup_timeout: Duration,
+    pub pd: PdConfig,
     pub max_body_bytes: usize,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
@@ -266,6 +278,7 @@ fn resolve(file: File, args: Args) -> anyhow::Result<Config> {
                     namespace: None,
                     block_size: None,
                     max_concurrency: None,
+                    role: None,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?
@@ -329,6 +342,7 @@ fn resolve(file: File, args: Args) -> anyhow::Result<Config> {
         index_budget_blocks: r.index_budget_blocks.unwrap_or(1_000_000).max(1),
         learned_ttl: seconds(r.learned_ttl_s, 30.0, "routing.learned_ttl_s")?,
         cache_lookup_timeout: Duration::from_millis(r.cache_lookup_timeout_ms.unwrap_or(20)),
+        pd: pd_config(&r)?,
         max_body_bytes: l.max_body_bytes.unwrap_or(4 << 20),
         connect_timeout: Duration::from_millis(l.connect_timeout_ms.unwrap_or(2000)),
         request_timeout: seconds(l.request_timeout_s, 600.0, "limits.request_timeout_s")?,
@@ -336,6 +350,19 @@ fn resolve(file: File, args: Args) -> anyhow::Result<Config> {
         health_interval: Duration::from_millis(h.interval_ms.unwrap_or(1000).max(50)),
         health_failures: h.failures.unwrap_or(2).max(1),
         eject_for: seconds(h.eject_s, 5.0, "health.eject_s")?,
+    })
+}
+
+fn pd_config(r: &RoutingFile) -> anyhow::Result<PdConfig> {
+    let d = PdConfig::default();
+    let fraction = r.pd_bypass_fraction.unwrap_or(d.bypass_fraction);
+    if !(0.0..=1.0).contains(&fraction) {
+        bail!("routing.pd_bypass_fraction must be between 0 and 1, got {fraction}");
+    }
+    Ok(PdConfig {
+        bypass_tokens: r.pd_bypass_tokens.unwrap_or(d.bypass_tokens),
+        bypass_fraction: fraction,
+        prefill_timeout: seconds(r.pd_prefill_timeout_s, 60.0, "routing.pd_prefill_timeout_s")?,
     })
 }
 
@@ -355,8 +382,15 @@ fn backend(b: BackendFile) -> anyhow::Result<BackendConfig> {
     if block_size == 0 {
         bail!("backend {url}: block_size must be positive");
     }
+    let role = match b.role.as_deref() {
+        None => Role::Both,
+        Some(r) => Role::parse(r).with_context(|| {
+            format!("backend {url}: role must be both, prefill or decode, not {r:?}")
+        })?,
+    };
     Ok(BackendConfig {
         url,
+        role,
         kv_events: b.kv_events,
         kv_events_replay: b.kv_events_replay,
         kv_events_topic: b.kv_events_topic.unwrap_or_default(),
@@ -374,6 +408,7 @@ pub fn backend_config(
     kv_events_topic: Option<String>,
     namespace: Option<&str>,
     block_size: Option<usize>,
+    role: Option<&str>,
 ) -> anyhow::Result<BackendConfig> {
     backend(BackendFile {
         url: url.to_string(),
@@ -383,6 +418,7 @@ pub fn backend_config(
         namespace: namespace.map(str::to_string),
         block_size,
         max_concurrency: None,
+        role: role.map(str::to_string),
     })
 }
 

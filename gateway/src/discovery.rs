@@ -51,6 +51,7 @@ impl EngineRecord {
             self.kv_events_topic.clone(),
             self.namespace.as_deref(),
             self.block_size,
+            self.role.as_deref(),
         )
     }
 }

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use tracing::debug;
 
 use crate::index::{BlockIndex, EngineId};
+use crate::pd::Need;
 use crate::pool::{Backend, NoBackend, Pool};
 use crate::route::{self, Candidate, Cost, Strategy};
 use crate::state::Gateway;
@@ -94,6 +95,8 @@ pub struct Pick {
     pub url: String,
     /// Full prompt blocks.
     pub blocks: usize,
+    /// Tokens per block of its engine.
+    pub block_size: usize,
     pub cost: Cost,
 }
 
@@ -121,26 +124,29 @@ fn candidates(
     (out, blocks)
 }
 
-/// Picks a backend for `model` among those not yet `tried`, records the dispatch in the pool
-/// (and, for a backend without KV events, the blocks it will hold in the index).
+/// Picks a backend for work of kind `need` on `model` among those not yet `tried`, records the
+/// dispatch in the pool (and, for a backend without KV events, the blocks it will hold in the
+/// index).
 pub fn pick(
     gw: &Gateway,
     view: &PromptView,
     model: &str,
     strategy: Strategy,
     tried: &[EngineId],
+    need: Need,
 ) -> Result<Pick, NoBackend> {
     let now = gw.now_ms();
     let turn = gw.next_turn();
     let draw = gw.draw();
     let mut pool = gw.pool.lock();
-    let engines = pool.available(model, now, tried)?;
+    let engines = pool.available(model, now, tried, need)?;
     let mut index = gw.index.lock();
     let (cands, blocks) = candidates(gw, &pool, &mut index, view, &engines, now);
     let decision = route::choose(strategy, &gw.config.cost, blocks, &cands, turn, draw);
     let engine = engines[decision.index];
     let b = pool.get(engine);
     let url = b.config.url.clone();
+    let block_size = b.config.block_size;
     let keys = view.keys_of(b);
     let blocks = keys.len();
     // What the engine must compute: its prefill queue grows by that much until its first byte.
@@ -174,6 +180,7 @@ pub fn pick(
         engine,
         url,
         blocks,
+        block_size,
         cost,
     })
 }
@@ -188,7 +195,13 @@ pub fn explain(
 ) -> Result<Value, NoBackend> {
     let now = gw.now_ms();
     let pool = gw.pool.lock();
-    let engines = pool.available(model, now, &[])?;
+    // With P/D, the decode instance is picked first (what a request's route starts from).
+    let need = if pool.disaggregated() {
+        Need::Decode
+    } else {
+        Need::Any
+    };
+    let engines = pool.available(model, now, &[], need)?;
     let mut index = gw.index.lock();
     let (cands, blocks) = candidates(gw, &pool, &mut index, view, &engines, now);
     let decision = route::choose(
@@ -225,6 +238,7 @@ pub fn explain(
         "token_ids": view.tokens(),
         "blocks": blocks,
         "candidates": rows,
+        "disaggregated": need == Need::Decode,
         "choice": pool.get(engines[decision.index]).config.url,
     }))
 }

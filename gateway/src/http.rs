@@ -15,14 +15,15 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::access::{KeyId, Refusal};
 use crate::dispatch::{self, PromptView};
-use crate::index::EngineId;
+use crate::forward::{Routed, no_backend};
+use crate::legs;
 use crate::openai::{self, ApiError, Endpoint, Inspected};
-use crate::pool::NoBackend;
-use crate::proxy::{self, REQUEST_ID_HEADER, SendError};
+use crate::pd::Need;
+use crate::proxy::{self, REQUEST_ID_HEADER};
 use crate::route::Strategy;
 use crate::state::Gateway;
 
@@ -70,7 +71,7 @@ async fn explain(gw: Arc<Gateway>, endpoint: Endpoint, request: Request) -> Resp
         let (checked, _) = check(&gw, endpoint, request).await?;
         let view = PromptView::new(&gw, checked.tokens, strategy).await;
         dispatch::explain(&gw, &view, &checked.inspected.model, strategy)
-            .map_err(|no| no_backend(&gw, no, &checked.inspected, &[], ""))
+            .map_err(|no| no_backend(&gw, no, &checked.inspected.model, &[], ""))
     }
     .await;
     match result {
@@ -213,69 +214,21 @@ async fn route(
     }
     let routing = Instant::now();
     let view = PromptView::new(gw, tokens, strategy).await;
-    let mut tried: Vec<EngineId> = Vec::new();
-    let mut last_failure = String::new();
-    loop {
-        let pick = match dispatch::pick(gw, &view, &inspected.model, strategy, &tried) {
-            Ok(p) => p,
-            Err(no) => return Err(no_backend(gw, no, &inspected, &tried, &last_failure)),
-        };
-        if tried.is_empty() {
-            gw.metrics.routed(routing.elapsed());
-        }
-        let dispatched = Instant::now();
-        match proxy::send(gw, &pick, endpoint, &headers, body.clone(), request_id).await {
-            Ok(upstream) => {
-                let status = upstream.status();
-                let retry = status.is_server_error()
-                    && matches!(status.as_u16(), 502..=504)
-                    && tried.len() + 1 < gw.config.max_attempts;
-                if status.is_server_error() {
-                    eject(
-                        gw,
-                        pick.engine,
-                        &pick.url,
-                        &format!("answered {status}"),
-                        false,
-                    );
-                }
-                if retry {
-                    finish_failed(gw, &pick, strategy, status.as_u16(), arrived);
-                    last_failure = format!("{} answered {status}", pick.url);
-                    tried.push(pick.engine);
-                    gw.metrics.retries.inc();
-                    continue;
-                }
-                return Ok(proxy::relay(
-                    gw.clone(),
-                    &pick,
-                    strategy.name(),
-                    upstream,
-                    request_id,
-                    arrived,
-                    dispatched,
-                ));
-            }
-            Err(SendError::Timeout) => {
-                finish_failed(gw, &pick, strategy, 504, arrived);
-                return Err(ApiError::timeout(format!(
-                    "{} did not answer within {:?}",
-                    pick.url, gw.config.request_timeout
-                )));
-            }
-            Err(SendError::Connection(why)) => {
-                finish_failed(gw, &pick, strategy, 502, arrived);
-                eject(gw, pick.engine, &pick.url, &why, true);
-                last_failure = format!("{}: {why}", pick.url);
-                tried.push(pick.engine);
-                if tried.len() >= gw.config.max_attempts {
-                    return Err(ApiError::bad_gateway(format!(
-                        "every backend tried failed before answering; last: {last_failure}"
-                    )));
-                }
-                gw.metrics.retries.inc();
-            }
-        }
+    let request = Routed {
+        gw,
+        endpoint,
+        strategy,
+        view,
+        model: inspected.model.clone(),
+        headers,
+        request_id,
+        arrived,
+        routing,
+    };
+    if gw.pool.lock().disaggregated() {
+        legs::disaggregated(&request, body).await
+    } else {
+        request.forward(Need::Any, body, None, None).await
     }
 }
 
@@ -290,59 +243,6 @@ fn prompt_tokens(gw: &Gateway, r: &Inspected) -> Result<Option<Vec<u32>>, ApiErr
             .map(Some)
             .map_err(|e| ApiError::bad_request(format!("{e:#}"))),
         (None, _) => Ok(None),
-    }
-}
-
-/// Counts a failed attempt on `pick` (its books: in flight, pending blocks, the request metric).
-fn finish_failed(
-    gw: &Gateway,
-    pick: &dispatch::Pick,
-    strategy: Strategy,
-    status: u16,
-    arrived: Instant,
-) {
-    gw.pool
-        .lock()
-        .finished(pick.engine, pick.cost.compute_blocks as u64);
-    gw.metrics
-        .request(&pick.url, strategy.name(), status, arrived.elapsed());
-    gw.publish_backend(pick.engine);
-}
-
-fn eject(gw: &Gateway, e: EngineId, url: &str, why: &str, connection_failed: bool) {
-    let until = gw.now_ms() + gw.config.eject_for.as_millis() as u64;
-    gw.pool.lock().eject(e, until, connection_failed);
-    gw.metrics.ejected(url);
-    gw.publish_backend(e);
-    warn!(backend = %url, reason = %why, eject_for = ?gw.config.eject_for,
-        "backend ejected after a failed request");
-}
-
-fn no_backend(
-    gw: &Gateway,
-    no: NoBackend,
-    r: &Inspected,
-    tried: &[EngineId],
-    last_failure: &str,
-) -> ApiError {
-    if !tried.is_empty() {
-        return ApiError::bad_gateway(format!(
-            "every backend tried failed before answering; last: {last_failure}"
-        ));
-    }
-    match no {
-        NoBackend::UnknownModel => ApiError::unknown_model(&r.model),
-        NoBackend::AllDown => ApiError::unavailable(
-            format!("no healthy backend serves `{}` now", r.model),
-            proxy::retry_after(gw),
-        ),
-        NoBackend::AllBusy => ApiError::unavailable(
-            format!(
-                "every backend serving `{}` is at its concurrency limit",
-                r.model
-            ),
-            1,
-        ),
     }
 }
 
@@ -394,19 +294,41 @@ async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response 
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// Ready when a backend is up; with P/D, when both a prefill-capable and a decode-capable one
+/// are (requests would still be served decode-only without a prefill instance, but the
+/// deployment is not what it was configured to be, and the body says which pool is empty).
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     let now = gw.now_ms();
-    let (up, total) = {
+    let (up, total, pd) = {
         let pool = gw.pool.lock();
         let b = pool.backends();
-        (b.iter().filter(|b| b.up(now)).count(), b.len())
+        let pd = pool.disaggregated().then(|| {
+            (
+                pool.up_for(Need::Prefill, now),
+                pool.up_for(Need::Decode, now),
+            )
+        });
+        (b.iter().filter(|b| b.up(now)).count(), b.len(), pd)
     };
-    let ready = up > 0;
-    let body = json!({
-        "status": if ready { "ok" } else { "unavailable" },
+    let mut body = json!({
         "backends_up": up,
         "backends": total,
     });
+    let ready = match pd {
+        None => up > 0,
+        Some((prefill, decode)) => {
+            body["prefill_up"] = json!(prefill);
+            body["decode_up"] = json!(decode);
+            for (role, n) in [("prefill", prefill), ("decode", decode)] {
+                gw.metrics
+                    .pd_pool_up
+                    .get_or_create(&vec![("role", role.to_string())])
+                    .set((n > 0) as i64);
+            }
+            prefill > 0 && decode > 0
+        }
+    };
+    body["status"] = json!(if ready { "ok" } else { "unavailable" });
     let status = if ready {
         StatusCode::OK
     } else {

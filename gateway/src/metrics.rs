@@ -55,6 +55,16 @@ pub mod names {
     pub const INDEX_SOURCE: &str = "kvcache_gateway_index_source";
     /// Shared-tier lookups that failed or timed out (routing went on without the credit).
     pub const CACHE_LOOKUP_ERRORS: &str = "kvcache_gateway_cache_lookup_errors";
+    /// P/D: requests by `path`: `disaggregated` (prefill leg, then decode), `bypass` (decode
+    /// only: `reason` `cached` when little is uncached, `no_prefill` when no prefill instance
+    /// can take it) or `fallback` (the prefill leg failed: `reason` `connect`, `status`,
+    /// `timeout`, `params`).
+    pub const PD_REQUESTS: &str = "kvcache_gateway_pd_requests";
+    /// P/D: seconds of the prefill leg (dispatch to its whole answer: the prompt computed and
+    /// its blocks committed to the cache), by `backend`.
+    pub const PD_PREFILL_SECONDS: &str = "kvcache_gateway_pd_prefill_seconds";
+    /// 1 while at least one backend that takes the `role`'s work (`prefill`, `decode`) is up.
+    pub const PD_POOL_UP: &str = "kvcache_gateway_pd_pool_up";
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -92,6 +102,9 @@ pub struct Metrics {
     kv_events: Family<Labels, Counter>,
     pub index_source: Family<Labels, Gauge>,
     pub cache_lookup_errors: Counter,
+    pd_requests: Family<Labels, Counter>,
+    pd_prefill_seconds: Family<Labels, Histogram, fn() -> Histogram>,
+    pub pd_pool_up: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -125,6 +138,9 @@ impl Metrics {
             kv_events: Family::default(),
             index_source: Family::default(),
             cache_lookup_errors: Counter::default(),
+            pd_requests: Family::default(),
+            pd_prefill_seconds: Family::new_with_constructor(histogram),
+            pd_pool_up: Family::default(),
             registry: Registry::default(),
         };
         registry.register(names::REQUESTS, "Requests answered", m.requests.clone());
@@ -211,7 +227,39 @@ impl Metrics {
             "Shared-tier lookups that failed",
             m.cache_lookup_errors.clone(),
         );
+        registry.register(
+            names::PD_REQUESTS,
+            "P/D requests by path",
+            m.pd_requests.clone(),
+        );
+        registry.register(
+            names::PD_PREFILL_SECONDS,
+            "P/D prefill leg time",
+            m.pd_prefill_seconds.clone(),
+        );
+        registry.register(
+            names::PD_POOL_UP,
+            "P/D pool has an instance up",
+            m.pd_pool_up.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// A P/D request took `path` (for `reason`).
+    pub fn pd_request(&self, path: &'static str, reason: &'static str) {
+        self.pd_requests
+            .get_or_create(&vec![
+                ("path", path.to_string()),
+                ("reason", reason.to_string()),
+            ])
+            .inc();
+    }
+
+    /// A prefill leg on `backend` took `took`.
+    pub fn pd_prefill(&self, backend: &str, took: Duration) {
+        self.pd_prefill_seconds
+            .get_or_create(&vec![("backend", backend.to_string())])
+            .observe(took.as_secs_f64());
     }
 
     /// The Prometheus text exposition.

@@ -7,6 +7,7 @@ use kvcache_core::{Namespace, NamespaceId};
 
 use crate::config::BackendConfig;
 use crate::index::EngineId;
+use crate::pd::{Need, Role};
 use crate::route::Candidate;
 
 /// The engine's own load, from its /metrics.
@@ -142,15 +143,17 @@ impl Pool {
         &self.backends[e as usize]
     }
 
-    /// The backends that can take a request for `model` at `now_ms`, leaving out `tried`.
+    /// The backends that can take work of kind `need` for `model` at `now_ms`, leaving out
+    /// `tried`.
     pub fn available(
         &self,
         model: &str,
         now_ms: u64,
         tried: &[EngineId],
+        need: Need,
     ) -> Result<Vec<EngineId>, NoBackend> {
         let serving: Vec<EngineId> = (0..self.backends.len() as EngineId)
-            .filter(|&e| self.get(e).serves(model))
+            .filter(|&e| self.get(e).serves(model) && self.get(e).config.role.takes(need))
             .collect();
         if serving.is_empty() {
             return Err(NoBackend::UnknownModel);
@@ -167,6 +170,21 @@ impl Pool {
             return Err(NoBackend::AllBusy);
         }
         Ok(room)
+    }
+
+    /// Whether requests are disaggregated: some backend takes only prefill or only decode work.
+    pub fn disaggregated(&self) -> bool {
+        self.backends
+            .iter()
+            .any(|b| !b.retired && b.config.role != Role::Both)
+    }
+
+    /// Backends up at `now_ms` that take work of kind `need`.
+    pub fn up_for(&self, need: Need, now_ms: u64) -> usize {
+        self.backends
+            .iter()
+            .filter(|b| b.up(now_ms) && b.config.role.takes(need))
+            .count()
     }
 
     /// Whether any backend serves `model` (up or not).
@@ -279,9 +297,12 @@ mod tests {
     #[test]
     fn a_backend_takes_requests_only_after_a_probe_passes() {
         let mut p = pool(2);
-        assert_eq!(p.available("m", 0, &[]), Err(NoBackend::UnknownModel));
+        assert_eq!(
+            p.available("m", 0, &[], Need::Any),
+            Err(NoBackend::UnknownModel)
+        );
         p.probe_passed(0, EngineLoad::default(), vec!["m".into()]);
-        assert_eq!(p.available("m", 0, &[]), Ok(vec![0]));
+        assert_eq!(p.available("m", 0, &[], Need::Any), Ok(vec![0]));
         assert_eq!(p.models(), ["m"]);
         assert!(!p.knows_model("other"));
     }
@@ -293,16 +314,16 @@ mod tests {
             p.probe_passed(e, EngineLoad::default(), vec!["m".into()]);
         }
         p.eject(0, 5_000, true);
-        assert_eq!(p.available("m", 1_000, &[]), Ok(vec![1]));
+        assert_eq!(p.available("m", 1_000, &[], Need::Any), Ok(vec![1]));
         assert_eq!(
-            p.available("m", 6_000, &[]),
+            p.available("m", 6_000, &[], Need::Any),
             Ok(vec![1]),
             "no probe passed yet"
         );
         assert!(p.probe_passed(0, EngineLoad::default(), vec!["m".into()]));
-        assert_eq!(p.available("m", 6_000, &[]), Ok(vec![0, 1]));
+        assert_eq!(p.available("m", 6_000, &[], Need::Any), Ok(vec![0, 1]));
         assert_eq!(
-            p.available("m", 6_000, &[1]),
+            p.available("m", 6_000, &[1], Need::Any),
             Ok(vec![0]),
             "tried ones are left out"
         );
@@ -314,7 +335,7 @@ mod tests {
         p.probe_passed(0, EngineLoad::default(), vec!["m".into()]);
         assert!(!p.probe_failed(0, 2));
         assert!(p.probe_failed(0, 2));
-        assert_eq!(p.available("m", 0, &[]), Err(NoBackend::AllDown));
+        assert_eq!(p.available("m", 0, &[], Need::Any), Err(NoBackend::AllDown));
     }
 
     #[test]
@@ -325,9 +346,12 @@ mod tests {
         let (e, fresh) = p.upsert(extra.clone());
         assert_eq!((e, fresh), (1, true));
         p.probe_passed(e, EngineLoad::default(), vec!["m".into()]);
-        assert_eq!(p.available("m", 0, &[]), Ok(vec![1]));
+        assert_eq!(p.available("m", 0, &[], Need::Any), Ok(vec![1]));
         p.retire(e);
-        assert_eq!(p.available("m", 0, &[]), Err(NoBackend::UnknownModel));
+        assert_eq!(
+            p.available("m", 0, &[], Need::Any),
+            Err(NoBackend::UnknownModel)
+        );
         assert!(p.models().is_empty());
         assert_eq!(
             p.upsert(extra.clone()),
@@ -347,12 +371,36 @@ mod tests {
         p.probe_passed(0, EngineLoad::default(), vec!["m".into()]);
         p.dispatched(0, 5);
         p.dispatched(0, 3);
-        assert_eq!(p.available("m", 0, &[]), Err(NoBackend::AllBusy));
+        assert_eq!(p.available("m", 0, &[], Need::Any), Err(NoBackend::AllBusy));
         assert_eq!(p.candidate(0).pending_blocks, 8);
         p.first_byte(0, 5);
         p.finished(0, 0);
         p.finished(0, 3);
         let c = p.candidate(0);
         assert_eq!((c.in_flight, c.pending_blocks), (0, 0));
+    }
+
+    #[test]
+    fn prefill_and_decode_work_go_only_to_backends_of_that_role() {
+        let toml = "[[backend]]\nurl = \"http://127.0.0.1:9000\"\nrole = \"prefill\"\n\
+                    [[backend]]\nurl = \"http://127.0.0.1:9001\"\nrole = \"decode\"\n\
+                    [[backend]]\nurl = \"http://127.0.0.1:9002\"\n";
+        let mut p = Pool::new(Config::from_toml(toml).unwrap().backends);
+        for e in 0..3 {
+            p.probe_passed(e, EngineLoad::default(), vec!["m".into()]);
+        }
+        assert!(p.disaggregated());
+        assert_eq!(p.available("m", 0, &[], Need::Prefill), Ok(vec![0, 2]));
+        assert_eq!(p.available("m", 0, &[], Need::Decode), Ok(vec![1, 2]));
+        assert_eq!(p.available("m", 0, &[], Need::Any), Ok(vec![0, 1, 2]));
+        p.probe_failed(0, 1);
+        assert_eq!(p.up_for(Need::Prefill, 0), 1);
+        assert_eq!(p.up_for(Need::Decode, 0), 2);
+        let both = Pool::new(
+            Config::from_toml("[[backend]]\nurl = \"http://127.0.0.1:9000\"\n")
+                .unwrap()
+                .backends,
+        );
+        assert!(!both.disaggregated());
     }
 }

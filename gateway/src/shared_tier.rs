@@ -15,7 +15,8 @@ pub struct SharedTier {
     target: Target,
     config: ClientConfig,
     client: RwLock<Option<Kvcache>>,
-    hosts: Vec<String>,
+    /// The configured nodes' (host, address).
+    hosts: Vec<(String, String)>,
 }
 
 impl SharedTier {
@@ -34,7 +35,7 @@ impl SharedTier {
         let hosts = addrs
             .iter()
             .filter(|a| !a.starts_with("etcd://"))
-            .filter_map(|a| a.rsplit_once(':').map(|(h, _)| h.to_string()))
+            .filter_map(|a| a.rsplit_once(':').map(|(h, _)| (h.to_string(), a.clone())))
             .collect();
         Arc::new(Self {
             target,
@@ -81,11 +82,20 @@ impl SharedTier {
 
     /// Whether a cache node runs on the host of `backend_url` (its loads are cheaper there).
     pub fn near(&self, backend_url: &str) -> bool {
+        self.node_near(backend_url).is_some()
+    }
+
+    /// The address of a cache node on the host of `backend_url`, if one is configured (P/D:
+    /// where the prefill engine also places the blocks the decode engine there will read).
+    pub fn node_near(&self, backend_url: &str) -> Option<&str> {
         let host = backend_url
             .strip_prefix("http://")
             .and_then(|r| r.rsplit_once(':'))
-            .map(|(h, _)| h);
-        host.is_some_and(|h| self.hosts.iter().any(|c| c == h))
+            .map(|(h, _)| h)?;
+        self.hosts
+            .iter()
+            .find(|(h, _)| h == host)
+            .map(|(_, addr)| addr.as_str())
     }
 }
 
@@ -98,6 +108,7 @@ mod tests {
         let t = SharedTier::new(&["10.0.0.5:7400".into()], None, Duration::from_millis(20));
         assert!(t.near("http://10.0.0.5:8000"));
         assert!(!t.near("http://10.0.0.6:8000"));
+        assert_eq!(t.node_near("http://10.0.0.5:8000"), Some("10.0.0.5:7400"));
         assert_eq!(t.matched(&[]).await, Err("not connected".into()));
     }
 }

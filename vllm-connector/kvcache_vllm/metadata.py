@@ -23,6 +23,8 @@ class BlockRun:
     block_ids: list[int]
     lora: str | None
     salt: str | None
+    # The cache node to save to as well / read from first (P/D: next to the decode engine).
+    prefer: str | None = None
 
 
 @dataclass

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import handoff
 from .fingerprint import FileDigests
 from .identity import lora_identity, model_identity
 from .link import _Link
@@ -42,6 +43,17 @@ class _Tracked:
     hit_blocks: int = 0
     saved_blocks: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # P/D: this (prefill) engine saves the whole prompt for a decode engine...
+    produce: handoff.Produce | None = None
+    # ...or this (decode) engine loads what a prefill engine announced.
+    expect: handoff.Expect | None = None
+
+    @property
+    def prefer(self) -> str | None:
+        """The cache node to save to and read from first (a locality hint), if any."""
+        if self.produce is not None:
+            return self.produce.near
+        return self.expect.near if self.expect is not None else None
 
 
 class _SchedulerSide:
@@ -51,6 +63,7 @@ class _SchedulerSide:
         self.block_size = vllm_config.cache_config.block_size
         self.loads_enabled = transfer.kv_role in ("kv_both", "kv_consumer")
         self.saves_enabled = transfer.kv_role in ("kv_both", "kv_producer")
+        self.producer_role = transfer.kv_role == "kv_producer"
         from vllm.platforms import current_platform
 
         self.vllm_config = vllm_config
@@ -133,6 +146,7 @@ class _SchedulerSide:
         tracked = _Tracked(prompt, lora, request.cache_salt)
         tracked.local_blocks = num_computed_tokens // self.block_size
         tracked.saved_blocks = tracked.local_blocks
+        self._handoff(request, tracked)
         self.requests[request.request_id] = tracked
         # vLLM must compute at least the prompt's last token itself.
         loadable = (len(prompt) - 1) // self.block_size if prompt else 0
@@ -142,11 +156,50 @@ class _SchedulerSide:
         keys = self.namespaces.keys(self.lookup_layer, prompt[: loadable * self.block_size], lora, request.cache_salt)
         hit = self.link.call("lookup", lambda c: c.prefix_match(keys[tracked.local_blocks :]))
         self.stats.add(lookups=1, lookup_errors=int(hit is None))
+        tracked.hit_blocks = hit or 0
+        self._count_missing(tracked, loadable)
         if not hit:
             return 0, False
-        tracked.hit_blocks = hit
-        tracked.saved_blocks = tracked.local_blocks + hit
+        if tracked.produce is None:
+            tracked.saved_blocks = tracked.local_blocks + hit
         return hit * self.block_size, self.settings.load_async
+
+    def _handoff(self, request: Request, tracked: _Tracked) -> None:
+        """Reads a request's P/D role from its `kv_transfer_params` (`handoff.py`)."""
+        params = getattr(request, "kv_transfer_params", None)
+        produce = handoff.produce(params, self.producer_role)
+        if produce is not None and not self.saves_enabled:
+            self._say_once(
+                "a request asked this engine to prefill for a remote decode (do_remote_decode), but its "
+                "kv_role is kv_consumer, which saves nothing: the decode engine will recompute the prompt"
+            )
+            produce = None
+        if produce is not None:
+            # Every prompt block goes to the cache, those this engine had cached too.
+            tracked.produce = produce
+            tracked.saved_blocks = 0
+        tracked.expect = handoff.expect(params)
+        if tracked.expect is not None and not self.loads_enabled:
+            self._say_once(
+                "a request carries a prefill engine's handoff, but this engine's kv_role is kv_producer, "
+                "which loads nothing: it recomputes the prompt"
+            )
+
+    def _count_missing(self, tracked: _Tracked, loadable: int) -> None:
+        """Counts announced blocks the cache no longer holds (a lost handoff, not eviction,
+        while the announcement's deadline holds)."""
+        expect = tracked.expect
+        if expect is None or expect.expired():
+            return
+        wanted = min(expect.blocks, loadable)
+        missing = wanted - (tracked.local_blocks + tracked.hit_blocks)
+        if missing > 0:
+            self.stats.add(handoff_missing_blocks=missing)
+
+    def _say_once(self, reason: str) -> None:
+        if reason not in self.bypass_said and len(self.bypass_said) < 64:
+            self.bypass_said.add(reason)
+            logger.warning("kvcache scheduler: %s", reason)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
         tracked = self.requests.get(request.request_id)
@@ -162,6 +215,7 @@ class _SchedulerSide:
             block_ids=block_ids[start : start + count],
             lora=tracked.lora,
             salt=tracked.salt,
+            prefer=tracked.prefer,
         )
         (self.pending_async if self.settings.load_async else self.pending_loads).append(run)
         self.stats.add(hit_tokens=num_external_tokens)
@@ -205,14 +259,44 @@ class _SchedulerSide:
                 block_ids=tracked.block_ids[tracked.saved_blocks : full],
                 lora=tracked.lora,
                 salt=tracked.salt,
+                prefer=tracked.prefer,
             )
         )
         tracked.saved_blocks = full
 
     def request_finished(self, request: Request, block_ids: list[int]):
-        self.requests.pop(request.request_id, None)
+        tracked = self.requests.pop(request.request_id, None)
         self.bypassed.discard(request.request_id)
-        return False, None
+        if tracked is None or tracked.produce is None:
+            return False, None
+        return False, self._announce(tracked)
+
+    def _announce(self, tracked: _Tracked) -> dict:
+        """The prefill response's `kv_transfer_params`: how many leading prompt blocks the cache
+        holds now. The step's saves returned before vLLM finished the request (the worker's
+        `wait_for_save`), so one lookup tells what the decode engine will find."""
+        full = len(tracked.prompt) // self.block_size
+        keys = self.namespaces.keys(
+            self.lookup_layer, tracked.prompt[: full * self.block_size], tracked.lora, tracked.salt
+        )
+        held = self.link.call("handoff lookup", lambda c: c.prefix_match(keys)) if keys else 0
+        held = held or 0
+        self.stats.add(handoff_requests=1, handoff_announced_blocks=held)
+        if held < full:
+            logger.info(
+                "kvcache scheduler: handoff of %d prompt blocks: the cache holds the first %d "
+                "(the decode engine recomputes the rest)",
+                full,
+                held,
+            )
+        return handoff.announce(
+            blocks=held,
+            block_size=self.block_size,
+            namespace=self.namespaces.get(self.lookup_layer, tracked.lora, tracked.salt),
+            near=tracked.prefer,
+            prompt_tokens=len(tracked.prompt),
+            ttl_s=self.settings.handoff_ttl_s,
+        )
 
     def shutdown(self) -> None:
         if self.registration is not None:

@@ -28,6 +28,7 @@ _KNOWN_KEYS = {
     "token_file",
     "advertise",
     "registry",
+    "handoff_ttl_s",
 }
 
 
@@ -65,6 +66,8 @@ class Settings:
       --discover etcd://...` to find.
     - `registry`: the etcd to register in (`etcd://host:port`); default: `servers` when that is
       an etcd URL.
+    - `handoff_ttl_s`: P/D: how long after a prefill a decode engine counts the announced
+      blocks as expected (`handoff.py`); a shortfall after it is ordinary eviction.
     """
 
     servers: tuple[str, ...] = ("127.0.0.1:7400",)
@@ -80,6 +83,7 @@ class Settings:
     token_file: str | None = None
     advertise: str | None = None
     registry: str | None = None
+    handoff_ttl_s: float = 30.0
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> Settings:
@@ -114,6 +118,9 @@ class Settings:
         retry_s = float(extra.get("retry_s", cls.retry_s))
         if timeout_s <= 0 or retry_s < 0:
             raise ValueError("timeout_s must be positive and retry_s not negative")
+        handoff_ttl_s = float(extra.get("handoff_ttl_s", cls.handoff_ttl_s))
+        if handoff_ttl_s <= 0:
+            raise ValueError("handoff_ttl_s must be positive")
         token, token_file = _token(extra)
         advertise = extra.get("advertise")
         if advertise is not None and not str(advertise).startswith("http://"):
@@ -141,6 +148,7 @@ class Settings:
             token_file=token_file,
             advertise=None if advertise is None else str(advertise).rstrip("/"),
             registry=None if registry is None else str(registry),
+            handoff_ttl_s=handoff_ttl_s,
         )
 
     def is_cluster(self) -> bool:

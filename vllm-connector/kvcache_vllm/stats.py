@@ -26,6 +26,11 @@ COUNTERS = {
     "save_failed_blocks": "Layer blocks the cache did not store (refused, node down).",
     "replica_reads": "Blocks a cluster answered from a replica because their primary missed or was down.",
     "failovers": "Times a cluster node failed a call and was routed around for a while.",
+    "handoff_requests": "Prefill requests whose prompt this engine saved whole for a decode engine (P/D).",
+    "handoff_announced_blocks": "Prompt blocks a prefill engine announced to decode engines, as the cache held them.",
+    "handoff_missing_blocks": (
+        "Blocks a prefill engine announced that this decode engine did not find before the deadline (recomputed)."
+    ),
     "bypassed_requests": (
         "Requests the cache left alone (no lookup, load or save): multimodal inputs, prompt "
         "embeddings, or a LoRA adapter whose files are not on this machine."

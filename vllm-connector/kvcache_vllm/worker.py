@@ -148,6 +148,11 @@ class _WorkerSide:
         return keys, segments
 
     def _load(self, layers: list[_Layer], runs: list[BlockRun], model: str) -> None:
+        """Loads `runs` into `layers`, one call per locality hint (almost always one)."""
+        for prefer, group in _by_prefer(runs):
+            self._load_group(layers, group, model, prefer)
+
+    def _load_group(self, layers: list[_Layer], runs: list[BlockRun], model: str, prefer: str | None) -> None:
         """Loads `runs` into `layers` in one call; records every block that did not land."""
         keys, segments = [], []
         for layer in layers:
@@ -156,7 +161,7 @@ class _WorkerSide:
             segments += s
         started = time.perf_counter()
         try:
-            hits = self.link.call("load", lambda c: self._fetch(c, keys, segments))
+            hits = self.link.call("load", lambda c: self._fetch(c, keys, segments, prefer))
         except ValueError as err:
             logger.error("kvcache worker: a stored block has the wrong size (%s)", err)
             hits = None
@@ -177,13 +182,13 @@ class _WorkerSide:
         loaded_bytes = sum(length for hit, segs in zip(hits, segments, strict=True) if hit for _, length in segs)
         self.stats.add(loaded_blocks=loaded, loaded_bytes=loaded_bytes, load_failed_blocks=failed)
 
-    def _fetch(self, client: kvcache.Client, keys: list[bytes], segments: list) -> list[bool]:
+    def _fetch(self, client: kvcache.Client, keys: list[bytes], segments: list, prefer: str | None) -> list[bool]:
         """Loads into the KV tensors: GPU-direct, straight into host tensors, or staged."""
         if self.gpu_direct:
             return client.get_many_into_gpu(keys, segments)
         staging = self.staging
         into = segments if staging is None else staging.host_segments(segments)
-        hits = client.get_many_into(keys, into)
+        hits = client.get_many_into(keys, into, prefer=prefer)
         if staging is not None and any(hits):
             staging.to_device(segments, into, hits)
         return hits
@@ -208,16 +213,22 @@ class _WorkerSide:
     # -- saves ---------------------------------------------------------------------------------
 
     def _save(self, layer: _Layer, runs: list[BlockRun], model: str, computed: Any = None) -> None:
+        for prefer, group in _by_prefer(runs):
+            self._save_group(layer, group, model, computed, prefer)
+
+    def _save_group(self, layer: _Layer, runs: list[BlockRun], model: str, computed: Any, prefer: str | None) -> None:
         keys, segments = self._plan(layer, runs, model)
         started = time.perf_counter()
-        stored = self.link.call("save", lambda c: self._store(c, keys, segments, computed))
+        stored = self.link.call("save", lambda c: self._store(c, keys, segments, computed, prefer))
         self.stats.observe("save_seconds", time.perf_counter() - started)
         stored = stored or [False] * len(keys)
         saved = sum(stored)
         saved_bytes = sum(length for ok, segs in zip(stored, segments, strict=True) if ok for _, length in segs)
         self.stats.add(saved_blocks=saved, saved_bytes=saved_bytes, save_failed_blocks=len(keys) - saved)
 
-    def _store(self, client: kvcache.Client, keys: list[bytes], segments: list, computed: Any) -> list[bool]:
+    def _store(
+        self, client: kvcache.Client, keys: list[bytes], segments: list, computed: Any, prefer: str | None
+    ) -> list[bool]:
         """Saves from the KV tensors once the step computed them: GPU-direct, from host
         tensors, or staged."""
         if self.gpu_direct:
@@ -228,7 +239,7 @@ class _WorkerSide:
         if self.staging is not None:
             source = self.staging.host_segments(segments)
             self.staging.from_device(segments, source, computed)
-        return client.put_many(keys, source)
+        return client.put_many(keys, source, prefer=prefer)
 
     def save_kv_layer(self, layer_name: str, meta: KVCacheConnectorMetadata) -> None:
         layer = self.layers.get(layer_name)
@@ -258,3 +269,11 @@ class _WorkerSide:
     def shutdown(self) -> None:
         self.io.shutdown(wait=True, cancel_futures=True)
         self.link.close()
+
+
+def _by_prefer(runs: list[BlockRun]) -> list[tuple[str | None, list[BlockRun]]]:
+    """`runs` grouped by locality hint, in first-seen order."""
+    groups: dict[str | None, list[BlockRun]] = {}
+    for run in runs:
+        groups.setdefault(run.prefer, []).append(run)
+    return list(groups.items())

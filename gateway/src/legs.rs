@@ -1,0 +1,191 @@
+//! The P/D request path. The pair is chosen jointly: the decode instance first (the one cost:
+//! its own cached prefix, the shared tier's credit, its load), then, unless little of the
+//! prompt is left to compute there (`pd::bypass`), a prefill instance among the others (its
+//! own cached prefix and load). The prefill leg runs to its whole answer (the engine committed
+//! the prompt's blocks to the cache before it answers), then the decode leg carries the
+//! answer's `kv_transfer_params` and is relayed as any request. A prefill leg that fails sends
+//! the request decode-only; a client that goes away drops this future, and with it whichever
+//! leg is in flight (the engine sees its connection close and aborts).
+//!
+//! The legs run one after the other (as vLLM's proxies, Dynamo and llm-d's sidecar do); a
+//! parallel style (decode sent at once, waiting on the cache) would replace
+//! [`disaggregated`]'s middle and keep its pick and books.
+
+use std::time::Instant;
+
+use axum::response::Response;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use serde_json::Value;
+use tracing::{debug, warn};
+
+use crate::dispatch::{self, Pick};
+use crate::forward::{Routed, eject};
+use crate::openai::ApiError;
+use crate::pd::{self, Need};
+use crate::proxy::{self, SendError};
+use crate::state::Gateway;
+
+/// The largest prefill answer read (one token's completion and its transfer parameters).
+const MAX_PREFILL_ANSWER: usize = 1 << 20;
+
+/// A dispatch recorded in the pool that nothing has taken over yet: dropped (the leg ended,
+/// or the client went away mid-leg), it ends the backend's in-flight count.
+struct Booked<'a> {
+    gw: &'a Gateway,
+    pick: Option<Pick>,
+}
+
+impl<'a> Booked<'a> {
+    fn new(gw: &'a Gateway, pick: Pick) -> Self {
+        Self {
+            gw,
+            pick: Some(pick),
+        }
+    }
+
+    fn pick(&self) -> &Pick {
+        self.pick.as_ref().expect("taken only by take()")
+    }
+
+    /// The pick, for a relay that keeps its books from here on.
+    fn take(mut self) -> Pick {
+        self.pick.take().expect("taken once")
+    }
+}
+
+impl Drop for Booked<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pick.take() {
+            self.gw
+                .pool
+                .lock()
+                .finished(p.engine, p.cost.compute_blocks as u64);
+            self.gw.publish_backend(p.engine);
+        }
+    }
+}
+
+/// Why a prefill leg did not give transfer parameters: the metric's reason, and the detail.
+type LegFailure = (&'static str, String);
+
+/// Routes a request over a prefill and a decode instance (or the decode one alone).
+pub async fn disaggregated(r: &Routed<'_>, body: Bytes) -> Result<Response, ApiError> {
+    let gw = r.gw;
+    let decode = dispatch::pick(gw, &r.view, &r.model, r.strategy, &[], Need::Decode)
+        .map_err(|no| crate::forward::no_backend(gw, no, &r.model, &[], ""))?;
+    gw.metrics.routed(r.routing.elapsed());
+    let decode = Booked::new(gw, decode);
+    let d = decode.pick();
+    let cached_tokens = (d.cost.local_blocks + d.cost.loaded_blocks) * d.block_size;
+    let prompt_tokens = r.view.tokens().map(<[u32]>::len);
+    if pd::bypass(&gw.config.pd, prompt_tokens, cached_tokens) {
+        gw.metrics.pd_request("bypass", "cached");
+        debug!(decode = %d.url, ?prompt_tokens, cached_tokens, "P/D bypass: little is left to compute on the decode instance");
+        return r
+            .forward(Need::Decode, body, Some(decode.take()), None)
+            .await;
+    }
+    let prefill = match dispatch::pick(
+        gw,
+        &r.view,
+        &r.model,
+        r.strategy,
+        &[d.engine],
+        Need::Prefill,
+    ) {
+        Ok(p) => Booked::new(gw, p),
+        Err(no) => {
+            gw.metrics.pd_request("bypass", "no_prefill");
+            debug!(?no, "P/D bypass: no prefill instance can take the request");
+            return r
+                .forward(Need::Decode, body, Some(decode.take()), None)
+                .await;
+        }
+    };
+    let near = gw
+        .shared
+        .as_ref()
+        .and_then(|t| t.node_near(&d.url))
+        .map(str::to_string);
+    let leg = prefill_leg(r, prefill.pick(), &body, near.as_deref()).await;
+    let prefill_url = prefill.pick().url.clone();
+    drop(prefill);
+    match leg.and_then(|params| pd::decode_body(&body, params).map_err(|e| ("params", e))) {
+        Ok(decode_body) => {
+            gw.metrics.pd_request("disaggregated", "");
+            let first = Some(decode.take());
+            r.forward(Need::Decode, decode_body.into(), first, Some(&prefill_url))
+                .await
+        }
+        Err((reason, why)) => {
+            gw.metrics.pd_request("fallback", reason);
+            warn!(prefill = %prefill_url, reason, detail = %why, request_id = r.request_id,
+                "P/D prefill leg failed; the decode instance computes the whole prompt");
+            r.forward(Need::Decode, body, Some(decode.take()), None)
+                .await
+        }
+    }
+}
+
+/// The prefill leg: the request with one unstreamed token and `do_remote_decode`, read to its
+/// end; its `kv_transfer_params`. Ejects the prefill instance when it failed as a backend.
+async fn prefill_leg(
+    r: &Routed<'_>,
+    pick: &Pick,
+    body: &Bytes,
+    near: Option<&str>,
+) -> Result<Value, LegFailure> {
+    let gw = r.gw;
+    let started = Instant::now();
+    let leg_body = pd::prefill_body(body, near).map_err(|e| ("params", e))?;
+    let id = format!("{}-prefill", r.request_id);
+    let timeout = gw.config.pd.prefill_timeout;
+    let answer = tokio::time::timeout(timeout, async {
+        let response = proxy::send(
+            gw,
+            pick,
+            r.endpoint,
+            &Default::default(),
+            leg_body.into(),
+            &id,
+        )
+        .await
+        .map_err(|e| match e {
+            SendError::Connection(why) => {
+                eject(gw, pick.engine, &pick.url, &why, true);
+                ("connect", why)
+            }
+            SendError::Timeout => ("timeout", format!("{} sent no answer", pick.url)),
+        })?;
+        let status = response.status();
+        let bytes = Limited::new(response.into_body(), MAX_PREFILL_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| ("connect", format!("reading {}'s answer: {e}", pick.url)))?
+            .to_bytes();
+        if !status.is_success() {
+            if status.is_server_error() {
+                eject(
+                    gw,
+                    pick.engine,
+                    &pick.url,
+                    &format!("answered {status}"),
+                    false,
+                );
+            }
+            let head = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
+            return Err(("status", format!("{} answered {status}: {head}", pick.url)));
+        }
+        pd::transfer_params(&bytes).map_err(|e| ("params", format!("{}: {e}", pick.url)))
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err((
+            "timeout",
+            format!("{} did not finish the prefill within {timeout:?}", pick.url),
+        ))
+    });
+    gw.metrics.pd_prefill(&pick.url, started.elapsed());
+    answer
+}
