@@ -7,12 +7,17 @@ benches/results/ with the command that produced them).
             prefix-cache hit rates, refused requests, the gateway's CPU per request.
   overhead  what the gateway adds to a short request: the same requests straight to a backend
             and through the gateway, interleaved, p50 and p90 of each and their difference.
+  pd        the same replay, cache-aware, on two instances both ways in one sitting:
+            aggregated (two `both` engines) and disaggregated (1 prefill + 1 decode): TTFT,
+            inter-token latency, and the KV moved through the cache per request (bytes, the
+            decode engine's load time, GB/s).
 
 Run with the vLLM venv's python (scripts/setup-vllm.sh), after `cargo build --release -p
 kvcache-gateway -p kvcache-server`:
 
   $VENV/bin/python benches/gateway/replay.py replay --json benches/results/gateway-replay.json
   $VENV/bin/python benches/gateway/replay.py overhead --json benches/results/gateway-overhead.json
+  $VENV/bin/python benches/gateway/replay.py pd --json benches/results/gateway-pd.json
 """
 
 from __future__ import annotations
@@ -76,19 +81,24 @@ def load_requests(args) -> list[dict]:
     return out
 
 
-def stack_up(args, work: Path, strategy: str):
-    """A fresh stack: cache node, engines (in parallel), gateway."""
+KV_ROLES = {"both": "kv_both", "prefill": "kv_producer", "decode": "kv_consumer"}
+
+
+def stack_up(args, work: Path, strategy: str, roles: list[str] | None = None):
+    """A fresh stack: cache node, engines (in parallel), gateway. `roles`: each engine's
+    P/D role (default: all `both`)."""
     model = models_dir() / "tiny"
     cache = start_server("--memory", args.cache_memory)
-    kv = {
-        "kv_connector": "KVCacheConnector",
-        "kv_connector_module_path": "kvcache_vllm",
-        "kv_role": "kv_both",
-        "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"servers": [cache.data]},
-    }
+    roles = roles or ["both"] * args.instances
     engines, events = [], []
-    for i in range(args.instances):
+    for i, role in enumerate(roles):
+        kv = {
+            "kv_connector": "KVCacheConnector",
+            "kv_connector_module_path": "kvcache_vllm",
+            "kv_role": KV_ROLES[role],
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"servers": [cache.data]},
+        }
         pub = free_port()
         events.append(pub)
         kv_events = {
@@ -110,8 +120,9 @@ def stack_up(args, work: Path, strategy: str):
         e.wait_ready()
     ns = lookup_namespace(engines[0].log)
     backends = "".join(
-        f'[[backend]]\nurl = "{e.url}"\nkv_events = "tcp://127.0.0.1:{p}"\nkv_events_topic = "kv"\nnamespace = "{ns}"\n'
-        for e, p in zip(engines, events, strict=True)
+        f'[[backend]]\nurl = "{e.url}"\nkv_events = "tcp://127.0.0.1:{p}"\nkv_events_topic = "kv"\n'
+        f'namespace = "{ns}"\nrole = "{role}"\n'
+        for e, p, role in zip(engines, events, roles, strict=True)
     )
     config = (
         f'listen = "127.0.0.1:0"\nstrategy = "{strategy}"\ntokenizer = "{model}"\ncache = ["{cache.data}"]\n'
@@ -122,7 +133,7 @@ def stack_up(args, work: Path, strategy: str):
     gateway = Gateway(config, gwdir)
     wait_for(
         "backends up",
-        lambda: gateway.metric("kvcache_gateway_backend_up") == args.instances,
+        lambda: gateway.metric("kvcache_gateway_backend_up") == len(roles),
         timeout=60,
     )
     return cache, engines, gateway
@@ -140,8 +151,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def stream_ttft(url: str, body: dict) -> tuple[int, float, float]:
-    """Status, seconds to the first streamed event, seconds to the end."""
+def stream_ttft(url: str, body: dict) -> tuple[int, float, float, float]:
+    """Status, seconds to the first streamed event, seconds to the end, and the mean gap
+    between events after the first (inter-token latency; NaN with fewer than two)."""
     request = urllib.request.Request(
         url,
         data=json.dumps({**body, "stream": True}).encode(),
@@ -150,19 +162,25 @@ def stream_ttft(url: str, body: dict) -> tuple[int, float, float]:
     started = time.monotonic()
     try:
         with urllib.request.urlopen(request, timeout=600) as r:
-            first = None
+            seen = []
             for line in r:
-                if first is None and line.startswith(b"data: "):
-                    first = time.monotonic() - started
+                if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
+                    seen.append(time.monotonic() - started)
+            itl = (
+                (seen[-1] - seen[0]) / (len(seen) - 1)
+                if len(seen) > 1
+                else float("nan")
+            )
             return (
                 r.status,
-                first if first is not None else float("nan"),
+                seen[0] if seen else float("nan"),
                 time.monotonic() - started,
+                itl,
             )
     except urllib.error.HTTPError as e:
-        return e.code, float("nan"), time.monotonic() - started
+        return e.code, float("nan"), time.monotonic() - started, float("nan")
     except OSError:
-        return 599, float("nan"), time.monotonic() - started
+        return 599, float("nan"), time.monotonic() - started, float("nan")
 
 
 def pct(values: list[float], p: float) -> float:
@@ -174,13 +192,23 @@ def pct(values: list[float], p: float) -> float:
     )
 
 
-def replay_one(args, work: Path, strategy: str, requests: list[dict]) -> dict:
-    cache, engines, gateway = stack_up(args, work, strategy)
+def replay_one(
+    args,
+    work: Path,
+    strategy: str,
+    requests: list[dict],
+    roles: list[str] | None = None,
+    label: str = "",
+) -> dict:
+    cache, engines, gateway = stack_up(args, work, strategy, roles)
     try:
         metrics = [
             "vllm:prefix_cache_queries_total",
             "vllm:prefix_cache_hits_total",
             "vllm:external_prefix_cache_hits_total",
+            "vllm:kvcache_loaded_bytes_total",
+            "vllm:kvcache_load_seconds_sum",
+            "vllm:kvcache_saved_bytes_total",
         ]
         before = {m: sum(e.metric(m) for e in engines) for m in metrics}
         cpu0 = cpu_seconds(gateway.proc.pid)
@@ -217,8 +245,10 @@ def replay_one(args, work: Path, strategy: str, requests: list[dict]) -> dict:
             )
             for e in engines
         }
+        moved = {m: after[m] - before[m] for m in metrics[3:]}
         row = {
             "strategy": strategy,
+            "mode": label or strategy,
             "requests": len(requests),
             "ok": len(ok),
             "refused_or_failed": len(requests) - len(ok),
@@ -226,6 +256,29 @@ def replay_one(args, work: Path, strategy: str, requests: list[dict]) -> dict:
             "ttft_p90_s": pct([r[1] for r in ok], 0.9),
             "ttft_mean_s": statistics.fmean([r[1] for r in ok]) if ok else float("nan"),
             "latency_p50_s": pct([r[2] for r in ok], 0.5),
+            "itl_p50_s": pct([r[3] for r in ok], 0.5),
+            "itl_mean_s": statistics.fmean(
+                [r[3] for r in ok if r[3] == r[3]] or [float("nan")]
+            ),
+            "loaded_bytes_per_request": moved["vllm:kvcache_loaded_bytes_total"]
+            / max(1, len(ok)),
+            "saved_bytes_per_request": moved["vllm:kvcache_saved_bytes_total"]
+            / max(1, len(ok)),
+            "load_seconds_per_request": moved["vllm:kvcache_load_seconds_sum"]
+            / max(1, len(ok)),
+            "load_gb_per_s": moved["vllm:kvcache_loaded_bytes_total"]
+            / moved["vllm:kvcache_load_seconds_sum"]
+            / 1e9
+            if moved["vllm:kvcache_load_seconds_sum"]
+            else float("nan"),
+            "pd_requests": {
+                path: gateway.metric("kvcache_gateway_pd_requests_total", path=path)
+                for path in ("disaggregated", "bypass", "fallback")
+            },
+            "pd_prefill_mean_s": gateway.metric(
+                "kvcache_gateway_pd_prefill_seconds_sum"
+            )
+            / max(1.0, gateway.metric("kvcache_gateway_pd_prefill_seconds_count")),
             "throughput_rps": len(ok) / elapsed,
             "elapsed_s": elapsed,
             "prompt_tokens_queried": queries,
@@ -273,6 +326,32 @@ def replay(args) -> dict:
         "ratios": ratios,
         "paper_fig5_seconds": PAPER_FIG5,
         "paper_fig5_ratios": paper,
+    }
+
+
+def pd(args) -> dict:
+    """Aggregated (two `both` engines) and disaggregated (1P1D), cache-aware, one sitting."""
+    requests = load_requests(args)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = [
+        replay_one(args, work, "cache-aware", requests, ["both", "both"], "aggregated"),
+        replay_one(
+            args,
+            work,
+            "cache-aware",
+            requests,
+            ["prefill", "decode"],
+            "disaggregated-1p1d",
+        ),
+    ]
+    agg, dis = rows
+    return {
+        "rows": rows,
+        "ratios": {
+            "ttft_mean 1p1d / aggregated": dis["ttft_mean_s"] / agg["ttft_mean_s"],
+            "itl_mean 1p1d / aggregated": dis["itl_mean_s"] / agg["itl_mean_s"],
+        },
     }
 
 
@@ -337,30 +416,38 @@ def main() -> None:
     rp = sub.add_parser(
         "replay", help="the trace through the gateway, once per strategy"
     )
-    rp.add_argument("--trace", default=str(TRACE))
-    rp.add_argument("--requests", type=int, default=200, help="trace requests replayed")
-    rp.add_argument("--skip", type=int, default=0, help="trace requests skipped first")
-    rp.add_argument(
-        "--speedup", type=float, default=1.0, help="arrival times divided by this"
-    )
-    rp.add_argument(
-        "--tokens-per-block",
-        type=int,
-        default=64,
-        help="tokens per 512-token trace block",
-    )
-    rp.add_argument(
-        "--max-blocks",
-        type=int,
-        default=28,
-        help="trace blocks kept per prompt (max-model-len)",
-    )
-    rp.add_argument("--max-output", type=int, default=16, help="output tokens at most")
     rp.add_argument("--strategies", type=lambda s: s.split(","), default=STRATEGIES)
+    pp = sub.add_parser("pd", help="the trace aggregated, then 1 prefill + 1 decode")
+    for p in (rp, pp):
+        p.add_argument("--trace", default=str(TRACE))
+        p.add_argument(
+            "--requests", type=int, default=200, help="trace requests replayed"
+        )
+        p.add_argument(
+            "--skip", type=int, default=0, help="trace requests skipped first"
+        )
+        p.add_argument(
+            "--speedup", type=float, default=1.0, help="arrival times divided by this"
+        )
+        p.add_argument(
+            "--tokens-per-block",
+            type=int,
+            default=64,
+            help="tokens per 512-token trace block",
+        )
+        p.add_argument(
+            "--max-blocks",
+            type=int,
+            default=28,
+            help="trace blocks kept per prompt (max-model-len)",
+        )
+        p.add_argument(
+            "--max-output", type=int, default=16, help="output tokens at most"
+        )
     ov = sub.add_parser("overhead", help="what the gateway adds to a short request")
     ov.add_argument("--count", type=int, default=200)
     ov.add_argument("--warmup", type=int, default=20)
-    for p in (rp, ov):
+    for p in (rp, pp, ov):
         p.add_argument("--instances", type=int, default=2)
         p.add_argument(
             "--engine-blocks",
@@ -372,7 +459,7 @@ def main() -> None:
         p.add_argument("--workdir", default="/tmp/kvcache-gateway-bench")
         p.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
-    results = replay(args) if args.cmd == "replay" else overhead(args)
+    results = {"replay": replay, "pd": pd, "overhead": overhead}[args.cmd](args)
     doc = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

@@ -20,7 +20,9 @@ use crate::route::{CostModel, Strategy};
 /// expected time to first token: the blocks of the prompt it already holds (from its KV events),
 /// the blocks the shared kvcache tier holds (a transfer credit), and its load. Settings come from
 /// the --config TOML file (keys as below, plus `[[backend]]`, `[[api_key]]`, `[routing]`,
-/// `[limits]` and `[health]` tables), overridden by flags.
+/// `[limits]` and `[health]` tables), overridden by flags. Backends with `role = "prefill"` or
+/// `"decode"` disaggregate requests: a prefill leg whose engine saves the prompt's KV to the
+/// cache, then the decode leg that loads it (the README's P/D section).
 #[derive(Parser, Debug, Default)]
 #[command(
     name = "kvcache-gateway",
