@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    ServerProcess, assert_even_spread, blocks, get_all, put_all, put_concurrently,
+    ServerProcess, assert_spread_follows_ring, blocks, get_all, put_all, put_concurrently,
     put_then_read_all,
 };
 use kvcache_client::{Cluster, ClusterConfig, GetOutcome};
@@ -39,7 +39,7 @@ async fn three_and_five_nodes_hold_thousands_of_blocks_evenly_and_return_every_b
         for r in readers {
             assert!(r.await.unwrap().iter().all(|o| *o == GetOutcome::Hit));
         }
-        assert_even_spread(&servers, all.len());
+        assert_spread_follows_ring(&c, &servers, &all);
         let chain: Vec<BlockKey> = all[..100].iter().map(|b| b.0).collect();
         assert_eq!(c.prefix_match(&chain).await.unwrap(), 100);
     }

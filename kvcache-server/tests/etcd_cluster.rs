@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use common::{
-    EtcdProcess, ServerProcess, assert_even_spread, blocks, eventually, get_all, put_all,
+    EtcdProcess, ServerProcess, assert_spread_follows_ring, blocks, eventually, get_all, put_all,
     put_concurrently, put_then_read_all,
 };
 use kvcache_client::{Cluster, ClusterConfig, EtcdMembers, GetOutcome};
@@ -77,7 +77,7 @@ async fn nodes_found_through_etcd_hold_thousands_of_blocks_evenly_with_3_and_5_n
                 .iter()
                 .all(|o| *o == GetOutcome::Hit)
         );
-        assert_even_spread(&servers, all.len());
+        assert_spread_follows_ring(&c, &servers, &all);
         for s in &servers {
             assert_eq!(s.metric("kvcache_cluster_registered"), 1.0);
         }
