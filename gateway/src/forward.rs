@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use bytes::Bytes;
 use tracing::warn;
@@ -83,15 +83,7 @@ impl Routed<'_> {
                     let retry = status.is_server_error()
                         && matches!(status.as_u16(), 502..=504)
                         && tried.len() + 1 < gw.config.max_attempts;
-                    if status.is_server_error() {
-                        eject(
-                            gw,
-                            pick.engine,
-                            &pick.url,
-                            &format!("answered {status}"),
-                            false,
-                        );
-                    }
+                    eject_on_server_error(gw, &pick, status);
                     if retry {
                         finish_failed(gw, &pick, self.strategy, status.as_u16(), self.arrived);
                         last_failure = format!("{} answered {status}", pick.url);
@@ -145,6 +137,19 @@ fn finish_failed(gw: &Gateway, pick: &Pick, strategy: Strategy, status: u16, arr
     gw.metrics
         .request(&pick.url, strategy.name(), status, arrived.elapsed());
     gw.publish_backend(pick.engine);
+}
+
+/// Sits `pick`'s backend out when it answered a 5xx.
+pub fn eject_on_server_error(gw: &Gateway, pick: &Pick, status: StatusCode) {
+    if status.is_server_error() {
+        eject(
+            gw,
+            pick.engine,
+            &pick.url,
+            &format!("answered {status}"),
+            false,
+        );
+    }
 }
 
 /// Sits backend `e` out after a failed request.

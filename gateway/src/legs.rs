@@ -20,7 +20,7 @@ use serde_json::Value;
 use tracing::{debug, warn};
 
 use crate::dispatch::{self, Pick};
-use crate::forward::{Routed, eject};
+use crate::forward::{Routed, eject, eject_on_server_error};
 use crate::openai::ApiError;
 use crate::pd::{self, Need};
 use crate::proxy::{self, SendError};
@@ -165,15 +165,7 @@ async fn prefill_leg(
             .map_err(|e| ("connect", format!("reading {}'s answer: {e}", pick.url)))?
             .to_bytes();
         if !status.is_success() {
-            if status.is_server_error() {
-                eject(
-                    gw,
-                    pick.engine,
-                    &pick.url,
-                    &format!("answered {status}"),
-                    false,
-                );
-            }
+            eject_on_server_error(gw, pick, status);
             let head = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
             return Err(("status", format!("{} answered {status}: {head}", pick.url)));
         }

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gwstack import KEY, Gateway, Stack, call, lookup_namespace, wait_for
+from gwstack import FAST_HEALTH, KEY, Gateway, Stack, call, lookup_namespace, wait_for
 from kvserver import free_port, start_etcd, start_server, stop_server
 from vllm_serve import Serve, require_model
 
@@ -82,12 +82,7 @@ cache = ["{cache.data}"]
 {backends}
 [limits]
 max_body_bytes = 262144
-
-[health]
-interval_ms = 300
-failures = 1
-eject_s = 1.0
-
+{FAST_HEALTH}
 [routing]
 cache_lookup_timeout_ms = 200
 

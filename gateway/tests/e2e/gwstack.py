@@ -24,6 +24,13 @@ from kvserver import Server, find_binary  # noqa: E402
 from vllm_serve import Serve  # noqa: E402
 
 KEY = "sk-e2e-main"
+# Probes and ejection fast enough for a test to see a backend go and come back.
+FAST_HEALTH = """
+[health]
+interval_ms = 300
+failures = 1
+eject_s = 1.0
+"""
 
 
 def gateway_binary() -> Path:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from gwstack import KEY, Gateway, call, lookup_namespace, wait_for
+from gwstack import FAST_HEALTH, KEY, Gateway, call, lookup_namespace, wait_for
 from kvserver import Server, free_port, start_server, stop_server
 from vllm_serve import Serve, require_model
 
@@ -60,12 +60,7 @@ role = "decode"
 namespace = "{ns}"
 kv_events = "tcp://127.0.0.1:{events}"
 kv_events_topic = "kv"
-
-[health]
-interval_ms = 300
-failures = 1
-eject_s = 1.0
-
+{FAST_HEALTH}
 [routing]
 cache_lookup_timeout_ms = 200
 {routing}
