@@ -164,8 +164,8 @@ def test_outputs_equal_one_instance_doing_both_streamed_or_not(pd: PdStack):
         assert direct.status == 200, direct.body
         # Another prompt's worth of state would let the decode instance skip its loads: a new
         # salt makes the same request new to every cache (vLLM's and ours).
-        salted = {**body, "cache_salt": f"pd-{path}-{len(str(extra))}"}
-        disaggregated = pd.always.metric("kvcache_gateway_pd_requests", path="disaggregated")
+        salted = {**body, "cache_salt": f"pd-{path.rsplit('/', 1)[1]}-{len(str(extra))}"}
+        disaggregated = pd.always.metric("kvcache_gateway_pd_requests_total", path="disaggregated")
         via = pd.always.post(path, salted)
         assert via.status == 200, via.body
         assert via.headers["x-kvcache-backend"] == pd.decode.url
@@ -174,7 +174,7 @@ def test_outputs_equal_one_instance_doing_both_streamed_or_not(pd: PdStack):
         streamed = pd.always.post(path, {**salted, "cache_salt": salted["cache_salt"] + "-s", "stream": True})
         assert streamed.status == 200 and streamed.headers["content-type"].startswith("text/event-stream")
         assert streamed_text(streamed.body, chat) == text_of(direct.json(), chat), path
-        after = pd.always.metric("kvcache_gateway_pd_requests", path="disaggregated")
+        after = pd.always.metric("kvcache_gateway_pd_requests_total", path="disaggregated")
         assert after == disaggregated + 2
 
 
@@ -212,13 +212,13 @@ def test_a_prompt_the_decode_instance_holds_skips_the_prefill_leg(pd: PdStack):
         "the decode instance's events",
         lambda: gw.explain({"model": "tiny", "prompt": longer})["candidates"][0]["local_blocks"] >= 4,
     )
-    bypassed = gw.metric("kvcache_gateway_pd_requests", path="bypass", reason="cached")
+    bypassed = gw.metric("kvcache_gateway_pd_requests_total", path="bypass", reason="cached")
     generated = pd.prefill.metric("vllm:generation_tokens_total")
     second = gw.post("/v1/completions", {"model": "tiny", "prompt": longer, "max_tokens": 4, "temperature": 0})
     assert second.status == 200, second.body
     assert second.headers["x-kvcache-backend"] == pd.decode.url
     assert "x-kvcache-prefill" not in second.headers
-    assert gw.metric("kvcache_gateway_pd_requests", path="bypass", reason="cached") == bypassed + 1
+    assert gw.metric("kvcache_gateway_pd_requests_total", path="bypass", reason="cached") == bypassed + 1
     assert pd.prefill.metric("vllm:generation_tokens_total") == generated, "no prefill leg ran"
 
 
@@ -250,8 +250,8 @@ def test_a_cache_node_lost_between_the_legs_means_recompute_not_wrong_tokens(pd:
 def test_a_killed_prefill_instance_costs_no_request(pd: PdStack):
     gw = pd.always
     pd.prefill.kill()
-    fallbacks = gw.metric("kvcache_gateway_pd_requests", path="fallback") + gw.metric(
-        "kvcache_gateway_pd_requests", path="bypass", reason="no_prefill"
+    fallbacks = gw.metric("kvcache_gateway_pd_requests_total", path="fallback") + gw.metric(
+        "kvcache_gateway_pd_requests_total", path="bypass", reason="no_prefill"
     )
     for i in range(4):
         answer = gw.post(
@@ -259,8 +259,8 @@ def test_a_killed_prefill_instance_costs_no_request(pd: PdStack):
         )
         assert answer.status == 200, answer.body
         assert answer.headers["x-kvcache-backend"] == pd.decode.url
-    after = gw.metric("kvcache_gateway_pd_requests", path="fallback") + gw.metric(
-        "kvcache_gateway_pd_requests", path="bypass", reason="no_prefill"
+    after = gw.metric("kvcache_gateway_pd_requests_total", path="fallback") + gw.metric(
+        "kvcache_gateway_pd_requests_total", path="bypass", reason="no_prefill"
     )
     assert after == fallbacks + 4
     health = wait_for("/health to say the prefill pool is empty", lambda: call("GET", gw.url + "/health").status == 503)
