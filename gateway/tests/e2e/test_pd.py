@@ -7,11 +7,13 @@ then the prefill instance.
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import pytest
 
@@ -220,6 +222,27 @@ def test_a_prompt_the_decode_instance_holds_skips_the_prefill_leg(pd: PdStack):
     assert "x-kvcache-prefill" not in second.headers
     assert gw.metric("kvcache_gateway_pd_requests_total", path="bypass", reason="cached") == bypassed + 1
     assert pd.prefill.metric("vllm:generation_tokens_total") == generated, "no prefill leg ran"
+
+
+def test_a_client_that_disconnects_cancels_the_decode_leg(pd: PdStack):
+    target = urlparse(pd.always.url)
+    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+    body = {"model": "tiny", "prompt": prompt(300, 250), "max_tokens": 1700, "ignore_eos": True, "stream": True}
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    generated_before = pd.decode.metric("vllm:generation_tokens_total")
+    conn.request("POST", "/v1/completions", json.dumps(body), headers)
+    response = conn.getresponse()
+    assert response.status == 200 and response.fp is not None
+    assert response.getheader("x-kvcache-prefill") == pd.prefill.url
+    response.fp.readline()  # the first chunk: the decode engine is generating
+    conn.close()
+    wait_for(
+        "the decode engine to drop the request",
+        lambda: pd.decode.metric("vllm:num_requests_running") == 0,
+        timeout=30,
+    )
+    generated = pd.decode.metric("vllm:generation_tokens_total") - generated_before
+    assert generated < 1700, f"the decode leg ran to the end ({generated} tokens): it was not cancelled"
 
 
 def test_a_cache_node_lost_between_the_legs_means_recompute_not_wrong_tokens(pd: PdStack):
