@@ -1,7 +1,8 @@
 //! The P/D request path. The pair is chosen jointly: the decode instance first (the one cost:
 //! its own cached prefix, the shared tier's credit, its load), then, unless little of the
 //! prompt is left to compute there (`pd::bypass`), a prefill instance among the others (its
-//! own cached prefix and load). The prefill leg runs to its whole answer (the engine committed
+//! own cached prefix and load), skipped when it is further behind than the decode instance's
+//! whole cost of computing the prompt itself (`pd::prefill_pays`). The prefill leg runs to its whole answer (the engine committed
 //! the prompt's blocks to the cache before it answers), then the decode leg carries the
 //! answer's `kv_transfer_params` and is relayed as any request. A prefill leg that fails sends
 //! the request decode-only; a client that goes away drops this future, and with it whichever
@@ -103,6 +104,17 @@ pub async fn disaggregated(r: &Routed<'_>, body: Bytes) -> Result<Response, ApiE
                 .await;
         }
     };
+    let p = prefill.pick();
+    let prefill_wait = p.cost.total - p.cost.compute_blocks as f64;
+    if !pd::prefill_pays(prefill_wait, d.cost.total) {
+        gw.metrics.pd_request("bypass", "busy");
+        debug!(prefill = %p.url, prefill_wait, decode_cost = d.cost.total,
+            "P/D bypass: the prefill instance is further behind than the decode instance's whole cost");
+        drop(prefill);
+        return r
+            .forward(Need::Decode, body, Some(decode.take()), None)
+            .await;
+    }
     let near = gw
         .shared
         .as_ref()

@@ -56,8 +56,9 @@ pub mod names {
     /// Shared-tier lookups that failed or timed out (routing went on without the credit).
     pub const CACHE_LOOKUP_ERRORS: &str = "kvcache_gateway_cache_lookup_errors";
     /// P/D: requests by `path`: `disaggregated` (prefill leg, then decode), `bypass` (decode
-    /// only: `reason` `cached` when little is uncached, `no_prefill` when no prefill instance
-    /// can take it) or `fallback` (the prefill leg failed: `reason` `connect`, `status`,
+    /// only: `reason` `cached` when little is uncached, `busy` when the prefill instance is
+    /// further behind than the decode instance's cost of computing it, `no_prefill` when no prefill instance can
+    /// take it) or `fallback` (the prefill leg failed: `reason` `connect`, `status`,
     /// `timeout`, `params`).
     pub const PD_REQUESTS: &str = "kvcache_gateway_pd_requests";
     /// P/D: seconds of the prefill leg (dispatch to its whole answer: the prompt computed and

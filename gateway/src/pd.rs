@@ -96,6 +96,18 @@ pub fn bypass(cfg: &PdConfig, prompt_tokens: Option<usize>, cached_tokens: usize
     uncached < cfg.bypass_tokens && (uncached as f64) < cfg.bypass_fraction * prompt as f64
 }
 
+/// Whether the prefill leg pays, or the prefill instance is so far behind that the decode
+/// instance would have computed the prompt itself (`decode_cost`, the one cost) before the
+/// prefill instance even started on it (`prefill_wait`: its cost less what it must compute).
+/// Under a prefill-heavy load this sends work where the queue is shorter, so a small prefill
+/// pool stops growing its queue (Dynamo's "prefill busy" bypass, from the same cost instead of
+/// a threshold). An idle pair always disaggregates: the point is the decode instance's
+/// inter-token latency, which the cost does not see. Strategies that do not score (a decode
+/// cost of 0) always disaggregate.
+pub fn prefill_pays(prefill_wait: f64, decode_cost: f64) -> bool {
+    decode_cost == 0.0 || prefill_wait < decode_cost
+}
+
 /// The prefill leg's body: the request with one output token, not streamed, and
 /// `kv_transfer_params` asking for a remote decode (placed near `near`, a cache node).
 /// `body` is a JSON object (checked before routing).
@@ -180,6 +192,17 @@ mod tests {
         assert!(!bypass(&cfg, Some(100_000), 90_000));
         // Unknown prompt length: disaggregate.
         assert!(!bypass(&cfg, None, 0));
+    }
+
+    #[test]
+    fn the_prefill_leg_pays_unless_the_prefill_instance_is_far_behind() {
+        // An idle prefill instance: disaggregate, even when the decode instance is idle too.
+        assert!(prefill_pays(0.0, 15.0));
+        // Its backlog alone is longer than the decode instance's whole cost: compute there.
+        assert!(!prefill_pays(200.0, 20.0));
+        assert!(prefill_pays(19.0, 20.0));
+        // Strategies that do not score.
+        assert!(prefill_pays(0.0, 0.0));
     }
 
     #[test]

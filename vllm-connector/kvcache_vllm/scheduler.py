@@ -61,7 +61,9 @@ class _SchedulerSide:
         transfer = vllm_config.kv_transfer_config
         self.settings = Settings.from_extra_config(transfer.kv_connector_extra_config)
         self.block_size = vllm_config.cache_config.block_size
-        self.loads_enabled = transfer.kv_role in ("kv_both", "kv_consumer")
+        # Every role loads: a prefill engine (kv_producer) loads what the cache already holds
+        # of a prompt and computes only the rest; only saving depends on the role.
+        self.loads_enabled = True
         self.saves_enabled = transfer.kv_role in ("kv_both", "kv_producer")
         self.producer_role = transfer.kv_role == "kv_producer"
         from vllm.platforms import current_platform
@@ -179,11 +181,6 @@ class _SchedulerSide:
             tracked.produce = produce
             tracked.saved_blocks = 0
         tracked.expect = handoff.expect(params)
-        if tracked.expect is not None and not self.loads_enabled:
-            self._say_once(
-                "a request carries a prefill engine's handoff, but this engine's kv_role is kv_producer, "
-                "which loads nothing: it recomputes the prompt"
-            )
 
     def _count_missing(self, tracked: _Tracked, loadable: int) -> None:
         """Counts announced blocks the cache no longer holds (a lost handoff, not eviction,
