@@ -23,6 +23,7 @@ kvcache-gateway -p kvcache-server`:
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -108,6 +109,8 @@ def stack_up(args, work: Path, strategy: str, roles: list[str] | None = None):
             "topic": "kv",
         }
         extra = [
+            "--max-num-batched-tokens",
+            str(args.max_batched_tokens),
             "--num-gpu-blocks-override",
             str(args.engine_blocks),
             "--kv-events-config",
@@ -181,6 +184,8 @@ def stream_ttft(url: str, body: dict) -> tuple[int, float, float, float]:
         return e.code, float("nan"), time.monotonic() - started, float("nan")
     except OSError:
         return 599, float("nan"), time.monotonic() - started, float("nan")
+    except http.client.HTTPException:  # a stream cut mid-way (IncompleteRead, ...)
+        return 598, float("nan"), time.monotonic() - started, float("nan")
 
 
 def pct(values: list[float], p: float) -> float:
@@ -246,10 +251,15 @@ def replay_one(
             for e in engines
         }
         moved = {m: after[m] - before[m] for m in metrics[3:]}
+        statuses: dict[str, int] = {}
+        for r in results:
+            key = str(r[0]) if r else "no answer"
+            statuses[key] = statuses.get(key, 0) + 1
         row = {
             "strategy": strategy,
             "mode": label or strategy,
             "requests": len(requests),
+            "statuses": statuses,
             "ok": len(ok),
             "refused_or_failed": len(requests) - len(ok),
             "ttft_p50_s": pct([r[1] for r in ok], 0.5),
@@ -456,6 +466,12 @@ def main() -> None:
             help="each engine's KV cache, in 128-token blocks",
         )
         p.add_argument("--cache-memory", default="512MiB")
+        p.add_argument(
+            "--max-batched-tokens",
+            type=int,
+            default=2048,
+            help="each engine's --max-num-batched-tokens (2048: one long prompt a step)",
+        )
         p.add_argument("--workdir", default="/tmp/kvcache-gateway-bench")
         p.add_argument("--json", help="write the results here too")
     args = parser.parse_args()

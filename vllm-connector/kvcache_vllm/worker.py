@@ -217,9 +217,14 @@ class _WorkerSide:
             self._save_group(layer, group, model, computed, prefer)
 
     def _save_group(self, layer: _Layer, runs: list[BlockRun], model: str, computed: Any, prefer: str | None) -> None:
-        keys, segments = self._plan(layer, runs, model)
+        keys, segments = _unique_keys(*self._plan(layer, runs, model))
         started = time.perf_counter()
-        stored = self.link.call("save", lambda c: self._store(c, keys, segments, computed, prefer))
+        try:
+            stored = self.link.call("save", lambda c: self._store(c, keys, segments, computed, prefer))
+        except ValueError as err:
+            # A save that cannot be described never reaches the engine: it is counted as failed.
+            logger.error("kvcache worker: a save was refused before sending (%s)", err)
+            stored = None
         self.stats.observe("save_seconds", time.perf_counter() - started)
         stored = stored or [False] * len(keys)
         saved = sum(stored)
@@ -277,3 +282,17 @@ def _by_prefer(runs: list[BlockRun]) -> list[tuple[str | None, list[BlockRun]]]:
     for run in runs:
         groups.setdefault(run.prefer, []).append(run)
     return list(groups.items())
+
+
+def _unique_keys(keys: list[bytes], segments: list) -> tuple[list[bytes], list]:
+    """`keys` and their segments with each key once: requests of one step that share a prefix
+    (vLLM's prefix cache gives them the same blocks) would otherwise save one block twice in one
+    call, and the client refuses overlapping segments."""
+    seen: set[bytes] = set()
+    out_keys, out_segments = [], []
+    for key, segs in zip(keys, segments, strict=True):
+        if key not in seen:
+            seen.add(key)
+            out_keys.append(key)
+            out_segments.append(segs)
+    return out_keys, out_segments

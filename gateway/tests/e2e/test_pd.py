@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -243,6 +244,28 @@ def test_a_client_that_disconnects_cancels_the_decode_leg(pd: PdStack):
     )
     generated = pd.decode.metric("vllm:generation_tokens_total") - generated_before
     assert generated < 1700, f"the decode leg ran to the end ({generated} tokens): it was not cancelled"
+
+
+def test_requests_sharing_a_cached_prefix_in_one_step_are_saved_once(pd: PdStack):
+    # A prefill engine saves every prompt block, its cached ones too: requests of one step that
+    # extend one cached prefix share its blocks, and a save naming a block twice was refused by
+    # the client (and took the engine down with it).
+    base = prompt(2 * BLOCK_SIZE, 260)
+    first = call("POST", pd.prefill.url + "/v1/completions", {"model": "tiny", "prompt": base, "max_tokens": 1})
+    assert first.status == 200, first.body
+    answers: list = [None] * 4
+
+    def send(i: int) -> None:
+        body = {"model": "tiny", "prompt": base + prompt(BLOCK_SIZE + 5, 270 + i), "max_tokens": 1}
+        answers[i] = call("POST", pd.prefill.url + "/v1/completions", body)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(answers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(a is not None and a.status == 200 for a in answers), [a and a.status for a in answers]
+    assert call("GET", pd.prefill.url + "/health").status == 200
 
 
 def test_a_cache_node_lost_between_the_legs_means_recompute_not_wrong_tokens(pd: PdStack):
