@@ -125,6 +125,11 @@ def stack_up(args, work: Path, strategy: str, roles: list[str] | None = None):
     backends = "".join(
         f'[[backend]]\nurl = "{e.url}"\nkv_events = "tcp://127.0.0.1:{p}"\nkv_events_topic = "kv"\n'
         f'namespace = "{ns}"\nrole = "{role}"\n'
+        + (
+            f"max_concurrency = {args.prefill_concurrency}\n"
+            if role == "prefill" and args.prefill_concurrency
+            else ""
+        )
         for e, p, role in zip(engines, events, roles, strict=True)
     )
     config = (
@@ -181,6 +186,7 @@ def stream_ttft(url: str, body: dict) -> tuple[int, float, float, float]:
                 itl,
             )
     except urllib.error.HTTPError as e:
+        print(f"HTTP {e.code}: {e.read()[:300]!r}", file=sys.stderr, flush=True)
         return e.code, float("nan"), time.monotonic() - started, float("nan")
     except OSError:
         return 599, float("nan"), time.monotonic() - started, float("nan")
@@ -466,6 +472,12 @@ def main() -> None:
             help="each engine's KV cache, in 128-token blocks",
         )
         p.add_argument("--cache-memory", default="512MiB")
+        p.add_argument(
+            "--prefill-concurrency",
+            type=int,
+            default=0,
+            help="P/D: the prefill backend's max_concurrency (0: the gateway's default)",
+        )
         p.add_argument(
             "--max-batched-tokens",
             type=int,
