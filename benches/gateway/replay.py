@@ -116,9 +116,14 @@ def stack_up(args, work: Path, strategy: str, roles: list[str] | None = None):
             "--kv-events-config",
             json.dumps(kv_events),
         ]
+        if args.pin_engines:
+            # Each engine's OpenMP threads on a core of its own (left alone, every engine binds
+            # the same first free core).
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(i % (os.cpu_count() or 1))
         engines.append(
             Serve(model, kv, work / f"{strategy}-vllm-{i}.log", extra=extra, wait=False)
         )
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     for e in engines:
         e.wait_ready()
     ns = lookup_namespace(engines[0].log)
@@ -472,6 +477,11 @@ def main() -> None:
             help="each engine's KV cache, in 128-token blocks",
         )
         p.add_argument("--cache-memory", default="512MiB")
+        p.add_argument(
+            "--pin-engines",
+            action="store_true",
+            help="bind engine i's threads to core i (VLLM_CPU_OMP_THREADS_BIND)",
+        )
         p.add_argument(
             "--prefill-concurrency",
             type=int,
