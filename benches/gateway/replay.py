@@ -116,14 +116,18 @@ def stack_up(args, work: Path, strategy: str, roles: list[str] | None = None):
             "--kv-events-config",
             json.dumps(kv_events),
         ]
-        if args.pin_engines:
-            # Each engine's OpenMP threads on a core of its own (left alone, every engine binds
-            # the same first free core).
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(i % (os.cpu_count() or 1))
+        # With --pin-engines each engine's threads run on a core of its own (left alone, every
+        # engine binds the same first free core).
         engines.append(
-            Serve(model, kv, work / f"{strategy}-vllm-{i}.log", extra=extra, wait=False)
+            Serve(
+                model,
+                kv,
+                work / f"{strategy}-vllm-{i}.log",
+                extra=extra,
+                wait=False,
+                core=i if args.pin_engines else None,
+            )
         )
-        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     for e in engines:
         e.wait_ready()
     ns = lookup_namespace(engines[0].log)

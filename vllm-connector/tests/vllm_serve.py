@@ -49,6 +49,13 @@ def engine_env() -> dict[str, str]:
     }
 
 
+def pinned(core: int | None) -> dict[str, str]:
+    """The environment that binds an engine's threads to `core` (modulo the machine's cores)."""
+    if core is None:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(core % (os.cpu_count() or 1))}
+
+
 class Serve:
     """A `vllm serve` process on a free loopback port (`wait=False` starts it and returns, so
     several can start at once; then call `wait_ready`)."""
@@ -62,10 +69,14 @@ class Serve:
         extra: list[str] | None = None,
         port: int | None = None,
         wait: bool = True,
+        core: int | None = None,
     ):
         self.model = model
         self.kv = kv
         self.extra = list(extra or [])
+        # Several engines at once: each on a core of its own (`pinned`), or they all bind the
+        # same first free core and starve each other.
+        self.core = core
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -89,7 +100,7 @@ class Serve:
             args += ["--kv-transfer-config", json.dumps(self.kv)]
         self.proc = subprocess.Popen(
             args + self.extra,
-            env={**engine_env(), "VLLM_LOGGING_LEVEL": "INFO"},
+            env={**engine_env(), "VLLM_LOGGING_LEVEL": "INFO", **pinned(self.core)},
             stdout=self.log.open("a"),
             stderr=subprocess.STDOUT,
             start_new_session=True,

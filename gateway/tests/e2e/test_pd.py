@@ -85,13 +85,14 @@ def pd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PdStack]:
         "endpoint": f"tcp://*:{events}",
         "topic": "kv",
     }
-    prefill = Serve(model, _connector(cache, "kv_producer"), work / "prefill.log", wait=False)
+    prefill = Serve(model, _connector(cache, "kv_producer"), work / "prefill.log", wait=False, core=0)
     decode = Serve(
         model,
         _connector(cache, "kv_consumer"),
         work / "decode.log",
         extra=["--kv-events-config", json.dumps(kv_events)],
         wait=False,
+        core=1,
     )
     gateways: list[Gateway] = []
     try:
