@@ -21,23 +21,16 @@ use crate::state::Gateway;
 const PERIOD: Duration = Duration::from_secs(1);
 
 /// An engine's record, as the connector writes it (unknown fields are ignored: newer
-/// connectors may say more).
+/// connectors may say more; a missing one is None).
 #[derive(Debug, Deserialize, PartialEq)]
 pub struct EngineRecord {
     pub url: String,
-    #[serde(default)]
     pub model: Option<String>,
-    #[serde(default)]
     pub role: Option<String>,
-    #[serde(default)]
     pub block_size: Option<usize>,
-    #[serde(default)]
     pub namespace: Option<String>,
-    #[serde(default)]
     pub kv_events: Option<String>,
-    #[serde(default)]
     pub kv_events_replay: Option<String>,
-    #[serde(default)]
     pub kv_events_topic: Option<String>,
 }
 

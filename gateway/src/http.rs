@@ -319,12 +319,6 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
         Some((prefill, decode)) => {
             body["prefill_up"] = json!(prefill);
             body["decode_up"] = json!(decode);
-            for (role, n) in [("prefill", prefill), ("decode", decode)] {
-                gw.metrics
-                    .pd_pool_up
-                    .get_or_create(&vec![("role", role.to_string())])
-                    .set((n > 0) as i64);
-            }
             prefill > 0 && decode > 0
         }
     };

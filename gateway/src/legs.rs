@@ -2,11 +2,12 @@
 //! its own cached prefix, the shared tier's credit, its load), then, unless little of the
 //! prompt is left to compute there (`pd::bypass`), a prefill instance among the others (its
 //! own cached prefix and load), skipped when it is further behind than the decode instance's
-//! whole cost of computing the prompt itself (`pd::prefill_pays`). The prefill leg runs to its whole answer (the engine committed
-//! the prompt's blocks to the cache before it answers), then the decode leg carries the
-//! answer's `kv_transfer_params` and is relayed as any request. A prefill leg that fails sends
-//! the request decode-only; a client that goes away drops this future, and with it whichever
-//! leg is in flight (the engine sees its connection close and aborts).
+//! whole cost of computing the prompt itself (`pd::prefill_pays`). The prefill leg runs to its
+//! whole answer (the engine committed the prompt's blocks to the cache before it answers), then
+//! the decode leg carries the answer's `kv_transfer_params` and is relayed as any request. A
+//! prefill leg that fails sends the request decode-only; a client that goes away drops this
+//! future, and with it whichever leg is in flight (the engine sees its connection close and
+//! aborts).
 //!
 //! The legs run one after the other (as vLLM's proxies, Dynamo and llm-d's sidecar do); a
 //! parallel style (decode sent at once, waiting on the cache) would replace
@@ -21,7 +22,7 @@ use serde_json::Value;
 use tracing::{debug, warn};
 
 use crate::dispatch::{self, Pick};
-use crate::forward::{Routed, eject, eject_on_server_error};
+use crate::forward::{Routed, eject, eject_on_server_error, no_backend};
 use crate::openai::ApiError;
 use crate::pd::{self, Need};
 use crate::proxy::{self, SendError};
@@ -74,68 +75,63 @@ type LegFailure = (&'static str, String);
 pub async fn disaggregated(r: &Routed<'_>, body: Bytes) -> Result<Response, ApiError> {
     let gw = r.gw;
     let decode = dispatch::pick(gw, &r.view, &r.model, r.strategy, &[], Need::Decode)
-        .map_err(|no| crate::forward::no_backend(gw, no, &r.model, &[], ""))?;
+        .map_err(|no| no_backend(gw, no, &r.model, &[], ""))?;
     gw.metrics.routed(r.routing.elapsed());
     let decode = Booked::new(gw, decode);
-    let d = decode.pick();
-    let cached_tokens = (d.cost.local_blocks + d.cost.loaded_blocks) * d.block_size;
-    let prompt_tokens = r.view.tokens().map(<[u32]>::len);
-    if pd::bypass(&gw.config.pd, prompt_tokens, cached_tokens) {
-        gw.metrics.pd_request("bypass", "cached");
-        debug!(decode = %d.url, ?prompt_tokens, cached_tokens, "P/D bypass: little is left to compute on the decode instance");
-        return r
-            .forward(Need::Decode, body, Some(decode.take()), None)
-            .await;
-    }
-    let prefill = match dispatch::pick(
-        gw,
-        &r.view,
-        &r.model,
-        r.strategy,
-        &[d.engine],
-        Need::Prefill,
-    ) {
-        Ok(p) => Booked::new(gw, p),
-        Err(no) => {
-            gw.metrics.pd_request("bypass", "no_prefill");
-            debug!(?no, "P/D bypass: no prefill instance can take the request");
-            return r
-                .forward(Need::Decode, body, Some(decode.take()), None)
-                .await;
-        }
-    };
-    let p = prefill.pick();
-    let prefill_wait = p.cost.total - p.cost.compute_blocks as f64;
-    if !pd::prefill_pays(prefill_wait, d.cost.total) {
-        gw.metrics.pd_request("bypass", "busy");
-        debug!(prefill = %p.url, prefill_wait, decode_cost = d.cost.total,
-            "P/D bypass: the prefill instance is further behind than the decode instance's whole cost");
-        drop(prefill);
-        return r
-            .forward(Need::Decode, body, Some(decode.take()), None)
-            .await;
-    }
-    let near = gw
-        .shared
-        .as_ref()
-        .and_then(|t| t.node_near(&d.url))
-        .map(str::to_string);
-    let leg = prefill_leg(r, prefill.pick(), &body, near.as_deref()).await;
-    let prefill_url = prefill.pick().url.clone();
-    drop(prefill);
-    match leg.and_then(|params| pd::decode_body(&body, params).map_err(|e| ("params", e))) {
-        Ok(decode_body) => {
+    match prefill_first(r, decode.pick(), &body).await {
+        Ok((decode_body, prefill_url)) => {
             gw.metrics.pd_request("disaggregated", "");
             let first = Some(decode.take());
             r.forward(Need::Decode, decode_body.into(), first, Some(&prefill_url))
                 .await
         }
-        Err((reason, why)) => {
-            gw.metrics.pd_request("fallback", reason);
-            warn!(prefill = %prefill_url, reason, detail = %why, request_id = r.request_id,
-                "P/D prefill leg failed; the decode instance computes the whole prompt");
+        Err((path, reason)) => {
+            gw.metrics.pd_request(path, reason);
             r.forward(Need::Decode, body, Some(decode.take()), None)
                 .await
+        }
+    }
+}
+
+/// Picks the prefill instance for a request whose decode instance is `d`, runs its leg, and
+/// gives the decode leg's body and the prefill instance's URL; or why the request goes
+/// decode-only: the metric's path (`bypass`, `fallback`) and reason.
+async fn prefill_first(
+    r: &Routed<'_>,
+    d: &Pick,
+    body: &Bytes,
+) -> Result<(Vec<u8>, String), (&'static str, &'static str)> {
+    let gw = r.gw;
+    let cached_tokens = (d.cost.local_blocks + d.cost.loaded_blocks) * d.block_size;
+    let prompt_tokens = r.view.tokens().map(<[u32]>::len);
+    if pd::bypass(&gw.config.pd, prompt_tokens, cached_tokens) {
+        debug!(decode = %d.url, ?prompt_tokens, cached_tokens,
+            "P/D bypass: little is left to compute on the decode instance");
+        return Err(("bypass", "cached"));
+    }
+    let need = Need::Prefill;
+    let prefill = match dispatch::pick(gw, &r.view, &r.model, r.strategy, &[d.engine], need) {
+        Ok(p) => Booked::new(gw, p),
+        Err(no) => {
+            debug!(?no, "P/D bypass: no prefill instance can take the request");
+            return Err(("bypass", "no_prefill"));
+        }
+    };
+    let p = prefill.pick();
+    let prefill_wait = p.cost.total - p.cost.compute_blocks as f64;
+    if !pd::prefill_pays(prefill_wait, d.cost.total) {
+        debug!(prefill = %p.url, prefill_wait, decode_cost = d.cost.total,
+            "P/D bypass: the prefill instance is further behind than the decode instance's whole cost");
+        return Err(("bypass", "busy"));
+    }
+    let near = gw.shared.as_ref().and_then(|t| t.node_near(&d.url));
+    let leg = prefill_leg(r, p, body, near).await;
+    match leg.and_then(|params| pd::decode_body(body, params).map_err(|e| ("params", e))) {
+        Ok(decode_body) => Ok((decode_body, p.url.clone())),
+        Err((reason, why)) => {
+            warn!(prefill = %p.url, reason, detail = %why, request_id = r.request_id,
+                "P/D prefill leg failed; the decode instance computes the whole prompt");
+            Err(("fallback", reason))
         }
     }
 }

@@ -5,7 +5,7 @@
 //! request plus the `kv_transfer_params` the prefill engine answered, verbatim. With the
 //! kvcache connector the KV goes through the cache: the prefill engine saves every prompt block
 //! (also on `kvcache_near`, the cache node on the decode engine's host) before it answers, and
-//! the decode engine loads them as prefix hits. The legs themselves run in `http.rs`.
+//! the decode engine loads them as prefix hits. The legs themselves run in `legs.rs`.
 
 use std::time::Duration;
 
@@ -36,7 +36,16 @@ impl Role {
         }
     }
 
-    /// The name in metrics and /health.
+    /// The work a backend of this role is picked for.
+    pub fn need(self) -> Need {
+        match self {
+            Role::Both => Need::Any,
+            Role::Prefill => Need::Prefill,
+            Role::Decode => Need::Decode,
+        }
+    }
+
+    /// The name in metrics.
     pub fn name(self) -> &'static str {
         match self {
             Role::Both => "both",

@@ -12,6 +12,7 @@ use crate::access::Access;
 use crate::config::Config;
 use crate::index::{BlockIndex, EngineId};
 use crate::metrics::Metrics;
+use crate::pd::Role;
 use crate::pool::Pool;
 use crate::prompt::PromptTokenizer;
 use crate::shared_tier::SharedTier;
@@ -82,11 +83,21 @@ impl Gateway {
 
     /// Sets backend `e`'s gauges from the pool.
     pub fn publish_backend(&self, e: EngineId) {
-        let (url, up, in_flight) = {
+        let now = self.now_ms();
+        let (url, up, in_flight, pools) = {
             let pool = self.pool.lock();
             let b = pool.get(e);
-            (b.config.url.clone(), b.up(self.now_ms()), b.in_flight)
+            let pools = pool.disaggregated().then(|| {
+                [Role::Prefill, Role::Decode].map(|r| (r, pool.up_for(r.need(), now) > 0))
+            });
+            (b.config.url.clone(), b.up(now), b.in_flight, pools)
         };
+        for (role, up) in pools.into_iter().flatten() {
+            self.metrics
+                .pd_pool_up
+                .get_or_create(&vec![("role", role.name().to_string())])
+                .set(up as i64);
+        }
         let labels = vec![("backend", url)];
         self.metrics
             .backend_up

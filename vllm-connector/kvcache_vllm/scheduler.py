@@ -61,9 +61,8 @@ class _SchedulerSide:
         transfer = vllm_config.kv_transfer_config
         self.settings = Settings.from_extra_config(transfer.kv_connector_extra_config)
         self.block_size = vllm_config.cache_config.block_size
-        # Every role loads: a prefill engine (kv_producer) loads what the cache already holds
-        # of a prompt and computes only the rest; only saving depends on the role.
-        self.loads_enabled = True
+        # Every role loads (a prefill engine computes only what the cache lacks of a prompt);
+        # only saving depends on the role.
         self.saves_enabled = transfer.kv_role in ("kv_both", "kv_producer")
         self.producer_role = transfer.kv_role == "kv_producer"
         from vllm.platforms import current_platform
@@ -85,7 +84,7 @@ class _SchedulerSide:
         self.requests: dict[str, _Tracked] = {}
         self.pending_loads: list[BlockRun] = []
         self.pending_async: list[BlockRun] = []
-        if self.loads_enabled and transfer.kv_load_failure_policy != "recompute":
+        if transfer.kv_load_failure_policy != "recompute":
             logger.warning(
                 "kvcache: kv_load_failure_policy is %r: a block that fails to load (evicted, "
                 'corrupt, node down) fails its request. Set "kv_load_failure_policy": '
@@ -134,9 +133,7 @@ class _SchedulerSide:
         if request.request_id not in self.bypassed:
             self.bypassed.add(request.request_id)
             self.stats.add(bypassed_requests=1)
-        if reason not in self.bypass_said and len(self.bypass_said) < 64:
-            self.bypass_said.add(reason)
-            logger.info("kvcache scheduler: %s; counted in bypassed_requests", reason)
+        self._say_once(f"{reason}; counted in bypassed_requests", logging.INFO)
         return True, None
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int):
@@ -153,7 +150,7 @@ class _SchedulerSide:
         # vLLM must compute at least the prompt's last token itself.
         loadable = (len(prompt) - 1) // self.block_size if prompt else 0
         skip_reading = getattr(request, "skip_reading_prefix_cache", False)
-        if not self.loads_enabled or loadable <= tracked.local_blocks or skip_reading:
+        if loadable <= tracked.local_blocks or skip_reading:
             return 0, False
         keys = self.namespaces.keys(self.lookup_layer, prompt[: loadable * self.block_size], lora, request.cache_salt)
         hit = self.link.call("lookup", lambda c: c.prefix_match(keys[tracked.local_blocks :]))
@@ -193,10 +190,11 @@ class _SchedulerSide:
         if missing > 0:
             self.stats.add(handoff_missing_blocks=missing)
 
-    def _say_once(self, reason: str) -> None:
+    def _say_once(self, reason: str, level: int = logging.WARNING) -> None:
+        """Logs `reason` the first time only (a bounded set of reasons per process)."""
         if reason not in self.bypass_said and len(self.bypass_said) < 64:
             self.bypass_said.add(reason)
-            logger.warning("kvcache scheduler: %s", reason)
+            logger.log(level, "kvcache scheduler: %s", reason)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
         tracked = self.requests.get(request.request_id)
