@@ -66,6 +66,12 @@ pub struct Args {
     #[arg(long, value_name = "ETCD_URL")]
     pub discover: Option<String>,
 
+    /// The kvcache-lora manager (`http://host:port`): a request whose model is one of its
+    /// adapters goes only to instances where the adapter is Ready; 503 with Retry-After while
+    /// it is loading.
+    #[arg(long, value_name = "URL")]
+    pub lora: Option<String>,
+
     /// The tenant token the engines use with the cache nodes (nodes run with --auth), so the
     /// shared-tier lookup sees their blocks. Prefer the environment variable to the flag.
     #[arg(
@@ -90,6 +96,8 @@ struct File {
     cache: Vec<String>,
     cache_token: Option<String>,
     discover: Option<String>,
+    /// The kvcache-lora manager's URL.
+    lora: Option<String>,
     #[serde(default)]
     backend: Vec<BackendFile>,
     #[serde(default)]
@@ -222,6 +230,8 @@ pub struct Config {
     pub cache_token: Option<String>,
     /// The etcd engines register in (`etcd://host:port`), if backends are discovered.
     pub discover: Option<String>,
+    /// The kvcache-lora manager whose adapter states routing follows.
+    pub lora: Option<String>,
     pub backends: Vec<BackendConfig>,
     /// Empty: no authentication.
     pub api_keys: Vec<ApiKey>,
@@ -291,6 +301,15 @@ fn resolve(file: File, args: Args) -> anyhow::Result<Config> {
     {
         bail!("discover must be an etcd URL (etcd://host:port), got {url:?}");
     }
+    let lora = args
+        .lora
+        .or(file.lora)
+        .map(|u| u.trim_end_matches('/').to_string());
+    if let Some(url) = &lora
+        && !url.starts_with("http://")
+    {
+        bail!("lora must be the manager's http:// URL, got {url:?}");
+    }
     if backends.is_empty() && discover.is_none() {
         bail!(
             "no backends: give --backend URL (repeatable), [[backend]] url = ... in the config, or --discover etcd://host:port"
@@ -338,6 +357,7 @@ fn resolve(file: File, args: Args) -> anyhow::Result<Config> {
         },
         cache_token: args.cache_token.or(file.cache_token),
         discover,
+        lora,
         backends,
         api_keys,
         cost,

@@ -10,7 +10,7 @@ use tracing::debug;
 
 use crate::index::{BlockIndex, EngineId};
 use crate::pd::Need;
-use crate::pool::{Backend, NoBackend, Pool};
+use crate::pool::{Backend, NoBackend, Pool, adapter_namespace};
 use crate::route::{self, Candidate, Cost, Strategy};
 use crate::state::Gateway;
 
@@ -18,15 +18,27 @@ use crate::state::Gateway;
 /// namespace, and how many leading blocks the shared tier holds in each.
 pub struct PromptView {
     tokens: Option<Vec<u32>>,
+    /// The LoRA adapter the request names, if it names one: its blocks are keyed apart.
+    adapter: Option<String>,
     keys: HashMap<(NamespaceId, usize), Vec<BlockKey>>,
     shared: HashMap<NamespaceId, usize>,
 }
 
 impl PromptView {
-    /// The view of `tokens` (None: the prompt could not be tokenized) for `strategy`: the
-    /// shared tier is asked only for `cache-aware`.
-    pub async fn new(gw: &Gateway, tokens: Option<Vec<u32>>, strategy: Strategy) -> Self {
+    /// The view of `tokens` (None: the prompt could not be tokenized) for a request of
+    /// `model` under `strategy`: the shared tier is asked only for `cache-aware`, and not for
+    /// a LoRA adapter (its engines' namespace folds in the adapter's files, which the gateway
+    /// does not read; no credit is safer than a wrong one).
+    pub async fn new(
+        gw: &Gateway,
+        tokens: Option<Vec<u32>>,
+        strategy: Strategy,
+        model: &str,
+    ) -> Self {
+        let adapter = (gw.pool.lock().is_adapter(model) || gw.adapters.lock().contains_key(model))
+            .then(|| model.to_string());
         let mut view = Self {
+            adapter,
             tokens,
             keys: HashMap::new(),
             shared: HashMap::new(),
@@ -41,9 +53,9 @@ impl PromptView {
                 .filter(|b| !b.retired)
                 .map(|b| {
                     (
-                        b.index_namespace,
+                        view.namespace_of(b),
                         b.config.block_size,
-                        b.config.namespace.is_some(),
+                        b.config.namespace.is_some() && view.adapter.is_none(),
                     )
                 })
                 .collect()
@@ -80,10 +92,18 @@ impl PromptView {
         self.tokens.as_deref()
     }
 
+    /// The namespace the prompt's blocks have in backend `b`'s index.
+    fn namespace_of(&self, b: &Backend) -> NamespaceId {
+        match &self.adapter {
+            Some(a) => adapter_namespace(b.index_namespace, a),
+            None => b.index_namespace,
+        }
+    }
+
     /// The chain keys of a backend's namespace (empty without tokens).
     fn keys_of(&self, b: &Backend) -> &[BlockKey] {
         self.keys
-            .get(&(b.index_namespace, b.config.block_size))
+            .get(&(self.namespace_of(b), b.config.block_size))
             .map_or(&[], Vec::as_slice)
     }
 }
@@ -117,11 +137,36 @@ fn candidates(
         blocks = blocks.max(keys.len());
         let mut c = pool.candidate(e);
         c.local_blocks = index.matched(e, keys, now);
-        c.shared_blocks = view.shared.get(&b.index_namespace).copied().unwrap_or(0);
+        c.shared_blocks = view.shared.get(&view.namespace_of(b)).copied().unwrap_or(0);
         c.near_cache = gw.shared.as_ref().is_some_and(|t| t.near(&b.config.url));
         out.push(c);
     }
     (out, blocks)
+}
+
+/// The backends that may take work of kind `need` for `model`: for an adapter the LoRA manager
+/// knows, only those where it is Ready (the manager verified it in their /v1/models); for any
+/// other model, those whose /v1/models lists it.
+fn engines_for(
+    gw: &Gateway,
+    pool: &Pool,
+    model: &str,
+    now: u64,
+    tried: &[EngineId],
+    need: Need,
+) -> Result<Vec<EngineId>, NoBackend> {
+    let route = gw.adapters.lock().get(model).cloned();
+    let Some(route) = route else {
+        return pool.available(model, now, tried, need);
+    };
+    pool.available_where(|b| route.ready.contains(&b.config.url), now, tried, need)
+        .map_err(|no| match no {
+            NoBackend::UnknownModel => NoBackend::AdapterNotReady {
+                phase: route.phase.clone(),
+                error: route.error.clone(),
+            },
+            other => other,
+        })
 }
 
 /// Picks a backend for work of kind `need` on `model` among those not yet `tried`, records the
@@ -139,7 +184,7 @@ pub fn pick(
     let turn = gw.next_turn();
     let draw = gw.draw();
     let mut pool = gw.pool.lock();
-    let engines = pool.available(model, now, tried, need)?;
+    let engines = engines_for(gw, &pool, model, now, tried, need)?;
     let mut index = gw.index.lock();
     let (cands, blocks) = candidates(gw, &pool, &mut index, view, &engines, now);
     let decision = route::choose(strategy, &gw.config.cost, blocks, &cands, turn, draw);
@@ -201,7 +246,7 @@ pub fn explain(
     } else {
         Need::Any
     };
-    let engines = pool.available(model, now, &[], need)?;
+    let engines = engines_for(gw, &pool, model, now, &[], need)?;
     let mut index = gw.index.lock();
     let (cands, blocks) = candidates(gw, &pool, &mut index, view, &engines, now);
     let decision = route::choose(

@@ -8,6 +8,7 @@ use tracing::{debug, info, warn};
 
 use crate::events::{self, KvEvent, Update};
 use crate::index::{EngineId, StoreError};
+use crate::pool::adapter_namespace;
 use crate::state::Gateway;
 
 /// Starts the subscriber of every configured backend with `kv_events`.
@@ -88,20 +89,20 @@ pub fn apply(gw: &Gateway, e: EngineId, update: Update) {
                 lora_name,
                 ..
             } => {
-                if lora_name.is_some() {
-                    // An adapter's KV differs from the base model's for the same tokens; the
-                    // index keys base-model blocks only.
-                    gw.metrics.kv_events(&url, "lora", 1);
-                    continue;
-                }
                 if event_block_size != block_size {
                     warn!(backend = %url, configured = block_size, reported = event_block_size,
                         "the engine's block size differs from the backend's block_size setting; event skipped");
                     gw.metrics.kv_events(&url, "unchained", 1);
                     continue;
                 }
+                // An adapter's KV differs from the base model's for the same tokens: its
+                // blocks are keyed in a namespace of their own.
+                let (ns, kind) = match &lora_name {
+                    Some(adapter) => (adapter_namespace(ns, adapter), "stored_lora"),
+                    None => (ns, "stored"),
+                };
                 match index.stored(e, ns, parent, &hashes, &token_ids, block_size) {
-                    Ok(_) => gw.metrics.kv_events(&url, "stored", 1),
+                    Ok(_) => gw.metrics.kv_events(&url, kind, 1),
                     Err(StoreError::UnknownParent) => {
                         debug!(backend = %url, "stored blocks after an unknown parent; skipped");
                         gw.metrics.kv_events(&url, "unchained", 1);

@@ -185,5 +185,20 @@ pub fn no_backend(
             format!("every backend serving `{model}` is at its concurrency limit"),
             1,
         ),
+        NoBackend::AdapterNotReady { phase, error } => {
+            let why = error.map(|e| format!(": {e}")).unwrap_or_default();
+            match phase.as_str() {
+                "Failed" => {
+                    ApiError::unavailable(format!("LoRA adapter `{model}` failed to load{why}"), 30)
+                }
+                "Unloading" => ApiError::unknown_model(model),
+                _ => ApiError::unavailable(
+                    format!(
+                        "LoRA adapter `{model}` is {phase}, not yet Ready on any instance{why}"
+                    ),
+                    2,
+                ),
+            }
+        }
     }
 }

@@ -69,7 +69,7 @@ async fn explain(gw: Arc<Gateway>, endpoint: Endpoint, request: Request) -> Resp
     let result = async {
         let strategy = strategy_of(&gw, request.headers())?;
         let (checked, _) = check(&gw, endpoint, request).await?;
-        let view = PromptView::new(&gw, checked.tokens, strategy).await;
+        let view = PromptView::new(&gw, checked.tokens, strategy, &checked.inspected.model).await;
         dispatch::explain(&gw, &view, &checked.inspected.model, strategy)
             .map_err(|no| no_backend(&gw, no, &checked.inspected.model, &[], ""))
     }
@@ -108,7 +108,7 @@ async fn check(
         let pool = gw.pool.lock();
         let now = gw.now_ms();
         (
-            pool.knows_model(&inspected.model),
+            pool.knows_model(&inspected.model) || gw.adapters.lock().contains_key(&inspected.model),
             pool.backends().iter().any(|b| b.up(now)),
         )
     };
@@ -213,7 +213,7 @@ async fn route(
         }
     }
     let routing = Instant::now();
-    let view = PromptView::new(gw, tokens, strategy).await;
+    let view = PromptView::new(gw, tokens, strategy, &inspected.model).await;
     let request = Routed {
         gw,
         endpoint,

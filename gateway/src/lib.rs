@@ -9,10 +9,11 @@
 //! bypass, prefill leg) and `forward` (pick, send, retry), which use `dispatch` (a request's
 //! keys, candidates and pick) and `proxy` (send, relay); `probe` (health checks and engine
 //! load), `feed` (KV events into the index, from `events`), `discovery` (backends registered
-//! in etcd), `shared_tier` (the cache nodes'
+//! in etcd), `adapters` (where the LoRA manager says each adapter is Ready), `shared_tier` (the cache nodes'
 //! prefix lookup), `upstream` (the HTTP client), `state` (what they share), `metrics`.
 
 pub mod access;
+pub mod adapters;
 pub mod config;
 pub mod discovery;
 pub mod dispatch;

@@ -6,7 +6,7 @@ use clap::Parser;
 use kvcache_gateway::config::{Args, Config};
 use kvcache_gateway::prompt::PromptTokenizer;
 use kvcache_gateway::state::Gateway;
-use kvcache_gateway::{discovery, feed, http, probe};
+use kvcache_gateway::{adapters, discovery, feed, http, probe};
 use tracing::{info, warn};
 
 #[tokio::main]
@@ -43,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
         backends = ?config.backends.iter().map(|b| b.url.as_str()).collect::<Vec<_>>(),
         cache = ?config.cache,
         discover = config.discover.is_some(),
+        lora = ?config.lora,
         api_keys = config.api_keys.len(),
         index_budget_blocks = config.index_budget_blocks,
         "kvcache-gateway starting"
@@ -54,6 +55,9 @@ async fn main() -> anyhow::Result<()> {
     let _feeds = feed::start(&gw);
     if let Some(url) = gw.config.discover.clone() {
         tokio::spawn(discovery::run(gw.clone(), url));
+    }
+    if let Some(url) = gw.config.lora.clone() {
+        tokio::spawn(adapters::run(gw.clone(), url));
     }
     tokio::spawn(probe::run(gw.clone()));
     http::serve(gw, listener).await?;

@@ -47,7 +47,8 @@ pub mod names {
     pub const INDEX_BYTES: &str = "kvcache_gateway_index_bytes";
     /// Entries dropped to stay within the budget.
     pub const INDEX_EVICTIONS: &str = "kvcache_gateway_index_evictions";
-    /// KV events applied, by `backend` and `kind` (`stored`, `removed`, `cleared`,
+    /// KV events applied, by `backend` and `kind` (`stored`, `stored_lora` for an adapter's
+    /// blocks, `removed`, `cleared`,
     /// `unchained`, `resync`, `unknown`).
     pub const KV_EVENTS: &str = "kvcache_gateway_kv_events";
     /// How the index learns what a backend holds, by `backend` and `source`: 1 for the one in

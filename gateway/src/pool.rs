@@ -39,6 +39,8 @@ pub struct Backend {
     pub load: EngineLoad,
     /// Served models (and adapters), from its /v1/models.
     pub models: Vec<String>,
+    /// Of those, the LoRA adapters (models with a parent).
+    pub adapters: Vec<String>,
 }
 
 impl Backend {
@@ -69,6 +71,7 @@ impl Backend {
             pending_blocks: 0,
             load: EngineLoad::default(),
             models: Vec::new(),
+            adapters: Vec::new(),
         }
     }
 }
@@ -82,6 +85,11 @@ pub enum NoBackend {
     AllDown,
     /// Some are up, but every one is at its concurrency limit.
     AllBusy,
+    /// A LoRA adapter the manager knows is Ready nowhere: its `phase` there and its error.
+    AdapterNotReady {
+        phase: String,
+        error: Option<String>,
+    },
 }
 
 /// Every backend.
@@ -152,8 +160,23 @@ impl Pool {
         tried: &[EngineId],
         need: Need,
     ) -> Result<Vec<EngineId>, NoBackend> {
+        self.available_where(|b| b.serves(model), now_ms, tried, need)
+    }
+
+    /// The backends `admits` lets in that can take work of kind `need` at `now_ms`, leaving out
+    /// `tried` (a LoRA adapter's requests go only where the manager says it is Ready).
+    pub fn available_where(
+        &self,
+        admits: impl Fn(&Backend) -> bool,
+        now_ms: u64,
+        tried: &[EngineId],
+        need: Need,
+    ) -> Result<Vec<EngineId>, NoBackend> {
         let serving: Vec<EngineId> = (0..self.backends.len() as EngineId)
-            .filter(|&e| self.get(e).serves(model) && self.get(e).config.role.takes(need))
+            .filter(|&e| {
+                let b = self.get(e);
+                !b.retired && admits(b) && b.config.role.takes(need)
+            })
             .collect();
         if serving.is_empty() {
             return Err(NoBackend::UnknownModel);
@@ -219,14 +242,26 @@ impl Pool {
     }
 
     /// A probe of `e` passed; its load and models as read. Returns true if it came back up.
-    pub fn probe_passed(&mut self, e: EngineId, load: EngineLoad, models: Vec<String>) -> bool {
+    pub fn probe_passed(&mut self, e: EngineId, load: EngineLoad, models: Vec<ModelCard>) -> bool {
         let b = &mut self.backends[e as usize];
         let was = b.healthy;
         b.healthy = true;
         b.failed_probes = 0;
         b.load = load;
-        b.models = models;
+        b.adapters = models
+            .iter()
+            .filter(|m| m.adapter)
+            .map(|m| m.id.clone())
+            .collect();
+        b.models = models.into_iter().map(|m| m.id).collect();
         !was
+    }
+
+    /// Whether some backend lists `model` as a LoRA adapter.
+    pub fn is_adapter(&self, model: &str) -> bool {
+        self.backends
+            .iter()
+            .any(|b| b.adapters.iter().any(|a| a == model))
     }
 
     /// A probe of `e` failed; after `failures` in a row it is down. Returns true if it went down now.
@@ -269,6 +304,33 @@ impl Pool {
         b.in_flight = b.in_flight.saturating_sub(1);
         b.pending_blocks = b.pending_blocks.saturating_sub(blocks);
     }
+}
+
+/// One entry of a backend's /v1/models.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelCard {
+    pub id: String,
+    /// A LoRA adapter (it names a parent model).
+    pub adapter: bool,
+}
+
+impl From<&str> for ModelCard {
+    /// A base model.
+    fn from(id: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            adapter: false,
+        }
+    }
+}
+
+/// The namespace a LoRA adapter's blocks are keyed in in the index: the backend's own, with the
+/// adapter folded in (its KV differs from the base model's for the same tokens).
+pub fn adapter_namespace(base: NamespaceId, adapter: &str) -> NamespaceId {
+    let mut ns = Namespace::new("kvcache-gateway/adapter-index", "", 0);
+    ns.layout = format!("{:032x}", u128::from_be_bytes(*base.as_bytes()));
+    ns.lora = Some(adapter.to_string());
+    ns.id()
 }
 
 /// The namespace a backend's blocks are keyed in in the index (see [`Backend::index_namespace`]).

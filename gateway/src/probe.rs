@@ -9,7 +9,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::index::EngineId;
-use crate::pool::EngineLoad;
+use crate::pool::{EngineLoad, ModelCard};
 use crate::state::Gateway;
 use crate::upstream;
 
@@ -55,8 +55,8 @@ fn sample(line: &str) -> Option<(&str, f64)> {
     Some((name, value))
 }
 
-/// The model ids of an OpenAI /v1/models answer.
-pub fn model_ids(body: &[u8]) -> Result<Vec<String>, String> {
+/// The models of an OpenAI /v1/models answer; vLLM names an adapter's base model in `parent`.
+pub fn model_cards(body: &[u8]) -> Result<Vec<ModelCard>, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
     let data = v
         .get("data")
@@ -64,12 +64,16 @@ pub fn model_ids(body: &[u8]) -> Result<Vec<String>, String> {
         .ok_or("no `data` array")?;
     Ok(data
         .iter()
-        .filter_map(|m| m.get("id").and_then(Value::as_str).map(str::to_string))
+        .filter_map(|m| {
+            let id = m.get("id").and_then(Value::as_str)?.to_string();
+            let adapter = m.get("parent").is_some_and(|p| !p.is_null());
+            Some(ModelCard { id, adapter })
+        })
         .collect())
 }
 
 /// One probe of backend `e`: its load and models, or why it failed.
-async fn probe(gw: &Gateway, e: EngineId) -> Result<(EngineLoad, Vec<String>), String> {
+async fn probe(gw: &Gateway, e: EngineId) -> Result<(EngineLoad, Vec<ModelCard>), String> {
     let url = gw.pool.lock().get(e).config.url.clone();
     let timeout = gw.config.health_interval.max(Duration::from_secs(1));
     let (status, _) = upstream::get(&gw.http, &format!("{url}/health"), timeout).await?;
@@ -80,7 +84,7 @@ async fn probe(gw: &Gateway, e: EngineId) -> Result<(EngineLoad, Vec<String>), S
     if !status.is_success() {
         return Err(format!("/v1/models answered {status}"));
     }
-    let models = model_ids(&body).map_err(|e| format!("/v1/models: {e}"))?;
+    let models = model_cards(&body).map_err(|e| format!("/v1/models: {e}"))?;
     // The load is an input to the cost, not a condition of health: an engine without
     // /metrics is routed on the gateway's own counts.
     let load = match upstream::get(&gw.http, &format!("{url}/metrics"), timeout).await {
@@ -152,8 +156,12 @@ mod tests {
 
     #[test]
     fn model_ids_come_from_the_data_array() {
-        let body = br#"{"object":"list","data":[{"id":"tiny"},{"id":"sql-lora"}]}"#;
-        assert_eq!(model_ids(body).unwrap(), ["tiny", "sql-lora"]);
-        assert!(model_ids(b"{}").is_err());
+        let body = br#"{"object":"list","data":[{"id":"tiny","parent":null},{"id":"sql-lora","parent":"tiny"}]}"#;
+        let sql = ModelCard {
+            id: "sql-lora".into(),
+            adapter: true,
+        };
+        assert_eq!(model_cards(body).unwrap(), [ModelCard::from("tiny"), sql]);
+        assert!(model_cards(b"{}").is_err());
     }
 }

@@ -1,5 +1,5 @@
 //! What every request handler and background task shares: the resolved config, the backends,
-//! the prefix index, the keys, the tokenizer, the shared tier and the metrics.
+//! the prefix index, the keys, the tokenizer, the shared tier, the LoRA adapters' routes and the metrics.
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 
 use crate::access::Access;
+use crate::adapters::AdapterRoutes;
 use crate::config::Config;
 use crate::index::{BlockIndex, EngineId};
 use crate::metrics::Metrics;
@@ -24,6 +25,8 @@ pub struct Gateway {
     pub pool: Mutex<Pool>,
     pub index: Mutex<BlockIndex>,
     pub access: Mutex<Access>,
+    /// LoRA adapters as the manager last reported them (empty without one).
+    pub adapters: Mutex<AdapterRoutes>,
     pub metrics: Metrics,
     pub tokenizer: Option<PromptTokenizer>,
     pub shared: Option<Arc<SharedTier>>,
@@ -49,6 +52,7 @@ impl Gateway {
             pool: Mutex::new(Pool::new(config.backends.clone())),
             index: Mutex::new(BlockIndex::new(config.index_budget_blocks)),
             access: Mutex::new(Access::new(config.api_keys.clone())),
+            adapters: Mutex::new(AdapterRoutes::new()),
             metrics,
             tokenizer,
             shared,

@@ -130,7 +130,22 @@ pub fn router(m: Arc<Manager>) -> Router {
         .with_state(m)
 }
 
-/// Serves the API on `listener` until the process ends.
+/// Serves the API on `listener` until SIGTERM or Ctrl-C; prints one line on stdout when ready
+/// (`kvcache-lora ready http=ADDR`), for scripts and tests that start it on port 0.
 pub async fn serve(m: Arc<Manager>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    axum::serve(listener, router(m)).await
+    let addr = listener.local_addr()?;
+    tracing::info!(listen = %addr, "kvcache-lora serving");
+    println!("kvcache-lora ready http={addr}");
+    axum::serve(listener, router(m))
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down");
+        })
+        .await
 }

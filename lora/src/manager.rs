@@ -206,7 +206,7 @@ impl Manager {
             .reconcile(&observed, settings, self.now_ms());
         for n in &step.notes {
             if n.lost {
-                self.metrics.reloads.inc();
+                self.metrics.lost.inc();
                 warn!(adapter = %n.adapter, instance = n.url.as_deref().unwrap_or(""), "{}", n.what);
             } else {
                 info!(adapter = %n.adapter, instance = n.url.as_deref().unwrap_or(""), "{}", n.what);

@@ -16,8 +16,9 @@ pub struct Metrics {
     pub adapters: Family<Labels, Gauge>,
     /// Loads and unloads by `op` (`load`, `unload`) and `outcome` (`ok`, `refused`, `unreachable`).
     pub operations: Family<Labels, Counter>,
-    /// Adapters an instance lost (a restart) and that were loaded again.
-    pub reloads: Counter,
+    /// Times an instance stopped serving an adapter it held (it went down, or came back
+    /// without it): each one is loaded again.
+    pub lost: Counter,
     /// 1 while an instance answers, by `instance`.
     pub instance_up: Family<Labels, Gauge>,
     /// Seconds per reconcile pass (observe, decide, act).
@@ -36,7 +37,7 @@ impl Metrics {
         let m = Self {
             adapters: Family::default(),
             operations: Family::default(),
-            reloads: Counter::default(),
+            lost: Counter::default(),
             instance_up: Family::default(),
             reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             registry: Registry::default(),
@@ -52,9 +53,9 @@ impl Metrics {
             m.operations.clone(),
         );
         registry.register(
-            "kvcache_lora_reloads",
-            "Adapters an instance lost (a restart) and that were loaded again",
-            m.reloads.clone(),
+            "kvcache_lora_lost",
+            "Times an instance stopped serving an adapter it held (down, or back without it)",
+            m.lost.clone(),
         );
         registry.register(
             "kvcache_lora_instance_up",

@@ -93,7 +93,7 @@ pub struct Note {
     pub adapter: String,
     pub url: Option<String>,
     pub what: String,
-    /// An instance lost an adapter it held (restart): counted as a reload.
+    /// An instance stopped serving an adapter it held (down, or restarted without it).
     pub lost: bool,
 }
 
@@ -103,6 +103,13 @@ fn note(adapter: &str, url: Option<&str>, what: String) -> Note {
         url: url.map(str::to_string),
         what,
         lost: false,
+    }
+}
+
+fn lost(adapter: &str, url: &str, what: &str) -> Note {
+    Note {
+        lost: true,
+        ..note(adapter, Some(url), what.to_string())
     }
 }
 
@@ -132,10 +139,10 @@ impl Registry {
                 if !inst.up {
                     if slot.state == SlotState::Ready {
                         slot.state = SlotState::Loading;
-                        step.notes.push(note(
+                        step.notes.push(lost(
                             name,
-                            Some(url),
-                            "instance down: not routable until it lists the adapter again".into(),
+                            url,
+                            "instance down: not routable until it lists the adapter again",
                         ));
                     }
                     return true;
@@ -152,15 +159,11 @@ impl Registry {
                     }
                     (SlotState::Ready, false) => {
                         *slot = Slot::new(SlotState::Loading, now_ms);
-                        step.notes.push(Note {
-                            lost: true,
-                            ..note(
-                                name,
-                                Some(url),
-                                "the instance no longer lists it (restarted?): loading it again"
-                                    .into(),
-                            )
-                        });
+                        step.notes.push(lost(
+                            name,
+                            url,
+                            "the instance no longer lists it (restarted?): loading it again",
+                        ));
                     }
                     (SlotState::Draining, false) => return false,
                     _ => {}

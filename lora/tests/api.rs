@@ -1,0 +1,257 @@
+//! The kvcache-lora binary without an engine: `--help`, configs it refuses with the reason, and
+//! its API over a real socket telling the truth when no instance answers (the end-to-end tests
+//! with real vLLM instances are in `tests/e2e`, run by scripts/test.sh).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kvcache-lora");
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("KVCACHE_LORA_CONFIG")
+        .output()
+        .expect("run kvcache-lora");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvcache-lora-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// One HTTP/1.1 request; the status and the JSON body.
+fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw[9..12].parse().unwrap();
+    let json = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (
+        status,
+        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn help_names_every_flag() {
+    let (ok, text) = run(&["--help"]);
+    assert!(ok, "{text}");
+    for flag in [
+        "--config",
+        "--listen",
+        "--instance",
+        "--discover",
+        "--policy",
+        "--max-loras",
+    ] {
+        assert!(text.contains(flag), "--help lacks {flag}:\n{text}");
+    }
+    assert!(
+        text.contains("least-loaded") && text.contains("bin-pack"),
+        "{text}"
+    );
+}
+
+#[test]
+fn configs_it_cannot_run_with_are_refused_with_the_reason() {
+    let dir = temp_dir("cli");
+    let adapter = "[[adapter]]\nname = \"a\"\nbase_model = \"m\"\npath = \"/a\"\n";
+    let cases = [
+        ("listen = \"127.0.0.1:0\"\n".to_string(), "no instances"),
+        (
+            "instances = [\"http://127.0.0.1:1\"]\nbogus = 1\n".to_string(),
+            "bogus",
+        ),
+        (
+            format!("instances = [\"http://127.0.0.1:1\"]\n{adapter}{adapter}"),
+            "declared twice",
+        ),
+        (
+            format!("instances = [\"http://127.0.0.1:1\"]\n{adapter}replicas = 0\n"),
+            "replicas must be at least 1",
+        ),
+        (
+            "instances = [\"127.0.0.1:1\"]\n".to_string(),
+            "not an http:// URL",
+        ),
+    ];
+    for (i, (toml, why)) in cases.iter().enumerate() {
+        let path = dir.join(format!("{i}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let (ok, text) = run(&["--config", path.to_str().unwrap()]);
+        assert!(!ok, "started with {toml:?}");
+        assert!(text.contains(why), "{toml:?}: expected {why:?} in:\n{text}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn with_no_instance_answering_the_api_tells_the_truth_and_refuses_bad_declarations() {
+    let dir = temp_dir("api");
+    let adapter_dir = dir.join("sql-lora");
+    std::fs::create_dir_all(&adapter_dir).unwrap();
+    std::fs::write(adapter_dir.join("adapter_config.json"), "{}").unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let file_adapter = format!(
+        "[[adapter]]\nname = \"sql-lora\"\nbase_model = \"tiny\"\npath = \"{}\"\n",
+        adapter_dir.display()
+    );
+    let config = dir.join("lora.toml");
+    let head = format!(
+        "listen = \"127.0.0.1:0\"\ninstances = [\"{dead_url}\"]\n[reconcile]\ninterval_ms = 100\n"
+    );
+    std::fs::write(&config, format!("{head}{file_adapter}")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _running = Running(child);
+    let addr = line
+        .trim()
+        .strip_prefix("kvcache-lora ready http=")
+        .expect(&line)
+        .to_string();
+
+    wait_until("the instance seen down", || {
+        let (_, v) = request(&addr, "GET", "/v1/instances", None);
+        v["instances"][0]["up"] == false && v["instances"][0]["error"].is_string()
+    });
+    let (status, v) = request(&addr, "GET", "/v1/adapters", None);
+    assert_eq!(status, 200);
+    let a = &v["adapters"][0];
+    assert_eq!(
+        (
+            a["name"].as_str(),
+            a["phase"].as_str(),
+            a["origin"].as_str()
+        ),
+        (Some("sql-lora"), Some("Pending"), Some("file"))
+    );
+    wait_until("the reason it is Pending", || {
+        let (_, v) = request(&addr, "GET", "/v1/adapters/sql-lora", None);
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no live instance serves the base model `tiny`"))
+    });
+
+    let (status, v) = request(&addr, "POST", "/v1/adapters", Some("{\"name\": \"x\""));
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let (status, v) = request(
+        &addr,
+        "POST",
+        "/v1/adapters",
+        Some(r#"{"name":"x","base_model":"tiny","path":"/no/such/dir"}"#),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist"),
+        "{v}"
+    );
+    let (status, v) = request(
+        &addr,
+        "POST",
+        "/v1/adapters",
+        Some(r#"{"name":"x","base_model":"tiny","path":"/a","colour":1}"#),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("colour"),
+        "{v}"
+    );
+    let body = format!(
+        r#"{{"name":"api-lora","base_model":"tiny","path":"{}","replicas":"all"}}"#,
+        adapter_dir.display()
+    );
+    let (status, v) = request(&addr, "POST", "/v1/adapters", Some(&body));
+    assert_eq!((status, v["replicas"].as_str()), (201, Some("all")), "{v}");
+    let (status, _) = request(&addr, "GET", "/v1/adapters/nope", None);
+    assert_eq!(status, 404);
+    let (status, v) = request(&addr, "DELETE", "/v1/adapters/sql-lora", None);
+    assert_eq!(status, 409);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("config file"),
+        "{v}"
+    );
+    let (status, v) = request(&addr, "DELETE", "/v1/adapters/api-lora", None);
+    assert_eq!((status, v["phase"].as_str()), (202, Some("Unloading")));
+    wait_until("api-lora forgotten (nothing was loaded)", || {
+        request(&addr, "GET", "/v1/adapters/api-lora", None).0 == 404
+    });
+
+    // The file is watched: its adapter goes when it goes.
+    std::fs::write(&config, &head).unwrap();
+    wait_until("sql-lora gone with the file's table", || {
+        request(&addr, "GET", "/v1/adapters", None).1["adapters"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    let (status, _) = request(&addr, "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(
+        text.contains(&format!(
+            "kvcache_lora_instance_up{{instance=\"{dead_url}\"}} 0"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("kvcache_lora_adapters{phase=\"Pending\"} 0"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
