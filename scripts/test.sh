@@ -4,8 +4,9 @@
 # (real server processes on loopback, Redis for the benchmark's smoke test), the Python
 # module's tests against a real server, and the vLLM connector's tests against a real vLLM on
 # CPU (installed by scripts/setup-vllm.sh), and a short run of every fuzz target
-# (scripts/fuzz.sh), and the gateway's end-to-end tests (gateway/tests/e2e: two real vLLM
-# instances behind the gateway binary). Installs what it needs. Build outputs and the vLLM
+# (scripts/fuzz.sh), the gateway's end-to-end tests (gateway/tests/e2e: two real vLLM
+# instances behind the gateway binary) and the LoRA manager's (lora/tests/e2e: two vLLM
+# instances with runtime LoRA loading, the kvcache-lora binary and the gateway). Installs what it needs. Build outputs and the vLLM
 # venv are cached in $KVCACHE_CACHE_DIR (default /var/tmp/kvcache-cache).
 cd "$(dirname "$0")/.."
 . scripts/env.sh
@@ -49,4 +50,11 @@ echo "== gateway: end to end against real vllm serve instances (gateway/tests/e2
 KVCACHE_REQUIRE_VLLM=1 KVCACHE_VLLM_MODELS="$(dirname "$vllm_venv")/models" \
     KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" \
     KVCACHE_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/kvcache-gateway" "$vllm_venv/bin/pytest" -q gateway/tests/e2e
+echo "== LoRA manager: end to end against real vllm serve instances (lora/tests/e2e)" >&2
+"$KVCACHE_VENV/bin/ruff" check lora/tests/e2e
+"$KVCACHE_VENV/bin/ruff" format --check lora/tests/e2e
+KVCACHE_REQUIRE_VLLM=1 KVCACHE_VLLM_MODELS="$(dirname "$vllm_venv")/models" \
+    KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" \
+    KVCACHE_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/kvcache-gateway" \
+    KVCACHE_LORA_BIN="$CARGO_TARGET_DIR/debug/kvcache-lora" "$vllm_venv/bin/pytest" -q lora/tests/e2e
 echo "all tests passed in $(( $(date +%s) - started )) s" >&2

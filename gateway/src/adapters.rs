@@ -1,17 +1,10 @@
-//! LoRA adapters as the kvcache-lora manager reports them (`GET /v1/adapters`, read every
-//! `health.interval_ms`): for each adapter, its phase and the instances where it is Ready.
-//! Routing sends an adapter's requests only there. The manager's API is the one source: the
-//! gateway writes nothing back, and when the manager does not answer it keeps what it read
-//! last (an adapter's instances change only through the manager's own reconcile).
+//! LoRA adapters as the kvcache-lora manager reports them (`GET /v1/adapters`; `lora_feed.rs`
+//! reads it): for each adapter, its phase and the instances where it is Ready. Routing sends an
+//! adapter's requests only there. Pure: the reader of the manager's answer.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use serde::Deserialize;
-use tracing::{info, warn};
-
-use crate::state::Gateway;
-use crate::upstream;
 
 /// Where one adapter may be routed.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -69,54 +62,6 @@ pub fn read(body: &[u8]) -> Result<AdapterRoutes, String> {
             (a.name, route)
         })
         .collect())
-}
-
-/// Reads the manager at `url` every `health.interval_ms` until the process ends; logs when it
-/// stops and starts answering, and each adapter's change of Ready instances.
-pub async fn run(gw: Arc<Gateway>, url: String) {
-    let mut tick = tokio::time::interval(gw.config.health_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let list = format!("{url}/v1/adapters");
-    let mut failing: Option<String> = None;
-    loop {
-        tick.tick().await;
-        let read = upstream::get(
-            &gw.http,
-            &list,
-            gw.config
-                .health_interval
-                .max(std::time::Duration::from_secs(1)),
-        )
-        .await
-        .and_then(|(status, body)| {
-            if status.is_success() {
-                read(&body)
-            } else {
-                Err(format!("answered {status}"))
-            }
-        });
-        match read {
-            Ok(routes) => {
-                if failing.take().is_some() {
-                    info!(lora = %url, "LoRA manager answering again");
-                }
-                let mut current = gw.adapters.lock();
-                for (name, r) in &routes {
-                    if current.get(name).map(|c| (&c.phase, &c.ready)) != Some((&r.phase, &r.ready))
-                    {
-                        info!(adapter = %name, phase = %r.phase, ready = ?r.ready, "LoRA adapter");
-                    }
-                }
-                *current = routes;
-            }
-            Err(why) => {
-                if failing.as_deref() != Some(why.as_str()) {
-                    warn!(lora = %url, error = %why, "LoRA manager not answering; routing adapters as it said last");
-                }
-                failing = Some(why);
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use clap::Parser;
 use kvcache_gateway::config::{Args, Config};
 use kvcache_gateway::prompt::PromptTokenizer;
 use kvcache_gateway::state::Gateway;
-use kvcache_gateway::{adapters, discovery, feed, http, probe};
+use kvcache_gateway::{discovery, feed, http, lora_feed, probe};
 use tracing::{info, warn};
 
 #[tokio::main]
@@ -57,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(discovery::run(gw.clone(), url));
     }
     if let Some(url) = gw.config.lora.clone() {
-        tokio::spawn(adapters::run(gw.clone(), url));
+        tokio::spawn(lora_feed::run(gw.clone(), url));
     }
     tokio::spawn(probe::run(gw.clone()));
     http::serve(gw, listener).await?;

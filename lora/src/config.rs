@@ -174,6 +174,10 @@ impl Config {
             .map(|u| check_url(u))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let discover = args.discover.or(file.discover);
+        if let Some(url) = &discover {
+            kvcache_membership::Etcd::new(url, Duration::from_secs(2))
+                .map_err(|e| anyhow::anyhow!("discover: {e} (expected etcd://host:port)"))?;
+        }
         if instances.is_empty() && discover.is_none() {
             bail!(
                 "no instances: list them (`instances` in the file, or --instance URL) or discover them (--discover etcd://host:port)"

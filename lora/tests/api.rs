@@ -56,6 +56,27 @@ fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Starts the binary with `args`; its API address and the running process.
+fn start(args: &[&str]) -> (String, Running) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("KVCACHE_LORA_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("kvcache-lora ready http=")
+        .expect(&line)
+        .to_string();
+    (addr, Running(child))
+}
+
 struct Running(Child);
 
 impl Drop for Running {
@@ -108,6 +129,8 @@ fn configs_it_cannot_run_with_are_refused_with_the_reason() {
             "not an http:// URL",
         ),
     ];
+    let (ok, text) = run(&["--instance", "http://127.0.0.1:1", "--discover", "etcd://"]);
+    assert!(!ok && text.contains("discover"), "{text}");
     for (i, (toml, why)) in cases.iter().enumerate() {
         let path = dir.join(format!("{i}.toml"));
         std::fs::write(&path, toml).unwrap();
@@ -254,4 +277,35 @@ fn with_no_instance_answering_the_api_tells_the_truth_and_refuses_bad_declaratio
         "{text}"
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn instances_registered_in_etcd_are_managed_while_their_record_lives() {
+    let Some(etcd) = kvcache_membership::testing::EtcdProcess::start() else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = kvcache_membership::Etcd::new(&etcd.client_url, Duration::from_secs(2)).unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let key = format!(
+        "{}{}",
+        kvcache_membership::ENGINES_PREFIX,
+        &url["http://".len()..]
+    );
+    let record = format!(r#"{{"url":"{url}","model":"tiny","role":"both"}}"#);
+    rt.block_on(client.put(&key, &record, None)).unwrap();
+    let discover = etcd.client_url.replace("http://", "etcd://");
+    let (addr, _running) = start(&["--listen", "127.0.0.1:0", "--discover", &discover]);
+    wait_until("the registered instance managed", || {
+        let (_, v) = request(&addr, "GET", "/v1/instances", None);
+        v["instances"][0]["url"] == url.as_str() && v["instances"][0]["up"] == false
+    });
+    rt.block_on(client.delete(&key)).unwrap();
+    wait_until("the instance gone with its record", || {
+        request(&addr, "GET", "/v1/instances", None).1["instances"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
 }

@@ -131,7 +131,7 @@ def test_a_burst_sharing_one_long_prefix_is_spread(stack: Stack):
     for c in conns:
         c.connect()
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
-    for c, body in zip(conns, bodies):
+    for c, body in zip(conns, bodies, strict=True):
         c.request("POST", "/v1/completions", json.dumps({"temperature": 0.0, **body}), headers)
     chosen: list[str] = []
     for c in conns:

@@ -10,17 +10,21 @@ KVCACHE_REQUIRE_VLLM=1 (CI), where they fail.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from adapters import write_adapter, write_broken_adapter
-from gwstack import FAST_HEALTH, KEY, Gateway, wait_for
-from kvserver import Server, start_server, stop_server
-from lorastack import Manager
-from vllm_serve import Serve, require_model
+# The gateway's helpers (and through them the server's and vLLM's).
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "gateway" / "tests" / "e2e"))
+
+from adapters import write_adapter, write_broken_adapter  # noqa: E402
+from gwstack import FAST_HEALTH, KEY, Gateway, wait_for  # noqa: E402
+from kvserver import Server, start_server, stop_server  # noqa: E402
+from lorastack import Manager  # noqa: E402
+from vllm_serve import Serve, require_model  # noqa: E402
 
 BLOCK_SIZE = 128
 # The tiny model's layers: the connector stores one block per layer.
