@@ -14,7 +14,7 @@ ensure_packages redis-server:redis-server etcd:etcd-server
 # The feature build (disk tier, RDMA, CUDA): RocksDB's C++ and the verbs headers. See
 # DEVELOPERS.md; the default build needs none of these.
 ensure_libraries libibverbs-dev librdmacm-dev libnl-3-dev libnl-route-3-dev clang libclang-dev cmake g++
-FEATURES=kvcache-server/disk,kvcache-server/rdma,kvcache-server/cuda,kvcache-bench/disk,kvcache-bench/cuda,kvcache-bench/gateway,kvcache-py/rdma,kvcache-py/cuda
+FEATURES=kvcache-server/disk,kvcache-server/rdma,kvcache-server/cuda,kvcache-bench/disk,kvcache-bench/cuda,kvcache-bench/gateway,kvcache-autoscaler/kubernetes,kvcache-py/rdma,kvcache-py/cuda
 export KVCACHE_REQUIRE_ETCD=1
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 started=$(date +%s)
