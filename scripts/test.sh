@@ -6,7 +6,9 @@
 # CPU (installed by scripts/setup-vllm.sh), and a short run of every fuzz target
 # (scripts/fuzz.sh), the gateway's end-to-end tests (gateway/tests/e2e: two real vLLM
 # instances behind the gateway binary) and the LoRA manager's (lora/tests/e2e: two vLLM
-# instances with runtime LoRA loading, the kvcache-lora binary and the gateway). Installs what it needs. Build outputs and the vLLM
+# instances with runtime LoRA loading, the kvcache-lora binary and the gateway) and the
+# autoscaler's (autoscaler/tests/e2e: cache nodes under eviction pressure, and a vLLM pool
+# scaled through the gateway by the command actuator). Installs what it needs. Build outputs and the vLLM
 # venv are cached in $KVCACHE_CACHE_DIR (default /var/tmp/kvcache-cache).
 cd "$(dirname "$0")/.."
 . scripts/env.sh
@@ -57,4 +59,11 @@ KVCACHE_REQUIRE_VLLM=1 KVCACHE_VLLM_MODELS="$(dirname "$vllm_venv")/models" \
     KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" \
     KVCACHE_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/kvcache-gateway" \
     KVCACHE_LORA_BIN="$CARGO_TARGET_DIR/debug/kvcache-lora" "$vllm_venv/bin/pytest" -q lora/tests/e2e
+echo "== autoscaler: end to end (cache nodes under eviction pressure; vllm serve scaled through the gateway)" >&2
+"$KVCACHE_VENV/bin/ruff" check autoscaler/tests/e2e autoscaler/tests/traces
+"$KVCACHE_VENV/bin/ruff" format --check autoscaler/tests/e2e autoscaler/tests/traces
+KVCACHE_REQUIRE_VLLM=1 KVCACHE_VLLM_MODELS="$(dirname "$vllm_venv")/models" \
+    KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" \
+    KVCACHE_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/kvcache-gateway" \
+    KVCACHE_AUTOSCALER_BIN="$CARGO_TARGET_DIR/debug/kvcache-autoscaler" "$vllm_venv/bin/pytest" -q autoscaler/tests/e2e
 echo "all tests passed in $(( $(date +%s) - started )) s" >&2

@@ -201,7 +201,7 @@ impl Scaler {
                 .inc();
             let class = (d.desired, d.frozen, action.to_string());
             if last_said.as_ref() != Some(&class) {
-                info!(target = %name, current = cur, desired = d.desired, ready = obs.ready, "{action}: {}", d.reason);
+                info!(target = %name, action, current = cur, desired = d.desired, ready = obs.ready, "{}", d.reason);
                 last_said = Some(class);
             }
             if !d.frozen && d.desired != cur {

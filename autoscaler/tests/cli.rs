@@ -1,0 +1,171 @@
+//! The kvcache-autoscaler binary without an engine: `--help`, configs it refuses with the
+//! reason, and, over a real socket, a target whose source does not answer: frozen, with the
+//! reason, in /status and /metrics (the end-to-end tests with real vLLM instances and cache
+//! nodes are in `tests/e2e`, run by scripts/test.sh).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kvcache-autoscaler");
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("KVCACHE_AUTOSCALER_CONFIG")
+        .output()
+        .expect("run it");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn get(addr: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw.split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string())
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn help_names_every_flag_and_the_file_keys() {
+    let (ok, text) = run(&["--help"]);
+    assert!(ok, "{text}");
+    for word in [
+        "--config",
+        "--listen",
+        "--dry-run",
+        "kpa",
+        "apa",
+        "slo",
+        "scale_command",
+        "min_replicas",
+        "[[target.metrics]]",
+    ] {
+        assert!(text.contains(word), "--help lacks {word}:\n{text}");
+    }
+}
+
+#[test]
+fn configs_it_cannot_run_with_are_refused_with_the_reason() {
+    let dir = std::env::temp_dir().join(format!("kvcache-autoscaler-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = "[[target]]\nname = \"e\"\nsources = [\"http://127.0.0.1:1/metrics\"]\nmetric = \"m\"\ntarget_value = 1.0\n";
+    let cases = [
+        ("listen = \"127.0.0.1:0\"\n".to_string(), "no [[target]]"),
+        (format!("{good}colour = 1\n"), "colour"),
+        (format!("{good}actuator = \"command\"\n"), "scale_command"),
+        (
+            good.replace("target_value = 1.0", "target_value = 0.0"),
+            "positive target_value",
+        ),
+        (
+            format!("{good}panic_window_s = 100\nstable_window_s = 10\n"),
+            "panic_window_s",
+        ),
+    ];
+    for (i, (toml, why)) in cases.iter().enumerate() {
+        let path = dir.join(format!("{i}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let (ok, text) = run(&["--config", path.to_str().unwrap()]);
+        assert!(!ok, "started with {toml:?}");
+        assert!(text.contains(why), "{toml:?}: expected {why:?} in:\n{text}");
+    }
+    let (ok, text) = run(&["--config", "/nonexistent.toml"]);
+    assert!(
+        !ok && text.contains("cannot read the config file"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_source_that_does_not_answer_freezes_its_target_and_status_says_why() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/metrics", dead.local_addr().unwrap());
+    drop(dead);
+    let path = std::env::temp_dir().join(format!(
+        "kvcache-autoscaler-dead-{}.toml",
+        std::process::id()
+    ));
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ninterval_s = 0.1\n[[target]]\nname = \"engines\"\nsources = [\"{url}\"]\n\
+         metric = \"vllm:num_requests_running\"\ntarget_value = 2.0\nmin_replicas = 2\nmax_replicas = 5\n"
+    );
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--config", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _running = Running(child);
+    let addr = line
+        .trim()
+        .strip_prefix("kvcache-autoscaler ready http=")
+        .expect(&line)
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let v: serde_json::Value = serde_json::from_str(&get(&addr, "/status")).unwrap();
+        let t = v["targets"][0].clone();
+        if !t["sources"].as_array().is_some_and(Vec::is_empty) {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "no observation in 10 s: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status["name"], "engines");
+    assert_eq!(
+        (status["frozen"].as_bool(), status["source_ok"].as_bool()),
+        (Some(true), Some(false)),
+        "{status}"
+    );
+    assert_eq!(
+        (status["current"].as_u64(), status["desired"].as_u64()),
+        (Some(2), Some(2)),
+        "min_replicas when nothing answers: {status}"
+    );
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("frozen") && reason.contains("Connection refused"),
+        "{reason}"
+    );
+    assert_eq!(status["sources"][0]["url"], url.as_str());
+    let metrics = get(&addr, "/metrics");
+    for sample in [
+        "kvcache_autoscaler_desired_replicas{target=\"engines\"} 2".to_string(),
+        "kvcache_autoscaler_current_replicas{target=\"engines\"} 2".to_string(),
+        format!("kvcache_autoscaler_source_up{{target=\"engines\",source=\"{url}\"}} 0"),
+    ] {
+        assert!(metrics.contains(&sample), "no {sample} in:\n{metrics}");
+    }
+    assert!(
+        metrics
+            .contains("kvcache_autoscaler_decisions_total{target=\"engines\",action=\"frozen\"}"),
+        "{metrics}"
+    );
+    std::fs::remove_file(&path).ok();
+}
