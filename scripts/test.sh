@@ -12,7 +12,7 @@
 # venv are cached in $KVCACHE_CACHE_DIR (default /var/tmp/kvcache-cache).
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-ensure_packages redis-server:redis-server etcd:etcd-server
+ensure_packages redis-server:redis-server etcd:etcd-server prometheus:prometheus
 # The feature build (disk tier, RDMA, CUDA): RocksDB's C++ and the verbs headers. See
 # DEVELOPERS.md; the default build needs none of these.
 ensure_libraries libibverbs-dev librdmacm-dev libnl-3-dev libnl-route-3-dev clang libclang-dev cmake g++

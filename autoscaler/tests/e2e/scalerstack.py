@@ -60,3 +60,49 @@ class Autoscaler:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+class Prometheus:
+    """Debian's Prometheus on a free loopback port, scraping `targets` (host:port) every second."""
+
+    def __init__(self, targets: list[str], workdir: Path):
+        import shutil
+        import time
+
+        from kvserver import free_port
+
+        if shutil.which("prometheus") is None:
+            raise RuntimeError("prometheus not found: install Debian's prometheus (scripts/test.sh does)")
+        config = workdir / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: kvcache\n    static_configs:\n"
+            f"      - targets: {json.dumps(targets)}\n"
+        )
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address={self.url.removeprefix('http://')}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(workdir / "prometheus.log").open("w"),
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/-/ready", timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        self.proc.kill()
+        raise RuntimeError(f"prometheus not ready in 30 s: {(workdir / 'prometheus.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

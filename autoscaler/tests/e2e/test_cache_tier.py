@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gwstack import wait_for
 from kvserver import start_server, stop_server
-from scalerstack import Autoscaler
+from scalerstack import Autoscaler, Prometheus
 
 
 def target(name: str, metrics_url: str) -> str:
@@ -87,3 +87,68 @@ def test_a_node_evicting_what_it_just_stored_asks_for_more_nodes_and_an_idle_one
             scaler.stop()
         stop_server(hot)
         stop_server(idle)
+
+
+def test_a_prometheus_servers_query_drives_a_target_and_a_broken_query_freezes_one(tmp_path: Path):
+    import kvcache
+
+    node = start_server("--memory", "64MiB")
+    prometheus = scaler = None
+    try:
+        prometheus = Prometheus([node.metrics], tmp_path)
+        turnover = "sum(rate(kvcache_evicted_bytes_total[5s])) / sum(kvcache_pool_capacity_bytes)"
+        common = """
+algorithm = "kpa"
+min_replicas = 1
+max_replicas = 4
+initial_replicas = 1
+stable_window_s = 6
+panic_window_s = 2
+scale_down_cooldown_s = 30
+actuator = "dry-run"
+"""
+        scaler = Autoscaler(
+            f"""
+listen = "127.0.0.1:0"
+interval_s = 0.5
+[[target]]
+name = "cache"
+prometheus = "{prometheus.url}"
+{common}
+[[target.metrics]]
+name = "turnover"
+query = "{turnover}"
+target_value = 0.05
+
+[[target]]
+name = "broken"
+prometheus = "{prometheus.url}"
+{common}
+[[target.metrics]]
+name = "typo"
+query = "sum(rate(kvcache_evicted_bytes_total[5s]"
+target_value = 0.05
+""",
+            tmp_path,
+        )
+        client = kvcache.Client(node.data, transport="tcp")
+        block = os.urandom(256 * 1024)
+        deadline = time.monotonic() + 60
+        n = 0
+        # Bounded: 60 s or 40 000 blocks, until the target scales up.
+        while time.monotonic() < deadline and n < 40_000 and scaler.status("cache")["desired"] == 1:
+            for _ in range(200):
+                assert client.put(n.to_bytes(16, "little"), block)
+                n += 1
+        status = scaler.status("cache")
+        assert status["desired"] > 1, (n, status)
+        assert "turnover" in status["reason"] and status["source_ok"], status
+        assert status["sources"][0]["url"] == prometheus.url
+        broken = scaler.status("broken")
+        assert broken["frozen"] and not broken["source_ok"] and broken["desired"] == 1, broken
+        assert "parse error" in broken["reason"], broken["reason"]
+    finally:
+        for p in (scaler, prometheus):
+            if p is not None:
+                p.stop()
+        stop_server(node)
