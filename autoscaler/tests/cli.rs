@@ -169,3 +169,90 @@ fn a_source_that_does_not_answer_freezes_its_target_and_status_says_why() {
     );
     std::fs::remove_file(&path).ok();
 }
+
+#[test]
+fn a_pool_target_watches_only_the_registered_engines_of_its_role() {
+    let Some(etcd) = kvcache_membership::testing::EtcdProcess::start() else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = kvcache_membership::Etcd::new(&etcd.client_url, Duration::from_secs(2)).unwrap();
+    let mut urls = Vec::new();
+    for role in ["prefill", "decode", "decode"] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}");
+        let key = format!("{}127.0.0.1:{port}", kvcache_membership::ENGINES_PREFIX);
+        rt.block_on(client.put(
+            &key,
+            &format!(r#"{{"url":"{url}","model":"tiny","role":"{role}"}}"#),
+            None,
+        ))
+        .unwrap();
+        urls.push(url);
+    }
+    let path = std::env::temp_dir().join(format!(
+        "kvcache-autoscaler-role-{}.toml",
+        std::process::id()
+    ));
+    let discover = etcd.client_url.replace("http://", "etcd://");
+    let target = |name: &str, role: &str| {
+        format!(
+            "[[target]]\nname = \"{name}\"\ndiscover = \"{discover}\"\nrole = \"{role}\"\nmetric = \"vllm:num_requests_waiting\"\ntarget_value = 1.0\n"
+        )
+    };
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\ninterval_s = 0.1\n{}{}",
+        target("prefill", "prefill"),
+        target("decode", "decode")
+    );
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--config", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _running = Running(child);
+    let addr = line
+        .trim()
+        .strip_prefix("kvcache-autoscaler ready http=")
+        .expect(&line)
+        .to_string();
+    let sources = |v: &serde_json::Value, i: usize| -> Vec<String> {
+        v["targets"][i]["sources"].as_array().map_or(vec![], |a| {
+            a.iter()
+                .map(|s| s["url"].as_str().unwrap().to_string())
+                .collect()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&get(&addr, "/status")).unwrap();
+        let (prefill, decode) = (sources(&v, 0), sources(&v, 1));
+        if prefill == [format!("{}/metrics", urls[0])] && decode.len() == 2 {
+            let mut want = vec![
+                format!("{}/metrics", urls[1]),
+                format!("{}/metrics", urls[2]),
+            ];
+            want.sort();
+            let mut got = decode.clone();
+            got.sort();
+            assert_eq!(got, want);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pools' sources never matched the roles: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::remove_file(&path).ok();
+}
