@@ -33,12 +33,15 @@ echo "== cargo test" >&2
 cargo test --workspace --locked --features "$FEATURES"
 echo "== fuzz: every cargo-fuzz target for a few seconds (scripts/fuzz.sh)" >&2
 ./scripts/fuzz.sh "${KVCACHE_FUZZ_SECONDS:-5}"
-echo "== deploy: every Kustomize overlay renders and validates strictly (deploy/tests)" >&2
+echo "== deploy: Kustomize overlays render and validate strictly; promtool checks and tests the rules (deploy/tests)" >&2
 python_venv
 "$KVCACHE_VENV/bin/pip" install -q --disable-pip-version-check kubernetes-validate==1.37.0
 "$KVCACHE_VENV/bin/ruff" check deploy/tests
 "$KVCACHE_VENV/bin/ruff" format --check deploy/tests
-"$KVCACHE_VENV/bin/pytest" -q deploy/tests
+KVCACHE_REQUIRE_PROMETHEUS=1 KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" \
+    KVCACHE_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/kvcache-gateway" \
+    KVCACHE_LORA_BIN="$CARGO_TARGET_DIR/debug/kvcache-lora" \
+    KVCACHE_AUTOSCALER_BIN="$CARGO_TARGET_DIR/debug/kvcache-autoscaler" "$KVCACHE_VENV/bin/pytest" -q deploy/tests
 echo "== python: pip install ./pyo3-bindings, ruff, pytest" >&2
 python_venv
 "$KVCACHE_VENV/bin/pip" install -q --disable-pip-version-check ./pyo3-bindings
