@@ -38,8 +38,13 @@ cargo clippy --profile test -p kvcache-autoscaler --all-targets --locked --featu
 cargo test -p kvcache-autoscaler --locked --features kubernetes
 echo "== fuzz: every cargo-fuzz target for a few seconds (scripts/fuzz.sh)" >&2
 ./scripts/fuzz.sh "${KVCACHE_FUZZ_SECONDS:-5}"
-echo "== deploy: Kustomize overlays render and validate strictly; promtool checks and tests the rules (deploy/tests)" >&2
+echo "== python: pip install ./pyo3-bindings, ruff, pytest" >&2
 python_venv
+"$KVCACHE_VENV/bin/pip" install -q --disable-pip-version-check ./pyo3-bindings
+"$KVCACHE_VENV/bin/ruff" check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches
+"$KVCACHE_VENV/bin/ruff" format --check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches
+KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" "$KVCACHE_VENV/bin/pytest" -q pyo3-bindings/tests
+echo "== deploy: Kustomize overlays render and validate strictly; promtool checks and tests the rules (deploy/tests)" >&2
 "$KVCACHE_VENV/bin/pip" install -q --disable-pip-version-check kubernetes-validate==1.37.0
 "$KVCACHE_VENV/bin/ruff" check deploy/tests
 "$KVCACHE_VENV/bin/ruff" format --check deploy/tests
@@ -47,12 +52,6 @@ KVCACHE_REQUIRE_PROMETHEUS=1 KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache
     KVCACHE_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/kvcache-gateway" \
     KVCACHE_LORA_BIN="$CARGO_TARGET_DIR/debug/kvcache-lora" \
     KVCACHE_AUTOSCALER_BIN="$CARGO_TARGET_DIR/debug/kvcache-autoscaler" "$KVCACHE_VENV/bin/pytest" -q deploy/tests
-echo "== python: pip install ./pyo3-bindings, ruff, pytest" >&2
-python_venv
-"$KVCACHE_VENV/bin/pip" install -q --disable-pip-version-check ./pyo3-bindings
-"$KVCACHE_VENV/bin/ruff" check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches
-"$KVCACHE_VENV/bin/ruff" format --check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches
-KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" "$KVCACHE_VENV/bin/pytest" -q pyo3-bindings/tests
 echo "== vLLM connector: scripts/setup-vllm.sh, pip install, ruff, pytest (a real vLLM on CPU)" >&2
 vllm_venv=$(./scripts/setup-vllm.sh)
 "$vllm_venv/bin/pip" install -q --disable-pip-version-check ./pyo3-bindings ./vllm-connector

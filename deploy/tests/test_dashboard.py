@@ -1,0 +1,160 @@
+"""deploy/grafana/kvcache.json: every metric its queries name is one the binaries export (or a
+lower tier's, from kvcache-core's list, or vLLM's), and a real Prometheus (Debian's) scraping a
+real kvcache-server under a little traffic, the gateway, the LoRA manager and the autoscaler
+answers every query: each one parses, and each one whose components run here returns data. The
+queries that need a component this test does not start say which (NEEDS: vLLM engines, P/D,
+the disk and GPU tiers, a backend failing); they must still parse."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from components import (
+    DASHBOARD,
+    declared_names,
+    exported_names,
+    free_port,
+    start,
+    start_server,
+    stop_server,
+    tier_names,
+)
+
+# Metrics (by prefix) the test's components do not produce, and what would.
+NEEDS = {
+    "kvcache_disk_": "a node with --disk",
+    "kvcache_gpu_": "a node with --gpu-tier",
+    "kvcache_gateway_time_to_first_byte": "a backend that answers (vllm serve)",
+    "kvcache_gateway_predicted_": "a backend that answers (vllm serve)",
+    "kvcache_gateway_prompt_blocks": "a backend that answers (vllm serve)",
+    "kvcache_gateway_ejections": "a backend that fails a request after passing its probes",
+    "kvcache_gateway_pd_": "a P/D gateway with prefill and decode backends",
+    "vllm:": "vllm serve",
+}
+
+
+def needs(expr: str) -> list[str]:
+    return sorted({why for prefix, why in NEEDS.items() if prefix in expr})
+
+
+def queries() -> list[tuple[str, str]]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+
+
+def test_the_dashboard_is_well_formed_and_names_only_exported_metrics(tmp_path: Path):
+    dash = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)) and all(p["targets"] for p in dash["panels"])
+    known = exported_names(tmp_path) | declared_names() | tier_names()
+    used = {n for _, e in queries() for n in re.findall(r"\b(kvcache_[a-z_]+)", e)}
+    missing = sorted(used - known)
+    assert not missing, f"the dashboard names metrics no binary exports: {missing}"
+
+
+def prometheus_query(url: str, expr: str) -> dict:
+    q = urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+
+
+def test_a_real_prometheus_answers_every_query_with_data(tmp_path: Path):
+    if shutil.which("prometheus") is None:
+        if os.environ.get("KVCACHE_REQUIRE_PROMETHEUS") == "1":
+            pytest.fail("prometheus not found: install Debian's prometheus")
+        pytest.skip("prometheus not found: install Debian's prometheus (scripts/test.sh does)")
+    import kvcache
+
+    server = start_server("--memory", "64MiB")
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        dead = f"http://127.0.0.1:{free_port()}"
+        (tmp_path / "gateway.toml").write_text(
+            f'listen = "127.0.0.1:0"\ncache = ["{server.data}"]\n[[backend]]\nurl = "{dead}"\n'
+        )
+        (tmp_path / "lora.toml").write_text(f'listen = "127.0.0.1:0"\ninstances = ["{dead}"]\n')
+        (tmp_path / "autoscaler.toml").write_text(
+            f'listen = "127.0.0.1:0"\ninterval_s = 0.5\n[[target]]\nname = "engines"\nsources = ["{dead}/metrics"]\n'
+            'metric = "vllm:num_requests_running"\ntarget_value = 1.0\n'
+        )
+        urls = {}
+        for name in ("gateway", "lora", "autoscaler"):
+            proc, url = start(
+                f"kvcache-{name}", f"KVCACHE_{name.upper()}_BIN", ["--config", str(tmp_path / f"{name}.toml")], tmp_path
+            )
+            procs.append(proc)
+            urls[name] = url
+        targets = [server.metrics] + [u.removeprefix("http://") for u in urls.values()]
+        (tmp_path / "prometheus.yml").write_text(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kvcache\n"
+            f"    static_configs:\n      - targets: {json.dumps(targets)}\n"
+        )
+        prom = f"http://127.0.0.1:{free_port()}"
+        procs.append(
+            subprocess.Popen(
+                [
+                    "prometheus",
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address={prom.removeprefix('http://')}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=(tmp_path / "prometheus.log").open("w"),
+            )
+        )
+        # A little traffic, bounded: puts, hits, misses, one refused put; requests the gateway
+        # refuses (its backend is down).
+        client = kvcache.Client(server.data, transport="tcp")
+        block = os.urandom(64 * 1024)
+        deadline = time.monotonic() + 60
+        answered: dict[str, list] = {}
+        pending = queries()
+        while pending and time.monotonic() < deadline:
+            for i in range(20):
+                key = (i % 200).to_bytes(16, "little")
+                client.put(key, block)
+                client.get(key)
+                client.get(os.urandom(16))
+            client.put(os.urandom(16), bytes(65 << 20))
+            try:
+                urllib.request.urlopen(
+                    urllib.request.Request(
+                        f"{urls['gateway']}/v1/completions",
+                        data=json.dumps({"model": "m", "prompt": "x"}).encode(),
+                        headers={"Content-Type": "application/json"},
+                    ),
+                    timeout=5,
+                )
+            except urllib.error.HTTPError:
+                pass
+            time.sleep(0.5)
+            still = []
+            for title, expr in pending:
+                answer = prometheus_query(prom, expr.replace("$__rate_interval", "10s"))
+                assert answer.get("status") == "success", f"{title}: {expr}: {answer}"
+                if answer["data"]["result"] or needs(expr):
+                    answered[expr] = answer["data"]["result"]
+                else:
+                    still.append((title, expr))
+            pending = still
+        assert not pending, f"queries without data after 60 s: {pending}"
+        for title, expr in queries():
+            assert answered[expr] or needs(expr), (title, expr)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        stop_server(server)
