@@ -17,10 +17,7 @@ async fn status(axum::extract::State(s): axum::extract::State<Arc<Scaler>>) -> R
 
 async fn metrics(axum::extract::State(s): axum::extract::State<Arc<Scaler>>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, kvcache_control::METRICS_CONTENT_TYPE)],
         s.metrics.render(),
     )
         .into_response()
@@ -39,22 +36,7 @@ pub fn router(s: Arc<Scaler>) -> Router {
         .with_state(s)
 }
 
-/// Serves until SIGTERM or Ctrl-C; prints `kvcache-autoscaler ready http=ADDR` on stdout when
-/// ready, for scripts and tests that start it on port 0.
+/// Serves until SIGTERM or Ctrl-C (`kvcache-autoscaler ready http=ADDR` on stdout when ready).
 pub async fn serve(s: Arc<Scaler>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    let addr = listener.local_addr()?;
-    tracing::info!(listen = %addr, "kvcache-autoscaler serving /status and /metrics");
-    println!("kvcache-autoscaler ready http={addr}");
-    axum::serve(listener, router(s))
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing a SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            tracing::info!("shutting down");
-        })
-        .await
+    kvcache_control::serve::serve("kvcache-autoscaler", listener, router(s)).await
 }

@@ -1,7 +1,7 @@
 //! kvcache-autoscaler: replica counts for vLLM engine pools and the kvcache tier from what
 //! inference feels.
 //!
-//! The pure rooms: `prometheus_text` (the exposition format), `metric` (a target's metric from
+//! The pure rooms: `metric` (a target's metric from
 //! two scrapes), `window` (trailing averages), `policy/` (KPA, APA, SLO), `target` (one
 //! target's decision: several metrics, panic, cooldown, bounds, freezing), `config`. The shell:
 //! `sources` (scrapes and etcd discovery), `actuator/` (Kubernetes, a command, dry-run),
@@ -13,7 +13,6 @@ pub mod http;
 pub mod metric;
 pub mod metrics;
 pub mod policy;
-pub mod prometheus_text;
 pub mod scaler;
 pub mod sources;
 pub mod target;

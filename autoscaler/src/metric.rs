@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::prometheus_text::{Sample, sum};
+use kvcache_control::prometheus_text::{Sample, sum};
 
 /// How a metric's samples become a value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -135,7 +135,7 @@ impl MetricSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prometheus_text::parse;
+    use kvcache_control::prometheus_text::parse;
 
     fn spec(name: &str, kind: Kind) -> MetricSpec {
         MetricSpec {

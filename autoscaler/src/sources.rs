@@ -12,8 +12,8 @@ use serde_json::Value;
 
 use crate::config::SourceConfig;
 use crate::metric::{MetricSpec, Reading};
-use crate::prometheus_text;
 use crate::target::Observation;
+use kvcache_control::{error_chain, prometheus_text};
 
 /// One source's last answer, as /status shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -109,9 +109,14 @@ impl Sources {
     }
 
     async fn get(&self, url: &str) -> Result<String, String> {
-        let r = self.http.get(url).send().await.map_err(|e| chain(&e))?;
+        let r = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| error_chain(&e))?;
         let status = r.status();
-        let text = r.text().await.map_err(|e| chain(&e))?;
+        let text = r.text().await.map_err(|e| error_chain(&e))?;
         if !status.is_success() {
             return Err(format!("answered {status}"));
         }
@@ -239,8 +244,8 @@ impl Sources {
                 .get(format!("{url}/api/v1/query"))
                 .query(&[("query", q)]);
             async move {
-                let r = request.send().await.map_err(|e| chain(&e))?;
-                let body = r.bytes().await.map_err(|e| chain(&e))?;
+                let r = request.send().await.map_err(|e| error_chain(&e))?;
+                let body = r.bytes().await.map_err(|e| error_chain(&e))?;
                 query_value(&body)
             }
         }))
@@ -273,18 +278,6 @@ impl Sources {
             health,
         )
     }
-}
-
-/// An error and its sources, on one line.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use kvcache_autoscaler::metric::{Kind, MetricSpec, Reading};
 use kvcache_autoscaler::policy::{Algorithm, Params};
-use kvcache_autoscaler::prometheus_text::parse;
 use kvcache_autoscaler::target::{Observation, Rules, Target};
+use kvcache_control::prometheus_text::parse;
 use serde::Deserialize;
 
 const TRACE: &str = include_str!("traces/vllm-cpu-load.jsonl");

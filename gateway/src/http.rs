@@ -334,38 +334,14 @@ async fn health(State(gw): State<Arc<Gateway>>) -> Response {
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     gw.publish_index();
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, kvcache_control::METRICS_CONTENT_TYPE)],
         gw.metrics.render(),
     )
         .into_response()
 }
 
-/// Serves `router` on `listener` until ctrl-c or SIGTERM.
+/// Serves the routes on `listener` until ctrl-c or SIGTERM (`kvcache-gateway ready http=ADDR` on
+/// stdout when ready, for scripts and tests that start it on port 0).
 pub async fn serve(gw: Arc<Gateway>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    let addr = listener.local_addr()?;
-    info!(listen = %addr, "kvcache-gateway serving");
-    // One line on stdout when ready, for scripts and tests that start us on port 0.
-    println!("kvcache-gateway ready http={addr}");
-    axum::serve(listener, router(gw))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = ctrl_c.await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
-    info!("shutting down");
+    kvcache_control::serve::serve("kvcache-gateway", listener, router(gw)).await
 }

@@ -11,48 +11,22 @@ use tracing::{info, warn};
 use crate::index::EngineId;
 use crate::pool::{EngineLoad, ModelCard};
 use crate::state::Gateway;
+use kvcache_control::prometheus_text;
+
 use crate::upstream;
 
 /// The engine's load from vLLM's Prometheus text: `vllm:num_requests_waiting`,
 /// `vllm:num_requests_running` and `vllm:kv_cache_usage_perc` (the deprecated
 /// `vllm:gpu_cache_usage_perc` where the new name is absent), summed over label sets.
 pub fn engine_load(text: &str) -> EngineLoad {
-    let mut waiting = 0.0;
-    let mut running = 0.0;
-    let mut usage = None;
-    let mut old_usage = None;
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let Some((name, value)) = sample(line) else {
-            continue;
-        };
-        match name {
-            "vllm:num_requests_waiting" => waiting += value,
-            "vllm:num_requests_running" => running += value,
-            "vllm:kv_cache_usage_perc" => *usage.get_or_insert(0.0) += value,
-            "vllm:gpu_cache_usage_perc" => *old_usage.get_or_insert(0.0) += value,
-            _ => {}
-        }
-    }
+    let samples = prometheus_text::parse(text);
+    let sum = |name: &str| prometheus_text::sum(&samples, name, &[]);
+    let usage = sum("vllm:kv_cache_usage_perc").or_else(|| sum("vllm:gpu_cache_usage_perc"));
     EngineLoad {
-        waiting: waiting.max(0.0) as u32,
-        running: running.max(0.0) as u32,
-        kv_usage: usage.or(old_usage).unwrap_or(0.0).clamp(0.0, 1.0),
+        waiting: sum("vllm:num_requests_waiting").unwrap_or(0.0).max(0.0) as u32,
+        running: sum("vllm:num_requests_running").unwrap_or(0.0).max(0.0) as u32,
+        kv_usage: usage.unwrap_or(0.0).clamp(0.0, 1.0),
     }
-}
-
-/// A sample line's metric name and value (`name{labels} value [timestamp]`).
-fn sample(line: &str) -> Option<(&str, f64)> {
-    let name_end = line.find(['{', ' '])?;
-    let name = &line[..name_end];
-    let rest = match line[name_end..].strip_prefix('{') {
-        Some(labels) => &labels[labels.find('}')? + 1..],
-        None => &line[name_end..],
-    };
-    let value = rest.split_whitespace().next()?.parse().ok()?;
-    Some((name, value))
 }
 
 /// The models of an OpenAI /v1/models answer; vLLM names an adapter's base model in `parent`.

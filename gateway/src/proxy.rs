@@ -19,7 +19,7 @@ use crate::dispatch::Pick;
 use crate::index::EngineId;
 use crate::openai::Endpoint;
 use crate::state::Gateway;
-use crate::upstream::error_chain;
+use kvcache_control::error_chain;
 
 /// The header that names the backend that answered.
 pub const BACKEND_HEADER: &str = "x-kvcache-backend";

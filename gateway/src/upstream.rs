@@ -9,6 +9,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use kvcache_control::error_chain;
 
 /// The client every request and probe goes through.
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -50,16 +51,4 @@ pub async fn get(
     tokio::time::timeout(timeout, fetch)
         .await
         .map_err(|_| format!("no answer in {timeout:?}"))?
-}
-
-/// An error and its sources, on one line ("client error (Connect): tcp connect error: Connection refused").
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

@@ -10,6 +10,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use kvcache_control::error_chain;
+use kvcache_control::prometheus_text::{self, Sample};
+
 use crate::reconcile::Outcome;
 
 /// What an instance's /v1/models lists.
@@ -58,51 +61,37 @@ pub struct Activity {
 /// seen, valued with the time it was set: the newest one is the present. An engine with no
 /// request running or waiting at all has nothing busy, whatever a stale sample says.
 pub fn read_activity(text: &str) -> Activity {
-    let mut newest: Option<(f64, BTreeSet<String>, Option<usize>)> = None;
-    let mut requests = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((head, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let name = head.split('{').next().unwrap_or(head);
-        match name {
-            "vllm:num_requests_running" | "vllm:num_requests_waiting" => requests += value,
-            "vllm:lora_requests_info" if newest.as_ref().is_none_or(|(t, _, _)| value > *t) => {
-                let mut busy = BTreeSet::new();
-                for key in ["running_lora_adapters", "waiting_lora_adapters"] {
-                    busy.extend(
-                        label(head, key)
-                            .split(',')
-                            .filter(|s| !s.is_empty())
-                            .map(str::to_string),
-                    );
-                }
-                newest = Some((value, busy, label(head, "max_lora").parse().ok()));
-            }
-            _ => {}
+    let samples = prometheus_text::parse(text);
+    let requests: f64 = samples
+        .iter()
+        .filter(|s| s.name == "vllm:num_requests_running" || s.name == "vllm:num_requests_waiting")
+        .map(|s| s.value)
+        .sum();
+    let newest = samples
+        .iter()
+        .filter(|s| s.name == "vllm:lora_requests_info")
+        .max_by(|a, b| a.value.total_cmp(&b.value));
+    let label = |s: &Sample, key: &str| {
+        s.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(String::new(), |(_, v)| v.clone())
+    };
+    let mut busy = BTreeSet::new();
+    if let Some(s) = newest.filter(|_| requests > 0.0) {
+        for key in ["running_lora_adapters", "waiting_lora_adapters"] {
+            busy.extend(
+                label(s, key)
+                    .split(',')
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_string),
+            );
         }
     }
-    let (_, busy, max_loras) = newest.unwrap_or_default();
     Activity {
-        busy: if requests > 0.0 {
-            busy
-        } else {
-            BTreeSet::new()
-        },
-        max_loras,
+        busy,
+        max_loras: newest.and_then(|s| label(s, "max_lora").parse().ok()),
     }
-}
-
-/// The value of label `key` in a sample's `name{k="v",...}` head (empty when absent).
-fn label<'a>(head: &'a str, key: &str) -> &'a str {
-    let needle = format!("{key}=\"");
-    head.find(&needle)
-        .map(|i| &head[i + needle.len()..])
-        .and_then(|rest| rest.find('"').map(|end| &rest[..end]))
-        .unwrap_or("")
 }
 
 /// The outcome of a load or unload from the engine's status and body.
@@ -164,9 +153,9 @@ impl Engines {
             .request(reqwest::Method::GET, url.clone())
             .send()
             .await
-            .map_err(|e| chain(&e))?;
+            .map_err(|e| error_chain(&e))?;
         let status = response.status();
-        let body = response.bytes().await.map_err(|e| chain(&e))?;
+        let body = response.bytes().await.map_err(|e| error_chain(&e))?;
         if !status.is_success() {
             return Err(format!("{url} answered {status}"));
         }
@@ -192,12 +181,12 @@ impl Engines {
             .send()
             .await;
         match sent {
-            Err(e) => Outcome::Unreachable(chain(&e)),
+            Err(e) => Outcome::Unreachable(error_chain(&e)),
             Ok(r) => {
                 let status = r.status().as_u16();
                 match r.bytes().await {
                     Ok(body) => read_outcome(status, &body),
-                    Err(e) => Outcome::Unreachable(chain(&e)),
+                    Err(e) => Outcome::Unreachable(error_chain(&e)),
                 }
             }
         }
@@ -224,18 +213,6 @@ impl Engines {
         )
         .await
     }
-}
-
-/// An error and its sources, on one line.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -103,10 +103,7 @@ async fn health(State(m): State<Arc<Manager>>) -> Response {
 
 async fn metrics(State(m): State<Arc<Manager>>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, kvcache_control::METRICS_CONTENT_TYPE)],
         m.metrics.render(),
     )
         .into_response()
@@ -130,22 +127,8 @@ pub fn router(m: Arc<Manager>) -> Router {
         .with_state(m)
 }
 
-/// Serves the API on `listener` until SIGTERM or Ctrl-C; prints one line on stdout when ready
-/// (`kvcache-lora ready http=ADDR`), for scripts and tests that start it on port 0.
+/// Serves the API on `listener` until SIGTERM or Ctrl-C (`kvcache-lora ready http=ADDR` on
+/// stdout when ready, for scripts and tests that start it on port 0).
 pub async fn serve(m: Arc<Manager>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    let addr = listener.local_addr()?;
-    tracing::info!(listen = %addr, "kvcache-lora serving");
-    println!("kvcache-lora ready http={addr}");
-    axum::serve(listener, router(m))
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing a SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            tracing::info!("shutting down");
-        })
-        .await
+    kvcache_control::serve::serve("kvcache-lora", listener, router(m)).await
 }

@@ -1,6 +1,5 @@
 //! The manager's Prometheus metrics (`prometheus-client`, as the server and gateway use).
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -82,8 +81,6 @@ impl Metrics {
 
     /// The exposition text.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
+        kvcache_control::render(&self.registry)
     }
 }
