@@ -3,46 +3,22 @@
 //! reason, in /status and /metrics (the end-to-end tests with real vLLM instances and cache
 //! nodes are in `tests/e2e`, run by scripts/test.sh).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use kvcache_control::testing::{self, Running};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvcache-autoscaler");
 
 fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env_remove("KVCACHE_AUTOSCALER_CONFIG")
-        .output()
-        .expect("run it");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
-    )
+    testing::run(BIN, "KVCACHE_AUTOSCALER_CONFIG", args)
+}
+
+fn start(args: &[&str]) -> (String, Running) {
+    testing::start(BIN, args)
 }
 
 fn get(addr: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    raw.split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_string())
-}
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    testing::request(addr, "GET", path, None).1
 }
 
 #[test]
@@ -111,22 +87,7 @@ fn a_source_that_does_not_answer_freezes_its_target_and_status_says_why() {
          metric = \"vllm:num_requests_running\"\ntarget_value = 2.0\nmin_replicas = 2\nmax_replicas = 5\n"
     );
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--config", path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _running = Running(child);
-    let addr = line
-        .trim()
-        .strip_prefix("kvcache-autoscaler ready http=")
-        .expect(&line)
-        .to_string();
+    let (addr, _running) = start(&["--config", path.to_str().unwrap()]);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         let v: serde_json::Value = serde_json::from_str(&get(&addr, "/status")).unwrap();
@@ -210,22 +171,7 @@ fn a_pool_target_watches_only_the_registered_engines_of_its_role() {
         target("decode", "decode")
     );
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--config", path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _running = Running(child);
-    let addr = line
-        .trim()
-        .strip_prefix("kvcache-autoscaler ready http=")
-        .expect(&line)
-        .to_string();
+    let (addr, _running) = start(&["--config", path.to_str().unwrap()]);
     let sources = |v: &serde_json::Value, i: usize| -> Vec<String> {
         v["targets"][i]["sources"].as_array().map_or(vec![], |a| {
             a.iter()

@@ -6,6 +6,8 @@
 pub mod logging;
 pub mod prometheus_text;
 pub mod serve;
+#[cfg(feature = "test-support")]
+pub mod testing;
 
 /// An error and its sources, on one line ("client error (Connect): tcp connect error: ...").
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

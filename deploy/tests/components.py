@@ -1,11 +1,10 @@
 """What the deploy tests share: the real binaries started with small configs, and every metric
-name they export, read from their own /metrics (the one list the dashboard and the alerts are
-checked against)."""
+name they export, read from their own /metrics, with what the code declares for label families
+that have no sample yet (the one list the dashboard and the alerts are checked against)."""
 
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -15,9 +14,9 @@ PROMETHEUS = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "kvcache.json"
 sys.path.insert(0, str(REPO / "pyo3-bindings" / "tests"))
 
-from kvserver import find_binary, free_port, start_server, stop_server  # noqa: E402
+from kvserver import Prometheus, Service, free_port, start_server, stop_server  # noqa: E402
 
-__all__ = ["find_binary", "free_port", "start_server", "stop_server"]
+__all__ = ["Prometheus", "Service", "free_port", "start_server", "stop_server"]
 
 
 def tier_names() -> set[str]:
@@ -53,54 +52,43 @@ def scrape(url: str) -> str:
         return r.read().decode()
 
 
-def start(binary: str, env: str, args: list[str], tmp: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [str(find_binary(binary, env)), *args],
-        stdout=subprocess.PIPE,
-        stderr=(tmp / f"{binary}.log").open("w"),
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert " ready http=" in line, f"{binary} did not start: {line!r}"
-    return proc, "http://" + line.split("http=", 1)[1].strip()
+def small_configs(dead: str) -> dict[str, str]:
+    """Configs the gateway, the LoRA manager and the autoscaler start with when nothing they
+    manage answers (at `dead`)."""
+    return {
+        "gateway": f'listen = "127.0.0.1:0"\n[[backend]]\nurl = "{dead}"\n',
+        "lora": f'listen = "127.0.0.1:0"\ninstances = ["{dead}"]\n',
+        "autoscaler": f'listen = "127.0.0.1:0"\ninterval_s = 0.5\n[[target]]\nname = "engines"\n'
+        f'sources = ["{dead}/metrics"]\nmetric = "vllm:num_requests_running"\ntarget_value = 1.0\n',
+    }
+
+
+def start_services(configs: dict[str, str], tmp: Path) -> dict[str, Service]:
+    """The control-plane binaries with `configs` (by short name: gateway, lora, autoscaler)."""
+    started: dict[str, Service] = {}
+    try:
+        for name, config in configs.items():
+            started[name] = Service(f"kvcache-{name}", f"KVCACHE_{name.upper()}_BIN", config, tmp)
+    except BaseException:
+        for s in started.values():
+            s.stop()
+        raise
+    return started
 
 
 def exported_names(tmp: Path) -> set[str]:
-    """Every sample name the four binaries' /metrics can carry, from their # TYPE lines."""
-    dead = f"http://127.0.0.1:{free_port()}"
+    """Every sample name the four binaries' /metrics carry now, from their # TYPE lines."""
     server = start_server()
-    procs = []
+    services: dict[str, Service] = {}
     try:
-        texts = [scrape(f"http://{server.metrics}/metrics")]
-        (tmp / "gateway.toml").write_text(f'listen = "127.0.0.1:0"\n[[backend]]\nurl = "{dead}"\n')
-        (tmp / "lora.toml").write_text(f'listen = "127.0.0.1:0"\ninstances = ["{dead}"]\n')
-        (tmp / "autoscaler.toml").write_text(
-            f'listen = "127.0.0.1:0"\n[[target]]\nname = "t"\nsources = ["{dead}/metrics"]\n'
-            'metric = "m"\ntarget_value = 1.0\n'
-        )
-        for binary, env in [
-            ("kvcache-gateway", "KVCACHE_GATEWAY_BIN"),
-            ("kvcache-lora", "KVCACHE_LORA_BIN"),
-            ("kvcache-autoscaler", "KVCACHE_AUTOSCALER_BIN"),
-        ]:
-            config = tmp / f"{binary.removeprefix('kvcache-')}.toml"
-            proc, url = start(binary, env, ["--config", str(config)], tmp)
-            procs.append(proc)
-            texts.append(scrape(f"{url}/metrics"))
+        services = start_services(small_configs(f"http://127.0.0.1:{free_port()}"), tmp)
+        texts = [scrape(f"http://{server.metrics}/metrics")] + [scrape(f"{s.url}/metrics") for s in services.values()]
     finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+        for s in services.values():
+            s.stop()
         stop_server(server)
     names: set[str] = set()
-    suffixes = {
-        "counter": ["_total"],
-        "histogram": ["_bucket", "_sum", "_count"],
-        "gauge": [""],
-        "unknown": [""],
-        "info": ["_info"],
-    }
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "info": ["_info"]}
     for text in texts:
         for family, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
             base = family.removesuffix("_total")

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -21,11 +20,13 @@ import pytest
 
 from components import (
     DASHBOARD,
+    Prometheus,
     declared_names,
     exported_names,
     free_port,
-    start,
+    small_configs,
     start_server,
+    start_services,
     stop_server,
     tier_names,
 )
@@ -79,42 +80,16 @@ def test_a_real_prometheus_answers_every_query_with_data(tmp_path: Path):
     import kvcache
 
     server = start_server("--memory", "64MiB")
-    procs: list[subprocess.Popen[str]] = []
+    prometheus = None
+    services: dict = {}
     try:
-        dead = f"http://127.0.0.1:{free_port()}"
-        (tmp_path / "gateway.toml").write_text(
-            f'listen = "127.0.0.1:0"\ncache = ["{server.data}"]\n[[backend]]\nurl = "{dead}"\n'
-        )
-        (tmp_path / "lora.toml").write_text(f'listen = "127.0.0.1:0"\ninstances = ["{dead}"]\n')
-        (tmp_path / "autoscaler.toml").write_text(
-            f'listen = "127.0.0.1:0"\ninterval_s = 0.5\n[[target]]\nname = "engines"\nsources = ["{dead}/metrics"]\n'
-            'metric = "vllm:num_requests_running"\ntarget_value = 1.0\n'
-        )
-        urls = {}
-        for name in ("gateway", "lora", "autoscaler"):
-            proc, url = start(
-                f"kvcache-{name}", f"KVCACHE_{name.upper()}_BIN", ["--config", str(tmp_path / f"{name}.toml")], tmp_path
-            )
-            procs.append(proc)
-            urls[name] = url
+        configs = small_configs(f"http://127.0.0.1:{free_port()}")
+        configs["gateway"] = f'cache = ["{server.data}"]\n' + configs["gateway"]
+        services = start_services(configs, tmp_path)
+        urls = {name: s.url for name, s in services.items()}
         targets = [server.metrics] + [u.removeprefix("http://") for u in urls.values()]
-        (tmp_path / "prometheus.yml").write_text(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: kvcache\n"
-            f"    static_configs:\n      - targets: {json.dumps(targets)}\n"
-        )
-        prom = f"http://127.0.0.1:{free_port()}"
-        procs.append(
-            subprocess.Popen(
-                [
-                    "prometheus",
-                    f"--config.file={tmp_path / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                    f"--web.listen-address={prom.removeprefix('http://')}",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=(tmp_path / "prometheus.log").open("w"),
-            )
-        )
+        prometheus = Prometheus(targets, tmp_path)
+        prom = prometheus.url
         # A little traffic, bounded: puts, hits, misses, one refused put; requests the gateway
         # refuses (its backend is down).
         client = kvcache.Client(server.data, transport="tcp")
@@ -154,7 +129,8 @@ def test_a_real_prometheus_answers_every_query_with_data(tmp_path: Path):
         for title, expr in queries():
             assert answered[expr] or needs(expr), (title, expr)
     finally:
-        for p in procs:
-            p.kill()
-            p.wait()
+        if prometheus is not None:
+            prometheus.stop()
+        for s in services.values():
+            s.stop()
         stop_server(server)

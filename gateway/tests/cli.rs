@@ -2,21 +2,12 @@
 //! is refused at once with the reason (the end-to-end tests with real vLLM instances are in
 //! `tests/e2e`, run by scripts/test.sh).
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use kvcache_control::testing::{self, raw_http};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvcache-gateway");
 
 fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env_remove("KVCACHE_GATEWAY_CONFIG")
-        .output()
-        .expect("run the gateway");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    testing::run(BIN, "KVCACHE_GATEWAY_CONFIG", args)
 }
 
 #[test]
@@ -78,21 +69,8 @@ fn with_its_backends_down_health_and_requests_answer_503_with_retry_after() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_url = format!("http://{}", dead.local_addr().unwrap());
     drop(dead);
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--backend", &dead_url])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("kvcache-gateway ready http=")
-        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
-        .to_string();
+    let (addr, _running) =
+        testing::start(BIN, &["--listen", "127.0.0.1:0", "--backend", &dead_url]);
     let health = raw_http(
         &addr,
         "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
@@ -111,16 +89,4 @@ fn with_its_backends_down_health_and_requests_answer_503_with_retry_after() {
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.to_lowercase().contains("retry-after: 1"), "{answer}");
     assert!(answer.contains("no_backend_available"), "{answer}");
-    child.kill().ok();
-    child.wait().ok();
-}
-
-fn raw_http(addr: &str, request: &str) -> String {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }

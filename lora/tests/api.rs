@@ -2,23 +2,19 @@
 //! its API over a real socket telling the truth when no instance answers (the end-to-end tests
 //! with real vLLM instances are in `tests/e2e`, run by scripts/test.sh).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use kvcache_control::testing::{self, Running, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvcache-lora");
 
 fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env_remove("KVCACHE_LORA_CONFIG")
-        .output()
-        .expect("run kvcache-lora");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    testing::run(BIN, "KVCACHE_LORA_CONFIG", args)
+}
+
+fn start(args: &[&str]) -> (String, Running) {
+    testing::start(BIN, args)
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -27,63 +23,13 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// One HTTP/1.1 request; the status and the JSON body.
+/// One request; the status and the JSON body (Null when it is not JSON).
 fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let status = raw[9..12].parse().unwrap();
-    let json = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let (status, text) = testing::request(addr, method, path, body);
     (
         status,
-        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
     )
-}
-
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Starts the binary with `args`; its API address and the running process.
-fn start(args: &[&str]) -> (String, Running) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_remove("KVCACHE_LORA_CONFIG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("kvcache-lora ready http=")
-        .expect(&line)
-        .to_string();
-    (addr, Running(child))
-}
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[test]
@@ -159,22 +105,7 @@ fn with_no_instance_answering_the_api_tells_the_truth_and_refuses_bad_declaratio
         "listen = \"127.0.0.1:0\"\ninstances = [\"{dead_url}\"]\n[reconcile]\ninterval_ms = 100\n"
     );
     std::fs::write(&config, format!("{head}{file_adapter}")).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--config", config.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _running = Running(child);
-    let addr = line
-        .trim()
-        .strip_prefix("kvcache-lora ready http=")
-        .expect(&line)
-        .to_string();
+    let (addr, _running) = start(&["--config", config.to_str().unwrap()]);
 
     wait_until("the instance seen down", || {
         let (_, v) = request(&addr, "GET", "/v1/instances", None);
@@ -258,14 +189,7 @@ fn with_no_instance_answering_the_api_tells_the_truth_and_refuses_bad_declaratio
     });
     let (status, _) = request(&addr, "GET", "/metrics", None);
     assert_eq!(status, 200);
-    let mut s = TcpStream::connect(&addr).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
+    let (_, text) = testing::request(&addr, "GET", "/metrics", None);
     assert!(
         text.contains(&format!(
             "kvcache_lora_instance_up{{instance=\"{dead_url}\"}} 0"

@@ -107,3 +107,99 @@ def start_etcd(data_dir: str) -> Etcd:
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("etcd did not start in 20 s")
+
+
+def sample_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` in Prometheus text whose labels include `labels`."""
+    import re
+
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{.*\})? (\S+)( \S+)?$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+class Service:
+    """A kvcache binary started with `--config FILE` on an ephemeral port: it prints
+    `NAME ready http=ADDR` when it serves (the gateway, the LoRA manager, the autoscaler)."""
+
+    def __init__(self, binary: str, env: str, config: str, workdir: Path, log_filter: str = "info"):
+        path = workdir / f"{binary}.toml"
+        path.write_text(config)
+        self.log = workdir / f"{binary}.log"
+        self.proc = subprocess.Popen(
+            [str(find_binary(binary, env)), "--config", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=self.log.open("w"),
+            env={**os.environ, "KVCACHE_LOG": log_filter},
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith(f"{binary} ready"), f"{binary} did not start: {line!r}\n{self.tail()}"
+        self.url = "http://" + line.split("http=", 1)[1].strip()
+
+    def tail(self) -> str:
+        return self.log.read_text()[-5000:]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` on its /metrics whose labels include `labels`."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
+            return sample_sum(r.read().decode(), name, **labels)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Prometheus:
+    """Debian's Prometheus on a free loopback port, scraping `targets` (host:port) every second."""
+
+    def __init__(self, targets: list[str], workdir: Path):
+        import json
+        import shutil
+        import time
+
+        if shutil.which("prometheus") is None:
+            raise RuntimeError("prometheus not found: install Debian's prometheus (scripts/test.sh does)")
+        config = workdir / "prometheus.yml"
+        config.write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            "scrape_configs:\n  - job_name: kvcache\n    static_configs:\n"
+            f"      - targets: {json.dumps(targets)}\n"
+        )
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address={self.url.removeprefix('http://')}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(workdir / "prometheus.log").open("w"),
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/-/ready", timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        self.proc.kill()
+        raise RuntimeError(f"prometheus not ready in 30 s: {(workdir / 'prometheus.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvserver import free_port
+from kvserver import free_port, sample_sum
 
 READY_TIMEOUT_S = 300
 
@@ -148,13 +148,7 @@ class Serve:
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the samples of `name` in /metrics whose labels include `labels`."""
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        wanted = [f'{k}="{v}"' for k, v in labels.items()]
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if (line.startswith(name + "{") or line.startswith(name + " ")) and all(w in line for w in wanted)
-        )
+            return sample_sum(r.read().decode(), name, **labels)
 
     def kill(self) -> None:
         """SIGKILL to the whole process group (API server, engine core, worker)."""

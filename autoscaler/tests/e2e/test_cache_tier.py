@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from gwstack import wait_for
-from kvserver import start_server, stop_server
-from scalerstack import Autoscaler, Prometheus
+from kvserver import Prometheus, start_server, stop_server
+from scalerstack import Autoscaler
 
 
 def target(name: str, metrics_url: str) -> str:

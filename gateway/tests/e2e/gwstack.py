@@ -4,10 +4,7 @@ end-to-end tests (conftest.py) and the routing benchmark (benches/gateway/replay
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -20,7 +17,7 @@ REPO = HERE.parents[2]
 sys.path.insert(0, str(REPO / "pyo3-bindings" / "tests"))
 sys.path.insert(0, str(REPO / "vllm-connector" / "tests"))
 
-from kvserver import Server, find_binary  # noqa: E402
+from kvserver import Server, Service, find_binary  # noqa: E402
 from vllm_serve import Serve  # noqa: E402
 
 KEY = "sk-e2e-main"
@@ -61,27 +58,11 @@ def call(
         return Answer(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
 
 
-class Gateway:
+class Gateway(Service):
     """The kvcache-gateway binary on an ephemeral port, configured by a TOML file."""
 
     def __init__(self, config: str, workdir: Path):
-        path = workdir / "gateway.toml"
-        path.write_text(config)
-        self.log = workdir / "gateway.log"
-        self.proc = subprocess.Popen(
-            [str(gateway_binary()), "--config", str(path)],
-            stdout=subprocess.PIPE,
-            stderr=self.log.open("w"),
-            env={**os.environ, "KVCACHE_LOG": "info,kvcache_gateway=debug"},
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.startswith("kvcache-gateway ready"), f"gateway did not start: {line!r}\n{self.tail()}"
-        self.url = "http://" + line.split("http=", 1)[1].strip()
-
-    def tail(self) -> str:
-        return self.log.read_text()[-5000:]
+        super().__init__("kvcache-gateway", "KVCACHE_GATEWAY_BIN", config, workdir, "info,kvcache_gateway=debug")
 
     def post(self, path: str, body: object, key: str | None = KEY, **kw) -> Answer:
         headers = dict(kw.pop("headers", {}))
@@ -96,26 +77,6 @@ class Gateway:
         answer = self.post("/explain/v1/chat/completions" if chat else "/explain/v1/completions", body)
         assert answer.status == 200, answer.body
         return answer.json()
-
-    def metric(self, name: str, **labels: str) -> float:
-        """The sum of the samples of `name` whose labels include `labels`."""
-        text = call("GET", self.url + "/metrics").body.decode()
-        total = 0.0
-        for line in text.splitlines():
-            m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? (\S+)$", line)
-            if not m or m.group(1) != name:
-                continue
-            got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-            if all(got.get(k) == v for k, v in labels.items()):
-                total += float(m.group(3))
-        return total
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @dataclass
