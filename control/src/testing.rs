@@ -10,8 +10,13 @@ use std::time::{Duration, Instant};
 /// Runs `bin` with `args` (without `config_env` in its environment) to its end: whether it
 /// succeeded, and its stdout and stderr together.
 pub fn run(bin: &str, config_env: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(bin).args(args).env_remove(config_env).output().expect("run the binary");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new(bin)
+        .args(args)
+        .env_remove(config_env)
+        .output()
+        .expect("run the binary");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -34,7 +39,9 @@ pub fn start(bin: &str, args: &[&str]) -> (String, Running) {
         .spawn()
         .expect("start the binary");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("a piped stdout")).read_line(&mut line).expect("its ready line");
+    BufReader::new(child.stdout.take().expect("a piped stdout"))
+        .read_line(&mut line)
+        .expect("its ready line");
     let running = Running(child);
     let addr = line
         .split_once(" ready http=")
@@ -46,7 +53,8 @@ pub fn start(bin: &str, args: &[&str]) -> (String, Running) {
 /// Sends `request` (a whole HTTP/1.1 request) to `addr`; the whole answer.
 pub fn raw_http(addr: &str, request: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("a read timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("a read timeout");
     s.write_all(request.as_bytes()).expect("send");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read the answer");
@@ -64,7 +72,11 @@ pub fn request(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16
         ),
     );
     let status = raw.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, raw.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string()))
+    (
+        status,
+        raw.split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_string()),
+    )
 }
 
 /// Waits up to 15 s for `check`.
