@@ -42,8 +42,6 @@ fn help_names_every_flag_and_the_file_keys() {
 
 #[test]
 fn configs_it_cannot_run_with_are_refused_with_the_reason() {
-    let dir = std::env::temp_dir().join(format!("kvcache-autoscaler-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let good = "[[target]]\nname = \"e\"\nsources = [\"http://127.0.0.1:1/metrics\"]\nmetric = \"m\"\ntarget_value = 1.0\n";
     let cases = [
         ("listen = \"127.0.0.1:0\"\n".to_string(), "no [[target]]"),
@@ -58,19 +56,7 @@ fn configs_it_cannot_run_with_are_refused_with_the_reason() {
             "panic_window_s",
         ),
     ];
-    for (i, (toml, why)) in cases.iter().enumerate() {
-        let path = dir.join(format!("{i}.toml"));
-        std::fs::write(&path, toml).unwrap();
-        let (ok, text) = run(&["--config", path.to_str().unwrap()]);
-        assert!(!ok, "started with {toml:?}");
-        assert!(text.contains(why), "{toml:?}: expected {why:?} in:\n{text}");
-    }
-    let (ok, text) = run(&["--config", "/nonexistent.toml"]);
-    assert!(
-        !ok && text.contains("cannot read the config file"),
-        "{text}"
-    );
-    std::fs::remove_dir_all(&dir).ok();
+    testing::assert_configs_refused(BIN, "KVCACHE_AUTOSCALER_CONFIG", &cases);
 }
 
 #[test]

@@ -87,3 +87,26 @@ pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Starts `bin` with each config of `cases` (TOML text, a word its error must contain) and
+/// checks that it refuses to run, saying why; then with a config file that does not exist.
+pub fn assert_configs_refused<T: AsRef<str>>(bin: &str, config_env: &str, cases: &[(T, &str)]) {
+    let name = bin.rsplit('/').next().unwrap_or(bin);
+    let dir = std::env::temp_dir().join(format!("{name}-refused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    for (i, (toml, why)) in cases.iter().enumerate() {
+        let toml = toml.as_ref();
+        let path = dir.join(format!("{i}.toml"));
+        std::fs::write(&path, toml).expect("write the config");
+        let (ok, text) = run(
+            bin,
+            config_env,
+            &["--config", path.to_str().expect("a UTF-8 path")],
+        );
+        assert!(!ok, "started with {toml:?}");
+        assert!(text.contains(why), "{toml:?}: expected {why:?} in:\n{text}");
+    }
+    let (ok, text) = run(bin, config_env, &["--config", "/nonexistent.toml"]);
+    assert!(!ok && text.contains("/nonexistent.toml"), "{text}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -30,8 +30,6 @@ fn help_names_every_flag() {
 
 #[test]
 fn configs_it_cannot_run_with_are_refused_with_the_reason() {
-    let dir = std::env::temp_dir().join(format!("kvcache-gateway-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let cases = [
         ("listen = \"127.0.0.1:0\"\n", "no backends"),
         (
@@ -47,19 +45,7 @@ fn configs_it_cannot_run_with_are_refused_with_the_reason() {
             "cannot load the tokenizer",
         ),
     ];
-    for (i, (toml, why)) in cases.iter().enumerate() {
-        let path = dir.join(format!("{i}.toml"));
-        std::fs::write(&path, toml).unwrap();
-        let (ok, text) = run(&["--config", path.to_str().unwrap()]);
-        assert!(!ok, "started with {toml:?}");
-        assert!(text.contains(why), "{toml:?}: expected {why:?} in:\n{text}");
-    }
-    let (ok, text) = run(&["--config", "/nonexistent.toml"]);
-    assert!(
-        !ok && text.contains("cannot read the config file"),
-        "{text}"
-    );
-    std::fs::remove_dir_all(&dir).ok();
+    testing::assert_configs_refused(BIN, "KVCACHE_GATEWAY_CONFIG", &cases);
 }
 
 #[test]

@@ -54,7 +54,6 @@ fn help_names_every_flag() {
 
 #[test]
 fn configs_it_cannot_run_with_are_refused_with_the_reason() {
-    let dir = temp_dir("cli");
     let adapter = "[[adapter]]\nname = \"a\"\nbase_model = \"m\"\npath = \"/a\"\n";
     let cases = [
         ("listen = \"127.0.0.1:0\"\n".to_string(), "no instances"),
@@ -77,14 +76,7 @@ fn configs_it_cannot_run_with_are_refused_with_the_reason() {
     ];
     let (ok, text) = run(&["--instance", "http://127.0.0.1:1", "--discover", "etcd://"]);
     assert!(!ok && text.contains("discover"), "{text}");
-    for (i, (toml, why)) in cases.iter().enumerate() {
-        let path = dir.join(format!("{i}.toml"));
-        std::fs::write(&path, toml).unwrap();
-        let (ok, text) = run(&["--config", path.to_str().unwrap()]);
-        assert!(!ok, "started with {toml:?}");
-        assert!(text.contains(why), "{toml:?}: expected {why:?} in:\n{text}");
-    }
-    std::fs::remove_dir_all(&dir).ok();
+    testing::assert_configs_refused(BIN, "KVCACHE_LORA_CONFIG", &cases);
 }
 
 #[test]
