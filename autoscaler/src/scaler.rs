@@ -137,14 +137,12 @@ impl Scaler {
     /// Runs target `i` of `config` until the process ends.
     pub async fn run_target(self: Arc<Self>, i: usize, config: TargetConfig) {
         let name = config.name.clone();
-        let mut actuator = match Actuator::new(&config).await {
-            Ok(a) => Some(a),
+        // Without an actuator (none can be made here), decisions are reported, and so is why.
+        let (mut actuator, missing) = match Actuator::new(&config).await {
+            Ok(a) => (Some(a), None),
             Err(why) => {
                 warn!(target = %name, error = %why, "no actuator: decisions are reported only");
-                let mut s = self.status()[i].clone();
-                s.actuator_error = Some(why);
-                self.publish(i, s);
-                None
+                (None, Some(why))
             }
         };
         let timeout = self.interval.max(std::time::Duration::from_secs(2));
@@ -161,7 +159,7 @@ impl Scaler {
             let now = started.elapsed().as_millis() as u64;
             let (mut obs, health) = sources.observe(&config.rules.metrics, now).await;
             let mut status = self.status()[i].clone();
-            status.actuator_error = None;
+            status.actuator_error = missing.clone();
             if let Some(a) = actuator.as_mut() {
                 match a.current().await {
                     Ok(Some(n)) => current = Some(n),

@@ -188,3 +188,35 @@ fn a_pool_target_watches_only_the_registered_engines_of_its_role() {
     }
     std::fs::remove_file(&path).ok();
 }
+
+#[test]
+fn a_kubernetes_target_without_a_cluster_reports_its_decisions_and_says_why_it_cannot_act() {
+    let path = std::env::temp_dir().join(format!(
+        "kvcache-autoscaler-k8s-{}.toml",
+        std::process::id()
+    ));
+    let config = "listen = \"127.0.0.1:0\"\ninterval_s = 0.1\n[[target]]\nname = \"engines\"\n\
+        sources = [\"http://127.0.0.1:1/metrics\"]\nmetric = \"m\"\ntarget_value = 1.0\nactuator = \"kubernetes\"\n\
+        [target.kubernetes]\nname = \"vllm\"\n";
+    std::fs::write(&path, config).unwrap();
+    // Neither in a cluster nor with a kubeconfig (and, in the plain build, without the feature).
+    let (addr, _running) = start(&["--config", path.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&get(&addr, "/status")).unwrap();
+        let t = &v["targets"][0];
+        if let Some(why) = t["actuator_error"].as_str()
+            && !t["sources"].as_array().is_some_and(Vec::is_empty)
+        {
+            assert!(why.to_lowercase().contains("kubernetes"), "{why}");
+            assert_eq!(t["actuator"], "kubernetes");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no actuator error in /status: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::remove_file(&path).ok();
+}
