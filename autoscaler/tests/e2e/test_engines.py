@@ -168,7 +168,7 @@ def test_load_starts_a_second_instance_and_its_end_stops_it(stack: ScaleStack):
     for c in clients:
         c.start()
     try:
-        up = scaler.status_when("engines", "a scale-up decision", lambda s: s["current"] == 2)
+        up = wait_for("a scale-up decision", lambda: (s := scaler.status("engines"))["current"] == 2 and s, 60)
         assert up["last_scale"]["from"] == 1 and up["last_scale"]["to"] == 2, up
         assert "kpa up" in up["last_scale"]["reason"], up
         assert scaler.metric("kvcache_autoscaler_desired_replicas", target="engines") == 2
