@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -66,7 +67,7 @@ def scrape(url: str) -> dict[str, float]:
 def main() -> None:
     out = Path(sys.argv[1])
     model = require_model("tiny")
-    engine = Serve(model, None, out.with_suffix(".vllm.log"), core=0)
+    engine = Serve(model, None, Path(tempfile.gettempdir()) / "kvcache-trace-vllm.log", core=0)
     wanted = [0]
     stop = threading.Event()
 
