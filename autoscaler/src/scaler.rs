@@ -158,7 +158,7 @@ impl Scaler {
             tick.tick().await;
             let now = started.elapsed().as_millis() as u64;
             let (mut obs, health) = sources.observe(&config.rules.metrics, now).await;
-            let mut status = self.status()[i].clone();
+            let mut status = self.statuses.lock()[i].clone();
             status.actuator_error = missing.clone();
             if let Some(a) = actuator.as_mut() {
                 match a.current().await {

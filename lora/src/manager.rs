@@ -145,6 +145,7 @@ impl Manager {
         for (url, (models, activity)) in urls.iter().zip(results) {
             let info = book.entry(url.clone()).or_insert_with(|| InstanceInfo {
                 url: url.clone(),
+                capacity: self.config.max_loras.unwrap_or(DEFAULT_MAX_LORAS),
                 ..Default::default()
             });
             match models {
@@ -173,9 +174,6 @@ impl Manager {
                     info.error = Some(why);
                     info.adapters.clear();
                     info.busy.clear();
-                    if info.capacity == 0 {
-                        info.capacity = self.config.max_loras.unwrap_or(DEFAULT_MAX_LORAS);
-                    }
                 }
             }
             self.metrics

@@ -25,8 +25,8 @@ pub struct Observed {
     pub base_models: Vec<String>,
     /// Adapters it lists (models with a parent).
     pub adapters: BTreeSet<String>,
-    /// Adapters with requests running or waiting there (from `vllm:lora_requests_info`), or
-    /// None when the engine is idle (no request at all): nothing is busy.
+    /// Adapters with requests running or waiting there (from `vllm:lora_requests_info`);
+    /// empty when the engine runs no request at all.
     pub busy: BTreeSet<String>,
     /// How many adapters it may hold.
     pub capacity: usize,
@@ -187,7 +187,9 @@ impl Registry {
                 }
             }
         }
-        // 2. Placement, over instances up or down for less than the grace.
+        // 2. Placement, over instances up or down for less than the grace. A down instance
+        // keeps the base models it last listed (the shell passes them along), so a restarting
+        // instance keeps its placements.
         let nodes: Vec<Node> = instances
             .iter()
             .map(|i| Node {
@@ -209,8 +211,6 @@ impl Registry {
                         .is_some_and(|t| now_ms.saturating_sub(t) < s.down_grace_ms),
             })
             .collect();
-        // An instance down since before this manager saw it up keeps its last base models:
-        // the shell passes them along, so a restarting instance keeps its placements.
         let wants: Vec<Want> = self
             .adapters
             .values()
