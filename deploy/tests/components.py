@@ -4,8 +4,11 @@ that have no sample yet (the one list the dashboard and the alerts are checked a
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -14,9 +17,9 @@ PROMETHEUS = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "kvcache.json"
 sys.path.insert(0, str(REPO / "pyo3-bindings" / "tests"))
 
-from kvserver import Prometheus, Service, free_port, start_server, stop_server  # noqa: E402
+from kvserver import Prometheus, Service, free_port, sample_sum, start_server, stop_server  # noqa: E402
 
-__all__ = ["Prometheus", "Service", "free_port", "start_server", "stop_server"]
+__all__ = ["Prometheus", "Service", "free_port", "sample_sum", "start_server", "stop_server"]
 
 
 def tier_names() -> set[str]:
@@ -45,6 +48,23 @@ def declared_names() -> set[str]:
             base = n.removesuffix("_total")
             names.update({base, base + "_total", base + "_bucket", base + "_sum", base + "_count"})
     return names
+
+
+def queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL expression) for every query of the dashboard."""
+    dash = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+
+
+def prometheus_query(url: str, expr: str, rate_interval: str = "10s") -> dict:
+    """Prometheus' answer to an instant query (its error body too), with Grafana's
+    `$__rate_interval` set to `rate_interval` (at least four scrape intervals)."""
+    q = urllib.parse.urlencode({"query": expr.replace("$__rate_interval", rate_interval)})
+    try:
+        with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=10) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
 
 
 def scrape(url: str) -> str:

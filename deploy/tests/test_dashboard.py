@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from components import (
     declared_names,
     exported_names,
     free_port,
+    prometheus_query,
+    queries,
     small_configs,
     start_server,
     start_services,
@@ -48,11 +49,6 @@ def needs(expr: str) -> list[str]:
     return sorted({why for prefix, why in NEEDS.items() if prefix in expr})
 
 
-def queries() -> list[tuple[str, str]]:
-    dash = json.loads(DASHBOARD.read_text())
-    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
-
-
 def test_the_dashboard_is_well_formed_and_names_only_exported_metrics(tmp_path: Path):
     dash = json.loads(DASHBOARD.read_text())
     ids = [p["id"] for p in dash["panels"]]
@@ -61,15 +57,6 @@ def test_the_dashboard_is_well_formed_and_names_only_exported_metrics(tmp_path: 
     used = {n for _, e in queries() for n in re.findall(r"\b(kvcache_[a-z_]+)", e)}
     missing = sorted(used - known)
     assert not missing, f"the dashboard names metrics no binary exports: {missing}"
-
-
-def prometheus_query(url: str, expr: str) -> dict:
-    q = urllib.parse.urlencode({"query": expr})
-    try:
-        with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=10) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return json.loads(e.read())
 
 
 def test_a_real_prometheus_answers_every_query_with_data(tmp_path: Path):
@@ -118,7 +105,7 @@ def test_a_real_prometheus_answers_every_query_with_data(tmp_path: Path):
             time.sleep(0.5)
             still = []
             for title, expr in pending:
-                answer = prometheus_query(prom, expr.replace("$__rate_interval", "10s"))
+                answer = prometheus_query(prom, expr)
                 assert answer.get("status") == "success", f"{title}: {expr}: {answer}"
                 if answer["data"]["result"] or needs(expr):
                     answered[expr] = answer["data"]["result"]
