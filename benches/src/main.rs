@@ -8,6 +8,7 @@ mod disk;
 mod gateway_index;
 mod index_memory;
 mod systems;
+mod trace;
 
 use std::path::PathBuf;
 
@@ -144,6 +145,9 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// The Mooncake trace replayed against a kvcache server per eviction policy and pool size
+    /// (in blocks): block hit rate beside a simulation of the same store, throughput, latency.
+    Trace(trace::Plan),
     /// Runs a kvcache server (used by `compare`; takes kvcache-server's flags).
     #[command(hide = true)]
     ServeKvcache(Box<kvcache_server::config::settings::Settings>),
@@ -290,6 +294,12 @@ fn main() -> anyhow::Result<()> {
                      cargo build --release -p kvcache-bench --features gateway"
                 )
             }
+        }
+        Cmd::Trace(plan) => {
+            plan.check()?;
+            let report = block_on(trace::run(&plan))?;
+            println!("{}", trace::render(&report));
+            write_json(plan.json.clone(), serde_json::to_value(&report)?)
         }
         Cmd::ServeKvcache(settings) => kvcache_server::cli::run(*settings),
         Cmd::ServeCeiling { listen } => systems::ceiling::serve(&listen),
