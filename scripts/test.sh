@@ -12,7 +12,9 @@
 # venv are cached in $KVCACHE_CACHE_DIR (default /var/tmp/kvcache-cache).
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-ensure_packages redis-server:redis-server etcd:etcd-server prometheus:prometheus
+ensure_packages redis-server:redis-server etcd:etcd-server prometheus:prometheus \
+    docker:docker.io docker-compose:docker-compose debootstrap:debootstrap
+docker info >/dev/null 2>&1 || { echo "error: the Docker daemon does not answer (deploy/tests/test_compose.py needs it)" >&2; exit 1; }
 # The feature build (disk tier, RDMA, CUDA): RocksDB's C++ and the verbs headers. See
 # DEVELOPERS.md; the default build needs none of these.
 ensure_libraries libibverbs-dev librdmacm-dev libnl-3-dev libnl-route-3-dev clang libclang-dev cmake g++
@@ -38,9 +40,13 @@ cargo clippy --profile test -p kvcache-autoscaler --all-targets --locked --featu
 cargo test -p kvcache-autoscaler --locked --features kubernetes
 echo "== fuzz: every cargo-fuzz target for a few seconds (scripts/fuzz.sh)" >&2
 ./scripts/fuzz.sh "${KVCACHE_FUZZ_SECONDS:-5}"
-echo "== python: pip install ./pyo3-bindings, ruff, pytest" >&2
+echo "== python: the wheels (pyo3-bindings, vllm-connector), ruff, pytest" >&2
 python_venv
-"$KVCACHE_VENV/bin/pip" install -q --disable-pip-version-check ./pyo3-bindings
+# Built once, installed in both venvs and in the vLLM image of the Compose test.
+WHEELS="$KVCACHE_CACHE_DIR/wheels"
+rm -rf "$WHEELS"
+"$KVCACHE_VENV/bin/pip" wheel -q --disable-pip-version-check --no-deps -w "$WHEELS" ./pyo3-bindings ./vllm-connector
+"$KVCACHE_VENV/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$WHEELS"/kvcache-*.whl
 "$KVCACHE_VENV/bin/ruff" check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches
 "$KVCACHE_VENV/bin/ruff" format --check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches
 KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" "$KVCACHE_VENV/bin/pytest" -q pyo3-bindings/tests
@@ -51,10 +57,11 @@ echo "== deploy: Kustomize overlays render and validate strictly; promtool check
 KVCACHE_REQUIRE_PROMETHEUS=1 KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" \
     KVCACHE_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/kvcache-gateway" \
     KVCACHE_LORA_BIN="$CARGO_TARGET_DIR/debug/kvcache-lora" \
-    KVCACHE_AUTOSCALER_BIN="$CARGO_TARGET_DIR/debug/kvcache-autoscaler" "$KVCACHE_VENV/bin/pytest" -q deploy/tests
+    KVCACHE_AUTOSCALER_BIN="$CARGO_TARGET_DIR/debug/kvcache-autoscaler" "$KVCACHE_VENV/bin/pytest" -q deploy/tests \
+    --ignore=deploy/tests/test_compose.py
 echo "== vLLM connector: scripts/setup-vllm.sh, pip install, ruff, pytest (a real vLLM on CPU)" >&2
 vllm_venv=$(./scripts/setup-vllm.sh)
-"$vllm_venv/bin/pip" install -q --disable-pip-version-check ./pyo3-bindings ./vllm-connector
+"$vllm_venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$WHEELS"/*.whl
 "$KVCACHE_VENV/bin/ruff" check vllm-connector
 "$KVCACHE_VENV/bin/ruff" format --check vllm-connector
 KVCACHE_REQUIRE_VLLM=1 KVCACHE_VLLM_MODELS="$(dirname "$vllm_venv")/models" \
@@ -79,4 +86,8 @@ KVCACHE_REQUIRE_VLLM=1 KVCACHE_VLLM_MODELS="$(dirname "$vllm_venv")/models" \
     KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" \
     KVCACHE_GATEWAY_BIN="$CARGO_TARGET_DIR/debug/kvcache-gateway" \
     KVCACHE_AUTOSCALER_BIN="$CARGO_TARGET_DIR/debug/kvcache-autoscaler" "$vllm_venv/bin/pytest" -q autoscaler/tests/e2e
+echo "== deploy: images built here (deploy/images/local.sh), the Compose cluster under faults (deploy/tests/test_compose.py)" >&2
+images=$(deploy/images/local.sh "$CARGO_TARGET_DIR/debug" "$WHEELS")
+env $images KVCACHE_REQUIRE_DOCKER=1 KVCACHE_VLLM_MODELS="$(dirname "$vllm_venv")/models" \
+    "$KVCACHE_VENV/bin/pytest" -q deploy/tests/test_compose.py
 echo "all tests passed in $(( $(date +%s) - started )) s" >&2

@@ -32,8 +32,10 @@ docker run --name "$container" "$base" sh -c '
     rm -rf /var/lib/apt/lists/*
     python3 -m venv --without-pip /opt/vllm
     rmdir /opt/vllm/lib/python3.11/site-packages  # comes whole from the install below
-    printf "%s\n" "#!/opt/vllm/bin/python" "import sys" \
-        "from vllm.entrypoints.cli.main import main" "sys.exit(main())" >/opt/vllm/bin/vllm
+    # The guard matters: vLLM starts its engine core with multiprocessing spawn, which imports
+    # this file again in the child.
+    printf "%s\n" "#!/opt/vllm/bin/python" "import sys" "from vllm.entrypoints.cli.main import main" \
+        "if __name__ == \"__main__\":" "    sys.exit(main())" >/opt/vllm/bin/vllm
     chmod 755 /opt/vllm/bin/vllm
     groupadd --gid 10001 vllm
     useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin vllm
@@ -43,10 +45,12 @@ docker export "$container" | as_root tar -x -C "$work/root"
 echo "vllm-cpu image: importing the root and $site (a few minutes)" >&2
 # One archive (docker import stops at the end of the first): the container's root, then the
 # venv's site-packages under /opt/vllm, without the kvcache module and connector the tests
-# installed there (vllm.Dockerfile adds the ones built now).
+# installed there (vllm.Dockerfile adds the ones built now). The bytecode comes too: the
+# engines cannot write it (they do not run as root), and compiling torch's and vLLM's Python at
+# every start costs minutes.
 as_root tar -c -C "$work/root" . -C "$(dirname "$site")" \
     --exclude='site-packages/kvcache' --exclude='site-packages/kvcache-*' \
-    --exclude='site-packages/kvcache_vllm*' --exclude='__pycache__' \
+    --exclude='site-packages/kvcache_vllm*' \
     --transform 's,^site-packages,./opt/vllm/lib/python3.11/site-packages,' site-packages |
     docker import \
     --change 'ENV PATH=/opt/vllm/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \

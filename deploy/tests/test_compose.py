@@ -19,8 +19,10 @@ where it fails. The cluster is started once for the module (two vLLM starts).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import threading
@@ -88,8 +90,9 @@ def wait_for(what: str, ok: Callable[[], bool], timeout: float, diagnose: Callab
 
 
 def prompt(blocks: int, seed: int) -> list[int]:
-    """Token ids: `blocks` full blocks and 20 more, distinct per seed."""
-    return [(seed * 7919 + i * 31) % 30000 + 100 for i in range(blocks * BLOCK + 20)]
+    """Token ids inside the tiny model's vocabulary: `blocks` full blocks and 20 more."""
+    rng = random.Random(seed)
+    return [rng.randrange(3, 400) for _ in range(blocks * BLOCK + 20)]
 
 
 @dataclass
@@ -102,14 +105,21 @@ class Cluster:
     )
 
     def __post_init__(self) -> None:
+        # The engines run as uid 10001: they get a copy of the model they may read (the test
+        # model's weights are private to the user who made them).
+        shared = self.work / "models"
+        shutil.copytree(self.models / "tiny", shared / "tiny")
+        for path in [self.work, shared, *shared.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
         self.env = {
             **os.environ,
-            "MODEL_DIR": str(self.models),
+            "MODEL_DIR": str(shared),
             "MODEL": "tiny",
             "GATEWAY_PORT": str(self.ports["gateway"]),
             "PROMETHEUS_PORT": str(self.ports["prometheus"]),
             "CACHE_MEMORY": "256MiB",
         }
+        self.layers = json.loads((shared / "tiny" / "config.json").read_text())["num_hidden_layers"]
         self.override = self.work / "compose.test.json"
         self.files = ["--profile", "monitoring", "-f", str(COMPOSE)]
         # The engines as compose.yaml starts them, plus what CPU tests add: eager mode (no
@@ -158,6 +168,17 @@ class Cluster:
     def stored(self, up: tuple[str, ...] = CACHES) -> float:
         return sum(self.metric(c, "kvcache_blocks_stored") for c in up)
 
+    def settled(self, up: tuple[str, ...] = CACHES) -> float:
+        """`stored` once it holds still for two seconds (the connectors save after answering)."""
+        last = self.stored(up)
+        for _ in range(30):
+            time.sleep(2)
+            now = self.stored(up)
+            if now == last:
+                return now
+            last = now
+        raise AssertionError(f"the nodes' block count never settled: {last}")
+
     def members(self, cache: str) -> float:
         return self.metric(cache, "kvcache_cluster_members")
 
@@ -167,6 +188,14 @@ class Cluster:
             wait_for(f"{n} {why}", lambda n=n: self.members(n) == count, timeout, lambda: self.logs(*CACHES))
 
     def healthy(self, service: str) -> bool:
+        """Whether `service` answers /health; a container that exited fails the test at once."""
+        state = subprocess.run(
+            ["docker", "inspect", "-f", "{{.State.Status}}", self.container(service)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        assert state == "running", f"{service} is {state}:\n{self.logs(service)}"
         return http("GET", self.url(service) + "/health", timeout=5)[0] == 200
 
     def complete(self, service: str, tokens: list[int], **extra) -> tuple[int, dict, dict]:
@@ -209,8 +238,11 @@ class Load:
     expected: dict[int, str]
     results: list[tuple[int, bool]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    running: threading.Event = field(default_factory=threading.Event)
+    idle: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
+        self.running.set()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
@@ -218,17 +250,33 @@ class Load:
         deadline = time.monotonic() + 300
         i = 0
         while not self.stop.is_set() and time.monotonic() < deadline and i < 400:
+            if not self.running.wait(timeout=1):
+                continue
+            self.idle.clear()
             seed = list(self.expected)[i % len(self.expected)]
             try:
                 status, body, _ = self.cluster.complete("gateway", prompt(3, seed))
                 ok = status == 200 and body["choices"][0]["text"] == self.expected[seed]
             except OSError:
                 status, ok = 0, False
+            self.idle.set()
             self.results.append((status, ok))
             i += 1
+        self.idle.set()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No request of this load in flight inside (an engine's counters are its alone)."""
+        self.running.clear()
+        assert self.idle.wait(timeout=150)
+        try:
+            yield
+        finally:
+            self.running.set()
 
     def finish(self) -> list[tuple[int, bool]]:
         self.stop.set()
+        self.running.set()
         self.thread.join(timeout=150)
         assert not self.thread.is_alive()
         return self.results
@@ -246,11 +294,11 @@ def answers(c: Cluster, seeds: range, blocks: int = 3) -> dict[int, str]:
 
 def store(c: Cluster, engine: str, tokens: list[int], up: tuple[str, ...]) -> str:
     """Sends `tokens` to `engine` and waits until the nodes in `up` hold two copies of each of its
-    full blocks; the answer's text."""
-    before = c.stored(up)
+    full blocks (an entry per block and layer); the answer's text."""
+    before = c.settled(up)
     status, body, _ = c.complete(engine, tokens)
     assert status == 200, body
-    copies = 2 * (len(tokens) // BLOCK)
+    copies = 2 * (len(tokens) // BLOCK) * c.layers
     wait_for(f"{copies} block copies on {up}", lambda: c.stored(up) - before >= copies, 30, lambda: c.logs(engine))
     assert c.stored(up) - before == copies, "each full block on exactly two nodes"
     return body["choices"][0]["text"]
@@ -284,10 +332,11 @@ def test_a_killed_cache_node_costs_no_request_and_no_block(cluster: Cluster):
     text = store(cluster, "vllm-1", tokens, CACHES)
     load = Load(cluster, expected)
     cluster.compose("kill", "cache-2")
-    assert_loads_every_block(cluster, "vllm-2", tokens, text)
+    with load.paused():
+        assert_loads_every_block(cluster, "vllm-2", tokens, text)
     survivors = ("cache-1", "cache-3")
     cluster.wait_members(2, survivors, "drops the killed node")
-    # Back: an empty node that registers again and takes its share of new blocks.
+    # Back: the node registers again, copies the blocks it owns from its peers, takes new ones.
     cluster.compose("start", "cache-2")
     cluster.wait_members(3, CACHES, "sees cache-2 again")
     again = prompt(5, 101)
@@ -306,7 +355,8 @@ def test_a_node_cut_off_and_reconnected_costs_no_request_and_no_block(cluster: C
     cut = cluster.container("cache-3")
     subprocess.run(["docker", "network", "disconnect", network, cut], check=True, timeout=60)
     try:
-        assert_loads_every_block(cluster, "vllm-1", tokens, text)
+        with load.paused():
+            assert_loads_every_block(cluster, "vllm-1", tokens, text)
         cluster.wait_members(2, ("cache-1", "cache-2"), "drops the cut-off node")
     finally:
         subprocess.run(["docker", "network", "connect", "--alias", "cache-3", network, cut], check=True, timeout=60)
