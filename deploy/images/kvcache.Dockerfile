@@ -1,7 +1,7 @@
 # The kvcache binaries (kvcache-server, kvcache-gateway, kvcache-lora, kvcache-autoscaler) on a
 # slim Debian, run as uid 10001. Two stages: the binaries come from an image that holds them
 # under /out/bin (BINARIES), the one build.Dockerfile makes from source or one made from
-# binaries you built (deploy/images/build.sh --prebuilt does that here).
+# binaries you built (deploy/images/local.sh does that here).
 #
 #   docker build -f deploy/images/build.Dockerfile -t kvcache-build .
 #   docker build -f deploy/images/kvcache.Dockerfile -t kvcache deploy/images

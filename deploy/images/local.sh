@@ -49,19 +49,16 @@ build kvcache-local/vllm:dev -f deploy/images/vllm.Dockerfile \
     --build-arg BINARIES=kvcache-local/binaries:dev --build-arg VLLM_IMAGE="$vllm_cpu" \
     --build-arg PIP="/opt/vllm/bin/python -m pip" deploy/images
 
-mkdir -p "$ctx/etcd"
-printf '%s\n' "FROM $base" \
-    'RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null && rm -rf /var/lib/apt/lists/*' \
-    'USER 10001:10001' \
-    'CMD ["etcd"]' >"$ctx/etcd/Dockerfile"
-build kvcache-local/etcd:dev "$ctx/etcd"
-
-mkdir -p "$ctx/prometheus"
-printf '%s\n' "FROM $base" \
-    'RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null && rm -rf /var/lib/apt/lists/*' \
-    'USER 10001:10001' \
-    'ENTRYPOINT ["prometheus"]' >"$ctx/prometheus/Dockerfile"
-build kvcache-local/prometheus:dev "$ctx/prometheus"
+# package_image IMAGE PACKAGE LAST-LINE: one Debian package on the base, run as uid 10001.
+package_image() {
+    mkdir -p "$ctx/$2"
+    printf '%s\n' "FROM $base" \
+        "RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $2 >/dev/null && rm -rf /var/lib/apt/lists/*" \
+        'USER 10001:10001' "$3" >"$ctx/$2/Dockerfile"
+    build "$1" "$ctx/$2"
+}
+package_image kvcache-local/etcd:dev etcd-server 'CMD ["etcd"]'
+package_image kvcache-local/prometheus:dev prometheus 'ENTRYPOINT ["prometheus"]'
 
 echo "KVCACHE_IMAGE=kvcache-local/kvcache:dev KVCACHE_VLLM_IMAGE=kvcache-local/vllm:dev" \
     "ETCD_IMAGE=kvcache-local/etcd:dev PROMETHEUS_IMAGE=kvcache-local/prometheus:dev"
