@@ -192,6 +192,9 @@ struct HealthFile {
     interval_ms: Option<u64>,
     /// Failed probes in a row that mark a backend down [2].
     failures: Option<u32>,
+    /// How long one probe may take before it counts as failed [2 s]: an engine busy with
+    /// prefills on few cores answers /health late but is not down.
+    timeout_ms: Option<u64>,
     /// How long a backend that failed a request (connect error, 5xx) sits out [5 s].
     eject_s: Option<f64>,
 }
@@ -246,6 +249,7 @@ pub struct Config {
     pub max_attempts: usize,
     pub health_interval: Duration,
     pub health_failures: u32,
+    pub health_timeout: Duration,
     pub eject_for: Duration,
 }
 
@@ -371,6 +375,7 @@ fn resolve(file: File, args: Args) -> anyhow::Result<Config> {
         max_attempts,
         health_interval: Duration::from_millis(h.interval_ms.unwrap_or(1000).max(50)),
         health_failures: h.failures.unwrap_or(2).max(1),
+        health_timeout: Duration::from_millis(h.timeout_ms.unwrap_or(2000).max(50)),
         eject_for: seconds(h.eject_s, 5.0, "health.eject_s")?,
     })
 }

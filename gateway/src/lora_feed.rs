@@ -20,21 +20,15 @@ pub async fn run(gw: Arc<Gateway>, url: String) {
     let mut failing: Option<String> = None;
     loop {
         tick.tick().await;
-        let read = upstream::get(
-            &gw.http,
-            &list,
-            gw.config
-                .health_interval
-                .max(std::time::Duration::from_secs(1)),
-        )
-        .await
-        .and_then(|(status, body)| {
-            if status.is_success() {
-                read(&body)
-            } else {
-                Err(format!("answered {status}"))
-            }
-        });
+        let read = upstream::get(&gw.http, &list, gw.config.health_timeout)
+            .await
+            .and_then(|(status, body)| {
+                if status.is_success() {
+                    read(&body)
+                } else {
+                    Err(format!("answered {status}"))
+                }
+            });
         match read {
             Ok(routes) => {
                 if failing.take().is_some() {

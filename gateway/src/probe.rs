@@ -3,7 +3,6 @@
 //! answers are pure; [`run`] is the loop around them.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::Value;
 use tracing::{info, warn};
@@ -49,7 +48,7 @@ pub fn model_cards(body: &[u8]) -> Result<Vec<ModelCard>, String> {
 /// One probe of backend `e`: its load and models, or why it failed.
 async fn probe(gw: &Gateway, e: EngineId) -> Result<(EngineLoad, Vec<ModelCard>), String> {
     let url = gw.pool.lock().get(e).config.url.clone();
-    let timeout = gw.config.health_interval.max(Duration::from_secs(1));
+    let timeout = gw.config.health_timeout;
     let (status, _) = upstream::get(&gw.http, &format!("{url}/health"), timeout).await?;
     if !status.is_success() {
         return Err(format!("/health answered {status}"));

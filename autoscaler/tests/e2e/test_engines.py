@@ -21,12 +21,24 @@ from pathlib import Path
 
 import pytest
 
-from gwstack import FAST_HEALTH, KEY, Gateway, call, wait_for
+from gwstack import KEY, Gateway, call, wait_for
 from kvserver import free_port, start_etcd, start_server, stop_server
 from scalerstack import Autoscaler
 from vllm_serve import Serve, engine_env, require_model
 
 HERE = Path(__file__).resolve().parent
+
+
+# Probes that outlast a busy engine: while the second instance starts (torch import, model load)
+# and four clients keep the first prefilling, two cores answer /health late. A request that fails
+# still ejects its backend at once; only a stopped instance's probes need to fail three times.
+SCALING_HEALTH = """
+[health]
+interval_ms = 300
+failures = 3
+timeout_ms = 5000
+eject_s = 1.0
+"""
 
 
 @dataclass
@@ -86,7 +98,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaleStack]:
 listen = "127.0.0.1:0"
 tokenizer = "{model}"
 discover = "{registry}"
-{FAST_HEALTH}
+{SCALING_HEALTH}
 [[api_key]]
 key = "{KEY}"
 """,
