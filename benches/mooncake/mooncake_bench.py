@@ -79,6 +79,8 @@ STAMP = struct.Struct("<Q")
 # Seconds to wait for a process to come up / go down.
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
+# A worker whose parent sends nothing for this long cleans up and leaves (rows are never this long).
+IDLE_TIMEOUT_S = 900.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,137 +224,249 @@ def _ok(op: str, rc: int, size: int) -> bool:
     return rc == 0 if op == "put" else rc == size
 
 
-def _worker(idx: int, cfg: dict[str, Any], ready: Any, go: Any, results: Any) -> None:
-    """One driver process: its own store client (no segment), its own keys, one result message."""
+def _prepare(store: Any, slots: Slots, cfg: dict[str, Any], prefix: str) -> list[tuple[str, int]]:
+    """The worker's share of a get row's working set, put before any clock starts."""
+    size, batch, conc = cfg["size"], cfg["batch"], cfg["concurrency"]
+    in_flight = conc * batch
+    total = min(max(cfg["pool_bytes"] // 4 // size, in_flight), max(in_flight, WORKING_SET_CAP))
+    n = max(batch, -(-total // conc))
+    working = [(f"{prefix}{i + 1}", i + 1) for i in range(n)]
+    for i in range(0, n, batch):
+        chunk = working[i : i + batch]
+        for j, (_, kid) in enumerate(chunk):
+            slots.stamp(j, kid)
+        rcs = _call(store, slots, "put", [k for k, _ in chunk])
+        if not all(rc == 0 for rc in rcs):
+            raise RuntimeError(f"preparing the working set: put returned {rcs}")
+    return working
+
+
+class _WorkerState:
+    """What a worker keeps across the slices of its row: its keys, the next key id, the bytes moved."""
+
+    def __init__(self, prefix: str, working: list[tuple[str, int]]) -> None:
+        self.prefix, self.working = prefix, working
+        self.own_keys = [k for k, _ in working]
+        self.next_id = len(working) + 1
+        self.moved = 0
+
+
+def _measure(store: Any, slots: Slots, cfg: dict[str, Any], st: _WorkerState, seconds: float) -> dict[str, Any]:
+    """One slice: a warm-up of min(seconds/4, 0.1 s), then `seconds` of calls back to back."""
+    size, batch, op, conc = cfg["size"], cfg["batch"], cfg["op"], cfg["concurrency"]
+    warmup = min(seconds / 4, 0.1)
+    begin = time.monotonic()
+    warm_end, end = begin + warmup, begin + warmup + seconds
+    lat_ns: list[int] = []
+    good = errors = wrong = 0
+    first_err = ""
+    measured_start = measured_end = paused_s = 0.0
+    put_budget = max(cfg["pool_bytes"] // 2 // conc, 2 * batch * size)
+    working = st.working
+    for i in range(MAX_CALLS_PER_WORKER):
+        now = time.monotonic()
+        if now >= end:
+            break
+        measured = now >= warm_end
+        if measured and not measured_start:
+            measured_start = now
+        if op == "put":
+            ids = list(range(st.next_id, st.next_id + batch))
+            st.next_id += batch
+            for j, kid in enumerate(ids):
+                slots.stamp(j, kid)
+            keys = [f"{st.prefix}{kid}" for kid in ids]
+        else:
+            picks = [working[(i * batch + j) % len(working)] for j in range(batch)]
+            for j in range(batch):
+                slots.poison(j)
+            keys, ids = [k for k, _ in picks], [kid for _, kid in picks]
+        t0 = time.perf_counter_ns()
+        try:
+            rcs = _call(store, slots, op, keys)
+        except Exception as e:  # a binding error counts like an error code
+            rcs = [-1] * batch
+            first_err = first_err or repr(e)
+        dt = time.perf_counter_ns() - t0
+        if op == "put":
+            st.own_keys += keys
+            if len(st.own_keys) * size > put_budget:
+                # Untimed: drop this worker's oldest half, so puts never meet a full pool.
+                t_pause = time.monotonic()
+                half = len(st.own_keys) // 2
+                for k in range(0, half, 512):
+                    store.batch_remove(st.own_keys[k : min(k + 512, half)], True)
+                del st.own_keys[:half]
+                paused = time.monotonic() - t_pause
+                end += paused
+                if measured:
+                    paused_s += paused
+                else:
+                    warm_end += paused
+        n_ok = 0
+        for j, rc in enumerate(rcs):
+            if not _ok(op, rc, size):
+                if measured:
+                    errors += 1
+                first_err = first_err or f"{op} {keys[j]} -> {rc}"
+                continue
+            n_ok += 1
+            if op == "get":
+                w = slots.wrong_bytes(j, ids[j])
+                if w and measured:
+                    wrong += w
+                first_err = first_err or (f"get {keys[j]}: {w} wrong bytes" if w else "")
+        st.moved += n_ok * size
+        if measured:
+            lat_ns.append(dt)
+            good += n_ok
+            measured_end = time.monotonic()
+    return {
+        "lat_ns": lat_ns,
+        "values": good,
+        "span_s": max(measured_end - measured_start - paused_s, 0.0),
+        "errors": errors,
+        "wrong": wrong,
+        "first_error": first_err,
+    }
+
+
+def _worker(idx: int, cfg: dict[str, Any], commands: Any, results: Any) -> None:
+    """One driver process: its own store client (no segment) and keys. It answers ("ready", ...) once
+    set up, then one result per ("slice", seconds) command, until ("end",) (or the parent goes quiet)."""
     store = None
     slots = None
-    own_keys: list[str] = []
-    out: dict[str, Any] = {"idx": idx}
-    sent_ready = False
+    st: _WorkerState | None = None
     try:
-        size, batch, op, conc = cfg["size"], cfg["batch"], cfg["op"], cfg["concurrency"]
         store = setup_store(cfg["master"], cfg["metadata"], 0, cfg["local_buffer_bytes"])
-        slots = Slots(store, size, batch)
-        prefix = f"{cfg['run_id']}-{op}-s{size}-b{batch}-w{idx}-"
-        moved = 0
-        working: list[tuple[str, int]] = []
-        if op == "get":
-            in_flight = conc * batch
-            total = min(max(cfg["pool_bytes"] // 4 // size, in_flight), max(in_flight, WORKING_SET_CAP))
-            n = max(batch, -(-total // conc))
-            working = [(f"{prefix}{i + 1}", i + 1) for i in range(n)]
-            for i in range(0, n, batch):
-                chunk = working[i : i + batch]
-                for j, (_, kid) in enumerate(chunk):
-                    slots.stamp(j, kid)
-                rcs = _call(store, slots, "put", [k for k, _ in chunk])
-                own_keys += [k for k, _ in chunk]
-                if not all(rc == 0 for rc in rcs):
-                    raise RuntimeError(f"preparing the working set: put returned {rcs}")
-                moved += len(chunk) * size
-        ready.put(("ready", idx))
-        sent_ready = True
-        if not go.wait(START_TIMEOUT_S * 2):
-            raise RuntimeError("no start signal")
-        warmup = min(cfg["seconds"] / 4, 0.1)
-        begin = time.monotonic()
-        warm_end, end = begin + warmup, begin + warmup + cfg["seconds"]
-        lat_ns: list[int] = []
-        good = errors = wrong = 0
-        first_err = ""
-        measured_start = measured_end = paused_s = 0.0
-        next_id = 1
-        put_budget = max(cfg["pool_bytes"] // 2 // conc, 2 * batch * size)
-        for i in range(MAX_CALLS_PER_WORKER):
-            now = time.monotonic()
-            if now >= end:
+        slots = Slots(store, cfg["size"], cfg["batch"])
+        prefix = f"{cfg['run_id']}-{cfg['op']}-s{cfg['size']}-b{cfg['batch']}-w{idx}-"
+        working = _prepare(store, slots, cfg, prefix) if cfg["op"] == "get" else []
+        st = _WorkerState(prefix, working)
+        results.put({"idx": idx, "ready": True})
+        while True:
+            cmd = commands.get(timeout=IDLE_TIMEOUT_S)
+            if cmd[0] != "slice":
                 break
-            measured = now >= warm_end
-            if measured and not measured_start:
-                measured_start = now
-            if op == "put":
-                ids = list(range(next_id, next_id + batch))
-                next_id += batch
-                for j, kid in enumerate(ids):
-                    slots.stamp(j, kid)
-                keys = [f"{prefix}{kid}" for kid in ids]
-            else:
-                picks = [working[(i * batch + j) % len(working)] for j in range(batch)]
-                for j in range(batch):
-                    slots.poison(j)
-                keys, ids = [k for k, _ in picks], [kid for _, kid in picks]
-            t0 = time.perf_counter_ns()
-            try:
-                rcs = _call(store, slots, op, keys)
-            except Exception as e:  # a binding error counts like an error code
-                rcs = [-1] * batch
-                first_err = first_err or repr(e)
-            dt = time.perf_counter_ns() - t0
-            if op == "put":
-                own_keys += keys
-                if len(own_keys) * size > put_budget:
-                    # Untimed: drop this worker's oldest half, so puts never meet a full pool.
-                    t_pause = time.monotonic()
-                    half = len(own_keys) // 2
-                    for k in range(0, half, 512):
-                        store.batch_remove(own_keys[k : min(k + 512, half)], True)
-                    del own_keys[:half]
-                    paused = time.monotonic() - t_pause
-                    end += paused
-                    if measured:
-                        paused_s += paused
-                    else:
-                        warm_end += paused
-            n_ok = 0
-            for j, rc in enumerate(rcs):
-                if not _ok(op, rc, size):
-                    if measured:
-                        errors += 1
-                    first_err = first_err or f"{op} {keys[j]} -> {rc}"
-                    continue
-                n_ok += 1
-                if op == "get":
-                    w = slots.wrong_bytes(j, ids[j])
-                    if w and measured:
-                        wrong += w
-                    first_err = first_err or (f"get {keys[j]}: {w} wrong bytes" if w else "")
-            moved += n_ok * size
-            if measured:
-                lat_ns.append(dt)
-                good += n_ok
-                measured_end = time.monotonic()
-        out.update(
-            lat_ns=lat_ns,
-            values=good,
-            span_s=max(measured_end - measured_start - paused_s, 0.0),
-            errors=errors,
-            wrong=wrong,
-            moved_bytes=moved,
-            first_error=first_err,
-        )
+            moved_before = st.moved
+            out = _measure(store, slots, cfg, st, cmd[1])
+            results.put({"idx": idx, "moved_bytes": st.moved - moved_before, **out})
+    except queue.Empty:
+        pass  # the parent is gone or stuck: clean up and leave
     except Exception as e:
-        out["fatal"] = repr(e)
+        results.put({"idx": idx, "fatal": repr(e)})
     finally:
-        if not sent_ready:
-            with contextlib.suppress(Exception):
-                ready.put(("ready", idx))  # never leave the parent waiting
         # Clean-up is untimed: drop this worker's keys so the next row starts from an empty pool.
-        if store is not None:
+        if store is not None and st is not None:
             with contextlib.suppress(Exception):
-                for i in range(0, len(own_keys), 512):
-                    store.batch_remove(own_keys[i : i + 512], True)
+                for i in range(0, len(st.own_keys), 512):
+                    store.batch_remove(st.own_keys[i : i + 512], True)
         if slots is not None:
             slots.close()
         if store is not None:
             with contextlib.suppress(Exception):
                 store.close()
-        results.put(out)
 
 
 def _pct(sorted_ns: Sequence[int], p: float) -> float:
     if not sorted_ns:
         return 0.0
     return sorted_ns[min(int(len(sorted_ns) * p), len(sorted_ns) - 1)] / 1e3
+
+
+class RowDriver:
+    """`concurrency` worker processes for one row (op, value size, batch), kept across the row's slices
+    as `compare` keeps its connections, so no slice pays process start, client setup or registration."""
+
+    def __init__(
+        self,
+        master: str,
+        metadata: str,
+        op: str,
+        size: int,
+        batch: int,
+        concurrency: int,
+        pool_bytes: int,
+        local_buffer_bytes: int = 0,
+    ) -> None:
+        if op not in ("put", "get"):
+            raise ValueError(f"op must be put or get, not {op!r}")
+        self.label = f"{op} {size} b{batch} x{concurrency}"
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.commands = [ctx.Queue() for _ in range(concurrency)]
+        cfg = dict(
+            master=master,
+            metadata=metadata,
+            size=size,
+            batch=batch,
+            concurrency=concurrency,
+            op=op,
+            pool_bytes=pool_bytes,
+            local_buffer_bytes=local_buffer_bytes,
+            run_id=f"mcb{os.getpid()}-{time.time_ns()}",
+        )
+        self.procs = [
+            ctx.Process(target=_worker, args=(i, cfg, self.commands[i], self.results), daemon=True)
+            for i in range(concurrency)
+        ]
+        try:
+            for p in self.procs:
+                p.start()
+            self._collect(START_TIMEOUT_S + 30)
+        except BaseException:
+            self.close()
+            raise
+
+    def _collect(self, timeout: float) -> list[dict[str, Any]]:
+        """One message from every worker; raises on a worker's fatal error or silence."""
+        deadline = time.monotonic() + timeout
+        outs = []
+        try:
+            for _ in self.procs:
+                outs.append(self.results.get(timeout=max(deadline - time.monotonic(), 0.1)))
+        except queue.Empty:
+            raise RuntimeError(f"{self.label}: workers did not answer in time") from None
+        fatal = [o["fatal"] for o in outs if "fatal" in o]
+        if fatal:
+            raise RuntimeError(f"{self.label}: {fatal[0]}")
+        return outs
+
+    def slice(self, seconds: float) -> dict[str, Any]:
+        """Every worker measures one slice at once; their latencies and counts, merged."""
+        for q in self.commands:
+            q.put(("slice", seconds))
+        outs = self._collect(seconds * 2 + START_TIMEOUT_S)
+        return {
+            "lat_ns": [ns for o in outs for ns in o["lat_ns"]],
+            "span_s": max(o["span_s"] for o in outs),
+            "values": sum(o["values"] for o in outs),
+            "errors": sum(o["errors"] for o in outs),
+            "wrong": sum(o["wrong"] for o in outs),
+            "moved_bytes": sum(o["moved_bytes"] for o in outs),
+            "first_error": next((o["first_error"] for o in outs if o["first_error"]), ""),
+        }
+
+    def close(self) -> None:
+        """Ends the workers (they remove their keys first); the ones that do not leave are killed."""
+        for q in self.commands:
+            with contextlib.suppress(Exception):
+                q.put(("end",))
+        for p in self.procs:
+            if p.pid is not None:
+                p.join(STOP_TIMEOUT_S)
+            if p.is_alive():
+                p.terminate()
+                p.join(STOP_TIMEOUT_S)
+            if p.is_alive():
+                p.kill()
+                p.join(STOP_TIMEOUT_S)
+
+    def __enter__(self) -> RowDriver:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 def drive(
@@ -366,56 +480,14 @@ def drive(
     pool_bytes: int,
     local_buffer_bytes: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Runs one row with `concurrency` worker processes; returns (row, evidence)."""
-    if op not in ("put", "get"):
-        raise ValueError(f"op must be put or get, not {op!r}")
-    ctx = mp.get_context("spawn")
-    ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    cfg = dict(
-        master=master,
-        metadata=metadata,
-        size=size,
-        batch=batch,
-        concurrency=concurrency,
-        seconds=seconds,
-        op=op,
-        pool_bytes=pool_bytes,
-        local_buffer_bytes=local_buffer_bytes,
-        run_id=f"mcb{os.getpid()}-{time.time_ns()}",
-    )
-    procs = [ctx.Process(target=_worker, args=(i, cfg, ready, go, results), daemon=True) for i in range(concurrency)]
-    outs: list[dict[str, Any]] = []
-    lo_before = loopback_bytes()
-    try:
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + START_TIMEOUT_S + 30
-        for _ in range(concurrency):
-            ready.get(timeout=max(deadline - time.monotonic(), 0.1))
-        go.set()
-        deadline = time.monotonic() + seconds + START_TIMEOUT_S + 30
-        for _ in range(concurrency):
-            outs.append(results.get(timeout=max(deadline - time.monotonic(), 0.1)))
-        for p in procs:
-            p.join(STOP_TIMEOUT_S)
-    except queue.Empty:
-        raise RuntimeError(f"{op} {size} b{batch} x{concurrency}: workers did not answer in time") from None
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(STOP_TIMEOUT_S)
-            if p.is_alive():
-                p.kill()
-                p.join(STOP_TIMEOUT_S)
-    lo_after = loopback_bytes()
-    fatal = [o["fatal"] for o in outs if "fatal" in o]
-    if fatal:
-        raise RuntimeError(f"{op} {size} b{batch} x{concurrency}: {fatal[0]}")
-    lat = sorted(ns for o in outs for ns in o["lat_ns"])
-    span = max(o["span_s"] for o in outs)
-    values = sum(o["values"] for o in outs)
-    ops_per_s = values / span if span > 0 else 0.0
+    """Runs one row as one slice with `concurrency` worker processes; returns (row, evidence)."""
+    with RowDriver(master, metadata, op, size, batch, concurrency, pool_bytes, local_buffer_bytes) as r:
+        lo_before = loopback_bytes()
+        m = r.slice(seconds)
+        lo_after = loopback_bytes()
+    lat = sorted(m["lat_ns"])
+    span = m["span_s"]
+    ops_per_s = m["values"] / span if span > 0 else 0.0
     row = {
         "system": SYSTEM,
         "op": op,
@@ -426,19 +498,18 @@ def drive(
         "gb_per_s": ops_per_s * size / 1e9,
         "p50_us": _pct(lat, 0.50),
         "p99_us": _pct(lat, 0.99),
-        "errors": sum(o["errors"] for o in outs),
-        "wrong": sum(o["wrong"] for o in outs),
+        "errors": m["errors"],
+        "wrong": m["wrong"],
     }
-    moved = sum(o["moved_bytes"] for o in outs)
     evidence = {
         "op": op,
         "value_bytes": size,
         "batch": batch,
         "concurrency": concurrency,
         "calls": len(lat),
-        "moved_bytes": moved,
+        "moved_bytes": m["moved_bytes"],
         "lo_bytes": (lo_after - lo_before) if lo_before is not None and lo_after is not None else None,
-        "first_error": next((o["first_error"] for o in outs if o.get("first_error")), ""),
+        "first_error": m["first_error"],
     }
     return row, evidence
 
@@ -615,6 +686,68 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def serve(args: argparse.Namespace) -> None:
+    """Mooncake as a system of `kvcache-bench compare`, which interleaves its slices with the other
+    systems': starts master and holder, says `{"ready": ...}` on stdout, then answers one JSON line per
+    command line on stdin until stdin closes:
+
+    - `{"cmd": "row", "op", "size", "batch", "concurrency"}`: starts the row's workers (and, for gets,
+      puts its working set); the previous row's workers end first;
+    - `{"cmd": "slice", "seconds"}`: one measured slice of the row: `lat_ns` (per call), `span_s`,
+      `values`, `errors`, `wrong`, `moved_bytes`, `lo_bytes`, `first_error`;
+    - `{"cmd": "end"}`: ends the row's workers.
+
+    A failed command answers `{"error": "..."}` and the server stays up for the next one."""
+    workdir = tempfile.mkdtemp(prefix="mooncake-serve-")
+    row: RowDriver | None = None
+
+    def answer(doc: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
+
+    try:
+        with cluster(args.segment_bytes, args.metadata_mode, workdir) as (master, metadata, _holder_pid):
+            answer({"ready": True, "master": master, "metadata": metadata, "logs": workdir})
+            for line in sys.stdin:
+                if not line.strip():
+                    continue
+                try:
+                    cmd = json.loads(line)
+                    if cmd["cmd"] in ("row", "end") and row is not None:
+                        row.close()
+                        row = None
+                    if cmd["cmd"] == "row":
+                        row = RowDriver(
+                            master,
+                            metadata,
+                            cmd["op"],
+                            int(cmd["size"]),
+                            int(cmd["batch"]),
+                            int(cmd["concurrency"]),
+                            args.segment_bytes,
+                        )
+                        answer({"ok": True})
+                    elif cmd["cmd"] == "slice":
+                        if row is None:
+                            raise ValueError("`slice` before `row`")
+                        lo_before = loopback_bytes()
+                        m = row.slice(float(cmd["seconds"]))
+                        lo_after = loopback_bytes()
+                        lo = lo_after - lo_before if lo_before is not None and lo_after is not None else None
+                        answer({"ok": True, "lo_bytes": lo, **m})
+                    elif cmd["cmd"] == "end":
+                        answer({"ok": True})
+                    else:
+                        raise ValueError(f"unknown command {cmd['cmd']!r}")
+                except Exception as e:
+                    answer({"error": f"{type(e).__name__}: {e}"})
+    finally:
+        if row is not None:
+            row.close()
+        if not args.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def _write(path: str | None, rows: list[dict[str, Any]], evidence: list[dict[str, Any]]) -> None:
     doc = {"command": " ".join(sys.argv), "results": rows, "evidence": evidence}
     text = json.dumps(doc, indent=2)
@@ -661,6 +794,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--keep-logs", action="store_true")
     r.add_argument("--json")
 
+    v = sub.add_parser("serve", help="for `kvcache-bench compare`: master + holder, then rows and slices on stdin")
+    v.add_argument("--segment-bytes", type=int, default=1 << 30)
+    v.add_argument("--metadata-mode", choices=["http", "p2p"], default="http")
+    v.add_argument("--keep-logs", action="store_true")
+
     args = ap.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so every `finally` stops its children.
     if args.cmd != "holder":
@@ -683,6 +821,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(format_row(row), file=sys.stderr)
         _write(args.json, [row], [ev])
+    elif args.cmd == "serve":
+        serve(args)
     else:
         run_all(args)
     return 0

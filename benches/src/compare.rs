@@ -9,6 +9,7 @@ use anyhow::Context;
 use kvcache_core::ByteSize;
 use serde::Serialize;
 
+use crate::systems::mooncake::Mooncake;
 use crate::systems::{self, Conn, Managed, check_stamp, stamp};
 
 /// A system `compare` can measure.
@@ -24,6 +25,9 @@ pub enum SystemKind {
     TcpCeiling,
     #[value(name = "memcpy-ceiling")]
     MemcpyCeiling,
+    /// Mooncake Store over its TCP transport (needs `--mooncake-venv`).
+    #[value(name = "mooncake")]
+    Mooncake,
 }
 
 impl SystemKind {
@@ -34,6 +38,7 @@ impl SystemKind {
             SystemKind::Redis => "redis",
             SystemKind::TcpCeiling => "tcp-ceiling",
             SystemKind::MemcpyCeiling => "memcpy-ceiling",
+            SystemKind::Mooncake => "mooncake",
         }
     }
 }
@@ -51,8 +56,10 @@ pub struct Plan {
     /// Measured seconds per row and system, split into `rounds` interleaved slices.
     pub seconds: f64,
     pub rounds: usize,
-    /// Memory budget for each store (our pool, Redis' maxmemory).
+    /// Memory budget for each store (our pool, Redis' maxmemory, Mooncake's segment).
     pub memory: ByteSize,
+    /// A venv with `mooncake-transfer-engine-non-cuda`, for the `mooncake` system.
+    pub mooncake_venv: Option<std::path::PathBuf>,
 }
 
 /// One measured row, in the JSON schema of `--json`.
@@ -87,7 +94,7 @@ struct Tally {
 /// ceiling, kvcache, ...), so a machine that speeds up or slows down during the run moves every
 /// system alike and the ratios stay meaningful.
 pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
-    let mut running: Vec<(SystemKind, Option<Managed>, String)> = Vec::new();
+    let mut running: Vec<Running> = Vec::new();
     for &system in &plan.systems {
         let (proc_, addr) = match system {
             SystemKind::KvcacheTcp | SystemKind::KvcacheShm => {
@@ -102,9 +109,25 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                 let (p, a) = systems::ceiling::start()?;
                 (Some(p), a)
             }
-            SystemKind::MemcpyCeiling => (None, String::new()),
+            SystemKind::MemcpyCeiling | SystemKind::Mooncake => (None, String::new()),
         };
-        running.push((system, proc_, addr));
+        let mooncake = match (system, &plan.mooncake_venv) {
+            (SystemKind::Mooncake, Some(venv)) => Some(
+                Mooncake::start(venv, plan.memory.0)
+                    .await
+                    .context("starting Mooncake")?,
+            ),
+            (SystemKind::Mooncake, None) => {
+                anyhow::bail!("the mooncake system needs --mooncake-venv DIR")
+            }
+            _ => None,
+        };
+        running.push(Running {
+            system,
+            _process: proc_,
+            addr,
+            mooncake,
+        });
     }
     let memcpy = systems::memcpy::MemcpyStore::new()?;
     let keys = Arc::new(AtomicU64::new(1));
@@ -133,19 +156,25 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                 };
                 let label = shape.label();
                 let mut working_sets = Vec::new();
-                for (system, _, addr) in &running {
-                    let ws = prepare(*system, addr, &memcpy, &shape, plan, &keys)
-                        .await
-                        .with_context(|| format!("{} {label}: setup", system.name()))?;
+                for r in &mut running {
+                    let name = r.system.name();
+                    let ws = match &mut r.mooncake {
+                        Some(m) => m.row(op, size_b, batch, conc).await.map(|()| Vec::new()),
+                        None => prepare(r.system, &r.addr, &memcpy, &shape, plan, &keys).await,
+                    }
+                    .with_context(|| format!("{name} {label}: setup"))?;
                     working_sets.push(Arc::new(ws));
                 }
                 // Connections are opened once per row and kept across its slices, so no system
-                // pays connection setup or a cold TCP window inside a measured slice.
+                // pays connection setup or a cold TCP window inside a measured slice (Mooncake's
+                // driver keeps its worker processes across the row's slices alike).
                 let mut conns: Vec<Vec<Conn>> = Vec::new();
-                for (system, _, addr) in &running {
+                for r in &running {
                     let mut cs = Vec::with_capacity(conc);
-                    for _ in 0..conc {
-                        cs.push(connect(*system, addr, &memcpy).await?);
+                    if r.mooncake.is_none() {
+                        for _ in 0..conc {
+                            cs.push(connect(r.system, &r.addr, &memcpy).await?);
+                        }
                     }
                     conns.push(cs);
                 }
@@ -154,23 +183,37 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                     for i in 0..running.len() {
                         // Rotate who goes first so no system always follows the same one.
                         let j = (i + round) % running.len();
-                        let system = running[j].0;
-                        let (lat, span) = measure_slice(
-                            system,
-                            &mut conns[j],
-                            &shape,
-                            slice,
-                            &working_sets[j],
-                            &keys,
-                        )
-                        .await
-                        .with_context(|| format!("{} {label}", system.name()))?;
+                        let system = running[j].system;
+                        let measured = match &mut running[j].mooncake {
+                            Some(m) => m
+                                .slice(slice.as_secs_f64())
+                                .await
+                                .map(|s| (s.lat_ns, s.span)),
+                            None => {
+                                measure_slice(
+                                    system,
+                                    &mut conns[j],
+                                    &shape,
+                                    slice,
+                                    &working_sets[j],
+                                    &keys,
+                                )
+                                .await
+                            }
+                        };
+                        let (lat, span) =
+                            measured.with_context(|| format!("{} {label}", system.name()))?;
                         tallies[j].lat_ns.extend(lat);
                         tallies[j].span += span;
                     }
                 }
-                for ((system, _, _), tally) in running.iter().zip(tallies) {
-                    let row = summarize(system.name(), &shape, tally);
+                for r in &mut running {
+                    if let Some(m) = &mut r.mooncake {
+                        m.end_row().await.context("mooncake: ending a row")?;
+                    }
+                }
+                for (r, tally) in running.iter().zip(tallies) {
+                    let row = summarize(r.system.name(), &shape, tally);
                     eprintln!("{}", format_row(&row));
                     rows.push(row);
                 }
@@ -178,6 +221,16 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
         }
     }
     Ok(rows)
+}
+
+/// A system started for the whole run.
+struct Running {
+    system: SystemKind,
+    /// Our server, Redis or the TCP ceiling; stopped when dropped.
+    _process: Option<Managed>,
+    addr: String,
+    /// Mooncake is driven by its own processes, row by row and slice by slice.
+    mooncake: Option<Mooncake>,
 }
 
 async fn connect(
@@ -198,6 +251,7 @@ async fn connect(
         SystemKind::TcpCeiling => {
             Conn::Ceiling(systems::ceiling::CeilingConn::connect(addr).await?)
         }
+        SystemKind::Mooncake => anyhow::bail!("mooncake is driven by its own processes"),
     })
 }
 
@@ -369,10 +423,11 @@ pub fn report(rows: &[Row]) -> String {
         out.push_str(&format_row(r));
         out.push('\n');
     }
-    for (ours, peers) in [
-        ("kvcache-tcp", ["redis", "tcp-ceiling"]),
-        ("kvcache-shm", ["kvcache-tcp", "memcpy-ceiling"]),
-    ] {
+    let peers_of: [(&str, &[&str]); 2] = [
+        ("kvcache-tcp", &["redis", "mooncake", "tcp-ceiling"]),
+        ("kvcache-shm", &["kvcache-tcp", "memcpy-ceiling"]),
+    ];
+    for (ours, peers) in peers_of {
         let mine: Vec<&Row> = rows.iter().filter(|r| r.system == ours).collect();
         if mine.is_empty() {
             continue;
@@ -392,16 +447,19 @@ pub fn report(rows: &[Row]) -> String {
                     .unwrap_or_else(|| "-".into())
             };
             out.push_str(&format!(
-                "  {:<4} {:>8} x{:<3} b{:<3} vs {} {:>7}   vs {} {:>7}\n",
+                "  {:<4} {:>8} x{:<3} b{:<3}",
                 r.op,
                 ByteSize(r.value_bytes).to_string(),
                 r.concurrency,
                 r.batch,
-                peers[0],
-                peer(peers[0]),
-                peers[1],
-                peer(peers[1])
             ));
+            for name in peers
+                .iter()
+                .filter(|n| rows.iter().any(|p| p.system == **n))
+            {
+                out.push_str(&format!("   vs {name} {:>7}", peer(name)));
+            }
+            out.push('\n');
         }
     }
     out

@@ -7,6 +7,7 @@ mod disk;
 #[cfg(feature = "gateway")]
 mod gateway_index;
 mod index_memory;
+mod soak;
 mod systems;
 mod trace;
 
@@ -63,6 +64,12 @@ enum Cmd {
         /// Memory budget of each store (kvcache pool, Redis maxmemory).
         #[arg(long, default_value = "2GiB")]
         memory: ByteSize,
+        /// A venv with PyPI's mooncake-transfer-engine-non-cuda 0.3.13: adds Mooncake Store
+        /// (its master, a holder process with the pool, and driver processes with no segment,
+        /// so every value crosses its TCP transport) to the same interleaved run. Without it
+        /// Mooncake is not measured, and the run says so.
+        #[arg(long, value_name = "DIR", env = "KVCACHE_MOONCAKE_VENV")]
+        mooncake_venv: Option<PathBuf>,
         /// Also write the results as JSON to this file.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
@@ -148,6 +155,10 @@ enum Cmd {
     /// The Mooncake trace replayed against a kvcache server per eviction policy and pool size
     /// (in blocks): block hit rate beside a simulation of the same store, throughput, latency.
     Trace(trace::Plan),
+    /// Many clients over TCP and shared memory against three nodes found through etcd (R=2)
+    /// while nodes are killed and restarted in a loop and etcd is restarted: fails on any
+    /// error, wrong byte, miss of a stored key, leaked lease or page, or RSS growth.
+    Soak(soak::Plan),
     /// Runs a kvcache server (used by `compare`; takes kvcache-server's flags).
     #[command(hide = true)]
     ServeKvcache(Box<kvcache_server::config::settings::Settings>),
@@ -168,11 +179,29 @@ fn main() -> anyhow::Result<()> {
             concurrency,
             ops,
             batch,
-            systems,
+            mut systems,
             memory,
+            mooncake_venv,
             json,
         } => {
             check_seconds(seconds)?;
+            match &mooncake_venv {
+                Some(_) if !systems.contains(&compare::SystemKind::Mooncake) => {
+                    systems.push(compare::SystemKind::Mooncake)
+                }
+                Some(_) => {}
+                None => {
+                    anyhow::ensure!(
+                        !systems.contains(&compare::SystemKind::Mooncake),
+                        "--systems mooncake needs --mooncake-venv DIR, a venv made with: {}",
+                        systems::mooncake::VENV_HINT
+                    );
+                    eprintln!(
+                        "mooncake: not measured (no --mooncake-venv DIR; make one with: {})",
+                        systems::mooncake::VENV_HINT
+                    );
+                }
+            }
             anyhow::ensure!(
                 batch.iter().all(|&b| (1..=64).contains(&b)),
                 "--batch must be 1..=64"
@@ -194,6 +223,7 @@ fn main() -> anyhow::Result<()> {
                 seconds,
                 rounds,
                 memory,
+                mooncake_venv,
             };
             let rows = block_on(compare::run(&plan))?;
             println!("{}", compare::report(&rows));
@@ -300,6 +330,15 @@ fn main() -> anyhow::Result<()> {
             let report = block_on(trace::run(&plan))?;
             println!("{}", trace::render(&report));
             write_json(plan.json.clone(), serde_json::to_value(&report)?)
+        }
+        Cmd::Soak(plan) => {
+            plan.check()?;
+            let report = block_on(soak::run(&plan))?;
+            println!("{}", soak::summary(&report));
+            let failed = !report.failures.is_empty();
+            write_json(plan.json.clone(), serde_json::to_value(&report)?)?;
+            anyhow::ensure!(!failed, "the soak failed: {}", report.failures.join("; "));
+            Ok(())
         }
         Cmd::ServeKvcache(settings) => kvcache_server::cli::run(*settings),
         Cmd::ServeCeiling { listen } => systems::ceiling::serve(&listen),

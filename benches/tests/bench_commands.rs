@@ -129,3 +129,137 @@ fn cuda_runs_on_a_gpu_and_otherwise_names_what_is_missing() {
     }
     std::fs::remove_file(out_json).unwrap();
 }
+
+/// Mooncake is measured only with a venv that has it: without one the run says so and goes
+/// on; with a wrong one it stops and says what to make; with a real one (KVCACHE_MOONCAKE_VENV)
+/// its rows sit beside ours in the same JSON.
+#[test]
+fn compare_names_why_mooncake_is_not_measured_and_measures_it_given_a_venv() {
+    let small = [
+        "compare",
+        "--seconds",
+        "0.2",
+        "--rounds",
+        "1",
+        "--sizes",
+        "64KiB",
+        "--concurrency",
+        "1",
+        "--systems",
+        "memcpy-ceiling",
+    ];
+    let out = bench()
+        .args(small)
+        .env_remove("KVCACHE_MOONCAKE_VENV")
+        .output()
+        .expect("run kvcache-bench");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("mooncake: not measured (no --mooncake-venv"),
+        "{err}"
+    );
+
+    let out = bench()
+        .args(small)
+        .args(["--mooncake-venv", "/nonexistent-venv"])
+        .output()
+        .expect("run kvcache-bench");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no Python at /nonexistent-venv/bin/python"),
+        "{err}"
+    );
+    assert!(
+        err.contains("pip install mooncake-transfer-engine-non-cuda"),
+        "{err}"
+    );
+
+    let Ok(venv) = std::env::var("KVCACHE_MOONCAKE_VENV") else {
+        eprintln!("skipped the Mooncake rows: KVCACHE_MOONCAKE_VENV names no venv with Mooncake");
+        return;
+    };
+    let json = std::env::temp_dir().join(format!("kvcache-mooncake-{}.json", std::process::id()));
+    let out = bench()
+        .args(small)
+        .args(["--memory", "256MiB", "--mooncake-venv", &venv, "--json"])
+        .arg(&json)
+        .output()
+        .expect("run kvcache-bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = doc["results"].as_array().unwrap();
+    for op in ["put", "get"] {
+        let row = rows
+            .iter()
+            .find(|r| r["system"] == "mooncake" && r["op"] == op)
+            .unwrap_or_else(|| panic!("no mooncake {op} row: {rows:?}"));
+        assert!(row["ops_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    std::fs::remove_file(json).unwrap();
+}
+
+/// The soak's short form: three nodes in etcd, clients over TCP and shared memory, nodes
+/// killed and restarted and etcd restarted; the command itself fails on any error, wrong
+/// byte, miss of a stored key, leaked lease or page, or RSS growth, and its report says what
+/// it did.
+#[test]
+fn a_short_soak_through_node_kills_and_an_etcd_restart_loses_and_leaks_nothing() {
+    if std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        let why = "etcd not found: install Debian's etcd-server (scripts/test.sh does)";
+        assert!(
+            std::env::var("KVCACHE_REQUIRE_ETCD").as_deref() != Ok("1"),
+            "{why}"
+        );
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let json = std::env::temp_dir().join(format!("kvcache-soak-{}.json", std::process::id()));
+    let out = bench()
+        .args([
+            "soak",
+            "--seconds",
+            "60",
+            "--kill-every",
+            "4",
+            "--etcd-every",
+            "3",
+        ])
+        .args([
+            "--tcp-clients",
+            "3",
+            "--shm-clients",
+            "3",
+            "--memory",
+            "64MiB",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .expect("run kvcache-bench");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let r = &doc["results"];
+    assert!(r["node_kills"].as_u64().unwrap() >= 2, "{text}");
+    assert!(r["etcd_restarts"].as_u64().unwrap() >= 1, "{text}");
+    assert!(r["totals"]["hits"].as_u64().unwrap() > 100, "{text}");
+    assert_eq!(r["totals"]["misses"], 0, "{text}");
+    assert_eq!(r["ends"].as_array().unwrap().len(), 3);
+    assert!(
+        !r["rss_growth"].as_array().unwrap().is_empty(),
+        "RSS was judged: {text}"
+    );
+    assert_eq!(r["failures"].as_array().unwrap().len(), 0, "{text}");
+    std::fs::remove_file(json).unwrap();
+}

@@ -36,6 +36,8 @@ pub const CLUSTER_RING_VERSION: &str = "kvcache_cluster_ring_version";
 pub const CLUSTER_WARMED_BLOCKS_TOTAL: &str = "kvcache_cluster_warmed_blocks_total";
 /// Bytes copied from peers on joining.
 pub const CLUSTER_WARMED_BYTES_TOTAL: &str = "kvcache_cluster_warmed_bytes_total";
+/// Warming of a node that joined a cluster: 0 not on the ring yet, 1 copying, 2 done.
+pub const CLUSTER_WARM_STATE: &str = "kvcache_cluster_warm_state";
 /// Server-side request latency in seconds, by `op` (a histogram).
 pub const OP_DURATION_SECONDS: &str = "kvcache_op_duration_seconds";
 /// Rejected input, by `kind`.
@@ -72,7 +74,7 @@ pub const CONNECTIONS_IDLE_CLOSED_TOTAL: &str = "kvcache_connections_idle_closed
 pub const HTTP_CONNECTIONS_REJECTED_TOTAL: &str = "kvcache_http_connections_rejected_total";
 
 /// Every name above, in the order `/metrics` lists them.
-pub const ALL: [&str; 32] = [
+pub const ALL: [&str; 33] = [
     OPS_TOTAL,
     REQUESTED_BLOCKS_TOTAL,
     HIT_BLOCKS_TOTAL,
@@ -88,6 +90,7 @@ pub const ALL: [&str; 32] = [
     CLUSTER_RING_VERSION,
     CLUSTER_WARMED_BLOCKS_TOTAL,
     CLUSTER_WARMED_BYTES_TOTAL,
+    CLUSTER_WARM_STATE,
     OP_DURATION_SECONDS,
     PROTOCOL_ERRORS_TOTAL,
     POOL_CAPACITY_BYTES,

@@ -173,16 +173,21 @@ impl NodeView {
             }
         };
         let mut to_warm = self.warm;
+        if !to_warm {
+            metrics.warm_state(2);
+        }
         loop {
             let stats = cluster.stats();
             metrics.cluster_view(stats.members.len(), stats.ring_version);
             // Warm once this node is on the ring (with etcd: once its registration shows).
             if to_warm && stats.members.contains(&self.me) {
                 to_warm = false;
+                metrics.warm_state(1);
                 tokio::select! {
                     _ = self.warm(&cluster, &stats.members, &store, &metrics) => {}
                     _ = shutdown.wait_for(|s| *s) => return,
                 }
+                metrics.warm_state(2);
             }
             tokio::select! {
                 _ = tokio::time::sleep(REFRESH) => {}

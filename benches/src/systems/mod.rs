@@ -1,11 +1,13 @@
 //! The systems `compare` measures, each behind the same two calls. Every server runs in its own
 //! process, started and stopped by the benchmark: our server over TCP (`kvcache-tcp`) and over
 //! shared memory (`kvcache-shm`), Redis (`redis`), and a raw TCP echo of the same bytes
-//! (`tcp-ceiling`). The `memcpy-ceiling` copies the same bytes within this process.
+//! (`tcp-ceiling`). The `memcpy-ceiling` copies the same bytes within this process. Mooncake
+//! (`mooncake`) is driven by processes of its own, through its Python API.
 
 pub mod ceiling;
 pub mod kvcache;
 pub mod memcpy;
+pub mod mooncake;
 pub mod redis;
 
 use std::net::TcpListener;

@@ -127,6 +127,7 @@ pub struct Metrics {
     ring_version: Gauge,
     warmed_blocks: Counter,
     warmed_bytes: Counter,
+    warm_state: Gauge,
     connections_active: Gauge,
     connections_total: Counter,
     connections_rejected: Counter,
@@ -286,6 +287,12 @@ impl Default for Metrics {
                 names::CLUSTER_WARMED_BYTES_TOTAL,
                 "Bytes of blocks this node copied from peers on joining (--warm).",
             ),
+            warm_state: gauge(
+                r,
+                names::CLUSTER_WARM_STATE,
+                "In a cluster: 0 until this node sees itself on the ring, 1 while it copies its \
+                 blocks from peers, 2 once done (at once with --warm=false).",
+            ),
             protocol_errors: counters(
                 r,
                 names::PROTOCOL_ERRORS_TOTAL,
@@ -379,6 +386,11 @@ impl Metrics {
     pub fn cluster_view(&self, members: usize, ring_version: u64) {
         self.cluster_members.set(members as i64);
         self.ring_version.set(ring_version as i64);
+    }
+
+    /// Where warming stands: 0 not on the ring yet, 1 copying from peers, 2 done.
+    pub fn warm_state(&self, state: i64) {
+        self.warm_state.set(state);
     }
 
     /// Counts a block copied from a peer while warming.
