@@ -55,8 +55,8 @@ WHEELS="$KVCACHE_CACHE_DIR/wheels"
 rm -rf "$WHEELS"
 "$KVCACHE_VENV/bin/pip" wheel -q --disable-pip-version-check --no-deps -w "$WHEELS" ./pyo3-bindings ./vllm-connector
 "$KVCACHE_VENV/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps "$WHEELS"/kvcache-*.whl
-"$KVCACHE_VENV/bin/ruff" check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches
-"$KVCACHE_VENV/bin/ruff" format --check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches
+"$KVCACHE_VENV/bin/ruff" check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches benches/mooncake
+"$KVCACHE_VENV/bin/ruff" format --check pyo3-bindings/python pyo3-bindings/tests pyo3-bindings/benches benches/mooncake
 KVCACHE_SERVER_BIN="$CARGO_TARGET_DIR/debug/kvcache-server" "$KVCACHE_VENV/bin/pytest" -q pyo3-bindings/tests
 echo "== deploy: Kustomize overlays render and validate strictly; promtool checks and tests the rules (deploy/tests)" >&2
 "$KVCACHE_VENV/bin/pip" install -q --disable-pip-version-check kubernetes-validate==1.37.0

@@ -13,7 +13,12 @@ Topology (all on 127.0.0.1):
 * one *holder* process: a store client that mounts a segment of `--segment-bytes` (the memory pool that
   holds every value) and then only stays alive.
 * the *driver*: `C` worker processes (separate processes, so the GIL serialises nothing), each its own
-  store client set up with `global_segment_size=0`, protocol `tcp`.
+  store client set up with `global_segment_size=0`, protocol `tcp`. A row's workers are started once
+  (`RowDriver`) and kept across its slices, as `compare` keeps its connections across a row's slices.
+
+Modes: `serve` is how `kvcache-bench compare --mooncake-venv DIR` runs it (master and holder for the
+whole run, then rows and slices on stdin, one JSON answer a line, so Mooncake's slices interleave
+with the other systems'); `run-all` measures a grid alone; `drive` one row; `holder` is internal.
 
 Why the driver mounts no segment: a client that owns a segment can be handed a replica in its own
 memory, and then put/get are served by a local memcpy instead of the transfer engine. With no segment
@@ -35,8 +40,8 @@ What is measured, per (op, value size, batch, concurrency):
   rotation with `batch_get_into` / `get_into` into a registered buffer. Every value read is checked
   in full (stamps and body, by memcmp); the stamps are poisoned before each call, so a call that writes
   nothing cannot pass. Verification runs inside the measured loop but outside the per-call latency.
-* clock: all workers start together after setup; a warm-up of min(S/4, 0.1 s) is not measured, then each
-  worker runs for S seconds. `ops_per_s` = values completed without error / the longest worker span,
+* clock: per slice, all workers start together after setup; a warm-up of min(S/4, 0.1 s) is not
+  measured, then each worker runs for S seconds. `ops_per_s` = values completed without error / the longest worker span,
   `gb_per_s` = ops_per_s * value_bytes / 1e9, `p50_us`/`p99_us` are per-call latencies (one call moves
   `batch` values). `errors` counts values whose call returned an error; `wrong` counts bytes that differ
   from what was put. Setup, buffer registration, working-set preparation and clean-up are not timed.
