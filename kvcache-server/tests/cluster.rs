@@ -182,15 +182,18 @@ async fn a_node_that_joins_a_static_cluster_warms_itself_with_the_blocks_it_now_
         owned > 400,
         "about a third of the keys move to the newcomer, got {owned}"
     );
-    let warmed = third.wait_metric("kvcache_cluster_warmed_blocks_total", |v| v >= owned as f64);
+    // Warm state 2 says warming is over: the count is final then, not still climbing.
+    third.wait_metric("kvcache_cluster_warm_state", |v| v == 2.0);
     assert_eq!(
-        warmed, owned as f64,
+        third.metric("kvcache_cluster_warmed_blocks_total"),
+        owned as f64,
         "exactly the blocks it owns, copied from its peers"
     );
     assert_eq!(third.metric("kvcache_blocks_stored"), owned as f64);
     for n in [&first, &second, &third] {
         assert_eq!(n.metric("kvcache_cluster_members"), 3.0);
         assert_eq!(n.metric("kvcache_cluster_ring_version"), 1.0);
+        assert_eq!(n.metric("kvcache_cluster_warm_state"), 2.0);
     }
     // A client of the full ring reads every block, the moved ones from the newcomer, every
     // byte checked.
