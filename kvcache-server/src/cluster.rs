@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::auth::Auth;
 use crate::config::{ClusterSettings, Membership};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WarmState};
 use kvcache_store::{CommitOutcome, Store};
 
 /// How often the node re-reads the members (as clients of `etcd://` do).
@@ -174,7 +174,7 @@ impl NodeView {
         };
         let mut to_warm = self.warm;
         if !to_warm {
-            metrics.warm_state(2);
+            metrics.warm_state(WarmState::Done);
         }
         loop {
             let stats = cluster.stats();
@@ -182,12 +182,12 @@ impl NodeView {
             // Warm once this node is on the ring (with etcd: once its registration shows).
             if to_warm && stats.members.contains(&self.me) {
                 to_warm = false;
-                metrics.warm_state(1);
+                metrics.warm_state(WarmState::Copying);
                 tokio::select! {
                     _ = self.warm(&cluster, &stats.members, &store, &metrics) => {}
                     _ = shutdown.wait_for(|s| *s) => return,
                 }
-                metrics.warm_state(2);
+                metrics.warm_state(WarmState::Done);
             }
             tokio::select! {
                 _ = tokio::time::sleep(REFRESH) => {}

@@ -85,6 +85,16 @@ pub enum Via {
 
 const VIAS: [&str; 3] = ["tcp", "shm", "rdma"];
 
+/// Where a node that joined a cluster stands with warming (the value of
+/// `kvcache_cluster_warm_state`; before the first change it reads 0, not on the ring yet).
+#[derive(Clone, Copy, Debug)]
+pub enum WarmState {
+    /// Copying the blocks it owns from its peers.
+    Copying = 1,
+    /// Done, or warming is off.
+    Done = 2,
+}
+
 /// Why a put of one block was refused (the `reason` label).
 #[derive(Clone, Copy, Debug)]
 pub enum PutRejection {
@@ -388,9 +398,9 @@ impl Metrics {
         self.ring_version.set(ring_version as i64);
     }
 
-    /// Where warming stands: 0 not on the ring yet, 1 copying from peers, 2 done.
-    pub fn warm_state(&self, state: i64) {
-        self.warm_state.set(state);
+    /// Where warming stands.
+    pub fn warm_state(&self, state: WarmState) {
+        self.warm_state.set(state as i64);
     }
 
     /// Counts a block copied from a peer while warming.
