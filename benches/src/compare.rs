@@ -75,6 +75,11 @@ pub struct Row {
     pub gb_per_s: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// CPU seconds the system's server process spent per GB moved (warm-ups included on both
+    /// sides); null for systems with no server process (memcpy) or their own (Mooncake).
+    pub node_cpu_s_per_gb: Option<f64>,
+    /// The same for the benchmark process, which holds the clients (and the memcpy store).
+    pub client_cpu_s_per_gb: Option<f64>,
 }
 
 /// Operations per task and slice, whatever the clock says: every load loop is bounded.
@@ -85,6 +90,24 @@ const MAX_OPS_PER_TASK: u64 = 2_000_000;
 struct Tally {
     lat_ns: Vec<u64>,
     span: Duration,
+    /// Bytes moved in the slices, warm-ups included, and the CPU spent meanwhile (`None` once
+    /// a reading failed or for a system measured elsewhere).
+    bytes: u64,
+    node_cpu: Option<f64>,
+    client_cpu: Option<f64>,
+}
+
+/// CPU seconds of the server process (if any) and of this process, read around a slice.
+fn cpu_now(server: Option<u32>) -> (Option<f64>, Option<f64>) {
+    (
+        server.and_then(|pid| systems::cpu_seconds(&pid.to_string())),
+        systems::cpu_seconds("self"),
+    )
+}
+
+/// `total + (after - before)`, or `None` as soon as any reading is missing.
+fn add_cpu(total: Option<f64>, before: Option<f64>, after: Option<f64>) -> Option<f64> {
+    Some(total? + (after? - before?))
 }
 
 /// Runs the whole plan.
@@ -124,7 +147,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
         };
         running.push(Running {
             system,
-            _process: proc_,
+            process: proc_,
             addr,
             mooncake,
         });
@@ -178,17 +201,26 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                     }
                     conns.push(cs);
                 }
-                let mut tallies: Vec<Tally> = running.iter().map(|_| Tally::default()).collect();
+                let mut tallies: Vec<Tally> = running
+                    .iter()
+                    .map(|r| Tally {
+                        node_cpu: r.process.as_ref().map(|_| 0.0),
+                        client_cpu: r.mooncake.is_none().then_some(0.0),
+                        ..Tally::default()
+                    })
+                    .collect();
                 for round in 0..plan.rounds {
                     for i in 0..running.len() {
                         // Rotate who goes first so no system always follows the same one.
                         let j = (i + round) % running.len();
                         let system = running[j].system;
+                        let server = running[j].process.as_ref().map(|p| p.0.id());
+                        let (node_before, client_before) = cpu_now(server);
                         let measured = match &mut running[j].mooncake {
                             Some(m) => m
                                 .slice(slice.as_secs_f64())
                                 .await
-                                .map(|s| (s.lat_ns, s.span)),
+                                .map(|s| (s.lat_ns, s.span, 0)),
                             None => {
                                 measure_slice(
                                     system,
@@ -201,10 +233,15 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                                 .await
                             }
                         };
-                        let (lat, span) =
+                        let (node_after, client_after) = cpu_now(server);
+                        let (lat, span, calls) =
                             measured.with_context(|| format!("{} {label}", system.name()))?;
-                        tallies[j].lat_ns.extend(lat);
-                        tallies[j].span += span;
+                        let t = &mut tallies[j];
+                        t.lat_ns.extend(lat);
+                        t.span += span;
+                        t.bytes += calls * (shape.batch * shape.size) as u64;
+                        t.node_cpu = add_cpu(t.node_cpu, node_before, node_after);
+                        t.client_cpu = add_cpu(t.client_cpu, client_before, client_after);
                     }
                 }
                 for r in &mut running {
@@ -227,7 +264,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
 struct Running {
     system: SystemKind,
     /// Our server, Redis or the TCP ceiling; stopped when dropped.
-    _process: Option<Managed>,
+    process: Option<Managed>,
     addr: String,
     /// Mooncake is driven by its own processes, row by row and slice by slice.
     mooncake: Option<Mooncake>,
@@ -308,8 +345,8 @@ async fn prepare(
 }
 
 /// One slice: one client per connection runs `op` back to back for `slice` after a short
-/// warm-up. Returns every latency and the measured span; the connections come back for the
-/// next slice.
+/// warm-up. Returns every latency, the measured span and the calls made, warm-up included;
+/// the connections come back for the next slice.
 async fn measure_slice(
     system: SystemKind,
     conns: &mut Vec<Conn>,
@@ -317,7 +354,7 @@ async fn measure_slice(
     slice: Duration,
     working_set: &Arc<Vec<u64>>,
     keys: &Arc<AtomicU64>,
-) -> anyhow::Result<(Vec<u64>, Duration)> {
+) -> anyhow::Result<(Vec<u64>, Duration, u64)> {
     let warmup = (slice / 4).min(Duration::from_millis(100));
     let (op, size, batch) = (shape.op, shape.size, shape.batch);
     let conc = conns.len();
@@ -332,6 +369,7 @@ async fn measure_slice(
             let begin = Instant::now();
             let (warm_end, end) = (begin + warmup, begin + warmup + slice);
             let mut measured_start = None;
+            let mut calls = 0u64;
             for i in 0..MAX_OPS_PER_TASK {
                 let now = Instant::now();
                 if now >= end {
@@ -357,23 +395,26 @@ async fn measure_slice(
                         }
                     }
                 }
+                calls += 1;
                 if measured_start.is_some() {
                     lat_ns.push(t0.elapsed().as_nanos() as u64);
                 }
             }
             let span = measured_start.map_or(Duration::ZERO, |s| s.elapsed());
-            Ok::<_, anyhow::Error>((lat_ns, span, conn))
+            Ok::<_, anyhow::Error>((lat_ns, span, calls, conn))
         }));
     }
     let mut lat = Vec::new();
     let mut span = Duration::ZERO;
+    let mut calls = 0;
     for t in tasks {
-        let (l, s, conn) = t.await??;
+        let (l, s, c, conn) = t.await??;
         lat.extend(l);
         span = span.max(s);
+        calls += c;
         conns.push(conn);
     }
-    Ok((lat, span))
+    Ok((lat, span, calls))
 }
 
 fn summarize(system: &'static str, shape: &Shape, mut t: Tally) -> Row {
@@ -385,6 +426,10 @@ fn summarize(system: &'static str, shape: &Shape, mut t: Tally) -> Row {
     };
     // Each latency is one call of `batch` values.
     let ops_per_s = (lat.len() * shape.batch) as f64 / t.span.as_secs_f64().max(1e-9);
+    let per_gb = |cpu: Option<f64>| {
+        cpu.filter(|_| t.bytes > 0)
+            .map(|c| c / (t.bytes as f64 / 1e9))
+    };
     Row {
         system,
         op: shape.op,
@@ -395,12 +440,15 @@ fn summarize(system: &'static str, shape: &Shape, mut t: Tally) -> Row {
         gb_per_s: ops_per_s * shape.size as f64 / 1e9,
         p50_us: pct(0.50).unwrap_or(0) as f64 / 1e3,
         p99_us: pct(0.99).unwrap_or(0) as f64 / 1e3,
+        node_cpu_s_per_gb: per_gb(t.node_cpu),
+        client_cpu_s_per_gb: per_gb(t.client_cpu),
     }
 }
 
 fn format_row(r: &Row) -> String {
+    let cpu = |c: Option<f64>| c.map_or_else(|| "-".into(), |c| format!("{c:.3}"));
     format!(
-        "{:<14} {:<4} {:>8} x{:<3} b{:<3} {:>10.0} ops/s {:>7.2} GB/s  p50 {:>9.1} us  p99 {:>9.1} us",
+        "{:<14} {:<4} {:>8} x{:<3} b{:<3} {:>10.0} ops/s {:>7.2} GB/s  p50 {:>9.1} us  p99 {:>9.1} us  {:>6} {:>6}",
         r.system,
         r.op,
         ByteSize(r.value_bytes).to_string(),
@@ -409,7 +457,9 @@ fn format_row(r: &Row) -> String {
         r.ops_per_s,
         r.gb_per_s,
         r.p50_us,
-        r.p99_us
+        r.p99_us,
+        cpu(r.node_cpu_s_per_gb),
+        cpu(r.client_cpu_s_per_gb),
     )
 }
 
@@ -417,7 +467,7 @@ fn format_row(r: &Row) -> String {
 pub fn report(rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str(
-        "system         op       size conc batch       ops/s    GB/s   p50 per call   p99 per call\n",
+        "system         op       size conc batch       ops/s    GB/s   p50 per call   p99 per call  CPU-s per GB: node client\n",
     );
     for r in rows {
         out.push_str(&format_row(r));

@@ -62,6 +62,18 @@ fn compare_measures_every_system_and_writes_the_documented_json() {
                     );
                 }
                 assert!(row["p99_us"].as_f64() >= row["p50_us"].as_f64());
+                // CPU per GB: read for the benchmark process always, and for the server
+                // process of every system that has one.
+                let cpu = |field: &str| row[field].as_f64().filter(|c| *c >= 0.0);
+                assert!(
+                    cpu("client_cpu_s_per_gb").is_some(),
+                    "{system} {op} x{conc}: {row}"
+                );
+                assert_eq!(
+                    cpu("node_cpu_s_per_gb").is_some(),
+                    system != "memcpy-ceiling",
+                    "{system} {op} x{conc}: {row}"
+                );
             }
         }
     }
