@@ -21,11 +21,16 @@ use crate::metrics::Via;
 use kvcache_core::checksum;
 use kvcache_store::CommitOutcome;
 
-/// Verified get payload gathered per vectored write: small enough to be copied from L2 (2 MiB
-/// per core here) after verification, large enough to amortise the syscall and the wake-ups of
-/// a reply that outgrows the socket buffer. 1 MiB against 512 KiB, 2 MiB and 4 MiB: at 8 values
-/// of 1 MiB x4 clients the node spent 0.33 CPU-s per GB against 0.41 with 512 KiB, and batches
-/// of 8 stopped being slower than single gets (benches/results/README.md, "batch 8").
+/// Verified get payload gathered into the first vectored write of a reply: small enough that
+/// the client starts copying while the rest is verified, and that the bytes are still in L2
+/// when they are sent. 512 KiB was best by a few percent against 128 KiB and whole-reply
+/// writes (benches/results/README.md).
+const FIRST_FLUSH_BYTES: usize = 4 * checksum::CHUNK;
+
+/// The same for every later write of the reply: a reply that outgrows the socket buffer is
+/// written in fewer, larger steps (still within the 2 MiB of L2 here). At 8 values of 1 MiB x4
+/// the node spent 0.32 CPU-s per GB against 0.38 with 512 KiB throughout (benches/results/
+/// README.md, "batch 8"); a reply of one 1 MiB value is written as before.
 const FLUSH_BYTES: usize = 8 * checksum::CHUNK;
 
 pub(crate) async fn put<R, W>(
@@ -112,9 +117,10 @@ pub(crate) async fn get<W: AsyncWrite + Unpin>(
     let head = FrameHeader::reply(Op::Get, h.request_id, control.len(), total as usize).encode();
     // Step 2: the payload goes from the pool straight to the socket, each chunk verified just
     // before it is queued (so it is copied from cache; see kvcache_core::checksum). Verified
-    // chunks are gathered into one vectored write per FLUSH_BYTES.
+    // chunks are gathered into one vectored write per FIRST_FLUSH_BYTES, then per FLUSH_BYTES.
     let mut batch: Vec<&[u8]> = vec![&head, &control];
     let mut batched = 0usize;
+    let mut flush_at = FIRST_FLUSH_BYTES;
     for lease in leases.iter().flatten() {
         for i in 0..lease.chunk_count() {
             let Ok(chunk) = lease.verified_chunk(i) else {
@@ -126,12 +132,13 @@ pub(crate) async fn get<W: AsyncWrite + Unpin>(
             };
             batch.push(chunk);
             batched += chunk.len();
-            if batched >= FLUSH_BYTES || batch.len() >= 64 {
+            if batched >= flush_at || batch.len() >= 64 {
                 frame_io::write_all_vectored(wr, &batch)
                     .await
                     .map_err(io_err)?;
                 batch.clear();
                 batched = 0;
+                flush_at = FLUSH_BYTES;
             }
         }
     }
