@@ -29,8 +29,9 @@ const FIRST_FLUSH_BYTES: usize = 4 * checksum::CHUNK;
 
 /// The same for every later write of the reply: a reply that outgrows the socket buffer is
 /// written in fewer, larger steps (still within the 2 MiB of L2 here). At 8 values of 1 MiB x4
-/// the node spent 0.32 CPU-s per GB against 0.38 with 512 KiB throughout (benches/results/
-/// README.md, "batch 8"); a reply of one 1 MiB value is written as before.
+/// the node spent 0.34 CPU-s per GB against 0.35-0.38 with 512 KiB throughout (medians of six
+/// runs each, benches/results/tcp-flush-ab.json); a reply of one 1 MiB value is written as
+/// before.
 const FLUSH_BYTES: usize = 8 * checksum::CHUNK;
 
 pub(crate) async fn put<R, W>(
