@@ -117,8 +117,9 @@ impl Allocation {
     }
 
     /// Copies `src` into chunk `i` and seals it in the same pass over the bytes
-    /// ([`chunk_hash::copy_and_hash`](kvcache_core::chunk_hash::copy_and_hash)): the checksum
-    /// covers exactly what was stored, even if `src` changes meanwhile. Chunks must be filled
+    /// ([`chunk_hash::copy_and_hash_streaming`](kvcache_core::chunk_hash::copy_and_hash_streaming),
+    /// whose stores bypass the caches: the pool is not read soon): the checksum covers exactly
+    /// what was stored, even if `src` changes meanwhile. Chunks must be filled
     /// in order; one filled out of order is sealed at commit.
     #[inline]
     pub fn fill_chunk(&mut self, i: usize, src: &[u8]) {
@@ -135,7 +136,7 @@ impl Allocation {
             data[range].copy_from_slice(src);
             return;
         }
-        let sum = kvcache_core::chunk_hash::copy_and_hash(src, &mut data[range]);
+        let sum = kvcache_core::chunk_hash::copy_and_hash_streaming(src, &mut data[range]);
         checksum::record(trailer, i, sum);
         self.sealed += 1;
     }
