@@ -7,6 +7,7 @@ use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use kvcache_core::checksum::{self, Scatter};
 use kvcache_core::wire::{
     ErrorCode, ErrorReply, FrameHeader, FrameLimits, GetReply, GetRequest, HelloReply,
     HelloRequest, LeaseGetReply, LeaseGetRequest, Op, ReleaseRequest,
@@ -17,6 +18,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::error::ClientError;
+
+/// Chunks a checked get reads in one go: 512 KiB, which stays in L2 until it is hashed.
+const READ_CHUNKS: usize = 4;
 
 /// Replies may carry up to 4 GiB of payload; the node enforces the real limit on requests.
 const REPLY_LIMITS: FrameLimits = FrameLimits {
@@ -253,11 +257,13 @@ impl Connection {
     }
 
     /// Sends a get and returns each key's stored length (0 for a miss); the payload follows.
+    /// `Get`: the reply, its lengths and chunk checksums checked against `keys` and the
+    /// payload that follows (which the caller then reads).
     pub(crate) async fn call_get(
         &mut self,
         req: &GetRequest,
         keys: usize,
-    ) -> Result<Vec<u32>, ClientError> {
+    ) -> Result<GetReply, ClientError> {
         let (h, control) = self.call(Op::Get, req, &[]).await?;
         let reply: GetReply = decode_reply(&control)?;
         let total: u64 = reply.lens.iter().map(|&l| l as u64).sum();
@@ -268,7 +274,89 @@ impl Connection {
                 h.payload_len
             )));
         }
-        Ok(reply.lens)
+        let chunks: usize = reply
+            .lens
+            .iter()
+            .map(|&l| checksum::chunk_count(l as usize))
+            .sum();
+        // A node that predates `client_verifies` checks the chunks itself and sends no sums.
+        if !reply.chunk_sums.is_empty() && reply.chunk_sums.len() != chunks {
+            return Err(ClientError::Protocol(format!(
+                "get reply carries {} chunk checksums for {chunks} chunks",
+                reply.chunk_sums.len()
+            )));
+        }
+        Ok(reply)
+    }
+
+    /// Reads a block of `len` bytes from the payload into `dst` (exactly `len` bytes long),
+    /// checking each chunk against `sums` as it lands, while it is in cache. False if any
+    /// chunk fails: the bytes in `dst` must then not be used. The whole block is read either
+    /// way, so the stream stays in step.
+    pub(crate) async fn read_checked(
+        &mut self,
+        dst: &mut [&mut [u8]],
+        len: usize,
+        sums: &[u64],
+    ) -> Result<bool, ClientError> {
+        let mut out = Scatter::new(dst);
+        let mut intact = true;
+        let mut bounce = Vec::new();
+        let chunks = checksum::chunk_count(len).min(sums.len());
+        let mut i = 0;
+        while i < chunks {
+            // Up to READ_CHUNKS chunks in one read where one segment holds them: fewer, larger
+            // reads, each still checked while it is in cache.
+            let group = READ_CHUNKS.min(chunks - i);
+            let span =
+                checksum::chunk_range(len, i).start..checksum::chunk_range(len, i + group - 1).end;
+            if let Some(d) = out.contiguous(span.len()) {
+                self.read_payload_into(d).await?;
+                for (j, &sum) in sums[i..i + group].iter().enumerate() {
+                    let r = checksum::chunk_range(len, i + j);
+                    let at = r.start - span.start..r.end - span.start;
+                    intact &= checksum::chunk_checksum(&d[at]) == sum;
+                }
+                i += group;
+                continue;
+            }
+            // The chunk in place where one segment holds it; else through a bounce buffer.
+            let n = checksum::chunk_range(len, i).len();
+            let landed = match out.contiguous(n) {
+                Some(d) => {
+                    self.read_payload_into(d).await?;
+                    Some(checksum::chunk_checksum(d))
+                }
+                None => {
+                    bounce.resize(n, 0);
+                    self.read_payload_into(&mut bounce).await?;
+                    checksum::copy_chunk_checked(&bounce, &[], &mut out)
+                }
+            };
+            intact &= landed == Some(sums[i]);
+            i += 1;
+        }
+        Ok(intact)
+    }
+
+    /// Reports blocks a `client_verifies` get found corrupt, so the node checks and drops
+    /// them (one-way).
+    pub(crate) async fn report_suspects(
+        &mut self,
+        suspect: &[kvcache_core::BlockKey],
+    ) -> Result<(), ClientError> {
+        if suspect.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            blocks = suspect.len(),
+            "kvcache: blocks failed verification; reported as misses"
+        );
+        let req = ReleaseRequest {
+            lease_id: 0,
+            suspect: kvcache_core::wire::encode_keys(suspect),
+        };
+        self.send_oneway(Op::Release, &req).await
     }
 
     /// `LeaseGet`: leases `keys` and returns where each lies in the pool (length 0 for a miss).
@@ -314,12 +402,6 @@ impl Connection {
         frame_io::read_payload(&mut self.stream, dst)
             .await
             .map_err(read_err)
-    }
-
-    pub(crate) async fn read_payload_vec(&mut self, len: usize) -> Result<Vec<u8>, ClientError> {
-        let mut v = vec![0u8; len];
-        self.read_payload_into(&mut v).await?;
-        Ok(v)
     }
 
     pub(crate) async fn skip_payload(&mut self, len: usize) -> Result<(), ClientError> {

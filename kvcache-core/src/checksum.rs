@@ -74,7 +74,7 @@ impl<'a, 'b> Scatter<'a, 'b> {
 
     /// The next `n` bytes at the cursor if they lie in one segment (the cursor moves past
     /// them); `None` if they span segments.
-    fn contiguous(&mut self, n: usize) -> Option<&mut [u8]> {
+    pub fn contiguous(&mut self, n: usize) -> Option<&mut [u8]> {
         while self.segs.get(self.seg).is_some_and(|s| s.len() == self.off) {
             self.seg += 1;
             self.off = 0;

@@ -140,9 +140,9 @@ async fn a_miss_and_a_wrong_size_leave_the_destination_untouched(path: PathKind)
     );
 }
 
-/// A block corrupted in the pool is a miss, never bytes, wherever the check happens (the node
-/// as it sends, or the client as the bytes land); the node drops it, counts it, and the rest
-/// of the batch still hits.
+/// A block corrupted in the pool is a miss, never bytes: the client checks it as the bytes
+/// land (over every path), reports it, and the node checks it, drops it and counts it; the
+/// rest of the batch still hits.
 async fn a_corrupt_block_is_a_miss_and_the_rest_of_the_batch_hits(path: PathKind) {
     let server = server();
     let Some(c) = client(&server, path).await else {
@@ -154,18 +154,21 @@ async fn a_corrupt_block_is_a_miss_and_the_rest_of_the_batch_hits(path: PathKind
     c.put(good, &value).await.unwrap();
     let (status, _) = server.http("POST", &format!("/debug/corrupt/{}", bad.to_hex()));
     assert_eq!(status, 200);
+    // The bad block lands in three segments cut so that its chunks are read every way: through
+    // a bounce buffer (spanning segments), alone in place, and in a group of chunks.
     let (mut a, mut b) = (vec![0u8; value.len()], vec![0u8; value.len()]);
+    let (a0, rest) = a.split_at_mut(123_457);
+    let (a1, a2) = rest.split_at_mut(300_001 - 123_457);
     let out = c
-        .get_many_into(&[bad, good], &mut [vec![&mut a[..]], vec![&mut b[..]]])
+        .get_many_into(&[bad, good], &mut [vec![a0, a1, a2], vec![&mut b[..]]])
         .await
         .unwrap();
     assert_eq!(out, [GetOutcome::Miss, GetOutcome::Hit]);
     assert!(b == value);
-    if path != PathKind::Tcp {
-        // The client named the block on release; the node checked it itself.
-        let confirmed = "kvcache_shm_suspect_blocks_total{result=\"confirmed\"}";
-        assert_eq!(server.wait_metric(confirmed, |v| v == 1.0), 1.0);
-    }
+    // The client named the block (on release, or in a report over TCP); the node checked it
+    // itself.
+    let confirmed = "kvcache_shm_suspect_blocks_total{result=\"confirmed\"}";
+    assert_eq!(server.wait_metric(confirmed, |v| v == 1.0), 1.0);
     assert_eq!(server.metric("kvcache_checksum_failures_total"), 1.0);
     assert_eq!(
         c.exists(&[bad]).await.unwrap(),

@@ -109,6 +109,7 @@ async fn a_get_naming_more_keys_than_the_cap_reads_nothing_from_disk() {
     let many: Vec<BlockKey> = keys.iter().copied().cycle().take(200_000).collect();
     let req = GetRequest {
         keys: wire::encode_keys(&many),
+        ..Default::default()
     };
     let mut s = std::net::TcpStream::connect(&server.data).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))

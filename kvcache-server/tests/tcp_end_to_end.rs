@@ -212,7 +212,11 @@ async fn bad_input_closes_or_refuses_only_the_offender_and_loses_nothing() {
     bad.extend_from_slice(&[0xff, 0xff, 0xff]);
     s.write_all(&bad).unwrap();
     assert_eq!(read_frame(&mut s).unwrap().0.op, Op::Error);
-    let ragged = GetRequest { keys: vec![1; 17] }.encode_to_vec();
+    let ragged = GetRequest {
+        keys: vec![1; 17],
+        ..Default::default()
+    }
+    .encode_to_vec();
     let mut bad = FrameHeader::request(Op::Get, 4, ragged.len(), 0)
         .encode()
         .to_vec();
@@ -229,6 +233,7 @@ async fn bad_input_closes_or_refuses_only_the_offender_and_loses_nothing() {
     // A payload on a request that takes none: refused, skipped, the connection goes on.
     let get = GetRequest {
         keys: wire::encode_keys(&keys[..1]),
+        ..Default::default()
     }
     .encode_to_vec();
     let mut bad = FrameHeader::request(Op::Get, 5, get.len(), 10)
@@ -330,6 +335,7 @@ async fn full_pool_evicts_but_never_a_leased_block_and_a_dead_reader_frees_its_l
     let mut stalled = TcpStream::connect(&server.data).unwrap();
     let req = GetRequest {
         keys: wire::encode_keys(&pinned),
+        ..Default::default()
     }
     .encode_to_vec();
     stalled
@@ -383,30 +389,40 @@ async fn corrupted_block_is_reported_as_a_miss_never_returned() {
     let server = ServerProcess::start(&["--memory", "64MiB", "--enable-test-hooks"]);
     let cl = client(&server).await;
     let (small, big, other) = (BlockKey(0xdead), BlockKey(0xd00d), BlockKey(0xbeef));
-    cl.put(small, &content(small, 100_000)).await.unwrap();
-    cl.put(big, &content(big, 4 << 20)).await.unwrap();
-    cl.put(other, &content(other, 100_000)).await.unwrap();
-    for k in [small, big] {
+    let corrupt = |k: BlockKey| {
         assert_eq!(
             server
                 .http("POST", &format!("/debug/corrupt/{}", k.to_hex()))
                 .0,
             200
-        );
-    }
-    // The big block is damaged in its middle chunk, after the reply has started: the node
-    // never sends the bad chunk, drops the block, and the client's retry reports a miss.
+        )
+    };
+    cl.put(small, &content(small, 100_000)).await.unwrap();
+    cl.put(big, &content(big, 4 << 20)).await.unwrap();
+    cl.put(other, &content(other, 100_000)).await.unwrap();
+    corrupt(small);
+    corrupt(big);
+    // The client checks every chunk where it lands (the big block is damaged in its middle
+    // chunk): both damaged blocks are misses, and its report makes the node check them itself
+    // and drop them.
     let got = cl.get_many(&[other, big, small]).await.unwrap();
     assert_eq!(got[0].as_deref(), Some(&content(other, 100_000)[..]));
     assert_eq!(got[1], None, "corrupt bytes must never be returned");
     assert_eq!(got[2], None, "corrupt bytes must never be returned");
+    assert_eq!(
+        server.wait_metric("kvcache_checksum_failures_total", |v| v == 2.0),
+        2.0
+    );
+    assert_eq!(
+        server.metric("kvcache_shm_suspect_blocks_total{result=\"confirmed\"}"),
+        2.0
+    );
     let mut buf = vec![0u8; 100_000];
     let out = cl
         .get_many_into(&[small], &mut [vec![&mut buf[..]]])
         .await
         .unwrap();
-    assert_eq!(out, [GetOutcome::Miss]);
-    assert_eq!(server.metric("kvcache_checksum_failures_total"), 2.0);
+    assert_eq!(out, [GetOutcome::Miss], "dropped from the index");
     assert_eq!(server.metric("kvcache_active_leases"), 0.0);
     // A fresh, intact copy can be stored again under the same key.
     assert_eq!(
@@ -414,6 +430,44 @@ async fn corrupted_block_is_reported_as_a_miss_never_returned() {
         PutStatus::Stored
     );
     assert_eq!(cl.get(big).await.unwrap().unwrap(), content(big, 4 << 20));
+
+    // A reader that does not check (no `client_verifies`): the node checks each chunk before
+    // sending it, so the damaged middle chunk is never sent; the reply stops short, the
+    // connection ends, and the block is dropped.
+    corrupt(big);
+    let mut s = TcpStream::connect(&server.data).unwrap();
+    let req = GetRequest {
+        keys: wire::encode_keys(&[other, big]),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut frame = FrameHeader::request(Op::Get, 1, req.len(), 0)
+        .encode()
+        .to_vec();
+    frame.extend_from_slice(&req);
+    s.write_all(&frame).unwrap();
+    let (h, control) = read_frame(&mut s).unwrap();
+    let reply = wire::GetReply::decode(&control[..]).unwrap();
+    assert_eq!(reply.lens, [100_000, 4 << 20]);
+    assert!(
+        reply.chunk_sums.is_empty(),
+        "sums only for a client that checks"
+    );
+    let mut sent = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.read_to_end(&mut sent);
+    assert!(
+        sent.len() < h.payload_len as usize && sent.len() >= 100_000,
+        "{} of {} payload bytes sent",
+        sent.len(),
+        h.payload_len
+    );
+    assert_eq!(&sent[..100_000], &content(other, 100_000)[..]);
+    assert_eq!(
+        server.wait_metric("kvcache_checksum_failures_total", |v| v == 3.0),
+        3.0
+    );
+    assert_eq!(cl.get(big).await.unwrap(), None);
     // Without the flag the hook does not exist.
     let plain = ServerProcess::start(&["--memory", "4MiB"]);
     assert_eq!(
@@ -529,6 +583,7 @@ async fn a_stalled_client_loses_its_leases_and_allocation_after_the_request_time
     let mut reader = TcpStream::connect(&server.data).unwrap();
     let req = GetRequest {
         keys: wire::encode_keys(&keys),
+        ..Default::default()
     }
     .encode_to_vec();
     reader
@@ -779,6 +834,7 @@ async fn a_request_with_more_keys_than_the_cap_is_refused_before_any_lookup() {
     for n in [1001usize, 200_000] {
         let req = GetRequest {
             keys: wire::encode_keys(&vec![BlockKey(3); n]),
+            ..Default::default()
         };
         send_request(&mut s, Op::Get, 1, &req);
         let (h, control) = read_frame(&mut s).expect("an error reply");
@@ -795,6 +851,7 @@ async fn a_request_with_more_keys_than_the_cap_is_refused_before_any_lookup() {
     // The connection and the node go on.
     let ok = GetRequest {
         keys: wire::encode_keys(&vec![BlockKey(3); 1000]),
+        ..Default::default()
     };
     send_request(&mut s, Op::Get, 2, &ok);
     let (h, _) = read_frame(&mut s).expect("a get reply");

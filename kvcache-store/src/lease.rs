@@ -60,7 +60,8 @@ impl Store {
 }
 
 /// A read lease on a committed block: its bytes stay put until the lease is dropped (release).
-/// The bytes are reachable only through verification.
+/// The bytes are reachable only through verification, here or by a reader that checks them
+/// where they land against [`chunk_sums`](Lease::chunk_sums).
 pub struct Lease {
     store: Arc<Store>,
     key: BlockKey,
@@ -134,6 +135,26 @@ impl Lease {
             return Err(self.corrupt());
         }
         Ok(&self.raw()[checksum::chunk_range(self.len(), i)])
+    }
+
+    /// Chunk `i` as stored, unchecked: only for a reader that checks it where it lands,
+    /// against [`chunk_sums`](Self::chunk_sums).
+    #[inline]
+    pub fn unverified_chunk(&self, i: usize) -> &[u8] {
+        &self.raw()[checksum::chunk_range(self.len(), i)]
+    }
+
+    /// Every chunk's checksum, from the trailer, which is checked against the index first. On
+    /// a mismatch the block is dropped from the index.
+    pub fn chunk_sums(&self) -> Result<Vec<u64>, Corrupt> {
+        // Check a private copy, so the sums returned are the ones checked.
+        let trailer = self.trailer().to_vec();
+        if checksum::trailer_checksum(&trailer) != self.location.checksum {
+            return Err(self.corrupt());
+        }
+        Ok((0..self.chunk_count())
+            .map(|i| checksum::recorded(&trailer, i))
+            .collect())
     }
 
     /// The whole block, every chunk verified.

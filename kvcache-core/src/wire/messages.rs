@@ -76,6 +76,13 @@ pub struct PutReply {
 pub struct GetRequest {
     #[prost(bytes = "vec", tag = "1")]
     pub keys: Vec<u8>,
+    /// The client checks every chunk where it lands, against the reply's `chunk_sums`: the
+    /// node checks only each block's trailer and sends the data as stored. One check covers
+    /// the node's memory, the network and the client's receive path, and it runs on bytes in
+    /// the client's cache instead of the node's DRAM. Without it the node checks each chunk
+    /// before sending it.
+    #[prost(bool, tag = "2")]
+    pub client_verifies: bool,
 }
 
 /// `Get` reply: `lens[i]` bytes for key i in the payload, 0 for a miss (blocks are never empty).
@@ -83,6 +90,11 @@ pub struct GetRequest {
 pub struct GetReply {
     #[prost(uint32, repeated, tag = "1")]
     pub lens: Vec<u32>,
+    /// With `client_verifies`: the checksum of every chunk of every block sent, in payload
+    /// order ([`crate::checksum::chunk_count`] of each block's length), from trailers the node
+    /// checked against its index. Empty otherwise.
+    #[prost(fixed64, repeated, tag = "2")]
+    pub chunk_sums: Vec<u64>,
 }
 
 /// `Exists` request.
@@ -189,7 +201,8 @@ pub struct LeaseGetReply {
 }
 
 /// `Release` (one-way): ends a lease. `suspect` lists keys whose bytes failed the client's
-/// check; the node re-verifies them itself and drops any that fail.
+/// check; the node re-verifies them itself and drops any that fail. On a connection without
+/// leases (TCP), `lease_id` 0 with `suspect` reports what a `client_verifies` get found.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ReleaseRequest {
     #[prost(uint64, tag = "1")]

@@ -242,7 +242,8 @@ where
             answer(wr, &h, session::staged_put(ctx, access, s, &h, &control)).await
         }
         (Op::Release, Some(s)) => Ok(session::release(ctx, access, s, &control)),
-        (Op::LeaseGet | Op::StagedPut | Op::Release, None) => Ok(Outcome::Refused(format!(
+        (Op::Release, None) => Ok(inline::report_suspects(ctx, access, &control)),
+        (Op::LeaseGet | Op::StagedPut, None) => Ok(Outcome::Refused(format!(
             "{} is served only on the node's shared-memory socket or after rdma_connect",
             h.op.name()
         ))),

@@ -6,7 +6,7 @@ use kvcache_core::BlockKey;
 use kvcache_core::wire::{
     self, ErrorCode, ExistsReply, ExistsRequest, FrameHeader, GetReply, GetRequest, ListKeysReply,
     ListKeysRequest, Op, PROTOCOL_VERSION, PingReply, PrefixMatchReply, PrefixMatchRequest,
-    PutReply, PutRequest, PutStatus,
+    PutReply, PutRequest, PutStatus, ReleaseRequest,
 };
 use kvcache_transport::frame_io;
 use prost::Message;
@@ -97,10 +97,22 @@ pub(crate) async fn get<W: AsyncWrite + Unpin>(
     control: &[u8],
     wr: &mut W,
 ) -> ConnResult<Outcome> {
-    let (_, keys) = try_outcome!(keyed(ctx, access, h, control, |r: &GetRequest| &r.keys));
-    // Step 1: lease (and verify) every block; leases are released when this function returns,
-    // including when the peer disconnects while the payload is being written.
-    let leases = lease_all(&ctx.store, &keys).await;
+    let (req, keys) = try_outcome!(keyed(ctx, access, h, control, |r: &GetRequest| &r.keys));
+    // Step 1: lease every block (its trailer checked); leases are released when this function
+    // returns, including when the peer disconnects while the payload is being written.
+    let mut leases = lease_all(&ctx.store, &keys).await;
+    // A client that checks each chunk where it lands gets the chunks' checksums, from
+    // trailers checked once more here; a block whose trailer fails is a miss (and dropped).
+    let mut chunk_sums = Vec::new();
+    if req.client_verifies {
+        for slot in leases.iter_mut() {
+            match slot.as_ref().map(|l| l.chunk_sums()) {
+                Some(Ok(sums)) => chunk_sums.extend(sums),
+                Some(Err(_)) => *slot = None,
+                None => {}
+            }
+        }
+    }
     let lens: Vec<u32> = leases
         .iter()
         .map(|l| l.as_ref().map_or(0, |l| l.len() as u32))
@@ -114,17 +126,23 @@ pub(crate) async fn get<W: AsyncWrite + Unpin>(
     }
     let hits = leases.iter().filter(|l| l.is_some()).count();
     ctx.metrics.blocks(Op::Get, keys.len(), hits);
-    let control = GetReply { lens }.encode_to_vec();
+    let control = GetReply { lens, chunk_sums }.encode_to_vec();
     let head = FrameHeader::reply(Op::Get, h.request_id, control.len(), total as usize).encode();
-    // Step 2: the payload goes from the pool straight to the socket, each chunk verified just
-    // before it is queued (so it is copied from cache; see kvcache_core::checksum). Verified
-    // chunks are gathered into one vectored write per FIRST_FLUSH_BYTES, then per FLUSH_BYTES.
+    // Step 2: the payload goes from the pool straight to the socket. Unless the client checks
+    // it, each chunk is verified just before it is queued (so it is copied from cache; see
+    // kvcache_core::checksum). Chunks are gathered into one vectored write per
+    // FIRST_FLUSH_BYTES, then per FLUSH_BYTES.
     let mut batch: Vec<&[u8]> = vec![&head, &control];
     let mut batched = 0usize;
     let mut flush_at = FIRST_FLUSH_BYTES;
     for lease in leases.iter().flatten() {
         for i in 0..lease.chunk_count() {
-            let Ok(chunk) = lease.verified_chunk(i) else {
+            let chunk = if req.client_verifies {
+                Ok(lease.unverified_chunk(i))
+            } else {
+                lease.verified_chunk(i)
+            };
+            let Ok(chunk) = chunk else {
                 // The reply promised this block's bytes and none may be corrupt: end the
                 // connection. The block is gone from the index, so a retry sees a miss.
                 return Err(io_err(std::io::Error::other(
@@ -149,6 +167,38 @@ pub(crate) async fn get<W: AsyncWrite + Unpin>(
     tokio::io::AsyncWriteExt::flush(wr).await.map_err(io_err)?;
     ctx.metrics.bytes_out(Via::Tcp, total);
     Ok(Outcome::Done)
+}
+
+/// `Release` on a connection without leases: `suspect` names blocks that failed a
+/// `client_verifies` get's check. The node verifies each itself and drops any that fail, as it
+/// does for a shared-memory client's release (one-way: nothing is sent back).
+pub(crate) fn report_suspects(ctx: &ServiceContext, access: &Access, control: &[u8]) -> Outcome {
+    let Ok(req) = ReleaseRequest::decode(control) else {
+        return Outcome::Close("undecodable release".into());
+    };
+    if req.lease_id != 0 {
+        return Outcome::Close(format!(
+            "release of lease {} on a connection that holds no leases",
+            req.lease_id
+        ));
+    }
+    let Ok(suspect) = wire::decode_keys(&req.suspect) else {
+        return Outcome::Close("release with a ragged suspect list".into());
+    };
+    // Bounded by the control-message limit; each key is checked at most once.
+    let suspect: std::collections::HashSet<BlockKey> =
+        suspect.into_iter().map(|k| access.fold(k)).collect();
+    for key in suspect {
+        let Some(lease) = ctx.store.lease(key) else {
+            continue; // gone, or its trailer failed (and it was dropped) just now
+        };
+        let confirmed = lease.verified_bytes().is_err();
+        ctx.metrics.shm_suspect(confirmed);
+        if !confirmed {
+            tracing::warn!(%key, "a client reported a block corrupt but it verifies here; the bytes may have been damaged in transit or in the client");
+        }
+    }
+    Outcome::Done
 }
 
 /// What the node is and how to reach its faster byte paths.

@@ -151,6 +151,7 @@ async fn put_then_get_exists_and_prefix_match_round_trip_in_memory() {
 
     let req = GetRequest {
         keys: wire::encode_keys(&keys(3)),
+        ..Default::default()
     };
     p.send(Op::Get, &req, &[]).await;
     let (h, control, payload) = p.reply().await.unwrap();
