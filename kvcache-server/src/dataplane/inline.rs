@@ -169,6 +169,9 @@ pub(crate) async fn get<W: AsyncWrite + Unpin>(
     Ok(Outcome::Done)
 }
 
+/// Blocks one suspect report gets checked, at most: a get's worth (the connector's batches).
+const MAX_SUSPECTS: usize = 64;
+
 /// `Release` on a connection without leases: `suspect` names blocks that failed a
 /// `client_verifies` get's check. The node verifies each itself and drops any that fail, as it
 /// does for a shared-memory client's release (one-way: nothing is sent back).
@@ -185,10 +188,18 @@ pub(crate) fn report_suspects(ctx: &ServiceContext, access: &Access, control: &[
     let Ok(suspect) = wire::decode_keys(&req.suspect) else {
         return Outcome::Close("release with a ragged suspect list".into());
     };
-    // Bounded by the control-message limit; each key is checked at most once.
+    // Each key is checked at most once, and at most MAX_SUSPECTS per report: a report costs the
+    // node no more than a get of the same blocks would (audit H4).
     let suspect: std::collections::HashSet<BlockKey> =
         suspect.into_iter().map(|k| access.fold(k)).collect();
-    for key in suspect {
+    if suspect.len() > MAX_SUSPECTS {
+        tracing::debug!(
+            reported = suspect.len(),
+            checked = MAX_SUSPECTS,
+            "a suspect report names more blocks than are checked per report"
+        );
+    }
+    for key in suspect.into_iter().take(MAX_SUSPECTS) {
         let Some(lease) = ctx.store.lease(key) else {
             continue; // gone, or its trailer failed (and it was dropped) just now
         };
