@@ -258,7 +258,6 @@ impl Connection {
         decode_reply(&control)
     }
 
-    /// Sends a get and returns each key's stored length (0 for a miss); the payload follows.
     /// `Get`: the reply, its lengths and chunk checksums checked against `keys` and the
     /// payload that follows (which the caller then reads).
     pub(crate) async fn call_get(

@@ -1,5 +1,6 @@
 //! Store steps every byte path shares: leasing a request's blocks (promoting misses from the
-//! tier below off the async workers), allocating without stalling them, and counting refusals.
+//! tier below off the async workers), allocating without stalling them, counting refusals, and
+//! checking the blocks clients report as failing their own check.
 
 use std::sync::Arc;
 
@@ -18,6 +19,17 @@ pub(crate) fn may_block<T>(store: &Store, f: impl FnOnce() -> T) -> T {
         tokio::task::block_in_place(f)
     } else {
         f()
+    }
+}
+
+/// Checks a block a client reported as failing its own check: a block that fails here too is
+/// dropped (by the check itself); one that passes stays, so a client cannot evict by lying.
+/// Counts the verdict either way.
+pub(crate) fn confirm_suspect(ctx: &ServiceContext, key: BlockKey, lease: &Lease) {
+    let confirmed = lease.verified_bytes().is_err();
+    ctx.metrics.shm_suspect(confirmed);
+    if !confirmed {
+        tracing::warn!(%key, "a client reported a block corrupt but it verifies here; it was damaged on its way to the client, or the client's lease was revoked mid-copy");
     }
 }
 

@@ -13,7 +13,7 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::auth::Access;
-use crate::dataplane::blocks::{lease_all, may_block, put_refused};
+use crate::dataplane::blocks::{confirm_suspect, lease_all, may_block, put_refused};
 use crate::dataplane::request::{
     ConnResult, Outcome, ServiceContext, decode, io_err, keyed, send_reply, try_outcome,
 };
@@ -200,13 +200,9 @@ pub(crate) fn report_suspects(ctx: &ServiceContext, access: &Access, control: &[
         );
     }
     for key in suspect.into_iter().take(MAX_SUSPECTS) {
-        let Some(lease) = ctx.store.lease(key) else {
-            continue; // gone, or its trailer failed (and it was dropped) just now
-        };
-        let confirmed = lease.verified_bytes().is_err();
-        ctx.metrics.shm_suspect(confirmed);
-        if !confirmed {
-            tracing::warn!(%key, "a client reported a block corrupt but it verifies here; the bytes may have been damaged in transit or in the client");
+        // A miss here: gone, or its trailer failed (and it was dropped) just now.
+        if let Some(lease) = ctx.store.lease(key) {
+            confirm_suspect(ctx, key, &lease);
         }
     }
     Outcome::Done

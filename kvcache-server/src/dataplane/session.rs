@@ -29,7 +29,7 @@ use prost::Message;
 use tokio::io::AsyncWrite;
 
 use crate::auth::Access;
-use crate::dataplane::blocks::{lease_all, may_block, put_refused};
+use crate::dataplane::blocks::{confirm_suspect, lease_all, may_block, put_refused};
 use crate::dataplane::request::{
     ConnResult, Outcome, ServiceContext, keyed, send_control, warn_allowed,
 };
@@ -365,11 +365,7 @@ pub(crate) fn release(
             let Some(held) = table.held.get(key) else {
                 continue;
             };
-            let confirmed = held.lease.verified_bytes().is_err();
-            ctx.metrics.shm_suspect(confirmed);
-            if !confirmed {
-                tracing::warn!(%key, "a client reported a block corrupt but it verifies; the client's lease may have been revoked mid-copy");
-            }
+            confirm_suspect(ctx, *key, &held.lease);
         }
     }
     table.end(&batch);
