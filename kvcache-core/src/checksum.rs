@@ -130,6 +130,16 @@ pub fn copy_chunk_checked(src: &[u8], next: &[u8], dst: &mut Scatter<'_, '_>) ->
     })
 }
 
+/// [`copy_chunk_checked`] into a destination nobody reads soon (a get's landing place in the
+/// engine's memory): where one segment holds the chunk, its stores bypass the caches
+/// ([`chunk_hash::copy_and_hash_streaming`]). Same digest, same bytes.
+pub fn copy_chunk_checked_streaming(src: &[u8], dst: &mut Scatter<'_, '_>) -> Option<u64> {
+    match dst.contiguous(src.len()) {
+        Some(d) => Some(chunk_hash::copy_and_hash_streaming(src, d)),
+        None => copy_chunk_checked(src, &[], dst),
+    }
+}
+
 /// Checksum of a whole trailer, as stored in the index.
 pub fn trailer_checksum(trailer: &[u8]) -> u64 {
     xxh3_64(trailer)
@@ -240,6 +250,40 @@ mod tests {
             );
             assert_eq!(buf, src, "len {len}");
         }
+    }
+
+    #[test]
+    fn streaming_copy_lands_the_same_bytes_and_digest_in_one_segment_or_many() {
+        let len = CHUNK;
+        let src: Vec<u8> = (0..len).map(|i| (i * 13 % 241) as u8).collect();
+        // One aligned segment (streaming stores), one at an odd address (plain stores), and
+        // ragged segments (through the bounce buffer).
+        let mut whole = vec![0u8; len + 64];
+        let at = whole.as_ptr().align_offset(32);
+        for (start, cuts) in [
+            (at, vec![0, len]),
+            (at + 1, vec![0, len]),
+            (at, vec![0, 999, 70_001, len]),
+        ] {
+            whole.fill(0);
+            let mut segs = cut(&mut whole[start..start + len], &cuts);
+            let mut sc = Scatter::new(&mut segs);
+            assert_eq!(
+                copy_chunk_checked_streaming(&src, &mut sc),
+                Some(chunk_checksum(&src))
+            );
+            assert_eq!(
+                &whole[start..start + len],
+                &src[..],
+                "start {start} cuts {cuts:?}"
+            );
+        }
+        let mut short = vec![0u8; len - 1];
+        let mut segs = [&mut short[..]];
+        assert_eq!(
+            copy_chunk_checked_streaming(&src, &mut Scatter::new(&mut segs)),
+            None
+        );
     }
 
     #[test]

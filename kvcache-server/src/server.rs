@@ -122,6 +122,7 @@ impl RunningServer {
             shm_socket: shm_socket.as_ref().map(|p| p.display().to_string()),
             host_id,
             rdma_device,
+            landing: Default::default(),
         });
         let plane = Arc::new(DataPlane { ctx, upgrade });
         // TCP and Unix-socket connections share one limit.

@@ -4,7 +4,11 @@
 //!
 //! Like a real store, the ceiling keeps one buffer per key slot (`key mod SLOTS`, up to 1 GiB in
 //! all), so it moves the same working set through DRAM as the systems it bounds; answering
-//! every request from one cache-hot buffer would measure the CPU cache, not a store.
+//! every request from one cache-hot buffer would measure the CPU cache, not a store. The slots
+//! lie in one mapping with huge pages requested, as kvcache's pool does: with a heap buffer per
+//! slot (4 KiB pages) the kernel's copy into a put's cold slot cost 2.4 times as much per byte
+//! here (perf, a VM whose TLB misses walk two page tables), which made the ceiling's puts slower
+//! than kvcache's (benches/results/README.md, 2026-12-04).
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -14,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use kvcache_transport::frame_io::{tune, write_all_vectored};
+use kvcache_transport::{HostRegion, LockMode, MemoryRegion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -34,39 +39,76 @@ pub fn start() -> anyhow::Result<(Managed, String)> {
 
 pub const MAX_SLOTS: usize = 256;
 
+/// Largest value a slot of the shared mapping holds; larger values use a buffer of their
+/// connection's own.
+const SLOT_BYTES: usize = 4 << 20;
+
 /// Slots used for values of `len` bytes: at most 256, at most 1 GiB together.
 pub fn slots_for(len: usize) -> usize {
     ((1usize << 30) / len.max(1)).clamp(1, MAX_SLOTS)
 }
 
+/// The slots' memory: one mapping of `MAX_SLOTS * SLOT_BYTES` (touched only as used), slot `i`
+/// at `i * SLOT_BYTES`, each behind its own lock.
+struct Slots {
+    region: HostRegion,
+    locks: Vec<Mutex<()>>,
+}
+
+impl Slots {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            region: HostRegion::new(MAX_SLOTS * SLOT_BYTES, LockMode::Off)?,
+            locks: (0..MAX_SLOTS).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    /// Runs `f` on the first `len` bytes of `key`'s slot, holding the slot's lock; `None` if
+    /// `len` exceeds a slot.
+    fn with<T>(&self, key: usize, len: usize, f: impl FnOnce(&mut [u8]) -> T) -> Option<T> {
+        if len > SLOT_BYTES {
+            return None;
+        }
+        let slot = key % slots_for(len);
+        let _held = self.locks[slot].lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: slot ranges are disjoint and inside the mapping (slot < MAX_SLOTS, len <=
+        // SLOT_BYTES), the mapping lives as long as `self`, and the slot's lock is held until
+        // `f` returns, so this is the only reference to these bytes.
+        let buf = unsafe {
+            std::slice::from_raw_parts_mut(self.region.base().add(slot * SLOT_BYTES), len)
+        };
+        Some(f(buf))
+    }
+}
+
 /// Runs the ceiling server in this process until killed.
 pub fn serve(addr: &str) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)?;
-    let slots: Arc<Vec<Mutex<Vec<u8>>>> =
-        Arc::new((0..MAX_SLOTS).map(|_| Mutex::new(Vec::new())).collect());
+    let slots = Arc::new(Slots::new()?);
     for stream in listener.incoming() {
         let mut s = stream?;
         let slots = Arc::clone(&slots);
         std::thread::spawn(move || {
             let _ = tune(&s);
             let mut head = [0u8; 9];
+            let mut own = Vec::new();
             while s.read_exact(&mut head).is_ok() {
                 let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
                 let key = u32::from_le_bytes([head[5], head[6], head[7], head[8]]) as usize;
-                let mut buf = slots[key % slots_for(len)]
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                if buf.len() < len {
-                    buf.resize(len, 0x5a);
-                }
-                let ok = match head[0] {
-                    b'P' => s
-                        .read_exact(&mut buf[..len])
-                        .and_then(|_| s.write_all(&[1])),
-                    b'G' => s.write_all(&buf[..len]),
-                    _ => return,
+                let op = head[0];
+                let mut serve = |buf: &mut [u8]| match op {
+                    b'P' => s.read_exact(buf).and_then(|_| s.write_all(&[1])).is_ok(),
+                    b'G' => s.write_all(buf).is_ok(),
+                    _ => false,
                 };
-                if ok.is_err() {
+                let ok = match slots.with(key, len, &mut serve) {
+                    Some(ok) => ok,
+                    None => {
+                        own.resize(len, 0);
+                        serve(&mut own)
+                    }
+                };
+                if !ok {
                     return;
                 }
             }

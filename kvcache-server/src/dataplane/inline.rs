@@ -66,12 +66,14 @@ where
     for (&key, &len) in keys.iter().zip(&req.lens) {
         let status = match may_block(&ctx.store, || ctx.store.allocate(key, len as usize)) {
             Ok(mut alloc) => {
-                // Step 2: the payload lands directly in the pool, checksummed chunk by chunk
-                // while in cache. If the peer dies here, the allocation is dropped uncommitted
-                // and its pages return to the pool.
+                // Step 2: the payload lands chunk by chunk in a buffer that stays in cache and
+                // is copied into the pool and checksummed in one pass. If the peer dies here,
+                // the allocation is dropped uncommitted and its pages return to the pool.
+                let mut landing = ctx.landing.take();
                 for i in 0..alloc.chunk_count() {
-                    frame_io::read_payload(rd, alloc.chunk_mut(i)).await?;
-                    alloc.seal_chunk(i);
+                    let chunk = &mut landing[..checksum::chunk_range(len as usize, i).len()];
+                    frame_io::read_payload(rd, chunk).await?;
+                    alloc.fill_chunk(i, chunk);
                 }
                 match alloc.commit() {
                     CommitOutcome::Stored => PutStatus::Stored,

@@ -11,6 +11,7 @@ pub mod blocks;
 pub mod connection;
 pub mod hello;
 pub mod inline;
+pub mod landing;
 pub mod rdma;
 pub mod request;
 pub mod session;

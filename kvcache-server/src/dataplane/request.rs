@@ -13,6 +13,7 @@ use prost::Message;
 use tokio::io::AsyncWrite;
 
 use crate::auth::{Access, Auth};
+use crate::dataplane::landing::LandingBuffers;
 use crate::metrics::Metrics;
 use kvcache_store::Store;
 
@@ -37,6 +38,8 @@ pub struct ServiceContext {
     pub host_id: String,
     /// The RDMA device clients may connect through, advertised by `Ping`; empty without one.
     pub rdma_device: String,
+    /// Where TCP puts' payloads land before they are copied into the pool.
+    pub landing: LandingBuffers,
 }
 
 /// True at most once per second: events a network peer can trigger at will (bad frames,

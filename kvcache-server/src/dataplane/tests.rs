@@ -54,6 +54,7 @@ impl Pair {
             shm_socket: None,
             host_id: "in-memory".into(),
             rdma_device: String::new(),
+            landing: Default::default(),
         });
         let plane = Arc::new(DataPlane {
             ctx,
