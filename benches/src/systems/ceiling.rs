@@ -5,10 +5,12 @@
 //! Like a real store, the ceiling keeps one buffer per key slot (`key mod SLOTS`, up to 1 GiB in
 //! all), so it moves the same working set through DRAM as the systems it bounds; answering
 //! every request from one cache-hot buffer would measure the CPU cache, not a store. The slots
-//! lie in one mapping with huge pages requested, as kvcache's pool does: with a heap buffer per
-//! slot (4 KiB pages) the kernel's copy into a put's cold slot cost 2.4 times as much per byte
-//! here (perf, a VM whose TLB misses walk two page tables), which made the ceiling's puts slower
-//! than kvcache's (benches/results/README.md, 2026-12-04).
+//! lie in the same kind of memory as kvcache's pool and the memcpy ceiling's store (one sealed
+//! memfd, huge pages requested, so the host's `shmem_enabled` setting applies to all three).
+//! With a heap buffer per slot, as before 2026-12-04, the kernel's copy into a put's slot cost
+//! 2.4 times as much per byte as our node's, and the ceiling's puts ran at 0.6x of kvcache's;
+//! anonymous memory with huge pages was better, the memfd best
+//! (benches/results/tcp-ceiling-memory-ab.json).
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -18,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use kvcache_transport::frame_io::{tune, write_all_vectored};
-use kvcache_transport::{HostRegion, LockMode, MemoryRegion};
+use kvcache_transport::{LockMode, MemoryRegion, ShmRegion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -48,17 +50,21 @@ pub fn slots_for(len: usize) -> usize {
     ((1usize << 30) / len.max(1)).clamp(1, MAX_SLOTS)
 }
 
-/// The slots' memory: one mapping of `MAX_SLOTS * SLOT_BYTES` (touched only as used), slot `i`
-/// at `i * SLOT_BYTES`, each behind its own lock.
+/// The slots' memory: one shared mapping of `MAX_SLOTS * SLOT_BYTES` (touched only as used),
+/// slot `i` at `i * SLOT_BYTES`, each behind its own lock.
 struct Slots {
-    region: HostRegion,
+    region: ShmRegion,
     locks: Vec<Mutex<()>>,
 }
 
 impl Slots {
     fn new() -> anyhow::Result<Self> {
         Ok(Self {
-            region: HostRegion::new(MAX_SLOTS * SLOT_BYTES, LockMode::Off)?,
+            region: ShmRegion::new(
+                "kvcache-bench-tcp-ceiling",
+                MAX_SLOTS * SLOT_BYTES,
+                LockMode::Off,
+            )?,
             locks: (0..MAX_SLOTS).map(|_| Mutex::new(())).collect(),
         })
     }

@@ -126,15 +126,17 @@ pub fn bind(path: &Path, mode: u32) -> anyhow::Result<(UnixListener, SocketFile)
     Ok((listener, SocketFile(path.to_path_buf())))
 }
 
-/// Says once, at start, when the kernel will not back the shared pool with huge pages: clients
-/// then take a TLB miss per 4 KiB on every copy (see docs/ARCHITECTURE.md).
+/// Says once, at start, when the kernel will not back the shared pool with huge pages: every
+/// copy into or out of the pool, over any transport, then takes a TLB miss per 4 KiB. TCP puts
+/// of 1 MiB x4 cost the node 0.176 CPU-s per GB so against 0.142 with huge pages
+/// (benches/results/README.md, "Landing buffers").
 pub fn hint_huge_pages() {
     const KNOB: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
     if let Ok(mode) = std::fs::read_to_string(KNOB)
         && (mode.contains("[never]") || mode.contains("[deny]"))
     {
-        tracing::info!(
-            "the shared pool uses 4 KiB pages ({KNOB} is {}); `echo advise > {KNOB}` lets it use huge pages for faster same-host copies",
+        tracing::warn!(
+            "the shared pool uses 4 KiB pages ({KNOB} is {}), so copies into and out of it cost more (TCP puts about 20 % more CPU per byte); `echo advise > {KNOB}` lets it use huge pages",
             mode.trim()
         );
     }
