@@ -573,7 +573,12 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+            hint = ""
+            if proc.returncode == 127:
+                # The dynamic loader's exit code: Mooncake's binaries link libibverbs and
+                # librdmacm even in the non-CUDA wheel.
+                hint = " (a shared library is missing: `ldd` it; Debian: apt-get install libibverbs1 librdmacm1)"
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}{hint}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return
         time.sleep(0.1)
@@ -636,7 +641,10 @@ def cluster(segment_bytes: int, metadata_mode: str, workdir: str) -> Iterator[tu
         end = time.monotonic() + START_TIMEOUT_S
         while not os.path.exists(ready):
             if procs[1].poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"holder did not become ready; see {workdir}/holder.log")
+                # The work directory goes when this fails, so the log's end goes in the error.
+                with open(os.path.join(workdir, "holder.log"), "rb") as log:
+                    tail = log.read().decode(errors="replace").strip().splitlines()[-15:]
+                raise RuntimeError("holder did not become ready; its log ends:\n" + "\n".join(tail))
             time.sleep(0.1)
         yield master, metadata, procs[1].pid
     finally:
