@@ -292,12 +292,12 @@ impl Connection {
 
     /// Reads a block of `len` payload bytes into `dst`, checking each chunk against `sums`;
     /// false if any failed: the bytes in `dst` must then not be used (every byte is still read,
-    /// so the stream stays in step). Each chunk
-    /// lands in the connection's landing buffer, still in cache, and is then copied into place
-    /// and hashed in one pass, so what is checked is exactly what was stored; the stores bypass
-    /// the caches where one aligned segment holds the chunk (the engine does not read the bytes
-    /// soon). At 8 x 1 MiB x4 the client spent 0.24 CPU-s per GB against 0.28 reading 512 KiB
-    /// straight into `dst` and hashing it there (benches/results/tcp-landing-ab.json).
+    /// so the stream stays in step). Each chunk lands in the connection's landing buffer, still
+    /// in cache, and is then copied into place and hashed in one pass, so what is checked is
+    /// exactly what was stored; the stores bypass the caches where one aligned segment holds
+    /// the chunk (the engine does not read the bytes soon). At 8 x 1 MiB x4 the client spent
+    /// 0.21 CPU-s per GB against 0.25 reading 512 KiB straight into `dst` and hashing it there
+    /// (benches/results/tcp-landing-ab.json).
     pub(crate) async fn read_checked(
         &mut self,
         dst: &mut [&mut [u8]],

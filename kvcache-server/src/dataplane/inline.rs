@@ -72,13 +72,14 @@ where
     }
     ctx.metrics.blocks(Op::Put, keys.len(), 0);
     let mut statuses = Vec::with_capacity(keys.len());
+    // Step 2 of every block: the payload lands chunk by chunk in this buffer, which stays in
+    // cache, and is copied into the pool and checksummed in one pass.
+    let mut landing = ctx.landing.take();
     for (&key, &len) in keys.iter().zip(&req.lens) {
         let status = match may_block(&ctx.store, || ctx.store.allocate(key, len as usize)) {
             Ok(mut alloc) => {
-                // Step 2: the payload lands chunk by chunk in a buffer that stays in cache and
-                // is copied into the pool and checksummed in one pass. If the peer dies here,
-                // the allocation is dropped uncommitted and its pages return to the pool.
-                let mut landing = ctx.landing.take();
+                // If the peer dies here, the allocation is dropped uncommitted and its pages
+                // return to the pool.
                 for i in 0..alloc.chunk_count() {
                     let chunk = &mut landing[..checksum::chunk_range(len as usize, i).len()];
                     frame_io::read_payload(rd, chunk).await?;

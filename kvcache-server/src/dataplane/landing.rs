@@ -4,7 +4,7 @@
 //! Reading straight into the pool made the kernel write cold pool pages and the checksum read
 //! them back; a chunk-sized buffer that is reused stays in cache, and the copy into the pool
 //! bypasses the caches (`Allocation::fill_chunk`), as shared-memory puts do. At 1 MiB x4 the
-//! node spent 0.18 CPU-s per GB against 0.21 (benches/results/tcp-landing-ab.json).
+//! node spent 0.16 CPU-s per GB against 0.18 (benches/results/tcp-landing-ab.json).
 
 use std::sync::Mutex;
 

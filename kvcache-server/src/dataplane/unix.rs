@@ -128,7 +128,7 @@ pub fn bind(path: &Path, mode: u32) -> anyhow::Result<(UnixListener, SocketFile)
 
 /// Says once, at start, when the kernel will not back the shared pool with huge pages: every
 /// copy into or out of the pool, over any transport, then takes a TLB miss per 4 KiB. TCP puts
-/// of 1 MiB x4 cost the node 0.176 CPU-s per GB so against 0.142 with huge pages
+/// of 1 MiB x4 cost the node 0.176 CPU-s per GB against 0.142 with huge pages
 /// (benches/results/README.md, "Landing buffers").
 pub fn hint_huge_pages() {
     const KNOB: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
