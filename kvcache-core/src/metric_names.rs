@@ -23,7 +23,7 @@ pub const BYTES_SENT_TOTAL: &str = "kvcache_bytes_sent_total";
 /// Leases revoked because a client held them past the lease timeout.
 pub const SHM_LEASES_REVOKED_TOTAL: &str = "kvcache_shm_leases_revoked_total";
 /// Blocks a client found corrupt, by `result` (whether the node's check confirmed it).
-pub const SHM_SUSPECT_BLOCKS_TOTAL: &str = "kvcache_shm_suspect_blocks_total";
+pub const SUSPECT_BLOCKS_TOTAL: &str = "kvcache_suspect_blocks_total";
 /// 1 while this node's etcd registration is live.
 pub const CLUSTER_REGISTERED: &str = "kvcache_cluster_registered";
 /// Failed etcd calls while registering or renewing.
@@ -83,7 +83,7 @@ pub const ALL: [&str; 33] = [
     BYTES_RECEIVED_TOTAL,
     BYTES_SENT_TOTAL,
     SHM_LEASES_REVOKED_TOTAL,
-    SHM_SUSPECT_BLOCKS_TOTAL,
+    SUSPECT_BLOCKS_TOTAL,
     CLUSTER_REGISTERED,
     CLUSTER_ETCD_ERRORS_TOTAL,
     CLUSTER_MEMBERS,

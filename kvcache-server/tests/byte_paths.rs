@@ -167,7 +167,7 @@ async fn a_corrupt_block_is_a_miss_and_the_rest_of_the_batch_hits(path: PathKind
     assert!(b == value);
     // The client named the block (on release, or in a report over TCP); the node checked it
     // itself.
-    let confirmed = "kvcache_shm_suspect_blocks_total{result=\"confirmed\"}";
+    let confirmed = "kvcache_suspect_blocks_total{result=\"confirmed\"}";
     assert_eq!(server.wait_metric(confirmed, |v| v == 1.0), 1.0);
     assert_eq!(server.metric("kvcache_checksum_failures_total"), 1.0);
     assert_eq!(

@@ -573,7 +573,7 @@ async fn a_client_holding_leases_on_a_block_cannot_make_it_a_miss_for_others() {
         started.elapsed()
     );
     assert_eq!(
-        server.metric("kvcache_shm_suspect_blocks_total{result=\"clean\"}"),
+        server.metric("kvcache_suspect_blocks_total{result=\"clean\"}"),
         1.0
     );
     drop(hog);

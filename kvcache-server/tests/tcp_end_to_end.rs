@@ -414,7 +414,7 @@ async fn corrupted_block_is_reported_as_a_miss_never_returned() {
         2.0
     );
     assert_eq!(
-        server.metric("kvcache_shm_suspect_blocks_total{result=\"confirmed\"}"),
+        server.metric("kvcache_suspect_blocks_total{result=\"confirmed\"}"),
         2.0
     );
     let mut buf = vec![0u8; 100_000];

@@ -71,7 +71,7 @@ impl Allocation {
         self.len == 0
     }
 
-    /// Number of checksum chunks; a transport may fill and [`seal`](Self::seal_chunk) them in order.
+    /// Number of checksum chunks; a transport may [`fill`](Self::fill_chunk) them in order.
     #[inline]
     pub fn chunk_count(&self) -> usize {
         checksum::chunk_count(self.len)
@@ -96,17 +96,9 @@ impl Allocation {
         &mut self.raw()[..len]
     }
 
-    /// Chunk `i` of the data, for transports that fill a block chunk by chunk.
-    #[inline]
-    pub fn chunk_mut(&mut self, i: usize) -> &mut [u8] {
-        let range = checksum::chunk_range(self.len, i);
-        &mut self.raw()[range]
-    }
-
-    /// Checksums chunk `i` now, while the bytes just written are in cache. Chunks must be
-    /// sealed in order; any left unsealed are checksummed at commit.
-    #[inline]
-    pub fn seal_chunk(&mut self, i: usize) {
+    /// Checksums chunk `i`, already in place; chunks are sealed in order (commit seals
+    /// whatever `fill_chunk` left).
+    fn seal_chunk(&mut self, i: usize) {
         if i != self.sealed {
             return;
         }

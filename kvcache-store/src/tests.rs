@@ -276,9 +276,7 @@ fn chunks_sealed_while_filling_match_a_commit_time_checksum() {
     let data = content(BlockKey(1), len);
     let mut a = s.allocate(BlockKey(1), len).unwrap();
     for i in 0..a.chunk_count() {
-        a.chunk_mut(i)
-            .copy_from_slice(&data[checksum::chunk_range(len, i)]);
-        a.seal_chunk(i);
+        a.fill_chunk(i, &data[checksum::chunk_range(len, i)]);
     }
     a.commit();
     put(&s, BlockKey(2), len).unwrap(); // filled whole, sealed at commit

@@ -121,7 +121,7 @@ def test_a_corrupted_block_is_recomputed(server: Server, tiny_model: Path, tmp_p
     second = run_engine(tmp_path, tiny_model, PROMPTS[:3], kv_config(server), one_by_one=True)
     assert_same_outputs(second, baseline)
     # The bad block was detected (by the shared-memory reader, confirmed by the node) and dropped.
-    assert server.metric('kvcache_shm_suspect_blocks_total{result="confirmed"}') == 1
+    assert server.metric('kvcache_suspect_blocks_total{result="confirmed"}') == 1
     assert second[1]["num_cached_tokens"] >= loadable_tokens(PROMPTS[1])
 
 

@@ -27,7 +27,7 @@ pub(crate) fn may_block<T>(store: &Store, f: impl FnOnce() -> T) -> T {
 /// Counts the verdict either way.
 pub(crate) fn confirm_suspect(ctx: &ServiceContext, key: BlockKey, lease: &Lease) {
     let confirmed = lease.verified_bytes().is_err();
-    ctx.metrics.shm_suspect(confirmed);
+    ctx.metrics.suspect(confirmed);
     if !confirmed {
         tracing::warn!(%key, "a client reported a block corrupt but it verifies here; it was damaged on its way to the client, or the client's lease was revoked mid-copy");
     }

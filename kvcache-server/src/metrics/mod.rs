@@ -129,7 +129,7 @@ pub struct Metrics {
     bytes_in: [Counter; 3],
     bytes_out: [Counter; 3],
     shm_leases_revoked: Counter,
-    shm_suspects: [Counter; 2],
+    suspects: [Counter; 2],
     protocol_errors: [Counter; ProtocolError::ALL.len()],
     etcd_registered: Gauge,
     etcd_errors: Counter,
@@ -260,9 +260,9 @@ impl Default for Metrics {
                 names::SHM_LEASES_REVOKED_TOTAL,
                 "Block leases revoked because a client held them past the lease timeout.",
             ),
-            shm_suspects: counters(
+            suspects: counters(
                 r,
-                names::SHM_SUSPECT_BLOCKS_TOTAL,
+                names::SUSPECT_BLOCKS_TOTAL,
                 "Blocks a client found corrupt, by whether the node's check confirmed it.",
                 "result",
                 ["clean", "confirmed"],
@@ -378,8 +378,8 @@ impl Metrics {
 
     /// Counts a block a client reported as failing its check, and whether the node's own
     /// verification confirmed it.
-    pub fn shm_suspect(&self, confirmed: bool) {
-        self.shm_suspects[confirmed as usize].inc();
+    pub fn suspect(&self, confirmed: bool) {
+        self.suspects[confirmed as usize].inc();
     }
 
     /// Whether this node's etcd registration is live (its lease was last renewed).
