@@ -58,6 +58,9 @@ pub struct Plan {
     pub rounds: usize,
     /// Memory budget for each store (our pool, Redis' maxmemory, Mooncake's segment).
     pub memory: ByteSize,
+    /// Bytes each client's values rotate through, a call's values at a time (0: one call's
+    /// worth, reused). Not for Mooncake, whose drivers keep their own buffers.
+    pub client_buffers: usize,
     /// A venv with `mooncake-transfer-engine-non-cuda`, for the `mooncake` system.
     pub mooncake_venv: Option<std::path::PathBuf>,
 }
@@ -227,6 +230,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<Vec<Row>> {
                                     &mut conns[j],
                                     &shape,
                                     slice,
+                                    plan.client_buffers,
                                     &working_sets[j],
                                     &keys,
                                 )
@@ -352,6 +356,7 @@ async fn measure_slice(
     conns: &mut Vec<Conn>,
     shape: &Shape,
     slice: Duration,
+    client_buffers: usize,
     working_set: &Arc<Vec<u64>>,
     keys: &Arc<AtomicU64>,
 ) -> anyhow::Result<(Vec<u64>, Duration, u64)> {
@@ -363,7 +368,10 @@ async fn measure_slice(
         let keys = Arc::clone(keys);
         let ws = Arc::clone(working_set);
         tasks.push(tokio::spawn(async move {
-            let mut bufs = vec![vec![0u8; size]; batch];
+            // Call i uses set i mod sets: with --client-buffers beyond the L3 every call
+            // reads or writes memory the CPU's caches no longer hold, as an engine's does.
+            let sets = (client_buffers / (size * batch)).max(1);
+            let mut ring = vec![vec![vec![0u8; size]; batch]; sets];
             let mut batch_keys = vec![0u64; batch];
             let mut lat_ns: Vec<u64> = Vec::with_capacity(1 << 14);
             let begin = Instant::now();
@@ -378,6 +386,7 @@ async fn measure_slice(
                 if now >= warm_end && measured_start.is_none() {
                     measured_start = Some(now);
                 }
+                let bufs = &mut ring[i as usize % sets];
                 let t0 = Instant::now();
                 if op == "put" {
                     let k = keys.fetch_add(1, Ordering::Relaxed);
@@ -388,7 +397,7 @@ async fn measure_slice(
                     for (j, k) in batch_keys.iter_mut().enumerate() {
                         *k = ws[(t + (i as usize * batch + j) * conc) % ws.len()];
                     }
-                    conn.get(&batch_keys, &mut bufs).await?;
+                    conn.get(&batch_keys, bufs).await?;
                     if system != SystemKind::TcpCeiling {
                         for (b, &k) in bufs.iter().zip(&batch_keys) {
                             check_stamp(b, k)?;

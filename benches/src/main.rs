@@ -64,6 +64,13 @@ enum Cmd {
         /// Memory budget of each store (kvcache pool, Redis maxmemory).
         #[arg(long, default_value = "2GiB")]
         memory: ByteSize,
+        /// Memory each client's values rotate through, one call's values after another
+        /// (default: one call's worth, reused every call). An engine reads into and writes
+        /// from a KV cache far larger than the CPU's caches; a size well beyond the L3 models
+        /// that. Applies to every system but Mooncake, whose driver processes keep their own
+        /// buffers.
+        #[arg(long, value_name = "SIZE")]
+        client_buffers: Option<ByteSize>,
         /// A venv with PyPI's mooncake-transfer-engine-non-cuda 0.3.13: adds Mooncake Store
         /// (its master, a holder process with the pool, and driver processes with no segment,
         /// so every value crosses its TCP transport) to the same interleaved run. Without it
@@ -181,6 +188,7 @@ fn main() -> anyhow::Result<()> {
             batch,
             mut systems,
             memory,
+            client_buffers,
             mooncake_venv,
             json,
         } => {
@@ -214,6 +222,10 @@ fn main() -> anyhow::Result<()> {
                 sizes.iter().all(|s| s.0 >= 16 && s.0 <= 64 << 20),
                 "--sizes must be 16B..=64MiB"
             );
+            anyhow::ensure!(
+                client_buffers.is_none_or(|b| b.0 <= 1 << 30),
+                "--client-buffers must be at most 1GiB (it is per client)"
+            );
             let plan = compare::Plan {
                 systems,
                 sizes,
@@ -223,6 +235,7 @@ fn main() -> anyhow::Result<()> {
                 seconds,
                 rounds,
                 memory,
+                client_buffers: client_buffers.map_or(0, |b| b.0 as usize),
                 mooncake_venv,
             };
             let rows = block_on(compare::run(&plan))?;

@@ -23,7 +23,8 @@ fn compare_measures_every_system_and_writes_the_documented_json() {
             "--concurrency",
             "1,2",
         ])
-        .args(["--memory", "256MiB", "--json"])
+        // Each client rotates through 16 values (the gets check every value they read).
+        .args(["--memory", "256MiB", "--client-buffers", "1MiB", "--json"])
         .arg(&out)
         // Mooncake has its own test below; this one counts the five built-in systems.
         .env_remove("KVCACHE_MOONCAKE_VENV")
