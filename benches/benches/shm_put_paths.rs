@@ -27,6 +27,7 @@
 use std::time::Instant;
 
 use kvcache_core::checksum::{self, CHUNK, Scatter};
+use kvcache_transport::{LockMode, MemoryRegion, ShmRegion};
 
 const BLOCK: usize = 1 << 20;
 const POOL: usize = 256 << 20;
@@ -43,8 +44,13 @@ fn main() -> anyhow::Result<()> {
     let mut huge = HugeBlock::new()?;
     huge.bytes().copy_from_slice(&src);
     let huge = huge.bytes();
-    let mut pool = Mapping::new(POOL)?;
-    let mut staging = Mapping::new(BLOCK)?;
+    // The same kinds of memory as the node's pool and a client's staging window, touched once
+    // so that no run pays for the first faults.
+    let mut pool = ShmRegion::new("kvcache-bench-put-paths", POOL, LockMode::Off)?;
+    let mut staging =
+        ShmRegion::new_writable_by_peers("kvcache-bench-staging", BLOCK, LockMode::Off)?;
+    bytes(&mut pool).fill(1);
+    bytes(&mut staging).fill(1);
     let client = Client::fork()?;
     let pipe = Pipe::new()?;
     let mut results = Vec::new();
@@ -57,12 +63,13 @@ fn main() -> anyhow::Result<()> {
             let mut sink = 0u64;
             for put in 0..PUTS {
                 let at = (put * (BLOCK + 4096)) % (POOL - 2 * BLOCK);
-                let dst = &mut pool.bytes()[at..at + BLOCK];
+                let dst = &mut bytes(&mut pool)[at..at + BLOCK];
                 sink ^= match path {
                     "one-copy-bound" => copy_hashed(&src, dst),
                     "staged" => {
-                        staging.bytes().copy_from_slice(&src);
-                        copy_hashed(staging.bytes(), dst)
+                        let window = bytes(&mut staging);
+                        window.copy_from_slice(&src);
+                        copy_hashed(window, dst)
                     }
                     "process_vm_readv" => client.pull(src.as_ptr() as usize, dst)?,
                     "process_vm_readv, huge" => client.pull(huge.as_ptr() as usize, dst)?,
@@ -157,51 +164,10 @@ fn os_err(what: &str) -> anyhow::Error {
     anyhow::anyhow!("{what}: {}", std::io::Error::last_os_error())
 }
 
-/// A shared memfd mapping, as the pool and staging windows are.
-struct Mapping {
-    base: *mut u8,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> anyhow::Result<Self> {
-        // SAFETY: a fresh memfd sized before it is mapped; the mapping is checked.
-        unsafe {
-            let fd = libc::memfd_create(c"kvcache-bench-put-paths".as_ptr(), 0);
-            if fd < 0 || libc::ftruncate(fd, len as i64) != 0 {
-                return Err(os_err("memfd"));
-            }
-            let flags = libc::MAP_SHARED | libc::MAP_POPULATE;
-            let base = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd,
-                0,
-            );
-            libc::close(fd);
-            if base == libc::MAP_FAILED {
-                return Err(os_err("mmap"));
-            }
-            Ok(Self {
-                base: base.cast(),
-                len,
-            })
-        }
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is live and `len` long; `&mut self` makes this the only view.
-        unsafe { std::slice::from_raw_parts_mut(self.base, self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `new` mapped; no view outlives `self`.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
-    }
+/// All of `region`'s bytes.
+fn bytes(region: &mut ShmRegion) -> &mut [u8] {
+    // SAFETY: the mapping is live and `len` long; `&mut` to the region makes this the only view.
+    unsafe { std::slice::from_raw_parts_mut(region.base(), region.len()) }
 }
 
 /// The client's block in private anonymous memory, 2 MiB-aligned and advised into a huge page
